@@ -1,0 +1,388 @@
+//! Wire frames between the sites.
+//!
+//! Owns: the versioned `Frame` enum and its codec: a 7-byte header (magic `GM`, version,
+//! big-endian payload length) followed by a postcard payload. The length is checked against
+//! `MAX_FRAME_BYTES` before any payload byte is decoded or any buffer allocated.
+//! Must not: interpret frames. Epoch checks and state changes belong to the site state
+//! machines; this file only turns bytes into a typed value or a clear error.
+
+use crate::ids::{Epoch, Generation, Seq};
+use crate::op::WriteOp;
+use crate::record::ExtentRun;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const MAGIC: [u8; 2] = *b"GM";
+/// Bumped on any incompatible change of `Frame`. A peer speaking another version is refused.
+pub const WIRE_VERSION: u8 = 1;
+pub const HEADER_BYTES: usize = 7;
+/// Largest payload accepted: a 32 MiB write (the NBD maximum we advertise) plus slack for
+/// the frame's own fields.
+pub const MAX_FRAME_BYTES: u32 = 32 * 1024 * 1024 + 64 * 1024;
+/// Largest number of extent runs, record entries or hints in one frame. Keeps decoded frames
+/// small whatever the peer sends; longer lists are split across frames.
+pub const MAX_LIST_LEN: usize = 16 * 1024;
+
+/// Which QUIC stream a frame travels on. Control frames never wait behind bulk data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stream {
+    /// Ordered: hello, record updates and answers, evictions, return messages.
+    Control,
+    /// Bulk and resync data, by sequence number, spread over `data_lanes` ordered streams.
+    Data(u8),
+}
+
+/// The role a site plays in an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// What the secondary does when the primary's link is lost longer than the record-update
+/// timeout; carried in `Hello` so the secondary knows whether its record may stop being
+/// authoritative.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkLossPolicy {
+    /// Writes to unrecorded extents are held, then fail after `link_loss_deadline`.
+    Block,
+    /// The primary goes on with a persisted local dirty map; the record is non-authoritative
+    /// until the resync after reconnect ends.
+    Degrade,
+}
+
+/// One eviction instruction: remove these extents if they are still tagged `generation` or
+/// older. Younger tags mean the extent was re-added after the primary decided to evict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Eviction {
+    pub generation: Generation,
+    pub extents: Vec<ExtentRun>,
+}
+
+/// A stream the primary's detector sees: the secondary's predictor extends along it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamHint {
+    /// Last extent the stream wrote.
+    pub last: u64,
+    /// Distance between consecutive writes, in extents (1 for sequential, negative backwards).
+    pub stride: i64,
+    /// How many consecutive strides the stream has kept; the predictor's confidence.
+    pub run: u32,
+}
+
+/// A run of record members that share a generation; used for record snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordEntries {
+    pub run: ExtentRun,
+    pub generation: Generation,
+}
+
+/// What a data-stream item does on the secondary, applied strictly in sequence order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Apply {
+    /// A host write, or a resync copy of an extent read back from the primary's media.
+    Write(WriteOp),
+    /// From here until `ResyncEnd` the image is not a prefix of the history.
+    /// `save_aside` asks the receiver to keep its current content of every extent before the
+    /// first overwrite (failback onto a site that may hold writes of its own).
+    /// `skip` says the primary abandoned its queue: sequence numbers below this marker that
+    /// have not arrived never will, and the resync that follows covers their extents.
+    ResyncBegin { save_aside: bool, skip: bool },
+    /// The image is a prefix of the history again once everything up to here is durable.
+    ResyncEnd,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// First frame of a connection, from each side.
+    Hello {
+        epoch: Epoch,
+        role: Role,
+        volume_bytes: u64,
+        extent_bytes: u64,
+        on_link_loss: LinkLossPolicy,
+        /// Primary: the receiver's record covers every difference (predictive mode with an
+        /// empty local dirty map). False makes the secondary persist "non-authoritative".
+        authoritative: bool,
+        /// The sender accepted host writes while it could not reach its peer (split-brain
+        /// evidence), or, for a promoted site, accepted writes since promotion.
+        wrote_alone: bool,
+    },
+    /// The secondary's answer to a primary's hello: where it stands.
+    Welcome { epoch: Epoch, applied: Seq, consistent: bool, authoritative: bool },
+    /// Part of the secondary's durable record, sent after `Welcome`.
+    RecordChunk { epoch: Epoch, entries: Vec<RecordEntries> },
+    /// Extents a demoted site may hold that its peer lacks (its persisted local dirty map).
+    DivergentChunk { epoch: Epoch, extents: Vec<ExtentRun> },
+    /// End of the snapshot: the primary may now accept writes.
+    SnapshotEnd { epoch: Epoch, record_len: u64 },
+    /// Primary to secondary: record these extents (and what you predict), evict these first.
+    RecordUpdate {
+        epoch: Epoch,
+        id: u64,
+        missed: Vec<ExtentRun>,
+        hints: Vec<StreamHint>,
+        /// How many extents the secondary may add beyond `missed` before the record is full.
+        room: u32,
+        evictions: Vec<Eviction>,
+    },
+    /// Secondary to primary, after a synced store: exactly the extents now recorded.
+    RecordAnswer { epoch: Epoch, id: u64, generation: Generation, added: Vec<ExtentRun> },
+    /// Eviction instructions sent alone when no record update carried them.
+    Evict { epoch: Epoch, evictions: Vec<Eviction> },
+    /// One item of the data streams.
+    Data { epoch: Epoch, seq: Seq, apply: Apply },
+    /// Return message (claim 14): everything through `through` is durably applied.
+    Applied { epoch: Epoch, through: Seq },
+    /// The primary's local dirty map is empty again: the record is authoritative.
+    Authoritative { epoch: Epoch },
+    /// The sender refuses the connection; the receiver must not retry blindly.
+    Refused { epoch: Epoch, reason: Refusal },
+}
+
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The peer's epoch is older: it has been superseded by a promotion.
+    StaleEpoch,
+    /// Both sites claim the primary role under different epochs with writes on both sides.
+    SplitBrain,
+    /// Volume geometry differs between the sites.
+    Geometry,
+    /// Both sites are secondaries, or the roles are otherwise impossible.
+    Roles,
+}
+
+impl Frame {
+    pub fn epoch(&self) -> Epoch {
+        match self {
+            Frame::Hello { epoch, .. }
+            | Frame::Welcome { epoch, .. }
+            | Frame::RecordChunk { epoch, .. }
+            | Frame::DivergentChunk { epoch, .. }
+            | Frame::SnapshotEnd { epoch, .. }
+            | Frame::RecordUpdate { epoch, .. }
+            | Frame::RecordAnswer { epoch, .. }
+            | Frame::Evict { epoch, .. }
+            | Frame::Data { epoch, .. }
+            | Frame::Applied { epoch, .. }
+            | Frame::Authoritative { epoch }
+            | Frame::Refused { epoch, .. } => *epoch,
+        }
+    }
+
+    /// Short name for logs and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "hello",
+            Frame::Welcome { .. } => "welcome",
+            Frame::RecordChunk { .. } => "record_chunk",
+            Frame::DivergentChunk { .. } => "divergent_chunk",
+            Frame::SnapshotEnd { .. } => "snapshot_end",
+            Frame::RecordUpdate { .. } => "record_update",
+            Frame::RecordAnswer { .. } => "record_answer",
+            Frame::Evict { .. } => "evict",
+            Frame::Data { .. } => "data",
+            Frame::Applied { .. } => "applied",
+            Frame::Authoritative { .. } => "authoritative",
+            Frame::Refused { .. } => "refused",
+        }
+    }
+
+    /// Structural checks a decoded frame must pass before a state machine sees it: list
+    /// lengths within `MAX_LIST_LEN`, payload lengths matching, no run past `u64`.
+    pub fn validate(&self) -> Result<(), FrameError> {
+        let runs_ok = |runs: &[ExtentRun]| runs.len() <= MAX_LIST_LEN && runs.iter().all(|r| r.start.checked_add(r.len as u64).is_some());
+        let ok = match self {
+            Frame::RecordChunk { entries, .. } => entries.len() <= MAX_LIST_LEN && entries.iter().all(|e| e.run.start.checked_add(e.run.len as u64).is_some()),
+            Frame::DivergentChunk { extents, .. } => runs_ok(extents),
+            Frame::RecordUpdate { missed, hints, evictions, .. } => {
+                runs_ok(missed) && hints.len() <= MAX_LIST_LEN && evictions.len() <= MAX_LIST_LEN && evictions.iter().all(|e| runs_ok(&e.extents))
+            }
+            Frame::RecordAnswer { added, .. } => runs_ok(added),
+            Frame::Evict { evictions, .. } => evictions.len() <= MAX_LIST_LEN && evictions.iter().all(|e| runs_ok(&e.extents)),
+            Frame::Data { apply: Apply::Write(op), .. } => op.is_well_formed() && op.offset.checked_add(op.len).is_some(),
+            _ => true,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(FrameError::Invalid(self.kind()))
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("need more bytes: have {have}, frame needs {need}")]
+    Incomplete { have: usize, need: usize },
+    #[error("bad magic {0:02x?}: not a geomirror peer")]
+    BadMagic([u8; 2]),
+    #[error("wire version {0} is not supported (this build speaks {WIRE_VERSION})")]
+    Version(u8),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte cap")]
+    TooLarge(u32),
+    #[error("frame payload does not decode: {0}")]
+    Decode(String),
+    #[error("frame payload has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("{0} frame fails validation")]
+    Invalid(&'static str),
+    #[error("frame does not encode: {0}")]
+    Encode(String),
+}
+
+/// Encodes `frame` with its header.
+pub fn encode(frame: &Frame) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; HEADER_BYTES];
+    let out = postcard::to_extend(frame, std::mem::take(&mut out)).map_err(|e| FrameError::Encode(e.to_string()))?;
+    let len = out.len() - HEADER_BYTES;
+    if len > MAX_FRAME_BYTES as usize {
+        return Err(FrameError::TooLarge(len.min(u32::MAX as usize) as u32));
+    }
+    let mut out = out;
+    out[0..2].copy_from_slice(&MAGIC);
+    out[2] = WIRE_VERSION;
+    out[3..7].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Reads a header and returns the payload length it announces, checked against the cap.
+/// A stream reader calls this on the first 7 bytes, then reads exactly that many more.
+pub fn decode_header(header: &[u8]) -> Result<usize, FrameError> {
+    if header.len() < HEADER_BYTES {
+        return Err(FrameError::Incomplete { have: header.len(), need: HEADER_BYTES });
+    }
+    let magic = [header[0], header[1]];
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    if header[2] != WIRE_VERSION {
+        return Err(FrameError::Version(header[2]));
+    }
+    let len = u32::from_be_bytes([header[3], header[4], header[5], header[6]]);
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len as usize)
+}
+
+/// Decodes one frame from the front of `buf`, returning it and the bytes consumed.
+pub fn decode(buf: &[u8]) -> Result<(Frame, usize), FrameError> {
+    let len = decode_header(buf)?;
+    let need = HEADER_BYTES + len;
+    if buf.len() < need {
+        return Err(FrameError::Incomplete { have: buf.len(), need });
+    }
+    let (frame, rest) = postcard::take_from_bytes::<Frame>(&buf[HEADER_BYTES..need]).map_err(|e| FrameError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Trailing(rest.len()));
+    }
+    frame.validate()?;
+    Ok((frame, need))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Frame> {
+        let e = Epoch(7);
+        vec![
+            Frame::Hello { epoch: e, role: Role::Primary, volume_bytes: 1 << 30, extent_bytes: 1 << 20, on_link_loss: LinkLossPolicy::Degrade, authoritative: true, wrote_alone: false },
+            Frame::Welcome { epoch: e, applied: Seq(42), consistent: true, authoritative: false },
+            Frame::RecordChunk { epoch: e, entries: vec![RecordEntries { run: ExtentRun { start: 3, len: 9 }, generation: Generation(2) }] },
+            Frame::DivergentChunk { epoch: e, extents: vec![ExtentRun { start: 1, len: 1 }] },
+            Frame::SnapshotEnd { epoch: e, record_len: 9 },
+            Frame::RecordUpdate {
+                epoch: e,
+                id: 5,
+                missed: vec![ExtentRun { start: 10, len: 2 }],
+                hints: vec![StreamHint { last: 11, stride: 1, run: 4 }],
+                room: 100,
+                evictions: vec![Eviction { generation: Generation(1), extents: vec![ExtentRun { start: 0, len: 3 }] }],
+            },
+            Frame::RecordAnswer { epoch: e, id: 5, generation: Generation(9), added: vec![ExtentRun { start: 10, len: 6 }] },
+            Frame::Evict { epoch: e, evictions: vec![] },
+            Frame::Data { epoch: e, seq: Seq(3), apply: Apply::Write(WriteOp::data(4096, Bytes::from_static(b"hello"))) },
+            Frame::Data { epoch: e, seq: Seq(4), apply: Apply::Write(WriteOp::zero(0, 1 << 20)) },
+            Frame::Data { epoch: e, seq: Seq(5), apply: Apply::ResyncBegin { save_aside: true, skip: true } },
+            Frame::Data { epoch: e, seq: Seq(6), apply: Apply::ResyncEnd },
+            Frame::Applied { epoch: e, through: Seq(6) },
+            Frame::Authoritative { epoch: e },
+            Frame::Refused { epoch: e, reason: Refusal::StaleEpoch },
+        ]
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        for f in samples() {
+            let bytes = encode(&f).unwrap();
+            let (back, used) = decode(&bytes).unwrap();
+            assert_eq!(back, f);
+            assert_eq!(used, bytes.len());
+        }
+    }
+
+    #[test]
+    fn header_is_checked_before_payload() {
+        let mut bytes = encode(&Frame::Authoritative { epoch: Epoch(1) }).unwrap();
+        bytes[2] = 9;
+        assert_eq!(decode(&bytes).unwrap_err(), FrameError::Version(9));
+        bytes[0] = b'X';
+        assert!(matches!(decode(&bytes).unwrap_err(), FrameError::BadMagic(_)));
+        let huge = [b'G', b'M', WIRE_VERSION, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(decode(&huge).unwrap_err(), FrameError::TooLarge(u32::MAX));
+    }
+
+    #[test]
+    fn truncated_frames_ask_for_more() {
+        for f in samples() {
+            let bytes = encode(&f).unwrap();
+            for cut in 0..bytes.len() {
+                assert!(matches!(decode(&bytes[..cut]), Err(FrameError::Incomplete { .. })), "cut at {cut} of {f:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_payload_length_is_invalid() {
+        let f = Frame::Data { epoch: Epoch(1), seq: Seq(1), apply: Apply::Write(WriteOp { offset: 0, len: 10, kind: crate::op::WriteKind::Data(Bytes::from_static(b"abc")) }) };
+        let bytes = encode(&f).unwrap();
+        assert_eq!(decode(&bytes).unwrap_err(), FrameError::Invalid("data"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 100_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Junk after a valid header never panics and never yields a frame that fails validation.
+        #[test]
+        fn garbage_payloads_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..96), claimed in 0u32..200) {
+            let mut buf = vec![b'G', b'M', WIRE_VERSION];
+            buf.extend_from_slice(&claimed.to_be_bytes());
+            buf.extend_from_slice(&payload);
+            if let Ok((f, used)) = decode(&buf) {
+                prop_assert!(used <= buf.len());
+                prop_assert!(f.validate().is_ok());
+            }
+        }
+
+        /// Any byte string at all, header included, decodes or errors without panicking.
+        #[test]
+        fn raw_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode(&buf);
+        }
+
+        /// Flipping a byte of a real frame gives an error or another valid frame, never a panic.
+        #[test]
+        fn corrupted_real_frames_never_panic(which in 0usize..15, pos in any::<proptest::sample::Index>(), val in any::<u8>()) {
+            let f = &samples()[which % 15];
+            let mut bytes = encode(f).unwrap();
+            let i = pos.index(bytes.len());
+            bytes[i] = val;
+            let _ = decode(&bytes);
+        }
+    }
+}

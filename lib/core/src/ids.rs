@@ -1,0 +1,48 @@
+//! Identifier newtypes shared by every part of the core.
+//!
+//! Owns: the small `Copy + Ord` types that name epochs, sequence numbers, extents,
+//! generations and host requests. Must not: carry behaviour beyond ordering and
+//! arithmetic, so that a number can never be used in the wrong role.
+
+use serde::{Deserialize, Serialize};
+
+/// Fencing number, persisted on both sites and carried in every frame. Promotion bumps it;
+/// a frame with a smaller epoch is refused, never applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// The epoch a promotion moves to.
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
+/// Position of a write in the primary's dispatch order. The secondary applies in this order.
+/// `Seq(0)` means "nothing yet".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    pub fn next(self) -> Seq {
+        Seq(self.0 + 1)
+    }
+}
+
+/// Index of an extent: the fixed, aligned region of the volume that the record tracks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ExtentId(pub u64);
+
+/// A batch of record entries added together. Assigned by the secondary, strictly increasing,
+/// so a larger generation is always younger. Eviction drops whole generations, oldest first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Generation(pub u64);
+
+/// The shell's handle for one host request (an NBD handle, a simulated host's id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId(pub u64);
+
+/// The shell's handle for one store, media or read operation that the core asked for;
+/// it comes back in the matching `handle_*_done` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Token(pub u64);

@@ -1,0 +1,38 @@
+//! geomirror's replication core: the method of US 8,595,185 as a deterministic state machine.
+//!
+//! Owns: everything that decides. The record and its generations, prediction, eviction,
+//! sequence numbers, ordered apply, epochs and fencing, resync and failback planning, and the
+//! wire frames. Two state machines, [`Primary`] and [`Secondary`], take inputs through
+//! `handle_*(now, ..)` calls and emit [`Action`]s that a shell drains with `poll_action`.
+//!
+//! Must not: perform I/O, read a clock, or draw randomness. No tokio, quinn, rocksdb, std::fs
+//! or std::net here; `tests/core_purity.rs` checks the dependency list and the sources. This
+//! is what lets `geomirror-sim` run thousands of seeded, replayable fault scenarios.
+
+pub mod action;
+pub mod config;
+pub mod frame;
+pub mod geometry;
+pub mod ids;
+#[cfg(feature = "mutations")]
+pub mod mutations;
+pub mod op;
+pub mod predict;
+pub mod primary;
+pub mod record;
+pub mod secondary;
+pub mod stats;
+pub mod store;
+pub mod time;
+
+pub use action::{Action, HostError};
+pub use config::{CoreConfig, FlushPolicy, LagPolicy, Mode, PredictorConfig, PredictorKind};
+pub use frame::{Frame, LinkLossPolicy, Role, Stream};
+pub use geometry::Geometry;
+pub use ids::{Epoch, ExtentId, Generation, RequestId, Seq, Token};
+pub use op::{WriteKind, WriteOp};
+pub use primary::{FailbackPlan, LinkState, Phase, Primary};
+pub use record::Record;
+pub use secondary::{PromoteError, PromoteReport, Secondary};
+pub use store::{MemStore, Meta, SiteState, StoreWrite};
+pub use time::Time;

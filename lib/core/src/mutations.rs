@@ -1,0 +1,39 @@
+//! Deliberate bugs for the mutation tests, compiled only with the `mutations` feature.
+//!
+//! Owns: per-thread switches that the state machines consult at the three places where a
+//! bug would break invariant R or prefix consistency. Must not: be enabled in any build
+//! that serves hosts; the feature exists so the simulation can prove its oracles can fail.
+
+use std::cell::Cell;
+
+/// One deliberate bug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// The secondary answers a record update before its store is durable.
+    AckBeforeDurable,
+    /// The primary evicts generations whose extents are still dirty.
+    EvictDirty,
+    /// The secondary applies data in arrival order instead of sequence order.
+    ApplyOutOfOrder,
+}
+
+thread_local! {
+    static ACTIVE: Cell<Option<Mutation>> = const { Cell::new(None) };
+}
+
+/// Switches a mutation on for this thread (None switches all off).
+pub fn set(m: Option<Mutation>) {
+    ACTIVE.with(|a| a.set(m));
+}
+
+pub(crate) fn ack_before_durable() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::AckBeforeDurable))
+}
+
+pub(crate) fn evict_dirty() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::EvictDirty))
+}
+
+pub(crate) fn apply_out_of_order() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::ApplyOutOfOrder))
+}

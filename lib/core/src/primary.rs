@@ -1,0 +1,1301 @@
+//! The primary site's state machine: the write path of PRODUCT.md.
+//!
+//! Owns: sequence numbers, hit/miss classification against the record copy, batching of
+//! record updates, the gate that holds a write until its extents are covered, shipping by
+//! sequence, the retransmit buffer, cleanliness from return messages, eviction of whole clean
+//! generations, the local dirty map (degrade, async, sync, and a promoted site's failback set),
+//! resync, flushes, link-loss policy and fencing.
+//!
+//! Must not: perform I/O or read a clock. Every effect leaves as an `Action`; every outcome
+//! comes back through a `handle_*` call.
+//!
+//! The rule that keeps invariant R: a write reaches local media (`LocalWrite`) only once each
+//! extent it touches is *covered*: in the record copy (so in the secondary's durable record,
+//! because the copy only grows from record answers, which the secondary sends after its synced
+//! store) or in the durable local dirty map. Coverage is withdrawn only from clean extents.
+
+use crate::action::{Action, HostError};
+use crate::config::{CoreConfig, FlushPolicy, LagPolicy, Mode};
+use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, Role, Stream, StreamHint, MAX_LIST_LEN};
+use crate::geometry::Geometry;
+use crate::ids::{Epoch, ExtentId, Generation, RequestId, Seq, Token};
+use crate::op::WriteOp;
+use crate::predict::StreamDetector;
+use crate::record::{from_runs, runs_len, to_runs, Record};
+use crate::stats::PrimaryStats;
+use crate::store::{Meta, SiteState, StoreWrite};
+use crate::time::Time;
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Range;
+
+/// Largest resync chunk; an extent larger than this is copied in several data items.
+const RESYNC_CHUNK_BYTES: u64 = 4 << 20;
+/// Generations examined per eviction pass, to bound the work of one call.
+const EVICTION_SCAN_GENERATIONS: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Persisting the new incarnation (and, after a promotion, the new epoch). Writes wait.
+    Starting,
+    Serving,
+    /// New writes wait so that a switchover can find both sides equal.
+    Draining,
+    /// A newer epoch exists: every write fails. The site is persisting its demotion.
+    Fenced,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    Down,
+    /// Hello sent, waiting for the secondary's welcome and record snapshot.
+    Handshake,
+    /// Both sides wrote under different epochs. Nothing is shipped until an operator resolves.
+    SplitBrainHold,
+    Up,
+}
+
+/// A host write that is not yet on local media.
+#[derive(Clone, Debug)]
+struct Waiting {
+    request: RequestId,
+    op: WriteOp,
+    fua: bool,
+    arrived: Time,
+    extents: Range<u64>,
+    hint: Option<StreamHint>,
+    counted_miss: bool,
+    /// Degrade mode: its missing extents were handed to the local dirty map.
+    degraded: bool,
+}
+
+/// A host write on its way to local media, not yet acknowledged.
+#[derive(Clone, Debug)]
+struct Dispatched {
+    request: RequestId,
+    extents: Range<u64>,
+    local_done: bool,
+    fua: bool,
+    hit: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Update {
+    missed: Vec<ExtentId>,
+    reserved: u64,
+    sent_at: Time,
+}
+
+#[derive(Clone, Debug)]
+struct Flush {
+    request: RequestId,
+    /// Everything dispatched before the flush.
+    through: Seq,
+    arrived: Time,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PersistKind {
+    Start,
+    Dirty,
+    Undirty,
+    WroteAlone(bool),
+    Demote,
+}
+
+/// What a failback (or any resync) would copy, for dry runs and status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailbackPlan {
+    pub extents: Vec<ExtentId>,
+    pub bytes: u64,
+    /// Bytes already shipped but not yet durably applied by the peer.
+    pub lag_bytes: u64,
+}
+
+pub struct Primary {
+    cfg: CoreConfig,
+    geo: Geometry,
+    epoch: Epoch,
+    phase: Phase,
+    incarnation: u64,
+    copy: Record,
+    /// Durable local dirty map: extents the peer's record may not cover.
+    local_dirty: BTreeSet<ExtentId>,
+    dirty_persisting: BTreeSet<ExtentId>,
+    /// Extents whose peer copy is stale with no write pending to fix it: they must be copied
+    /// by a resync before they can be clean.
+    needs_copy: BTreeSet<ExtentId>,
+    /// Last dispatched sequence per extent, until durably applied remotely and synced locally.
+    dirty: BTreeMap<ExtentId, Seq>,
+    dirty_by_seq: BTreeMap<Seq, BTreeSet<ExtentId>>,
+    /// Local writes not yet reported done, per extent (resync reads wait for them).
+    local_busy: BTreeMap<ExtentId, u32>,
+    waiting: BTreeMap<u64, Waiting>,
+    next_arrival: u64,
+    next_seq: Seq,
+    dispatched: BTreeMap<Seq, Dispatched>,
+    tokens: BTreeMap<Token, Seq>,
+    /// Dispatched items not yet durably applied by the peer: the retransmit buffer.
+    buffer: BTreeMap<Seq, Apply>,
+    buffer_bytes: u64,
+    ship_next: Seq,
+    applied_ack: Seq,
+    local_synced: Seq,
+    sync_inflight: Option<(Token, Seq)>,
+    last_sync: Time,
+    link: LinkState,
+    link_changed: Time,
+    peer_applied_at_welcome: Seq,
+    peer_wrote_alone: bool,
+    peer_save_aside: bool,
+    peer_authoritative: bool,
+    updates: BTreeMap<u64, Update>,
+    next_update_id: u64,
+    requested: BTreeSet<ExtentId>,
+    pending_hints: Vec<StreamHint>,
+    pending_evictions: Vec<Eviction>,
+    evictions_since: Option<Time>,
+    resend_record_on_snapshot: bool,
+    resync_end: Option<Seq>,
+    resync_running: bool,
+    reading: BTreeMap<Token, ExtentId>,
+    detector: StreamDetector,
+    predicted: BTreeSet<ExtentId>,
+    flushes: Vec<Flush>,
+    wrote_alone: bool,
+    wrote_alone_persisting: bool,
+    /// Highest sequence dispatched when the link last came up; once applied, the peer has
+    /// everything this site wrote alone.
+    up_seq: Seq,
+    persists: BTreeMap<Token, (PersistKind, Vec<ExtentId>)>,
+    next_token: u64,
+    actions: VecDeque<Action>,
+    stats: PrimaryStats,
+}
+
+impl Primary {
+    /// Builds the primary from its persisted state: at first start, after a restart, or after
+    /// a promotion (when the state holds the new epoch and the failback set as dirty extents).
+    /// It persists a new incarnation before it accepts any write.
+    pub fn new(cfg: CoreConfig, geo: Geometry, state: &SiteState, now: Time) -> Primary {
+        let incarnation = state.incarnation.max(state.applied.0 >> 40) + 1;
+        let first_seq = Seq(incarnation << 40);
+        let mut p = Primary {
+            detector: StreamDetector::new(cfg.predictor.max_streams),
+            copy: Record::new(geo.extent_count()),
+            cfg,
+            geo,
+            epoch: state.epoch,
+            phase: Phase::Starting,
+            incarnation,
+            local_dirty: state.dirty.clone(),
+            dirty_persisting: BTreeSet::new(),
+            needs_copy: state.dirty.clone(),
+            dirty: BTreeMap::new(),
+            dirty_by_seq: BTreeMap::new(),
+            local_busy: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            next_arrival: 0,
+            next_seq: first_seq.next(),
+            dispatched: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+            buffer: BTreeMap::new(),
+            buffer_bytes: 0,
+            ship_next: first_seq.next(),
+            applied_ack: first_seq,
+            local_synced: first_seq,
+            sync_inflight: None,
+            last_sync: now,
+            link: LinkState::Down,
+            link_changed: now,
+            peer_applied_at_welcome: Seq(0),
+            peer_wrote_alone: false,
+            peer_save_aside: false,
+            peer_authoritative: true,
+            updates: BTreeMap::new(),
+            next_update_id: 1,
+            requested: BTreeSet::new(),
+            pending_hints: Vec::new(),
+            pending_evictions: Vec::new(),
+            evictions_since: None,
+            resend_record_on_snapshot: true,
+            resync_end: None,
+            resync_running: false,
+            reading: BTreeMap::new(),
+            predicted: BTreeSet::new(),
+            flushes: Vec::new(),
+            wrote_alone: state.wrote_alone,
+            wrote_alone_persisting: false,
+            up_seq: first_seq,
+            persists: BTreeMap::new(),
+            next_token: 1,
+            actions: VecDeque::new(),
+            stats: PrimaryStats::default(),
+        };
+        p.persist(PersistKind::Start, Vec::new(), vec![StoreWrite::Meta(Meta::Incarnation(incarnation))]);
+        p.refresh_stats();
+        p
+    }
+
+    // ----- read-only views -----
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    /// This start's number; sequence numbers of this incarnation begin at `incarnation << 40`.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    pub fn link(&self) -> LinkState {
+        self.link
+    }
+    pub fn stats(&self) -> &PrimaryStats {
+        &self.stats
+    }
+    pub fn record_copy(&self) -> &Record {
+        &self.copy
+    }
+    pub fn local_dirty(&self) -> &BTreeSet<ExtentId> {
+        &self.local_dirty
+    }
+    pub fn split_brain(&self) -> bool {
+        self.link == LinkState::SplitBrainHold
+    }
+    pub fn resync_in_progress(&self) -> bool {
+        self.resync_running || !self.needs_copy.is_empty()
+    }
+    pub fn applied_ack(&self) -> Seq {
+        self.applied_ack
+    }
+    pub fn last_dispatched(&self) -> Seq {
+        Seq(self.next_seq.0 - 1)
+    }
+    pub fn writes_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// True when nothing is waiting, in flight or unapplied: both sides hold the same data.
+    pub fn is_drained(&self) -> bool {
+        self.waiting.is_empty()
+            && self.dispatched.is_empty()
+            && self.buffer.is_empty()
+            && self.needs_copy.is_empty()
+            && self.reading.is_empty()
+            && self.link == LinkState::Up
+    }
+
+    /// What a failback onto the peer would copy now: every extent that may differ.
+    pub fn failback_plan(&self) -> FailbackPlan {
+        let mut set: BTreeSet<ExtentId> = self.local_dirty.iter().copied().collect();
+        set.extend(self.needs_copy.iter().copied());
+        set.extend(self.dirty.keys().copied());
+        if self.resend_record_on_snapshot {
+            set.extend(self.copy.iter().map(|(e, _)| e));
+        }
+        let bytes = set.iter().map(|e| self.geo.extent_range(*e).end - self.geo.extent_range(*e).start).sum();
+        FailbackPlan { extents: set.into_iter().collect(), bytes, lag_bytes: self.buffer_bytes }
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next instant at which `handle_timeout` has work to do.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let mut t: Option<Time> = None;
+        let mut at = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
+        let degrade = self.cfg.mode == Mode::Predictive && self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link != LinkState::Up;
+        for w in self.waiting.values() {
+            if degrade && !w.degraded {
+                at(w.arrived + self.cfg.record_update_timeout);
+            } else if !degrade {
+                at(w.arrived + self.cfg.link_loss_deadline);
+            }
+        }
+        for f in &self.flushes {
+            at(f.arrived + self.cfg.link_loss_deadline);
+        }
+        if let Some(since) = self.evictions_since {
+            at(since + self.cfg.eviction_idle_delay);
+        }
+        if self.sync_inflight.is_none() && self.sync_would_help() {
+            at(self.last_sync + self.cfg.local_sync_interval);
+        }
+        t
+    }
+
+    // ----- host requests -----
+
+    pub fn handle_host_write(&mut self, now: Time, request: RequestId, op: WriteOp, fua: bool) {
+        if self.geo.check_range(op.offset, op.len).is_err() || !op.is_well_formed() {
+            self.ack(request, Err(HostError::OutOfRange));
+            return;
+        }
+        if self.phase == Phase::Fenced {
+            self.ack(request, Err(HostError::Fenced));
+            return;
+        }
+        if self.phase == Phase::Draining {
+            // A switchover is under way: writes already accepted finish, new ones are refused
+            // so that both sides can be found equal. The host retries on the new primary.
+            self.ack(request, Err(HostError::NotServing));
+            return;
+        }
+        self.stats.writes += 1;
+        let extents = self.geo.extents_of(op.offset, op.len);
+        let obs = self.detector.observe(extents.start, extents.end - 1);
+        self.consider_pre_extension(obs.stream);
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.waiting.insert(arrival, Waiting { request, op, fua, arrived: now, extents, hint: obs.hint, counted_miss: false, degraded: false });
+        self.progress(now);
+    }
+
+    pub fn handle_host_flush(&mut self, now: Time, request: RequestId) {
+        if self.phase == Phase::Fenced {
+            self.ack(request, Err(HostError::Fenced));
+            return;
+        }
+        self.flushes.push(Flush { request, through: self.last_dispatched(), arrived: now });
+        self.request_sync(now);
+        self.progress(now);
+    }
+
+    /// Stops accepting new writes, for a switchover. Writes already in flight complete.
+    pub fn begin_drain(&mut self) {
+        if self.phase == Phase::Serving {
+            self.phase = Phase::Draining;
+        }
+    }
+
+    /// Ends a drain without switching over.
+    pub fn end_drain(&mut self, now: Time) {
+        if self.phase == Phase::Draining {
+            self.phase = Phase::Serving;
+            self.progress(now);
+        }
+    }
+
+    /// Planned demotion after a drain: the peer holds everything, so this site becomes a
+    /// secondary whose image is consistent and whose (empty) record is authoritative.
+    pub fn demote(&mut self) -> Result<(), HostError> {
+        if self.phase != Phase::Draining || !self.is_drained() {
+            return Err(HostError::NotServing);
+        }
+        self.phase = Phase::Fenced;
+        let batch = vec![
+            StoreWrite::ClearRecord,
+            StoreWrite::Meta(Meta::Role(Role::Secondary)),
+            StoreWrite::Meta(Meta::Consistent(true)),
+            StoreWrite::Meta(Meta::Authoritative(true)),
+            StoreWrite::Meta(Meta::WroteAlone(false)),
+            StoreWrite::Meta(Meta::Applied(self.last_dispatched())),
+        ];
+        self.persist(PersistKind::Demote, Vec::new(), batch);
+        Ok(())
+    }
+
+    /// The operator chose this site's data after a split brain: the peer saves its divergent
+    /// extents aside and is resynced from here.
+    pub fn resolve_split_brain(&mut self, now: Time) {
+        if self.link == LinkState::SplitBrainHold {
+            self.peer_save_aside = true;
+            self.needs_copy.extend(self.copy.iter().map(|(e, _)| e));
+            self.needs_copy.extend(self.local_dirty.iter().copied());
+            self.set_link(now, LinkState::Up);
+            self.start_shipping_after_snapshot();
+            self.progress(now);
+        }
+    }
+
+    // ----- media and store reports -----
+
+    pub fn handle_local_write_done(&mut self, now: Time, token: Token, ok: bool) {
+        let Some(seq) = self.tokens.remove(&token) else { return };
+        if let Some(d) = self.dispatched.get_mut(&seq) {
+            d.local_done = true;
+            let extents = d.extents.clone();
+            for e in extents {
+                if let Some(n) = self.local_busy.get_mut(&ExtentId(e)) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.local_busy.remove(&ExtentId(e));
+                    }
+                }
+            }
+            if !ok {
+                // The data may or may not be on media; the peer still gets it, so the sites
+                // converge, but the host is told its write failed.
+                let d = self.dispatched.remove(&seq).expect("present");
+                self.stats.failed_writes += 1;
+                self.ack(d.request, Err(HostError::Media));
+            }
+        }
+        self.progress(now);
+    }
+
+    pub fn handle_media_synced(&mut self, now: Time, token: Token) {
+        if let Some((t, through)) = self.sync_inflight {
+            if t == token {
+                self.sync_inflight = None;
+                self.local_synced = self.local_synced.max(through);
+                self.clean_dirty();
+            }
+        }
+        self.progress(now);
+    }
+
+    pub fn handle_read_done(&mut self, now: Time, token: Token, data: Bytes) {
+        let Some(e) = self.reading.remove(&token) else { return };
+        let range = self.geo.extent_range(e);
+        let mut off = range.start;
+        while off < range.end {
+            let len = (range.end - off).min(RESYNC_CHUNK_BYTES);
+            let start = (off - range.start) as usize;
+            let chunk = data.slice(start.min(data.len())..(start + len as usize).min(data.len()));
+            let op = if chunk.len() as u64 == len { WriteOp::data(off, chunk) } else { WriteOp::zero(off, len) };
+            let seq = self.dispatch_item(Apply::Write(op));
+            self.mark_dirty(e, seq);
+            self.stats.resync_bytes_copied += len;
+            off += len;
+        }
+        self.stats.resync_extents_copied += 1;
+        self.progress(now);
+    }
+
+    pub fn handle_persisted(&mut self, now: Time, token: Token) {
+        let Some((kind, extents)) = self.persists.remove(&token) else { return };
+        match kind {
+            PersistKind::Start => {
+                if self.phase == Phase::Starting {
+                    self.phase = Phase::Serving;
+                }
+            }
+            PersistKind::Dirty => {
+                for e in extents {
+                    self.dirty_persisting.remove(&e);
+                    self.local_dirty.insert(e);
+                }
+            }
+            PersistKind::Undirty => {}
+            PersistKind::WroteAlone(v) => {
+                self.wrote_alone = v;
+                self.wrote_alone_persisting = false;
+            }
+            PersistKind::Demote => {
+                self.actions.push_back(Action::RoleChanged { role: Role::Secondary });
+                return;
+            }
+        }
+        self.progress(now);
+    }
+
+    // ----- the link -----
+
+    pub fn handle_connected(&mut self, now: Time) {
+        self.set_link(now, LinkState::Handshake);
+        let hello = Frame::Hello {
+            epoch: self.epoch,
+            role: Role::Primary,
+            volume_bytes: self.geo.volume_bytes(),
+            extent_bytes: self.geo.extent_bytes(),
+            on_link_loss: self.cfg.on_link_loss,
+            authoritative: self.cfg.mode == Mode::Predictive && self.local_dirty.is_empty() && self.dirty_persisting.is_empty(),
+            wrote_alone: self.wrote_alone,
+        };
+        self.send(Stream::Control, hello);
+    }
+
+    pub fn handle_disconnected(&mut self, now: Time) {
+        self.set_link(now, LinkState::Down);
+        self.updates.clear();
+        self.requested.clear();
+        self.pending_hints.clear();
+        // Unsent evictions are forgotten: the secondary still holds those extents, and the
+        // next snapshot puts them back in the copy.
+        self.pending_evictions.clear();
+        self.evictions_since = None;
+        self.ship_next = self.applied_ack.next();
+        self.progress(now);
+    }
+
+    pub fn handle_frame(&mut self, now: Time, frame: Frame) {
+        if frame.validate().is_err() {
+            self.refuse("invalid frame");
+            return;
+        }
+        if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, wrote_alone, .. } = frame {
+            self.on_hello(now, epoch, role, volume_bytes, extent_bytes, wrote_alone);
+            return;
+        }
+        if frame.epoch() != self.epoch {
+            self.stats.frames_refused += 1;
+            if frame.epoch() > self.epoch {
+                self.fence(frame.epoch());
+            }
+            return;
+        }
+        match frame {
+            Frame::Welcome { applied, authoritative, .. } if self.link == LinkState::Handshake => {
+                self.peer_applied_at_welcome = applied;
+                self.peer_authoritative = authoritative;
+            }
+            Frame::RecordChunk { entries, .. } if self.link == LinkState::Handshake => {
+                for en in entries {
+                    for e in from_runs(std::slice::from_ref(&en.run)) {
+                        self.copy.insert(e, en.generation);
+                    }
+                }
+            }
+            Frame::DivergentChunk { extents, .. } if self.link == LinkState::Handshake => {
+                let list: Vec<ExtentId> = from_runs(&extents).filter(|e| self.geo.contains(*e)).collect();
+                if !list.is_empty() {
+                    self.peer_save_aside = true;
+                    self.needs_copy.extend(list.iter().copied());
+                    self.add_local_dirty(list);
+                }
+            }
+            Frame::SnapshotEnd { .. } if self.link == LinkState::Handshake => self.on_snapshot_end(now),
+            Frame::RecordAnswer { id, generation, added, .. } => self.on_answer(now, id, generation, &added),
+            Frame::Applied { through, .. } => self.on_applied(now, through),
+            Frame::Refused { reason, .. } => {
+                self.stats.frames_refused += 1;
+                self.actions.push_back(Action::Disconnect { reason: format!("peer refused: {reason:?}") });
+            }
+            other => {
+                self.stats.frames_refused += 1;
+                self.refuse(&format!("unexpected {} frame at the primary", other.kind()));
+            }
+        }
+        self.progress(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Time) {
+        // Writes that have waited too long for the record.
+        let mut fail = Vec::new();
+        let mut degrade = Vec::new();
+        for (k, w) in &self.waiting {
+            let age = now.since(w.arrived);
+            let missing = !self.covered(&w.extents);
+            // Degrade is for a lost link only. A live link with a slow secondary keeps the write
+            // waiting: the secondary could not learn of the degrade before this site failed.
+            let may_degrade = self.cfg.mode == Mode::Predictive && self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link != LinkState::Up;
+            if may_degrade {
+                if age >= self.cfg.record_update_timeout && missing && !w.degraded {
+                    degrade.push(*k);
+                }
+            } else if age >= self.cfg.link_loss_deadline {
+                fail.push(*k);
+            }
+        }
+        for k in fail {
+            if let Some(w) = self.waiting.remove(&k) {
+                self.stats.failed_writes += 1;
+                self.ack(w.request, Err(HostError::LinkDown));
+            }
+        }
+        let mut to_dirty = BTreeSet::new();
+        for k in degrade {
+            if let Some(w) = self.waiting.get_mut(&k) {
+                w.degraded = true;
+                let w = &self.waiting[&k];
+                for e in w.extents.clone() {
+                    let e = ExtentId(e);
+                    if !self.copy.contains(e) && !self.local_dirty.contains(&e) {
+                        to_dirty.insert(e);
+                    }
+                }
+                self.stats.degraded_writes += 1;
+            }
+        }
+        if !to_dirty.is_empty() {
+            self.add_local_dirty(to_dirty.into_iter().collect());
+        }
+        let expired: Vec<usize> = (0..self.flushes.len()).filter(|&i| now.since(self.flushes[i].arrived) >= self.cfg.link_loss_deadline).collect();
+        for i in expired.into_iter().rev() {
+            let f = self.flushes.remove(i);
+            self.ack(f.request, Err(HostError::LinkDown));
+        }
+        if let Some(since) = self.evictions_since {
+            if now.since(since) >= self.cfg.eviction_idle_delay && self.link == LinkState::Up && !self.pending_evictions.is_empty() {
+                let evictions = std::mem::take(&mut self.pending_evictions);
+                self.evictions_since = None;
+                self.send(Stream::Control, Frame::Evict { epoch: self.epoch, evictions });
+            }
+        }
+        if self.sync_inflight.is_none() && self.sync_would_help() && now.since(self.last_sync) >= self.cfg.local_sync_interval {
+            self.request_sync(now);
+        }
+        self.progress(now);
+    }
+
+    // ----- internals: the write path -----
+
+    /// Runs everything that may have become possible. Called at the end of every handler.
+    fn progress(&mut self, now: Time) {
+        if self.phase == Phase::Fenced {
+            return;
+        }
+        self.maybe_lag_resync();
+        self.dispatch_ready(now);
+        self.cover_misses(now);
+        self.evict(now);
+        self.send_record_update(now);
+        self.drive_resync();
+        self.ship();
+        self.finish_writes();
+        self.finish_flushes();
+        self.undirty();
+        self.maybe_clear_wrote_alone();
+        self.maybe_authoritative();
+        self.refresh_stats();
+    }
+
+    fn covered(&self, extents: &Range<u64>) -> bool {
+        extents.clone().all(|e| {
+            let e = ExtentId(e);
+            self.local_dirty.contains(&e) || (self.cfg.mode == Mode::Predictive && self.copy.contains(e))
+        })
+    }
+
+    fn dispatch_ready(&mut self, now: Time) {
+        if !matches!(self.phase, Phase::Serving | Phase::Draining) {
+            return;
+        }
+        let link_up = self.link == LinkState::Up;
+        let keys: Vec<u64> = self.waiting.keys().copied().collect();
+        for k in keys {
+            let w = &self.waiting[&k];
+            if !self.covered(&w.extents) {
+                continue;
+            }
+            if w.extents.clone().any(|e| self.reading.values().any(|r| r.0 == e)) {
+                continue;
+            }
+            if self.buffer_bytes >= self.cfg.max_lag_bytes {
+                // Throttle: only reached under LagPolicy::Throttle (Resync drops the buffer).
+                self.stats.throttled_writes += 1;
+                break;
+            }
+            if !link_up && !self.wrote_alone {
+                // Evidence for split-brain detection must be durable before a write that the
+                // peer may never see reaches media.
+                if !self.wrote_alone_persisting {
+                    self.wrote_alone_persisting = true;
+                    self.persist(PersistKind::WroteAlone(true), Vec::new(), vec![StoreWrite::Meta(Meta::WroteAlone(true))]);
+                }
+                break;
+            }
+            let w = self.waiting.remove(&k).expect("present");
+            self.dispatch_write(now, w);
+        }
+    }
+
+    fn dispatch_write(&mut self, _now: Time, w: Waiting) {
+        let hit = !w.counted_miss;
+        if hit {
+            self.stats.hits += 1;
+        }
+        for e in w.extents.clone() {
+            let e = ExtentId(e);
+            if self.predicted.remove(&e) {
+                self.stats.predicted_extents_used += 1;
+            }
+            *self.local_busy.entry(e).or_insert(0) += 1;
+        }
+        let seq = self.dispatch_item(Apply::Write(w.op.clone()));
+        for e in w.extents.clone() {
+            self.mark_dirty(ExtentId(e), seq);
+        }
+        let token = self.token();
+        self.tokens.insert(token, seq);
+        self.dispatched.insert(seq, Dispatched { request: w.request, extents: w.extents.clone(), local_done: false, fua: w.fua, hit });
+        self.actions.push_back(Action::LocalWrite { token, seq, op: w.op });
+        if w.fua {
+            self.request_sync(_now);
+        }
+    }
+
+    /// Gives an item the next sequence number and puts it in the retransmit buffer.
+    fn dispatch_item(&mut self, item: Apply) -> Seq {
+        let seq = self.next_seq;
+        self.next_seq = seq.next();
+        self.buffer_bytes += item_bytes(&item);
+        self.buffer.insert(seq, item);
+        seq
+    }
+
+    fn mark_dirty(&mut self, e: ExtentId, seq: Seq) {
+        if let Some(old) = self.dirty.insert(e, seq) {
+            if let Some(s) = self.dirty_by_seq.get_mut(&old) {
+                s.remove(&e);
+                if s.is_empty() {
+                    self.dirty_by_seq.remove(&old);
+                }
+            }
+        }
+        self.dirty_by_seq.entry(seq).or_default().insert(e);
+    }
+
+    /// Extents whose every write is durably applied remotely and synced locally are clean.
+    fn clean_dirty(&mut self) {
+        let bound = self.applied_ack.min(self.local_synced);
+        let keep = self.dirty_by_seq.split_off(&bound.next());
+        let done = std::mem::replace(&mut self.dirty_by_seq, keep);
+        for (_, set) in done {
+            for e in set {
+                self.dirty.remove(&e);
+            }
+        }
+    }
+
+    fn is_clean(&self, e: ExtentId) -> bool {
+        !self.dirty.contains_key(&e) && !self.needs_copy.contains(&e) && !self.reading.values().any(|r| *r == e) && !self.local_busy.contains_key(&e)
+    }
+
+    /// Misses: ask the secondary to record them, or cover them locally.
+    fn cover_misses(&mut self, _now: Time) {
+        if !matches!(self.phase, Phase::Serving | Phase::Draining) {
+            return;
+        }
+        let mut local = BTreeSet::new();
+        let mut hints = Vec::new();
+        let keys: Vec<u64> = self.waiting.keys().copied().collect();
+        for k in keys {
+            let covered = self.covered(&self.waiting[&k].extents);
+            let w = self.waiting.get_mut(&k).expect("present");
+            if covered {
+                continue;
+            }
+            if !w.counted_miss {
+                w.counted_miss = true;
+                self.stats.misses += 1;
+            }
+            let missing: Vec<ExtentId> = w
+                .extents
+                .clone()
+                .map(ExtentId)
+                .filter(|e| !self.local_dirty.contains(e) && !(self.cfg.mode == Mode::Predictive && self.copy.contains(*e)))
+                .collect();
+            match self.cfg.mode {
+                Mode::Predictive => {
+                    if let Some(h) = w.hint {
+                        hints.push(h);
+                    }
+                    for e in missing {
+                        if !self.requested.contains(&e) && !self.dirty_persisting.contains(&e) {
+                            self.requested.insert(e);
+                        }
+                    }
+                }
+                Mode::Async | Mode::Sync => local.extend(missing.into_iter().filter(|e| !self.dirty_persisting.contains(e))),
+            }
+        }
+        for h in hints {
+            if !self.pending_hints.contains(&h) {
+                self.pending_hints.push(h);
+            }
+        }
+        if !local.is_empty() {
+            self.add_local_dirty(local.into_iter().collect());
+        }
+    }
+
+    /// Requested extents not yet sent: `requested` holds both these and those in flight, and
+    /// the ones in flight are exactly those named by `updates`.
+    fn pending_miss(&self) -> Vec<ExtentId> {
+        let inflight: BTreeSet<ExtentId> = self.updates.values().flat_map(|u| u.missed.iter().copied()).collect();
+        self.requested.iter().copied().filter(|e| !inflight.contains(e)).collect()
+    }
+
+    fn add_local_dirty(&mut self, extents: Vec<ExtentId>) {
+        let new: Vec<ExtentId> = extents.into_iter().filter(|e| !self.local_dirty.contains(e) && !self.dirty_persisting.contains(e)).collect();
+        if new.is_empty() {
+            return;
+        }
+        self.dirty_persisting.extend(new.iter().copied());
+        let batch = new.iter().map(|e| StoreWrite::PutDirty(*e)).collect();
+        self.persist(PersistKind::Dirty, new, batch);
+    }
+
+    fn send_record_update(&mut self, now: Time) {
+        if self.link != LinkState::Up || self.cfg.mode != Mode::Predictive {
+            return;
+        }
+        while self.updates.len() < self.cfg.max_record_updates_in_flight {
+            let mut missed = self.pending_miss();
+            if missed.is_empty() && self.pending_hints.is_empty() {
+                return;
+            }
+            missed.truncate(MAX_LIST_LEN);
+            let reserved: u64 = self.updates.values().map(|u| u.reserved).sum();
+            let used = self.copy.len() as u64 + reserved + missed.len() as u64;
+            let room = self.cfg.record_capacity_extents.saturating_sub(used).min(u32::MAX as u64) as u32;
+            let hints: Vec<StreamHint> = std::mem::take(&mut self.pending_hints).into_iter().take(MAX_LIST_LEN).collect();
+            if missed.is_empty() && room == 0 {
+                // A pre-extension with no room would add nothing.
+                return;
+            }
+            let id = self.next_update_id;
+            self.next_update_id += 1;
+            let evictions = std::mem::take(&mut self.pending_evictions);
+            self.evictions_since = None;
+            if missed.is_empty() {
+                self.stats.pre_extensions_sent += 1;
+            }
+            self.stats.record_updates_sent += 1;
+            self.updates.insert(id, Update { missed: missed.clone(), reserved: missed.len() as u64 + room as u64, sent_at: now });
+            self.send(Stream::Control, Frame::RecordUpdate { epoch: self.epoch, id, missed: to_runs(missed), hints, room, evictions });
+        }
+    }
+
+    fn consider_pre_extension(&mut self, stream: usize) {
+        if self.cfg.mode != Mode::Predictive || self.cfg.predictor.kind != crate::config::PredictorKind::Adaptive {
+            return;
+        }
+        let Some((hint, ahead)) = self.detector.ahead(stream, self.cfg.predictor.pre_extend_within) else { return };
+        let gap = ahead.iter().any(|e| *e < self.geo.extent_count() && !self.copy.contains(ExtentId(*e)) && !self.requested.contains(&ExtentId(*e)));
+        let far = *ahead.last().unwrap_or(&0) as i64;
+        let asked = self.detector.asked_through(stream);
+        let beyond = if hint.stride > 0 { far > asked } else { far < asked };
+        if gap && beyond {
+            self.detector.mark_asked(stream, hint.last as i64 + hint.stride * self.cfg.predictor.max_ahead as i64);
+            if !self.pending_hints.contains(&hint) {
+                self.pending_hints.push(hint);
+            }
+        }
+    }
+
+    fn on_answer(&mut self, now: Time, id: u64, generation: Generation, added: &[crate::record::ExtentRun]) {
+        let Some(u) = self.updates.remove(&id) else { return };
+        if runs_len(added) > self.geo.extent_count() {
+            self.refuse("record answer names more extents than the volume has");
+            return;
+        }
+        self.stats.record_answers += 1;
+        self.stats.record_rtt_us_total += now.since(u.sent_at).as_micros() as u64;
+        self.stats.record_rtt_count += 1;
+        let missed: BTreeSet<ExtentId> = u.missed.iter().copied().collect();
+        for e in &u.missed {
+            self.requested.remove(e);
+        }
+        for e in from_runs(added) {
+            if !self.geo.contains(e) {
+                continue;
+            }
+            self.copy.insert(e, generation);
+            if !missed.contains(&e) {
+                self.stats.predicted_extents += 1;
+                self.predicted.insert(e);
+            }
+        }
+        // An answer that lacks a missed extent (a peer bug) leaves the write waiting; it is
+        // asked for again rather than assumed.
+        for e in &u.missed {
+            if !self.copy.contains(*e) {
+                self.requested.insert(*e);
+            }
+        }
+    }
+
+    fn on_applied(&mut self, _now: Time, through: Seq) {
+        if through <= self.applied_ack {
+            return;
+        }
+        if through >= self.next_seq {
+            self.refuse("peer claims to have applied writes never sent");
+            return;
+        }
+        self.applied_ack = through;
+        let keep = self.buffer.split_off(&through.next());
+        for (_, item) in std::mem::replace(&mut self.buffer, keep) {
+            self.buffer_bytes -= item_bytes(&item);
+        }
+        if self.ship_next <= through {
+            self.ship_next = through.next();
+        }
+        self.clean_dirty();
+        if let Some(end) = self.resync_end {
+            if through >= end {
+                self.resync_end = None;
+                self.resync_running = false;
+            }
+        }
+    }
+
+    /// Drops the unshipped part of the retransmit buffer when it is full and the policy says
+    /// resync. While a resync runs over a live link, a full buffer throttles instead: starting
+    /// over would never finish if the host outpaces the link.
+    fn maybe_lag_resync(&mut self) {
+        let full = self.buffer_bytes > self.cfg.max_lag_bytes;
+        let policy = self.cfg.on_lag_full == LagPolicy::Resync || (self.link != LinkState::Up && self.cfg.on_link_loss == LinkLossPolicy::Degrade);
+        let resyncing_live = self.resync_running && self.link == LinkState::Up;
+        if full && policy && !resyncing_live {
+            self.abandon_buffer();
+        }
+    }
+
+    /// Forgets everything queued for the peer and not yet sent; a resync of every extent that
+    /// may differ replaces it. Items already sent stay until applied, so the data window
+    /// keeps counting the bytes on the wire.
+    fn abandon_buffer(&mut self) {
+        let unsent = self.buffer.split_off(&self.ship_next);
+        for item in unsent.values() {
+            self.buffer_bytes -= item_bytes(item);
+        }
+        self.ship_next = self.next_seq;
+        self.needs_copy.extend(self.copy.iter().map(|(e, _)| e));
+        self.needs_copy.extend(self.local_dirty.iter().copied());
+        self.needs_copy.extend(self.dirty.keys().copied());
+        // The marker goes first, so that the peer can bridge the gap at once.
+        self.resync_running = true;
+        self.resync_end = None;
+        self.stats.resyncs_started += 1;
+        self.dispatch_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: true });
+        // Seqs that will never be applied must not keep extents dirty forever: the copies
+        // shipped by the resync re-mark them.
+        self.dirty.clear();
+        self.dirty_by_seq.clear();
+    }
+
+    fn drive_resync(&mut self) {
+        if self.link != LinkState::Up || self.phase == Phase::Fenced {
+            return;
+        }
+        if !self.resync_running && !self.needs_copy.is_empty() {
+            self.resync_running = true;
+            self.resync_end = None;
+            self.stats.resyncs_started += 1;
+            self.dispatch_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: false });
+        }
+        if !self.resync_running {
+            return;
+        }
+        let extent_bytes = self.geo.extent_bytes();
+        while self.reading.len() < self.cfg.resync_reads_in_flight {
+            // Resync copies share the lag budget with host writes, so they are paced by it.
+            let pending = (self.reading.len() as u64 + 1) * extent_bytes;
+            if self.buffer_bytes > 0 && self.buffer_bytes + pending > self.cfg.max_lag_bytes {
+                break;
+            }
+            let next = self.needs_copy.iter().copied().find(|e| !self.local_busy.contains_key(e));
+            let Some(e) = next else { break };
+            self.needs_copy.remove(&e);
+            let token = self.token();
+            self.reading.insert(token, e);
+            self.actions.push_back(Action::ReadExtent { token, extent: e });
+        }
+        if self.needs_copy.is_empty() && self.reading.is_empty() && self.resync_end.is_none() {
+            let end = self.dispatch_item(Apply::ResyncEnd);
+            self.resync_end = Some(end);
+        }
+    }
+
+    fn ship(&mut self) {
+        if self.link != LinkState::Up {
+            return;
+        }
+        let lanes = self.cfg.data_lanes.max(1) as u64;
+        loop {
+            let inflight: u64 = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
+            let Some((seq, item)) = self.buffer.range(self.ship_next..).next() else { break };
+            let bytes = item_bytes(item);
+            // The window may be exceeded only by a single item sent when nothing is in flight;
+            // the secondary's reorder buffer is sized for that (see `CoreConfig::validate`).
+            if inflight > 0 && inflight + bytes > self.cfg.max_inflight_bytes {
+                break;
+            }
+            let (seq, apply) = (*seq, item.clone());
+            self.ship_next = seq.next();
+            self.send(Stream::Data((seq.0 % lanes) as u8), Frame::Data { epoch: self.epoch, seq, apply });
+        }
+    }
+
+    fn finish_writes(&mut self) {
+        let remote_flush = self.cfg.flush_policy == FlushPolicy::Remote;
+        let done: Vec<Seq> = self
+            .dispatched
+            .iter()
+            .filter(|(seq, d)| {
+                d.local_done
+                    && (!d.fua || self.local_synced >= **seq)
+                    && (self.cfg.mode != Mode::Sync || self.applied_ack >= **seq)
+                    && (!(d.fua && remote_flush) || self.applied_ack >= **seq)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in done {
+            let d = self.dispatched.remove(&seq).expect("present");
+            let _ = d.hit;
+            self.ack(d.request, Ok(()));
+        }
+    }
+
+    fn finish_flushes(&mut self) {
+        let remote = self.cfg.flush_policy == FlushPolicy::Remote;
+        let mut i = 0;
+        while i < self.flushes.len() {
+            let f = &self.flushes[i];
+            if self.local_synced >= f.through && (!remote || self.applied_ack >= f.through) {
+                let f = self.flushes.remove(i);
+                self.ack(f.request, Ok(()));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn sync_would_help(&self) -> bool {
+        self.dirty_by_seq.keys().next().is_some_and(|s| *s <= self.applied_ack && *s > self.local_synced)
+    }
+
+    fn request_sync(&mut self, now: Time) {
+        if self.sync_inflight.is_some() {
+            // The sync in flight may not cover the newest writes; another follows it.
+            if let Some((_, through)) = self.sync_inflight {
+                if through >= self.last_dispatched() {
+                    return;
+                }
+            }
+        }
+        let token = self.token();
+        self.sync_inflight = Some((token, self.last_dispatched()));
+        self.last_sync = now;
+        self.actions.push_back(Action::SyncMedia { token });
+    }
+
+    /// Predictive mode: keep the record copy under its capacity by evicting the oldest whole
+    /// generations whose every extent is clean (claims 13-17).
+    fn evict(&mut self, now: Time) {
+        if self.cfg.mode != Mode::Predictive || self.link != LinkState::Up {
+            return;
+        }
+        let cap = self.cfg.record_capacity_extents;
+        let target = cap - cap / 8;
+        let reserved: u64 = self.updates.values().map(|u| u.reserved).sum();
+        if self.copy.len() as u64 + reserved <= target && self.pending_miss().is_empty() {
+            return;
+        }
+        let mut victims: Vec<Generation> = Vec::new();
+        let mut size = self.copy.len() as u64 + reserved + self.pending_miss().len() as u64;
+        for (g, members) in self.copy.generations().take(EVICTION_SCAN_GENERATIONS) {
+            if size <= target {
+                break;
+            }
+            #[cfg(feature = "mutations")]
+            let clean = crate::mutations::evict_dirty() || members.iter().all(|e| self.is_clean(*e));
+            #[cfg(not(feature = "mutations"))]
+            let clean = members.iter().all(|e| self.is_clean(*e));
+            if clean {
+                victims.push(g);
+                size = size.saturating_sub(members.len() as u64);
+            }
+        }
+        for g in victims {
+            let members: Vec<ExtentId> = self.copy.members_of(g).map(|m| m.iter().copied().collect()).unwrap_or_default();
+            for e in &members {
+                self.copy.remove(*e);
+                self.predicted.remove(e);
+            }
+            self.stats.evicted_extents += members.len() as u64;
+            self.stats.evicted_generations += 1;
+            self.pending_evictions.push(Eviction { generation: g, extents: to_runs(members) });
+            if self.evictions_since.is_none() {
+                self.evictions_since = Some(now);
+            }
+        }
+    }
+
+    /// Removes clean extents from the local dirty map.
+    fn undirty(&mut self) {
+        if self.link != LinkState::Up || self.local_dirty.is_empty() {
+            return;
+        }
+        let clean: Vec<ExtentId> = self.local_dirty.iter().copied().filter(|e| self.is_clean(*e) && !self.dirty_persisting.contains(e)).collect();
+        if clean.is_empty() {
+            return;
+        }
+        // Withdrawn from coverage before the delete is persisted: a write arriving meanwhile
+        // misses and re-adds the extent in a later batch, which the store applies after this.
+        for e in &clean {
+            self.local_dirty.remove(e);
+        }
+        let batch = clean.iter().map(|e| StoreWrite::DelDirty(*e)).collect();
+        self.persist(PersistKind::Undirty, clean, batch);
+    }
+
+    fn maybe_clear_wrote_alone(&mut self) {
+        if self.wrote_alone && !self.wrote_alone_persisting && self.link == LinkState::Up && self.applied_ack >= self.up_seq && !self.resync_in_progress() && self.local_dirty.is_empty() {
+            self.wrote_alone_persisting = true;
+            self.persist(PersistKind::WroteAlone(false), Vec::new(), vec![StoreWrite::Meta(Meta::WroteAlone(false))]);
+        }
+    }
+
+    fn maybe_authoritative(&mut self) {
+        if !self.peer_authoritative
+            && self.link == LinkState::Up
+            && self.cfg.mode == Mode::Predictive
+            && self.local_dirty.is_empty()
+            && self.dirty_persisting.is_empty()
+            && !self.persists.values().any(|(k, _)| *k == PersistKind::Undirty)
+        {
+            self.peer_authoritative = true;
+            self.send(Stream::Control, Frame::Authoritative { epoch: self.epoch });
+        }
+    }
+
+    // ----- internals: handshake and fencing -----
+
+    fn on_hello(&mut self, now: Time, epoch: Epoch, role: Role, volume_bytes: u64, extent_bytes: u64, wrote_alone: bool) {
+        if volume_bytes != self.geo.volume_bytes() || extent_bytes != self.geo.extent_bytes() {
+            self.send(Stream::Control, Frame::Refused { epoch: self.epoch, reason: crate::frame::Refusal::Geometry });
+            self.refuse("peer volume geometry differs");
+            return;
+        }
+        if epoch > self.epoch {
+            // A newer epoch exists: this site was superseded by a promotion.
+            self.fence(epoch);
+            return;
+        }
+        match role {
+            Role::Secondary => self.peer_wrote_alone = wrote_alone,
+            Role::Primary if epoch < self.epoch => {
+                // The stale peer fences itself when it reads our hello; it comes back as a
+                // secondary on a new connection.
+            }
+            Role::Primary => {
+                self.send(Stream::Control, Frame::Refused { epoch: self.epoch, reason: crate::frame::Refusal::Roles });
+                self.refuse("two primaries in one epoch");
+            }
+        }
+        let _ = now;
+    }
+
+    fn on_snapshot_end(&mut self, now: Time) {
+        if self.resend_record_on_snapshot {
+            // First contact of this incarnation: whatever was in flight before a restart is
+            // unknown, so every recorded extent is copied again.
+            self.resend_record_on_snapshot = false;
+            self.needs_copy.extend(self.copy.iter().map(|(e, _)| e));
+        }
+        if self.peer_wrote_alone && self.wrote_alone {
+            self.set_link(now, LinkState::SplitBrainHold);
+            return;
+        }
+        if self.peer_wrote_alone {
+            self.peer_save_aside = true;
+        }
+        self.set_link(now, LinkState::Up);
+        self.start_shipping_after_snapshot();
+    }
+
+    fn start_shipping_after_snapshot(&mut self) {
+        self.up_seq = self.last_dispatched();
+        let from = self.peer_applied_at_welcome.next();
+        let first = self.buffer.keys().next().copied();
+        match first {
+            Some(f) if f <= from => self.ship_next = from.max(self.applied_ack.next()),
+            Some(f) if matches!(self.buffer.get(&f), Some(Apply::ResyncBegin { skip: true, .. })) => self.ship_next = f,
+            None if from >= self.next_seq => self.ship_next = self.next_seq,
+            _ => {
+                // The peer needs items this site no longer holds: resync instead.
+                self.abandon_buffer();
+            }
+        }
+        // The peer's applied position may be ahead of what it has acknowledged to us.
+        let applied = self.peer_applied_at_welcome.min(self.last_dispatched());
+        if applied > self.applied_ack && self.buffer.keys().next().is_some_and(|f| *f <= applied.next()) {
+            self.on_applied(Time::ZERO, applied);
+        }
+    }
+
+    fn fence(&mut self, newer: Epoch) {
+        if self.phase == Phase::Fenced {
+            return;
+        }
+        self.phase = Phase::Fenced;
+        for (_, w) in std::mem::take(&mut self.waiting) {
+            self.ack(w.request, Err(HostError::Fenced));
+        }
+        for (_, d) in std::mem::take(&mut self.dispatched) {
+            self.ack(d.request, Err(HostError::Fenced));
+        }
+        for f in std::mem::take(&mut self.flushes) {
+            self.ack(f.request, Err(HostError::Fenced));
+        }
+        // The local dirty map stays: it names extents this site may hold that the new primary
+        // lacks, and is reported to it as divergent.
+        let mut batch = vec![
+            StoreWrite::ClearRecord,
+            StoreWrite::Meta(Meta::Epoch(newer)),
+            StoreWrite::Meta(Meta::Role(Role::Secondary)),
+            StoreWrite::Meta(Meta::Consistent(false)),
+            StoreWrite::Meta(Meta::Authoritative(false)),
+            StoreWrite::Meta(Meta::Applied(Seq(0))),
+        ];
+        // Writes acknowledged that the peer never applied are split-brain evidence.
+        if self.last_dispatched() > self.applied_ack || self.wrote_alone {
+            batch.push(StoreWrite::Meta(Meta::WroteAlone(true)));
+        }
+        // Extents written here but possibly unknown to the new primary's failback set.
+        let extra: Vec<StoreWrite> = self.dirty.keys().filter(|e| !self.local_dirty.contains(e)).map(|e| StoreWrite::PutDirty(*e)).collect();
+        batch.extend(extra);
+        self.persist(PersistKind::Demote, Vec::new(), batch);
+        self.actions.push_back(Action::Disconnect { reason: format!("fenced by epoch {}", newer.0) });
+    }
+
+    fn refuse(&mut self, reason: &str) {
+        self.stats.frames_refused += 1;
+        self.actions.push_back(Action::Disconnect { reason: reason.to_string() });
+    }
+
+    fn set_link(&mut self, now: Time, state: LinkState) {
+        self.link = state;
+        self.link_changed = now;
+    }
+
+    // ----- small helpers -----
+
+    fn token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        t
+    }
+
+    fn persist(&mut self, kind: PersistKind, extents: Vec<ExtentId>, batch: Vec<StoreWrite>) {
+        let token = self.token();
+        self.persists.insert(token, (kind, extents));
+        self.actions.push_back(Action::Persist { token, batch });
+    }
+
+    fn send(&mut self, stream: Stream, frame: Frame) {
+        self.actions.push_back(Action::Send { stream, frame });
+    }
+
+    fn ack(&mut self, request: RequestId, result: Result<(), HostError>) {
+        self.actions.push_back(Action::Ack { request, result });
+    }
+
+    fn refresh_stats(&mut self) {
+        let dispatched = self.last_dispatched().0;
+        let inflight = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
+        let s = &mut self.stats;
+        s.record_len = self.copy.len() as u64;
+        s.record_generations = self.copy.generation_count() as u64;
+        s.local_dirty_len = self.local_dirty.len() as u64;
+        s.lag_bytes = self.buffer_bytes;
+        s.inflight_bytes = inflight;
+        s.dispatched_seq = dispatched;
+        s.applied_seq = self.applied_ack.0;
+    }
+}
+
+fn item_bytes(item: &Apply) -> u64 {
+    match item {
+        Apply::Write(op) => op.payload_bytes().max(64),
+        _ => 64,
+    }
+}

@@ -1,0 +1,657 @@
+//! The secondary site's state machine.
+//!
+//! Owns: the durable record (claim 1) and its generations, prediction on record updates
+//! (claims 18-19), evictions (claims 13, 17), ordered apply of shipped data through a bounded
+//! reorder buffer, return messages (claim 14), resync markers, save-aside before failback
+//! overwrites, the non-authoritative flag, and promotion.
+//!
+//! Must not: perform I/O or read a clock.
+//!
+//! Ordering rules enforced here:
+//! - A record answer leaves only after the synced store of exactly the extents it names.
+//! - Data reaches media strictly in sequence order; a gap is bridged only by a `ResyncBegin`
+//!   marker that says so, after "inconsistent" is durable.
+//! - "Applied through S" leaves only after a media sync covering S and a synced store of S.
+
+use crate::action::Action;
+use crate::config::CoreConfig;
+use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Role, Stream, StreamHint, MAX_LIST_LEN};
+use crate::geometry::Geometry;
+use crate::ids::{Epoch, ExtentId, Generation, Seq, Token};
+use crate::predict::Predictor;
+use crate::record::{from_runs, runs_len, to_runs, ExtentRun, Record};
+use crate::stats::SecondaryStats;
+use crate::store::{Meta, SiteState, StoreWrite};
+use crate::time::Time;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use thiserror::Error;
+
+#[derive(Clone, Debug)]
+enum Queued {
+    Update { id: u64, missed: Vec<ExtentId>, hints: Vec<StreamHint>, room: u32, evictions: Vec<Eviction> },
+    Evict(Vec<Eviction>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PersistKind {
+    /// A record batch: on completion the working record becomes the durable one.
+    Record,
+    /// Epoch adoption and authority flags at handshake; the welcome follows.
+    Handshake,
+    /// Durable "inconsistent" before a resync's first write reaches media.
+    ResyncBegin,
+    /// Durable high-water mark before media writes pass it.
+    HighWater(Seq),
+    /// Durable "inconsistent" at start, when media may be ahead of the stored position.
+    CatchUp,
+    /// Applied position; "consistent" again when a resync ended or a catch-up completed.
+    Applied { through: Seq, consistent: bool, resynced: bool },
+    Authoritative(bool),
+    Promote,
+}
+
+/// What a promotion found, for the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromoteReport {
+    pub new_epoch: Epoch,
+    pub record_extents: u64,
+    /// False after a degrade: differences outside the record may exist. Said loudly.
+    pub authoritative: bool,
+    /// False mid-resync: the image is not a prefix of the old primary's history.
+    pub consistent: bool,
+    pub applied: Seq,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum PromoteError {
+    #[error("the primary of epoch {0} is connected and alive; promoting now would make two writers (use force to override)")]
+    PeerAlive(u64),
+    #[error("a promotion is already being persisted")]
+    InProgress,
+}
+
+pub struct Secondary {
+    cfg: CoreConfig,
+    geo: Geometry,
+    epoch: Epoch,
+    record: Record,
+    next_generation: Generation,
+    predictor: Predictor,
+    /// Highest sequence applied to media (volatile until synced).
+    applied: Seq,
+    durable_applied: Seq,
+    /// Durable bound on what may have reached media.
+    high_water: Seq,
+    /// The image is a prefix again once durably applied through this (after a crash left
+    /// media ahead of the stored position).
+    catch_up_to: Option<Seq>,
+    consistent: bool,
+    authoritative: bool,
+    wrote_alone: bool,
+    /// This site's own persisted dirty map, from a time it was primary: extents it may hold
+    /// that a new primary lacks.
+    divergent: BTreeSet<ExtentId>,
+    connected: bool,
+    /// Peer's hello processed and welcome sent.
+    welcomed: bool,
+    welcome_due: bool,
+    peer_epoch: Option<Epoch>,
+    /// Durable: the primary degrades on link loss, so losing it makes the record
+    /// non-authoritative at once (it may already be writing outside the record).
+    peer_may_degrade: bool,
+    queue: VecDeque<Queued>,
+    record_persist: Option<(Token, Record, Vec<Frame>)>,
+    reorder: BTreeMap<Seq, Apply>,
+    reorder_bytes: u64,
+    apply_blocked: Option<Token>,
+    save_aside: bool,
+    saved: BTreeSet<ExtentId>,
+    /// Between a `ResyncBegin` applied and the durable end of that resync.
+    resyncing: bool,
+    resync_end: Option<Seq>,
+    sync_inflight: Option<(Token, Seq)>,
+    applied_persist: Option<Token>,
+    promoting: bool,
+    persists: BTreeMap<Token, PersistKind>,
+    next_token: u64,
+    actions: VecDeque<Action>,
+    stats: SecondaryStats,
+}
+
+impl Secondary {
+    pub fn new(cfg: CoreConfig, geo: Geometry, state: &SiteState) -> Secondary {
+        let mut record = Record::new(geo.extent_count());
+        for (e, g) in &state.record {
+            record.insert(*e, *g);
+        }
+        let mut s = Secondary {
+            predictor: Predictor::new(cfg.predictor.clone()),
+            cfg,
+            geo,
+            epoch: state.epoch,
+            record,
+            next_generation: state.next_generation,
+            applied: state.applied,
+            durable_applied: state.applied,
+            high_water: state.apply_high_water.max(state.applied),
+            catch_up_to: None,
+            consistent: state.consistent,
+            authoritative: state.authoritative,
+            wrote_alone: state.wrote_alone,
+            divergent: state.dirty.clone(),
+            connected: false,
+            welcomed: false,
+            welcome_due: false,
+            peer_epoch: None,
+            peer_may_degrade: state.peer_may_degrade,
+            queue: VecDeque::new(),
+            record_persist: None,
+            reorder: BTreeMap::new(),
+            reorder_bytes: 0,
+            apply_blocked: None,
+            save_aside: false,
+            saved: BTreeSet::new(),
+            resyncing: false,
+            resync_end: None,
+            sync_inflight: None,
+            applied_persist: None,
+            promoting: false,
+            persists: BTreeMap::new(),
+            next_token: 1,
+            actions: VecDeque::new(),
+            stats: SecondaryStats::default(),
+        };
+        // Started without a primary that may degrade: it may be writing outside the record.
+        s.lose_authority();
+        if state.apply_high_water > state.applied && state.consistent {
+            // Media may hold writes past the stored position: replaying them from there passes
+            // through states that never existed, so the image is not a prefix until caught up.
+            s.consistent = false;
+            s.catch_up_to = Some(state.apply_high_water);
+            s.persist(PersistKind::CatchUp, vec![StoreWrite::Meta(Meta::Consistent(false))]);
+        }
+        s.refresh_stats();
+        s
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+    pub fn applied(&self) -> Seq {
+        self.applied
+    }
+    pub fn durable_applied(&self) -> Seq {
+        self.durable_applied
+    }
+    pub fn is_consistent(&self) -> bool {
+        self.consistent
+    }
+    pub fn is_authoritative(&self) -> bool {
+        self.authoritative
+    }
+    pub fn stats(&self) -> &SecondaryStats {
+        &self.stats
+    }
+    pub fn split_brain_evidence(&self) -> bool {
+        self.wrote_alone
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The secondary has no timers: every decision it makes follows a frame or a report.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        None
+    }
+
+    pub fn handle_timeout(&mut self, _now: Time) {
+        self.progress();
+    }
+
+    /// Without a connection to a primary that degrades on link loss, nothing guarantees the
+    /// record covers every difference: mark it so, durably, before anything else happens.
+    fn lose_authority(&mut self) {
+        if self.peer_may_degrade && self.authoritative {
+            self.authoritative = false;
+            self.persist(PersistKind::Authoritative(false), vec![StoreWrite::Meta(Meta::Authoritative(false))]);
+        }
+    }
+
+    pub fn handle_connected(&mut self, _now: Time) {
+        self.connected = true;
+        self.welcomed = false;
+        self.welcome_due = false;
+        self.send(Frame::Hello {
+            epoch: self.epoch,
+            role: Role::Secondary,
+            volume_bytes: self.geo.volume_bytes(),
+            extent_bytes: self.geo.extent_bytes(),
+            on_link_loss: self.cfg.on_link_loss,
+            authoritative: self.authoritative,
+            wrote_alone: self.wrote_alone,
+        });
+    }
+
+    pub fn handle_disconnected(&mut self, now: Time) {
+        let _ = now;
+        self.connected = false;
+        self.welcomed = false;
+        self.welcome_due = false;
+        self.lose_authority();
+        // Frames of a dead connection are not answered; the primary resends what matters.
+        self.queue.clear();
+        self.reorder.clear();
+        self.reorder_bytes = 0;
+    }
+
+    pub fn handle_frame(&mut self, now: Time, frame: Frame) {
+        let _ = now;
+        if frame.validate().is_err() {
+            self.refuse(None, "invalid frame");
+            return;
+        }
+        if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, on_link_loss, authoritative, .. } = frame {
+            self.on_hello(epoch, role, volume_bytes, extent_bytes, on_link_loss, authoritative);
+            self.progress();
+            return;
+        }
+        if !self.welcomed || frame.epoch() != self.epoch {
+            // Fencing: a frame of another epoch, or before the handshake, is never applied.
+            self.refuse(Some(Refusal::StaleEpoch), &format!("{} frame of epoch {} refused at epoch {}", frame.kind(), frame.epoch().0, self.epoch.0));
+            return;
+        }
+        match frame {
+            Frame::RecordUpdate { id, missed, hints, room, evictions, .. } => {
+                if runs_len(&missed) > self.geo.extent_count() || from_runs(&missed).any(|e| !self.geo.contains(e)) {
+                    self.refuse(None, "record update names extents outside the volume");
+                    return;
+                }
+                let missed = from_runs(&missed).collect();
+                self.queue.push_back(Queued::Update { id, missed, hints, room, evictions });
+            }
+            Frame::Evict { evictions, .. } => self.queue.push_back(Queued::Evict(evictions)),
+            Frame::Data { seq, apply, .. } => {
+                if let Apply::Write(op) = &apply {
+                    if self.geo.check_range(op.offset, op.len).is_err() {
+                        self.refuse(None, "data outside the volume");
+                        return;
+                    }
+                }
+                if seq <= self.applied {
+                    return; // a retransmission of something already applied
+                }
+                self.reorder_bytes += apply_bytes(&apply);
+                if self.reorder_bytes > self.cfg.reorder_buffer_bytes {
+                    self.refuse(None, "peer overran the reorder buffer");
+                    return;
+                }
+                if let Some(old) = self.reorder.insert(seq, apply) {
+                    self.reorder_bytes -= apply_bytes(&old);
+                }
+            }
+            Frame::Authoritative { .. } => {
+                if !self.authoritative {
+                    self.authoritative = true;
+                    self.persist(PersistKind::Authoritative(true), vec![StoreWrite::Meta(Meta::Authoritative(true))]);
+                }
+            }
+            Frame::Refused { reason, .. } => {
+                self.stats.frames_refused += 1;
+                self.actions.push_back(Action::Disconnect { reason: format!("peer refused: {reason:?}") });
+            }
+            other => {
+                self.refuse(None, &format!("unexpected {} frame at the secondary", other.kind()));
+                return;
+            }
+        }
+        self.progress();
+    }
+
+    pub fn handle_persisted(&mut self, _now: Time, token: Token) {
+        let Some(kind) = self.persists.remove(&token) else { return };
+        match kind {
+            PersistKind::Record => {
+                if let Some((t, work, answers)) = self.record_persist.take() {
+                    debug_assert_eq!(t, token);
+                    self.record = work;
+                    if self.connected && self.welcomed {
+                        for a in answers {
+                            self.send(a);
+                        }
+                    }
+                }
+            }
+            PersistKind::Handshake => self.welcome_due = true,
+            PersistKind::ResyncBegin => {
+                if self.apply_blocked == Some(token) {
+                    self.apply_blocked = None;
+                }
+            }
+            PersistKind::HighWater(seq) => {
+                self.high_water = self.high_water.max(seq);
+                if self.apply_blocked == Some(token) {
+                    self.apply_blocked = None;
+                }
+            }
+            PersistKind::Applied { through, consistent, resynced } => {
+                self.applied_persist = None;
+                self.durable_applied = self.durable_applied.max(through);
+                if consistent {
+                    self.consistent = true;
+                }
+                if resynced {
+                    self.resyncing = self.resync_end.is_some();
+                    // The failback is complete: nothing of this site's own remains to protect.
+                    self.wrote_alone = false;
+                    self.divergent.clear();
+                    self.save_aside = false;
+                    self.saved.clear();
+                }
+                if self.connected && self.welcomed {
+                    self.send(Frame::Applied { epoch: self.epoch, through: self.durable_applied });
+                }
+            }
+            PersistKind::Authoritative(_) | PersistKind::CatchUp => {}
+            PersistKind::Promote => {
+                self.actions.push_back(Action::RoleChanged { role: Role::Primary });
+                return;
+            }
+        }
+        self.progress();
+    }
+
+    pub fn handle_media_synced(&mut self, _now: Time, token: Token) {
+        if let Some((t, through)) = self.sync_inflight {
+            if t == token {
+                self.sync_inflight = None;
+                let resynced = self.resync_end.is_some_and(|end| through >= end);
+                let caught_up = self.catch_up_to.is_some_and(|hw| through >= hw) && !self.resyncing;
+                let mut batch = vec![StoreWrite::Meta(Meta::Applied(through))];
+                if resynced || caught_up {
+                    self.catch_up_to = None;
+                    batch.push(StoreWrite::Meta(Meta::Consistent(true)));
+                }
+                if resynced {
+                    self.resync_end = None;
+                    batch.push(StoreWrite::Meta(Meta::WroteAlone(false)));
+                    batch.extend(self.divergent.iter().map(|e| StoreWrite::DelDirty(*e)));
+                }
+                let token = self.persist(PersistKind::Applied { through, consistent: resynced || caught_up, resynced }, batch);
+                self.applied_persist = Some(token);
+            }
+        }
+        self.progress();
+    }
+
+    /// Makes this site the primary of a new epoch. The failback set starts as the durable
+    /// record: it is persisted as the new primary's dirty map in the same batch as the epoch.
+    pub fn promote(&mut self, force: bool) -> Result<PromoteReport, PromoteError> {
+        if self.promoting {
+            return Err(PromoteError::InProgress);
+        }
+        if self.connected && self.welcomed && self.peer_epoch == Some(self.epoch) && !force {
+            return Err(PromoteError::PeerAlive(self.epoch.0));
+        }
+        self.promoting = true;
+        let new_epoch = self.epoch.next();
+        let mut batch = vec![StoreWrite::Meta(Meta::Epoch(new_epoch)), StoreWrite::Meta(Meta::Role(Role::Primary)), StoreWrite::Meta(Meta::WroteAlone(false))];
+        batch.extend(self.record.iter().map(|(e, _)| StoreWrite::PutDirty(e)));
+        batch.push(StoreWrite::ClearRecord);
+        let report = PromoteReport {
+            new_epoch,
+            record_extents: self.record.len() as u64,
+            authoritative: self.authoritative,
+            consistent: self.consistent,
+            applied: self.applied,
+        };
+        self.persist(PersistKind::Promote, batch);
+        if self.connected {
+            self.actions.push_back(Action::Disconnect { reason: format!("promoted to epoch {}", new_epoch.0) });
+        }
+        Ok(report)
+    }
+
+    // ----- internals -----
+
+    fn on_hello(&mut self, epoch: Epoch, role: Role, volume_bytes: u64, extent_bytes: u64, policy: LinkLossPolicy, authoritative: bool) {
+        if volume_bytes != self.geo.volume_bytes() || extent_bytes != self.geo.extent_bytes() {
+            self.refuse(Some(Refusal::Geometry), "peer volume geometry differs");
+            return;
+        }
+        if role != Role::Primary {
+            self.refuse(Some(Refusal::Roles), "both sites are secondaries");
+            return;
+        }
+        if epoch < self.epoch {
+            self.refuse(Some(Refusal::StaleEpoch), &format!("primary of stale epoch {} (this site is at {})", epoch.0, self.epoch.0));
+            return;
+        }
+        if self.promoting {
+            self.refuse(Some(Refusal::Roles), "this site is being promoted");
+            return;
+        }
+        self.peer_epoch = Some(epoch);
+        let mut batch = Vec::new();
+        let degrades = policy == LinkLossPolicy::Degrade;
+        if degrades != self.peer_may_degrade {
+            self.peer_may_degrade = degrades;
+            batch.push(StoreWrite::Meta(Meta::PeerMayDegrade(degrades)));
+        }
+        if epoch > self.epoch {
+            self.epoch = epoch;
+            batch.push(StoreWrite::Meta(Meta::Epoch(epoch)));
+        }
+        if !authoritative && self.authoritative {
+            self.authoritative = false;
+            batch.push(StoreWrite::Meta(Meta::Authoritative(false)));
+        }
+        self.welcomed = false;
+        if batch.is_empty() {
+            self.welcome_due = true;
+        } else {
+            self.persist(PersistKind::Handshake, batch);
+        }
+    }
+
+    fn progress(&mut self) {
+        if self.promoting {
+            return;
+        }
+        self.send_welcome();
+        self.persist_record_batch();
+        self.apply_ready();
+        self.sync_applied();
+        self.refresh_stats();
+    }
+
+    /// Welcome and snapshot, once nothing record-related is being persisted: a snapshot must
+    /// never include an eviction or addition that is not yet durable.
+    fn send_welcome(&mut self) {
+        if !self.welcome_due || !self.connected || self.record_persist.is_some() {
+            return;
+        }
+        self.welcome_due = false;
+        self.welcomed = true;
+        self.send(Frame::Welcome { epoch: self.epoch, applied: self.applied, consistent: self.consistent, authoritative: self.authoritative });
+        let mut entries: Vec<RecordEntries> = Vec::new();
+        for (e, g) in self.record.iter() {
+            match entries.last_mut() {
+                Some(last) if last.generation == g && last.run.start + last.run.len as u64 == e.0 && last.run.len < u32::MAX => last.run.len += 1,
+                _ => entries.push(RecordEntries { run: ExtentRun { start: e.0, len: 1 }, generation: g }),
+            }
+        }
+        for chunk in entries.chunks(MAX_LIST_LEN) {
+            self.send(Frame::RecordChunk { epoch: self.epoch, entries: chunk.to_vec() });
+        }
+        let runs = to_runs(self.divergent.iter().copied());
+        for chunk in runs.chunks(MAX_LIST_LEN) {
+            self.send(Frame::DivergentChunk { epoch: self.epoch, extents: chunk.to_vec() });
+        }
+        self.send(Frame::SnapshotEnd { epoch: self.epoch, record_len: self.record.len() as u64 });
+    }
+
+    /// Group commit: every queued update and eviction becomes one synced batch.
+    fn persist_record_batch(&mut self) {
+        if self.record_persist.is_some() || self.queue.is_empty() || !self.welcomed {
+            return;
+        }
+        let mut work = self.record.clone();
+        let mut batch = Vec::new();
+        let mut answers = Vec::new();
+        let evict = |work: &mut Record, predictor: &mut Predictor, batch: &mut Vec<StoreWrite>, stats: &mut SecondaryStats, evictions: &[Eviction]| {
+            for ev in evictions {
+                for e in from_runs(&ev.extents) {
+                    if work.remove_if_not_younger(e, ev.generation) {
+                        batch.push(StoreWrite::DelRecord(e));
+                        predictor.note_evicted(e, ev.generation);
+                        stats.extents_evicted += 1;
+                    }
+                }
+            }
+        };
+        while let Some(q) = self.queue.pop_front() {
+            match q {
+                Queued::Evict(evictions) => evict(&mut work, &mut self.predictor, &mut batch, &mut self.stats, &evictions),
+                Queued::Update { id, missed, hints, room, evictions } => {
+                    // Evictions first: a piggybacked eviction and a re-add of the same extent
+                    // in one frame must leave the extent recorded.
+                    evict(&mut work, &mut self.predictor, &mut batch, &mut self.stats, &evictions);
+                    let g = self.next_generation;
+                    self.next_generation = Generation(g.0 + 1);
+                    let predicted = self.predictor.predict(&missed, &hints, room, &work);
+                    let mut added: BTreeSet<ExtentId> = missed.iter().copied().collect();
+                    self.stats.extents_predicted += predicted.len() as u64;
+                    added.extend(predicted);
+                    for e in &added {
+                        work.insert(*e, g);
+                        batch.push(StoreWrite::PutRecord(*e, g));
+                    }
+                    self.stats.extents_added += added.len() as u64;
+                    self.stats.record_updates += 1;
+                    answers.push(Frame::RecordAnswer { epoch: self.epoch, id, generation: g, added: to_runs(added) });
+                }
+            }
+        }
+        batch.push(StoreWrite::Meta(Meta::NextGeneration(self.next_generation)));
+        let token = self.persist(PersistKind::Record, batch);
+        #[cfg(feature = "mutations")]
+        if crate::mutations::ack_before_durable() {
+            self.record = work.clone();
+            for a in answers.drain(..) {
+                self.send(a);
+            }
+        }
+        self.record_persist = Some((token, work, answers));
+    }
+
+    fn apply_ready(&mut self) {
+        while self.apply_blocked.is_none() {
+            let next = self.applied.next();
+            #[cfg(feature = "mutations")]
+            let next = if crate::mutations::apply_out_of_order() { self.reorder.keys().next_back().copied().unwrap_or(next).max(next) } else { next };
+            let seq = match self.reorder.keys().next().copied() {
+                Some(s) if s == next => s,
+                Some(s) if matches!(self.reorder.get(&s), Some(Apply::ResyncBegin { skip: true, .. })) => s,
+                #[cfg(feature = "mutations")]
+                Some(s) if crate::mutations::apply_out_of_order() && self.reorder.contains_key(&next) => {
+                    let _ = s;
+                    next
+                }
+                _ => break,
+            };
+            if seq > self.high_water {
+                // Write ahead the bound on what media may hold: everything contiguous now.
+                let mut target = seq;
+                while self.reorder.contains_key(&target.next()) {
+                    target = target.next();
+                }
+                let token = self.persist(PersistKind::HighWater(target), vec![StoreWrite::Meta(Meta::ApplyHighWater(target))]);
+                self.apply_blocked = Some(token);
+                break;
+            }
+            let item = self.reorder.remove(&seq).expect("present");
+            self.reorder_bytes -= apply_bytes(&item);
+            self.applied = self.applied.max(seq);
+            match item {
+                Apply::Write(op) => {
+                    if self.save_aside {
+                        for e in self.geo.extents_of(op.offset, op.len) {
+                            if self.saved.insert(ExtentId(e)) {
+                                self.stats.extents_saved_aside += 1;
+                                self.actions.push_back(Action::SaveAside { extent: ExtentId(e) });
+                            }
+                        }
+                    }
+                    self.stats.writes_applied += 1;
+                    self.stats.bytes_applied += op.len;
+                    self.actions.push_back(Action::ApplyWrite { seq, op });
+                }
+                Apply::ResyncBegin { save_aside, .. } => {
+                    self.save_aside = save_aside || self.wrote_alone || !self.divergent.is_empty() || self.save_aside;
+                    self.resync_end = None;
+                    self.resyncing = true;
+                    if self.consistent {
+                        self.consistent = false;
+                        let token = self.persist(PersistKind::ResyncBegin, vec![StoreWrite::Meta(Meta::Consistent(false))]);
+                        self.apply_blocked = Some(token);
+                    }
+                }
+                Apply::ResyncEnd => self.resync_end = Some(seq),
+            }
+        }
+    }
+
+    /// Media sync, then a synced store of the position, then the return message.
+    fn sync_applied(&mut self) {
+        if self.sync_inflight.is_some() || self.applied_persist.is_some() || self.applied <= self.durable_applied {
+            return;
+        }
+        let token = self.token();
+        self.sync_inflight = Some((token, self.applied));
+        self.actions.push_back(Action::SyncMedia { token });
+    }
+
+    fn refuse(&mut self, reason: Option<Refusal>, text: &str) {
+        self.stats.frames_refused += 1;
+        if let Some(reason) = reason {
+            self.send(Frame::Refused { epoch: self.epoch, reason });
+        }
+        self.actions.push_back(Action::Disconnect { reason: text.to_string() });
+    }
+
+    fn token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        t
+    }
+
+    fn persist(&mut self, kind: PersistKind, batch: Vec<StoreWrite>) -> Token {
+        let token = self.token();
+        self.persists.insert(token, kind);
+        self.actions.push_back(Action::Persist { token, batch });
+        token
+    }
+
+    fn send(&mut self, frame: Frame) {
+        self.actions.push_back(Action::Send { stream: Stream::Control, frame });
+    }
+
+    fn refresh_stats(&mut self) {
+        self.stats.record_len = self.record.len() as u64;
+        self.stats.generations = self.record.generation_count() as u64;
+        self.stats.applied_seq = self.applied.0;
+        self.stats.durable_applied_seq = self.durable_applied.0;
+        self.stats.reorder_bytes = self.reorder_bytes;
+    }
+}
+
+fn apply_bytes(a: &Apply) -> u64 {
+    match a {
+        Apply::Write(op) => op.payload_bytes().max(64),
+        _ => 64,
+    }
+}

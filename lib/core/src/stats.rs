@@ -1,0 +1,57 @@
+//! Plain counters and gauges the state machines keep. The node shell exports them as
+//! Prometheus metrics; the replay command prints them. Must not: depend on a metrics crate.
+
+/// The primary's view.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrimaryStats {
+    pub writes: u64,
+    /// Writes acknowledged without waiting for the secondary.
+    pub hits: u64,
+    /// Writes that needed a record update (or, in async/sync modes, a local dirty-map store).
+    pub misses: u64,
+    pub failed_writes: u64,
+    pub record_updates_sent: u64,
+    /// Record updates sent ahead of a stream, with no host write waiting.
+    pub pre_extensions_sent: u64,
+    pub record_answers: u64,
+    /// Extents the secondary added beyond those missed.
+    pub predicted_extents: u64,
+    /// Predicted extents that a later write actually used.
+    pub predicted_extents_used: u64,
+    pub evicted_extents: u64,
+    pub evicted_generations: u64,
+    pub record_len: u64,
+    pub record_generations: u64,
+    pub local_dirty_len: u64,
+    pub lag_bytes: u64,
+    pub inflight_bytes: u64,
+    pub dispatched_seq: u64,
+    pub applied_seq: u64,
+    pub resyncs_started: u64,
+    pub resync_extents_copied: u64,
+    pub resync_bytes_copied: u64,
+    pub degraded_writes: u64,
+    pub throttled_writes: u64,
+    pub frames_refused: u64,
+    /// Sum of record-update round trips, in microseconds, and how many.
+    pub record_rtt_us_total: u64,
+    pub record_rtt_count: u64,
+}
+
+/// The secondary's view.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SecondaryStats {
+    pub record_updates: u64,
+    pub record_len: u64,
+    pub generations: u64,
+    pub extents_added: u64,
+    pub extents_predicted: u64,
+    pub extents_evicted: u64,
+    pub applied_seq: u64,
+    pub durable_applied_seq: u64,
+    pub writes_applied: u64,
+    pub bytes_applied: u64,
+    pub reorder_bytes: u64,
+    pub extents_saved_aside: u64,
+    pub frames_refused: u64,
+}
