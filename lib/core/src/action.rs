@@ -19,25 +19,53 @@ use thiserror::Error;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    Send { stream: Stream, frame: Frame },
-    Persist { token: Token, batch: Vec<StoreWrite> },
+    Send {
+        stream: Stream,
+        frame: Frame,
+    },
+    Persist {
+        token: Token,
+        batch: Vec<StoreWrite>,
+    },
     /// Primary: write to local media; report with `handle_local_write_done`.
-    LocalWrite { token: Token, seq: Seq, op: WriteOp },
+    LocalWrite {
+        token: Token,
+        seq: Seq,
+        op: WriteOp,
+    },
     /// Secondary: apply a shipped write to media (in order; no report needed).
-    ApplyWrite { seq: Seq, op: WriteOp },
+    ApplyWrite {
+        seq: Seq,
+        op: WriteOp,
+    },
     /// Secondary: durably copy the extent's current content aside before the next media action
-    /// overwrites it (failback onto a site that may hold writes of its own).
-    SaveAside { extent: ExtentId },
+    /// overwrites it (failback onto a site that may hold writes of its own). The first copy
+    /// of an extent wins: a repeat (after a restart mid-failback) must not replace it.
+    SaveAside {
+        extent: ExtentId,
+    },
     /// Primary: read one extent for resync; report with `handle_read_done`.
-    ReadExtent { token: Token, extent: ExtentId },
+    ReadExtent {
+        token: Token,
+        extent: ExtentId,
+    },
     /// Make every media write emitted so far durable; report with `handle_media_synced`.
-    SyncMedia { token: Token },
+    SyncMedia {
+        token: Token,
+    },
     /// Answer a host request.
-    Ack { request: RequestId, result: Result<(), HostError> },
+    Ack {
+        request: RequestId,
+        result: Result<(), HostError>,
+    },
     /// Close the peer connection (refusal or protocol error); the shell reconnects with backoff.
-    Disconnect { reason: String },
+    Disconnect {
+        reason: String,
+    },
     /// The site's persisted role changed; the shell rebuilds the state machine from the store.
-    RoleChanged { role: Role },
+    RoleChanged {
+        role: Role,
+    },
 }
 
 /// Why a host request failed. The NBD shell maps these to NBD error codes.
@@ -51,6 +79,10 @@ pub enum HostError {
     Fenced,
     #[error("the local media reported an error")]
     Media,
+    /// The write reached local media but the peer did not apply it in time (sync mode or a
+    /// remote-flushed FUA, with the link down under the `block` policy).
+    #[error("the write is on local media but the secondary did not apply it before the deadline")]
+    ReplicationTimeout,
     #[error("this site is not serving writes now (starting, draining or demoting)")]
     NotServing,
 }

@@ -63,7 +63,14 @@ pub struct PredictorConfig {
 
 impl Default for PredictorConfig {
     fn default() -> Self {
-        PredictorConfig { kind: PredictorKind::Adaptive, k_next: 4, max_ahead: 64, pre_extend_within: 4, ghost_capacity: 4096, max_streams: 16 }
+        PredictorConfig {
+            kind: PredictorKind::Adaptive,
+            k_next: 4,
+            max_ahead: 64,
+            pre_extend_within: 4,
+            ghost_capacity: 4096,
+            max_streams: 16,
+        }
     }
 }
 
@@ -76,6 +83,10 @@ pub struct CoreConfig {
     /// How long a miss waits for the record answer before `on_link_loss` applies.
     pub record_update_timeout: Duration,
     pub on_link_loss: LinkLossPolicy,
+    /// How much earlier the primary may notice a lost link than the secondary does (the
+    /// transport's idle timeout). The secondary gives up its record's authority this long
+    /// before the primary could first degrade.
+    pub link_loss_detection_skew: Duration,
     /// Under `block`, how long a held write waits in all before it fails.
     pub link_loss_deadline: Duration,
     /// Most bytes dispatched but not yet durably applied on the secondary.
@@ -106,6 +117,7 @@ impl Default for CoreConfig {
             predictor: PredictorConfig::default(),
             record_update_timeout: Duration::from_secs(2),
             on_link_loss: LinkLossPolicy::Block,
+            link_loss_detection_skew: Duration::ZERO,
             link_loss_deadline: Duration::from_secs(30),
             max_lag_bytes: 1 << 30,
             on_lag_full: LagPolicy::Throttle,
@@ -124,7 +136,11 @@ impl Default for CoreConfig {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{field} must be at least {min}, got {got}")]
-    TooSmall { field: &'static str, min: u64, got: u64 },
+    TooSmall {
+        field: &'static str,
+        min: u64,
+        got: u64,
+    },
     #[error("reorder_buffer_bytes ({reorder}) must be at least max_inflight_bytes ({inflight}) plus one largest frame, or the secondary could be sent more than it may buffer")]
     ReorderBelowInflight { reorder: u64, inflight: u64 },
 }
@@ -132,17 +148,40 @@ pub enum ConfigError {
 impl CoreConfig {
     /// Checks the bounds once, at start.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let min = |field, min: u64, got: u64| if got < min { Err(ConfigError::TooSmall { field, min, got }) } else { Ok(()) };
+        let min = |field, min: u64, got: u64| {
+            if got < min {
+                Err(ConfigError::TooSmall { field, min, got })
+            } else {
+                Ok(())
+            }
+        };
         min("record_capacity_extents", 8, self.record_capacity_extents)?;
         min("predictor.k_next", 1, self.predictor.k_next as u64)?;
-        min("predictor.max_streams", 1, self.predictor.max_streams as u64)?;
-        min("max_record_updates_in_flight", 1, self.max_record_updates_in_flight as u64)?;
+        min(
+            "predictor.max_streams",
+            1,
+            self.predictor.max_streams as u64,
+        )?;
+        min(
+            "max_record_updates_in_flight",
+            1,
+            self.max_record_updates_in_flight as u64,
+        )?;
         min("data_lanes", 1, self.data_lanes as u64)?;
         min("max_inflight_bytes", 1 << 20, self.max_inflight_bytes)?;
         min("max_lag_bytes", self.max_inflight_bytes, self.max_lag_bytes)?;
-        min("resync_reads_in_flight", 1, self.resync_reads_in_flight as u64)?;
-        if self.reorder_buffer_bytes < self.max_inflight_bytes + crate::frame::MAX_FRAME_BYTES as u64 {
-            return Err(ConfigError::ReorderBelowInflight { reorder: self.reorder_buffer_bytes, inflight: self.max_inflight_bytes });
+        min(
+            "resync_reads_in_flight",
+            1,
+            self.resync_reads_in_flight as u64,
+        )?;
+        if self.reorder_buffer_bytes
+            < self.max_inflight_bytes + crate::frame::MAX_FRAME_BYTES as u64
+        {
+            return Err(ConfigError::ReorderBelowInflight {
+                reorder: self.reorder_buffer_bytes,
+                inflight: self.max_inflight_bytes,
+            });
         }
         Ok(())
     }

@@ -47,7 +47,11 @@ pub struct Observation {
 
 impl StreamDetector {
     pub fn new(max_streams: usize) -> StreamDetector {
-        StreamDetector { streams: Vec::new(), max_streams: max_streams.max(1), clock: 0 }
+        StreamDetector {
+            streams: Vec::new(),
+            max_streams: max_streams.max(1),
+            clock: 0,
+        }
     }
 
     /// Feeds the extents `[first, last]` of one write.
@@ -58,7 +62,8 @@ impl StreamDetector {
         // (small sequential writes inside a large extent).
         let found = self.streams.iter().position(|s| {
             let expected = s.last as i64 + s.stride;
-            (s.run > 0 && (first as i64 == expected || (s.stride > 0 && first == s.last))) || (s.run == 0 && first == s.last)
+            (s.run > 0 && (first as i64 == expected || (s.stride > 0 && first == s.last)))
+                || (s.run == 0 && first == s.last)
         });
         let idx = match found {
             Some(i) => {
@@ -87,12 +92,20 @@ impl StreamDetector {
                         i
                     }
                     None => {
-                        let fresh = Stream { last, stride: 0, run: 0, touched: clock, asked_through: last as i64 };
+                        let fresh = Stream {
+                            last,
+                            stride: 0,
+                            run: 0,
+                            touched: clock,
+                            asked_through: last as i64,
+                        };
                         if self.streams.len() < self.max_streams {
                             self.streams.push(fresh);
                             self.streams.len() - 1
                         } else {
-                            let lru = (0..self.streams.len()).min_by_key(|&i| self.streams[i].touched).unwrap_or(0);
+                            let lru = (0..self.streams.len())
+                                .min_by_key(|&i| self.streams[i].touched)
+                                .unwrap_or(0);
                             self.streams[lru] = fresh;
                             lru
                         }
@@ -101,7 +114,11 @@ impl StreamDetector {
             }
         };
         let s = &self.streams[idx];
-        let hint = (s.run > 0).then_some(StreamHint { last: s.last, stride: s.stride, run: s.run });
+        let hint = (s.run > 0).then_some(StreamHint {
+            last: s.last,
+            stride: s.stride,
+            run: s.run,
+        });
         Observation { hint, stream: idx }
     }
 
@@ -120,11 +137,20 @@ impl StreamDetector {
             }
             out.push(e as u64);
         }
-        Some((StreamHint { last: s.last, stride: s.stride, run: s.run }, out))
+        Some((
+            StreamHint {
+                last: s.last,
+                stride: s.stride,
+                run: s.run,
+            },
+            out,
+        ))
     }
 
     pub fn asked_through(&self, stream: usize) -> i64 {
-        self.streams.get(stream).map_or(i64::MAX, |s| s.asked_through)
+        self.streams
+            .get(stream)
+            .map_or(i64::MAX, |s| s.asked_through)
     }
 
     pub fn mark_asked(&mut self, stream: usize, through: i64) {
@@ -146,7 +172,10 @@ pub struct Ghosts {
 
 impl Ghosts {
     pub fn new(capacity: usize) -> Ghosts {
-        Ghosts { capacity, ..Ghosts::default() }
+        Ghosts {
+            capacity,
+            ..Ghosts::default()
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -188,8 +217,14 @@ impl Ghosts {
     /// The generation-mates of a returning extent (itself excluded), forgotten as they are
     /// handed out.
     pub fn take_mates(&mut self, e: ExtentId) -> Vec<ExtentId> {
-        let Some(g) = self.of.get(&e).copied() else { return Vec::new() };
-        let mates: Vec<ExtentId> = self.mates.get(&g).map(|m| m.iter().copied().filter(|x| *x != e).collect()).unwrap_or_default();
+        let Some(g) = self.of.get(&e).copied() else {
+            return Vec::new();
+        };
+        let mates: Vec<ExtentId> = self
+            .mates
+            .get(&g)
+            .map(|m| m.iter().copied().filter(|x| *x != e).collect())
+            .unwrap_or_default();
         self.forget(e);
         for m in &mates {
             self.forget(*m);
@@ -223,7 +258,13 @@ impl Predictor {
 
     /// Extra extents to record beyond `missed`: not in `record`, not in `missed`, inside the
     /// volume, at most `room` of them, in the order they should be preferred.
-    pub fn predict(&mut self, missed: &[ExtentId], hints: &[StreamHint], room: u32, record: &Record) -> Vec<ExtentId> {
+    pub fn predict(
+        &mut self,
+        missed: &[ExtentId],
+        hints: &[StreamHint],
+        room: u32,
+        record: &Record,
+    ) -> Vec<ExtentId> {
         let limit = record.extent_count();
         let missed_set: BTreeSet<ExtentId> = missed.iter().copied().collect();
         let mut out: Vec<ExtentId> = Vec::new();
@@ -302,7 +343,10 @@ mod tests {
     use super::*;
 
     fn cfg(kind: PredictorKind) -> PredictorConfig {
-        PredictorConfig { kind, ..PredictorConfig::default() }
+        PredictorConfig {
+            kind,
+            ..PredictorConfig::default()
+        }
     }
 
     #[test]
@@ -324,9 +368,15 @@ mod tests {
 
     #[test]
     fn k_next_is_claim_19() {
-        let mut p = Predictor::new(PredictorConfig { k_next: 3, ..cfg(PredictorKind::KNext) });
+        let mut p = Predictor::new(PredictorConfig {
+            k_next: 3,
+            ..cfg(PredictorKind::KNext)
+        });
         let r = Record::new(100);
-        assert_eq!(p.predict(&[ExtentId(5)], &[], 100, &r), vec![ExtentId(6), ExtentId(7), ExtentId(8)]);
+        assert_eq!(
+            p.predict(&[ExtentId(5)], &[], 100, &r),
+            vec![ExtentId(6), ExtentId(7), ExtentId(8)]
+        );
         // Room bounds it, and the volume end clips it.
         assert_eq!(p.predict(&[ExtentId(5)], &[], 1, &r), vec![ExtentId(6)]);
         assert_eq!(p.predict(&[ExtentId(98)], &[], 100, &r), vec![ExtentId(99)]);
@@ -336,9 +386,27 @@ mod tests {
     fn adaptive_follows_a_stride_and_grows_with_confidence() {
         let mut p = Predictor::new(cfg(PredictorKind::Adaptive));
         let r = Record::new(10_000);
-        let short = p.predict(&[ExtentId(30)], &[StreamHint { last: 30, stride: 3, run: 1 }], 1000, &r);
+        let short = p.predict(
+            &[ExtentId(30)],
+            &[StreamHint {
+                last: 30,
+                stride: 3,
+                run: 1,
+            }],
+            1000,
+            &r,
+        );
         assert_eq!(&short[..3], &[ExtentId(33), ExtentId(36), ExtentId(39)]);
-        let long = p.predict(&[ExtentId(30)], &[StreamHint { last: 30, stride: 3, run: 6 }], 1000, &r);
+        let long = p.predict(
+            &[ExtentId(30)],
+            &[StreamHint {
+                last: 30,
+                stride: 3,
+                run: 6,
+            }],
+            1000,
+            &r,
+        );
         assert!(long.len() > short.len());
         assert!(long.len() <= 64 + 1);
     }
@@ -350,7 +418,16 @@ mod tests {
         for e in 11..20 {
             r.insert(ExtentId(e), Generation(1));
         }
-        let got = p.predict(&[], &[StreamHint { last: 10, stride: 1, run: 1 }], 100, &r);
+        let got = p.predict(
+            &[],
+            &[StreamHint {
+                last: 10,
+                stride: 1,
+                run: 1,
+            }],
+            100,
+            &r,
+        );
         assert_eq!(got.first(), Some(&ExtentId(20)));
     }
 

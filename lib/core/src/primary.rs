@@ -16,7 +16,9 @@
 
 use crate::action::{Action, HostError};
 use crate::config::{CoreConfig, FlushPolicy, LagPolicy, Mode};
-use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, Role, Stream, StreamHint, MAX_LIST_LEN};
+use crate::frame::{
+    Apply, Eviction, Frame, LinkLossPolicy, Role, Stream, StreamHint, MAX_LIST_LEN,
+};
 use crate::geometry::Geometry;
 use crate::ids::{Epoch, ExtentId, Generation, RequestId, Seq, Token};
 use crate::op::WriteOp;
@@ -76,7 +78,7 @@ struct Dispatched {
     extents: Range<u64>,
     local_done: bool,
     fua: bool,
-    hit: bool,
+    at: Time,
 }
 
 #[derive(Clone, Debug)]
@@ -232,7 +234,11 @@ impl Primary {
             actions: VecDeque::new(),
             stats: PrimaryStats::default(),
         };
-        p.persist(PersistKind::Start, Vec::new(), vec![StoreWrite::Meta(Meta::Incarnation(incarnation))]);
+        p.persist(
+            PersistKind::Start,
+            Vec::new(),
+            vec![StoreWrite::Meta(Meta::Incarnation(incarnation))],
+        );
         p.refresh_stats();
         p
     }
@@ -295,8 +301,15 @@ impl Primary {
         if self.resend_record_on_snapshot {
             set.extend(self.copy.iter().map(|(e, _)| e));
         }
-        let bytes = set.iter().map(|e| self.geo.extent_range(*e).end - self.geo.extent_range(*e).start).sum();
-        FailbackPlan { extents: set.into_iter().collect(), bytes, lag_bytes: self.buffer_bytes }
+        let bytes = set
+            .iter()
+            .map(|e| self.geo.extent_range(*e).end - self.geo.extent_range(*e).start)
+            .sum();
+        FailbackPlan {
+            extents: set.into_iter().collect(),
+            bytes,
+            lag_bytes: self.buffer_bytes,
+        }
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -307,16 +320,31 @@ impl Primary {
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t: Option<Time> = None;
         let mut at = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
-        let degrade = self.cfg.mode == Mode::Predictive && self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link != LinkState::Up;
+        let degrade = self.cfg.mode == Mode::Predictive
+            && self.cfg.on_link_loss == LinkLossPolicy::Degrade
+            && self.link == LinkState::Down;
+        let degrade_from = self.link_changed + self.cfg.record_update_timeout;
         for w in self.waiting.values() {
             if degrade && !w.degraded {
-                at(w.arrived + self.cfg.record_update_timeout);
+                at((w.arrived + self.cfg.record_update_timeout).max(degrade_from));
             } else if !degrade {
                 at(w.arrived + self.cfg.link_loss_deadline);
             }
         }
         for f in &self.flushes {
             at(f.arrived + self.cfg.link_loss_deadline);
+        }
+        let remote_flush = self.cfg.flush_policy == FlushPolicy::Remote;
+        let degrade_any =
+            self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link == LinkState::Down;
+        for d in self.dispatched.values() {
+            if self.cfg.mode == Mode::Sync || (d.fua && remote_flush) {
+                at(if degrade_any {
+                    (d.at + self.cfg.record_update_timeout).max(degrade_from)
+                } else {
+                    d.at + self.cfg.link_loss_deadline
+                });
+            }
         }
         if let Some(since) = self.evictions_since {
             at(since + self.cfg.eviction_idle_delay);
@@ -350,7 +378,19 @@ impl Primary {
         self.consider_pre_extension(obs.stream);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
-        self.waiting.insert(arrival, Waiting { request, op, fua, arrived: now, extents, hint: obs.hint, counted_miss: false, degraded: false });
+        self.waiting.insert(
+            arrival,
+            Waiting {
+                request,
+                op,
+                fua,
+                arrived: now,
+                extents,
+                hint: obs.hint,
+                counted_miss: false,
+                degraded: false,
+            },
+        );
         self.progress(now);
     }
 
@@ -359,7 +399,11 @@ impl Primary {
             self.ack(request, Err(HostError::Fenced));
             return;
         }
-        self.flushes.push(Flush { request, through: self.last_dispatched(), arrived: now });
+        self.flushes.push(Flush {
+            request,
+            through: self.last_dispatched(),
+            arrived: now,
+        });
         self.request_sync(now);
         self.progress(now);
     }
@@ -414,7 +458,9 @@ impl Primary {
     // ----- media and store reports -----
 
     pub fn handle_local_write_done(&mut self, now: Time, token: Token, ok: bool) {
-        let Some(seq) = self.tokens.remove(&token) else { return };
+        let Some(seq) = self.tokens.remove(&token) else {
+            return;
+        };
         if let Some(d) = self.dispatched.get_mut(&seq) {
             d.local_done = true;
             let extents = d.extents.clone();
@@ -449,14 +495,20 @@ impl Primary {
     }
 
     pub fn handle_read_done(&mut self, now: Time, token: Token, data: Bytes) {
-        let Some(e) = self.reading.remove(&token) else { return };
+        let Some(e) = self.reading.remove(&token) else {
+            return;
+        };
         let range = self.geo.extent_range(e);
         let mut off = range.start;
         while off < range.end {
             let len = (range.end - off).min(RESYNC_CHUNK_BYTES);
             let start = (off - range.start) as usize;
             let chunk = data.slice(start.min(data.len())..(start + len as usize).min(data.len()));
-            let op = if chunk.len() as u64 == len { WriteOp::data(off, chunk) } else { WriteOp::zero(off, len) };
+            let op = if chunk.len() as u64 == len {
+                WriteOp::data(off, chunk)
+            } else {
+                WriteOp::zero(off, len)
+            };
             let seq = self.dispatch_item(Apply::Write(op));
             self.mark_dirty(e, seq);
             self.stats.resync_bytes_copied += len;
@@ -467,7 +519,9 @@ impl Primary {
     }
 
     pub fn handle_persisted(&mut self, now: Time, token: Token) {
-        let Some((kind, extents)) = self.persists.remove(&token) else { return };
+        let Some((kind, extents)) = self.persists.remove(&token) else {
+            return;
+        };
         match kind {
             PersistKind::Start => {
                 if self.phase == Phase::Starting {
@@ -486,7 +540,9 @@ impl Primary {
                 self.wrote_alone_persisting = false;
             }
             PersistKind::Demote => {
-                self.actions.push_back(Action::RoleChanged { role: Role::Secondary });
+                self.actions.push_back(Action::RoleChanged {
+                    role: Role::Secondary,
+                });
                 return;
             }
         }
@@ -503,7 +559,9 @@ impl Primary {
             volume_bytes: self.geo.volume_bytes(),
             extent_bytes: self.geo.extent_bytes(),
             on_link_loss: self.cfg.on_link_loss,
-            authoritative: self.cfg.mode == Mode::Predictive && self.local_dirty.is_empty() && self.dirty_persisting.is_empty(),
+            authoritative: self.cfg.mode == Mode::Predictive
+                && self.local_dirty.is_empty()
+                && self.dirty_persisting.is_empty(),
             wrote_alone: self.wrote_alone,
         };
         self.send(Stream::Control, hello);
@@ -527,7 +585,15 @@ impl Primary {
             self.refuse("invalid frame");
             return;
         }
-        if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, wrote_alone, .. } = frame {
+        if let Frame::Hello {
+            epoch,
+            role,
+            volume_bytes,
+            extent_bytes,
+            wrote_alone,
+            ..
+        } = frame
+        {
             self.on_hello(now, epoch, role, volume_bytes, extent_bytes, wrote_alone);
             return;
         }
@@ -539,7 +605,11 @@ impl Primary {
             return;
         }
         match frame {
-            Frame::Welcome { applied, authoritative, .. } if self.link == LinkState::Handshake => {
+            Frame::Welcome {
+                applied,
+                authoritative,
+                ..
+            } if self.link == LinkState::Handshake => {
                 self.peer_applied_at_welcome = applied;
                 self.peer_authoritative = authoritative;
             }
@@ -551,19 +621,30 @@ impl Primary {
                 }
             }
             Frame::DivergentChunk { extents, .. } if self.link == LinkState::Handshake => {
-                let list: Vec<ExtentId> = from_runs(&extents).filter(|e| self.geo.contains(*e)).collect();
+                let list: Vec<ExtentId> = from_runs(&extents)
+                    .filter(|e| self.geo.contains(*e))
+                    .collect();
                 if !list.is_empty() {
                     self.peer_save_aside = true;
                     self.needs_copy.extend(list.iter().copied());
                     self.add_local_dirty(list);
                 }
             }
-            Frame::SnapshotEnd { .. } if self.link == LinkState::Handshake => self.on_snapshot_end(now),
-            Frame::RecordAnswer { id, generation, added, .. } => self.on_answer(now, id, generation, &added),
+            Frame::SnapshotEnd { .. } if self.link == LinkState::Handshake => {
+                self.on_snapshot_end(now)
+            }
+            Frame::RecordAnswer {
+                id,
+                generation,
+                added,
+                ..
+            } => self.on_answer(now, id, generation, &added),
             Frame::Applied { through, .. } => self.on_applied(now, through),
             Frame::Refused { reason, .. } => {
                 self.stats.frames_refused += 1;
-                self.actions.push_back(Action::Disconnect { reason: format!("peer refused: {reason:?}") });
+                self.actions.push_back(Action::Disconnect {
+                    reason: format!("peer refused: {reason:?}"),
+                });
             }
             other => {
                 self.stats.frames_refused += 1;
@@ -582,7 +663,7 @@ impl Primary {
             let missing = !self.covered(&w.extents);
             // Degrade is for a lost link only. A live link with a slow secondary keeps the write
             // waiting: the secondary could not learn of the degrade before this site failed.
-            let may_degrade = self.cfg.mode == Mode::Predictive && self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link != LinkState::Up;
+            let may_degrade = self.cfg.mode == Mode::Predictive && self.may_degrade_now(now);
             if may_degrade {
                 if age >= self.cfg.record_update_timeout && missing && !w.degraded {
                     degrade.push(*k);
@@ -614,19 +695,33 @@ impl Primary {
         if !to_dirty.is_empty() {
             self.add_local_dirty(to_dirty.into_iter().collect());
         }
-        let expired: Vec<usize> = (0..self.flushes.len()).filter(|&i| now.since(self.flushes[i].arrived) >= self.cfg.link_loss_deadline).collect();
+        let expired: Vec<usize> = (0..self.flushes.len())
+            .filter(|&i| now.since(self.flushes[i].arrived) >= self.cfg.link_loss_deadline)
+            .collect();
         for i in expired.into_iter().rev() {
             let f = self.flushes.remove(i);
             self.ack(f.request, Err(HostError::LinkDown));
         }
         if let Some(since) = self.evictions_since {
-            if now.since(since) >= self.cfg.eviction_idle_delay && self.link == LinkState::Up && !self.pending_evictions.is_empty() {
+            if now.since(since) >= self.cfg.eviction_idle_delay
+                && self.link == LinkState::Up
+                && !self.pending_evictions.is_empty()
+            {
                 let evictions = std::mem::take(&mut self.pending_evictions);
                 self.evictions_since = None;
-                self.send(Stream::Control, Frame::Evict { epoch: self.epoch, evictions });
+                self.send(
+                    Stream::Control,
+                    Frame::Evict {
+                        epoch: self.epoch,
+                        evictions,
+                    },
+                );
             }
         }
-        if self.sync_inflight.is_none() && self.sync_would_help() && now.since(self.last_sync) >= self.cfg.local_sync_interval {
+        if self.sync_inflight.is_none()
+            && self.sync_would_help()
+            && now.since(self.last_sync) >= self.cfg.local_sync_interval
+        {
             self.request_sync(now);
         }
         self.progress(now);
@@ -646,7 +741,7 @@ impl Primary {
         self.send_record_update(now);
         self.drive_resync();
         self.ship();
-        self.finish_writes();
+        self.finish_writes(now);
         self.finish_flushes();
         self.undirty();
         self.maybe_clear_wrote_alone();
@@ -657,7 +752,8 @@ impl Primary {
     fn covered(&self, extents: &Range<u64>) -> bool {
         extents.clone().all(|e| {
             let e = ExtentId(e);
-            self.local_dirty.contains(&e) || (self.cfg.mode == Mode::Predictive && self.copy.contains(e))
+            self.local_dirty.contains(&e)
+                || (self.cfg.mode == Mode::Predictive && self.copy.contains(e))
         })
     }
 
@@ -672,7 +768,10 @@ impl Primary {
             if !self.covered(&w.extents) {
                 continue;
             }
-            if w.extents.clone().any(|e| self.reading.values().any(|r| r.0 == e)) {
+            if w.extents
+                .clone()
+                .any(|e| self.reading.values().any(|r| r.0 == e))
+            {
                 continue;
             }
             if self.buffer_bytes >= self.cfg.max_lag_bytes {
@@ -685,7 +784,11 @@ impl Primary {
                 // peer may never see reaches media.
                 if !self.wrote_alone_persisting {
                     self.wrote_alone_persisting = true;
-                    self.persist(PersistKind::WroteAlone(true), Vec::new(), vec![StoreWrite::Meta(Meta::WroteAlone(true))]);
+                    self.persist(
+                        PersistKind::WroteAlone(true),
+                        Vec::new(),
+                        vec![StoreWrite::Meta(Meta::WroteAlone(true))],
+                    );
                 }
                 break;
             }
@@ -695,8 +798,7 @@ impl Primary {
     }
 
     fn dispatch_write(&mut self, _now: Time, w: Waiting) {
-        let hit = !w.counted_miss;
-        if hit {
+        if !w.counted_miss {
             self.stats.hits += 1;
         }
         for e in w.extents.clone() {
@@ -712,8 +814,21 @@ impl Primary {
         }
         let token = self.token();
         self.tokens.insert(token, seq);
-        self.dispatched.insert(seq, Dispatched { request: w.request, extents: w.extents.clone(), local_done: false, fua: w.fua, hit });
-        self.actions.push_back(Action::LocalWrite { token, seq, op: w.op });
+        self.dispatched.insert(
+            seq,
+            Dispatched {
+                request: w.request,
+                extents: w.extents.clone(),
+                local_done: false,
+                fua: w.fua,
+                at: _now,
+            },
+        );
+        self.actions.push_back(Action::LocalWrite {
+            token,
+            seq,
+            op: w.op,
+        });
         if w.fua {
             self.request_sync(_now);
         }
@@ -753,7 +868,10 @@ impl Primary {
     }
 
     fn is_clean(&self, e: ExtentId) -> bool {
-        !self.dirty.contains_key(&e) && !self.needs_copy.contains(&e) && !self.reading.values().any(|r| *r == e) && !self.local_busy.contains_key(&e)
+        !self.dirty.contains_key(&e)
+            && !self.needs_copy.contains(&e)
+            && !self.reading.values().any(|r| *r == e)
+            && !self.local_busy.contains_key(&e)
     }
 
     /// Misses: ask the secondary to record them, or cover them locally.
@@ -778,7 +896,10 @@ impl Primary {
                 .extents
                 .clone()
                 .map(ExtentId)
-                .filter(|e| !self.local_dirty.contains(e) && !(self.cfg.mode == Mode::Predictive && self.copy.contains(*e)))
+                .filter(|e| {
+                    !self.local_dirty.contains(e)
+                        && !(self.cfg.mode == Mode::Predictive && self.copy.contains(*e))
+                })
                 .collect();
             match self.cfg.mode {
                 Mode::Predictive => {
@@ -791,7 +912,11 @@ impl Primary {
                         }
                     }
                 }
-                Mode::Async | Mode::Sync => local.extend(missing.into_iter().filter(|e| !self.dirty_persisting.contains(e))),
+                Mode::Async | Mode::Sync => local.extend(
+                    missing
+                        .into_iter()
+                        .filter(|e| !self.dirty_persisting.contains(e)),
+                ),
             }
         }
         for h in hints {
@@ -807,12 +932,23 @@ impl Primary {
     /// Requested extents not yet sent: `requested` holds both these and those in flight, and
     /// the ones in flight are exactly those named by `updates`.
     fn pending_miss(&self) -> Vec<ExtentId> {
-        let inflight: BTreeSet<ExtentId> = self.updates.values().flat_map(|u| u.missed.iter().copied()).collect();
-        self.requested.iter().copied().filter(|e| !inflight.contains(e)).collect()
+        let inflight: BTreeSet<ExtentId> = self
+            .updates
+            .values()
+            .flat_map(|u| u.missed.iter().copied())
+            .collect();
+        self.requested
+            .iter()
+            .copied()
+            .filter(|e| !inflight.contains(e))
+            .collect()
     }
 
     fn add_local_dirty(&mut self, extents: Vec<ExtentId>) {
-        let new: Vec<ExtentId> = extents.into_iter().filter(|e| !self.local_dirty.contains(e) && !self.dirty_persisting.contains(e)).collect();
+        let new: Vec<ExtentId> = extents
+            .into_iter()
+            .filter(|e| !self.local_dirty.contains(e) && !self.dirty_persisting.contains(e))
+            .collect();
         if new.is_empty() {
             return;
         }
@@ -833,8 +969,15 @@ impl Primary {
             missed.truncate(MAX_LIST_LEN);
             let reserved: u64 = self.updates.values().map(|u| u.reserved).sum();
             let used = self.copy.len() as u64 + reserved + missed.len() as u64;
-            let room = self.cfg.record_capacity_extents.saturating_sub(used).min(u32::MAX as u64) as u32;
-            let hints: Vec<StreamHint> = std::mem::take(&mut self.pending_hints).into_iter().take(MAX_LIST_LEN).collect();
+            let room = self
+                .cfg
+                .record_capacity_extents
+                .saturating_sub(used)
+                .min(u32::MAX as u64) as u32;
+            let hints: Vec<StreamHint> = std::mem::take(&mut self.pending_hints)
+                .into_iter()
+                .take(MAX_LIST_LEN)
+                .collect();
             if missed.is_empty() && room == 0 {
                 // A pre-extension with no room would add nothing.
                 return;
@@ -847,30 +990,73 @@ impl Primary {
                 self.stats.pre_extensions_sent += 1;
             }
             self.stats.record_updates_sent += 1;
-            self.updates.insert(id, Update { missed: missed.clone(), reserved: missed.len() as u64 + room as u64, sent_at: now });
-            self.send(Stream::Control, Frame::RecordUpdate { epoch: self.epoch, id, missed: to_runs(missed), hints, room, evictions });
+            self.updates.insert(
+                id,
+                Update {
+                    missed: missed.clone(),
+                    reserved: missed.len() as u64 + room as u64,
+                    sent_at: now,
+                },
+            );
+            self.send(
+                Stream::Control,
+                Frame::RecordUpdate {
+                    epoch: self.epoch,
+                    id,
+                    missed: to_runs(missed),
+                    hints,
+                    room,
+                    evictions,
+                },
+            );
         }
     }
 
     fn consider_pre_extension(&mut self, stream: usize) {
-        if self.cfg.mode != Mode::Predictive || self.cfg.predictor.kind != crate::config::PredictorKind::Adaptive {
+        if self.cfg.mode != Mode::Predictive
+            || self.cfg.predictor.kind != crate::config::PredictorKind::Adaptive
+        {
             return;
         }
-        let Some((hint, ahead)) = self.detector.ahead(stream, self.cfg.predictor.pre_extend_within) else { return };
-        let gap = ahead.iter().any(|e| *e < self.geo.extent_count() && !self.copy.contains(ExtentId(*e)) && !self.requested.contains(&ExtentId(*e)));
+        let Some((hint, ahead)) = self
+            .detector
+            .ahead(stream, self.cfg.predictor.pre_extend_within)
+        else {
+            return;
+        };
+        let gap = ahead.iter().any(|e| {
+            *e < self.geo.extent_count()
+                && !self.copy.contains(ExtentId(*e))
+                && !self.requested.contains(&ExtentId(*e))
+        });
         let far = *ahead.last().unwrap_or(&0) as i64;
         let asked = self.detector.asked_through(stream);
-        let beyond = if hint.stride > 0 { far > asked } else { far < asked };
+        let beyond = if hint.stride > 0 {
+            far > asked
+        } else {
+            far < asked
+        };
         if gap && beyond {
-            self.detector.mark_asked(stream, hint.last as i64 + hint.stride * self.cfg.predictor.max_ahead as i64);
+            self.detector.mark_asked(
+                stream,
+                hint.last as i64 + hint.stride * self.cfg.predictor.max_ahead as i64,
+            );
             if !self.pending_hints.contains(&hint) {
                 self.pending_hints.push(hint);
             }
         }
     }
 
-    fn on_answer(&mut self, now: Time, id: u64, generation: Generation, added: &[crate::record::ExtentRun]) {
-        let Some(u) = self.updates.remove(&id) else { return };
+    fn on_answer(
+        &mut self,
+        now: Time,
+        id: u64,
+        generation: Generation,
+        added: &[crate::record::ExtentRun],
+    ) {
+        let Some(u) = self.updates.remove(&id) else {
+            return;
+        };
         if runs_len(added) > self.geo.extent_count() {
             self.refuse("record answer names more extents than the volume has");
             return;
@@ -931,7 +1117,8 @@ impl Primary {
     /// over would never finish if the host outpaces the link.
     fn maybe_lag_resync(&mut self) {
         let full = self.buffer_bytes > self.cfg.max_lag_bytes;
-        let policy = self.cfg.on_lag_full == LagPolicy::Resync || (self.link != LinkState::Up && self.cfg.on_link_loss == LinkLossPolicy::Degrade);
+        let policy = self.cfg.on_lag_full == LagPolicy::Resync
+            || (self.link != LinkState::Up && self.cfg.on_link_loss == LinkLossPolicy::Degrade);
         let resyncing_live = self.resync_running && self.link == LinkState::Up;
         if full && policy && !resyncing_live {
             self.abandon_buffer();
@@ -954,7 +1141,10 @@ impl Primary {
         self.resync_running = true;
         self.resync_end = None;
         self.stats.resyncs_started += 1;
-        self.dispatch_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: true });
+        self.dispatch_item(Apply::ResyncBegin {
+            save_aside: self.peer_save_aside,
+            skip: true,
+        });
         // Seqs that will never be applied must not keep extents dirty forever: the copies
         // shipped by the resync re-mark them.
         self.dirty.clear();
@@ -969,7 +1159,10 @@ impl Primary {
             self.resync_running = true;
             self.resync_end = None;
             self.stats.resyncs_started += 1;
-            self.dispatch_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: false });
+            self.dispatch_item(Apply::ResyncBegin {
+                save_aside: self.peer_save_aside,
+                skip: false,
+            });
         }
         if !self.resync_running {
             return;
@@ -981,12 +1174,17 @@ impl Primary {
             if self.buffer_bytes > 0 && self.buffer_bytes + pending > self.cfg.max_lag_bytes {
                 break;
             }
-            let next = self.needs_copy.iter().copied().find(|e| !self.local_busy.contains_key(e));
+            let next = self
+                .needs_copy
+                .iter()
+                .copied()
+                .find(|e| !self.local_busy.contains_key(e));
             let Some(e) = next else { break };
             self.needs_copy.remove(&e);
             let token = self.token();
             self.reading.insert(token, e);
-            self.actions.push_back(Action::ReadExtent { token, extent: e });
+            self.actions
+                .push_back(Action::ReadExtent { token, extent: e });
         }
         if self.needs_copy.is_empty() && self.reading.is_empty() && self.resync_end.is_none() {
             let end = self.dispatch_item(Apply::ResyncEnd);
@@ -1000,8 +1198,14 @@ impl Primary {
         }
         let lanes = self.cfg.data_lanes.max(1) as u64;
         loop {
-            let inflight: u64 = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
-            let Some((seq, item)) = self.buffer.range(self.ship_next..).next() else { break };
+            let inflight: u64 = self
+                .buffer
+                .range(..self.ship_next)
+                .map(|(_, i)| item_bytes(i))
+                .sum();
+            let Some((seq, item)) = self.buffer.range(self.ship_next..).next() else {
+                break;
+            };
             let bytes = item_bytes(item);
             // The window may be exceeded only by a single item sent when nothing is in flight;
             // the secondary's reorder buffer is sized for that (see `CoreConfig::validate`).
@@ -1010,28 +1214,58 @@ impl Primary {
             }
             let (seq, apply) = (*seq, item.clone());
             self.ship_next = seq.next();
-            self.send(Stream::Data((seq.0 % lanes) as u8), Frame::Data { epoch: self.epoch, seq, apply });
+            self.send(
+                Stream::Data((seq.0 % lanes) as u8),
+                Frame::Data {
+                    epoch: self.epoch,
+                    seq,
+                    apply,
+                },
+            );
         }
     }
 
-    fn finish_writes(&mut self) {
+    /// Acknowledges writes whose every condition holds. A write that also waits for the
+    /// peer's apply (sync mode, or FUA with remote flushes) follows the link-loss policy when
+    /// the link is down: `degrade` acknowledges it after the record-update timeout (its extents
+    /// are in the durable local dirty map), `block` fails it after the deadline.
+    fn finish_writes(&mut self, now: Time) {
         let remote_flush = self.cfg.flush_policy == FlushPolicy::Remote;
-        let done: Vec<Seq> = self
-            .dispatched
-            .iter()
-            .filter(|(seq, d)| {
-                d.local_done
-                    && (!d.fua || self.local_synced >= **seq)
-                    && (self.cfg.mode != Mode::Sync || self.applied_ack >= **seq)
-                    && (!(d.fua && remote_flush) || self.applied_ack >= **seq)
-            })
-            .map(|(s, _)| *s)
-            .collect();
-        for seq in done {
-            let d = self.dispatched.remove(&seq).expect("present");
-            let _ = d.hit;
-            self.ack(d.request, Ok(()));
+        let degrade = self.may_degrade_now(now);
+        let mut done: Vec<(Seq, Result<(), HostError>)> = Vec::new();
+        for (seq, d) in &self.dispatched {
+            if !d.local_done || (d.fua && self.local_synced < *seq) {
+                continue;
+            }
+            let needs_remote = self.cfg.mode == Mode::Sync || (d.fua && remote_flush);
+            let age = now.since(d.at);
+            if !needs_remote || self.applied_ack >= *seq {
+                done.push((*seq, Ok(())));
+            } else if degrade
+                && age >= self.cfg.record_update_timeout
+                && self.extents_locally_covered(&d.extents)
+            {
+                done.push((*seq, Ok(())));
+            } else if age >= self.cfg.link_loss_deadline {
+                done.push((*seq, Err(HostError::ReplicationTimeout)));
+            }
         }
+        for (seq, result) in done {
+            let d = self.dispatched.remove(&seq).expect("present");
+            if result.is_ok() && self.cfg.mode == Mode::Sync && self.applied_ack < seq {
+                self.stats.degraded_writes += 1;
+            }
+            if result.is_err() {
+                self.stats.failed_writes += 1;
+            }
+            self.ack(d.request, result);
+        }
+    }
+
+    fn extents_locally_covered(&self, extents: &Range<u64>) -> bool {
+        extents
+            .clone()
+            .all(|e| self.local_dirty.contains(&ExtentId(e)))
     }
 
     fn finish_flushes(&mut self) {
@@ -1049,7 +1283,10 @@ impl Primary {
     }
 
     fn sync_would_help(&self) -> bool {
-        self.dirty_by_seq.keys().next().is_some_and(|s| *s <= self.applied_ack && *s > self.local_synced)
+        self.dirty_by_seq
+            .keys()
+            .next()
+            .is_some_and(|s| *s <= self.applied_ack && *s > self.local_synced)
     }
 
     fn request_sync(&mut self, now: Time) {
@@ -1086,7 +1323,8 @@ impl Primary {
                 break;
             }
             #[cfg(feature = "mutations")]
-            let clean = crate::mutations::evict_dirty() || members.iter().all(|e| self.is_clean(*e));
+            let clean =
+                crate::mutations::evict_dirty() || members.iter().all(|e| self.is_clean(*e));
             #[cfg(not(feature = "mutations"))]
             let clean = members.iter().all(|e| self.is_clean(*e));
             if clean {
@@ -1095,14 +1333,21 @@ impl Primary {
             }
         }
         for g in victims {
-            let members: Vec<ExtentId> = self.copy.members_of(g).map(|m| m.iter().copied().collect()).unwrap_or_default();
+            let members: Vec<ExtentId> = self
+                .copy
+                .members_of(g)
+                .map(|m| m.iter().copied().collect())
+                .unwrap_or_default();
             for e in &members {
                 self.copy.remove(*e);
                 self.predicted.remove(e);
             }
             self.stats.evicted_extents += members.len() as u64;
             self.stats.evicted_generations += 1;
-            self.pending_evictions.push(Eviction { generation: g, extents: to_runs(members) });
+            self.pending_evictions.push(Eviction {
+                generation: g,
+                extents: to_runs(members),
+            });
             if self.evictions_since.is_none() {
                 self.evictions_since = Some(now);
             }
@@ -1114,7 +1359,12 @@ impl Primary {
         if self.link != LinkState::Up || self.local_dirty.is_empty() {
             return;
         }
-        let clean: Vec<ExtentId> = self.local_dirty.iter().copied().filter(|e| self.is_clean(*e) && !self.dirty_persisting.contains(e)).collect();
+        let clean: Vec<ExtentId> = self
+            .local_dirty
+            .iter()
+            .copied()
+            .filter(|e| self.is_clean(*e) && !self.dirty_persisting.contains(e))
+            .collect();
         if clean.is_empty() {
             return;
         }
@@ -1128,9 +1378,19 @@ impl Primary {
     }
 
     fn maybe_clear_wrote_alone(&mut self) {
-        if self.wrote_alone && !self.wrote_alone_persisting && self.link == LinkState::Up && self.applied_ack >= self.up_seq && !self.resync_in_progress() && self.local_dirty.is_empty() {
+        if self.wrote_alone
+            && !self.wrote_alone_persisting
+            && self.link == LinkState::Up
+            && self.applied_ack >= self.up_seq
+            && !self.resync_in_progress()
+            && self.local_dirty.is_empty()
+        {
             self.wrote_alone_persisting = true;
-            self.persist(PersistKind::WroteAlone(false), Vec::new(), vec![StoreWrite::Meta(Meta::WroteAlone(false))]);
+            self.persist(
+                PersistKind::WroteAlone(false),
+                Vec::new(),
+                vec![StoreWrite::Meta(Meta::WroteAlone(false))],
+            );
         }
     }
 
@@ -1140,7 +1400,10 @@ impl Primary {
             && self.cfg.mode == Mode::Predictive
             && self.local_dirty.is_empty()
             && self.dirty_persisting.is_empty()
-            && !self.persists.values().any(|(k, _)| *k == PersistKind::Undirty)
+            && !self
+                .persists
+                .values()
+                .any(|(k, _)| *k == PersistKind::Undirty)
         {
             self.peer_authoritative = true;
             self.send(Stream::Control, Frame::Authoritative { epoch: self.epoch });
@@ -1149,9 +1412,23 @@ impl Primary {
 
     // ----- internals: handshake and fencing -----
 
-    fn on_hello(&mut self, now: Time, epoch: Epoch, role: Role, volume_bytes: u64, extent_bytes: u64, wrote_alone: bool) {
+    fn on_hello(
+        &mut self,
+        now: Time,
+        epoch: Epoch,
+        role: Role,
+        volume_bytes: u64,
+        extent_bytes: u64,
+        wrote_alone: bool,
+    ) {
         if volume_bytes != self.geo.volume_bytes() || extent_bytes != self.geo.extent_bytes() {
-            self.send(Stream::Control, Frame::Refused { epoch: self.epoch, reason: crate::frame::Refusal::Geometry });
+            self.send(
+                Stream::Control,
+                Frame::Refused {
+                    epoch: self.epoch,
+                    reason: crate::frame::Refusal::Geometry,
+                },
+            );
             self.refuse("peer volume geometry differs");
             return;
         }
@@ -1167,7 +1444,13 @@ impl Primary {
                 // secondary on a new connection.
             }
             Role::Primary => {
-                self.send(Stream::Control, Frame::Refused { epoch: self.epoch, reason: crate::frame::Refusal::Roles });
+                self.send(
+                    Stream::Control,
+                    Frame::Refused {
+                        epoch: self.epoch,
+                        reason: crate::frame::Refusal::Roles,
+                    },
+                );
                 self.refuse("two primaries in one epoch");
             }
         }
@@ -1198,7 +1481,14 @@ impl Primary {
         let first = self.buffer.keys().next().copied();
         match first {
             Some(f) if f <= from => self.ship_next = from.max(self.applied_ack.next()),
-            Some(f) if matches!(self.buffer.get(&f), Some(Apply::ResyncBegin { skip: true, .. })) => self.ship_next = f,
+            Some(f)
+                if matches!(
+                    self.buffer.get(&f),
+                    Some(Apply::ResyncBegin { skip: true, .. })
+                ) =>
+            {
+                self.ship_next = f
+            }
             None if from >= self.next_seq => self.ship_next = self.next_seq,
             _ => {
                 // The peer needs items this site no longer holds: resync instead.
@@ -1207,7 +1497,13 @@ impl Primary {
         }
         // The peer's applied position may be ahead of what it has acknowledged to us.
         let applied = self.peer_applied_at_welcome.min(self.last_dispatched());
-        if applied > self.applied_ack && self.buffer.keys().next().is_some_and(|f| *f <= applied.next()) {
+        if applied > self.applied_ack
+            && self
+                .buffer
+                .keys()
+                .next()
+                .is_some_and(|f| *f <= applied.next())
+        {
             self.on_applied(Time::ZERO, applied);
         }
     }
@@ -1241,20 +1537,43 @@ impl Primary {
             batch.push(StoreWrite::Meta(Meta::WroteAlone(true)));
         }
         // Extents written here but possibly unknown to the new primary's failback set.
-        let extra: Vec<StoreWrite> = self.dirty.keys().filter(|e| !self.local_dirty.contains(e)).map(|e| StoreWrite::PutDirty(*e)).collect();
+        let extra: Vec<StoreWrite> = self
+            .dirty
+            .keys()
+            .filter(|e| !self.local_dirty.contains(e))
+            .map(|e| StoreWrite::PutDirty(*e))
+            .collect();
         batch.extend(extra);
         self.persist(PersistKind::Demote, Vec::new(), batch);
-        self.actions.push_back(Action::Disconnect { reason: format!("fenced by epoch {}", newer.0) });
+        self.actions.push_back(Action::Disconnect {
+            reason: format!("fenced by epoch {}", newer.0),
+        });
     }
 
     fn refuse(&mut self, reason: &str) {
         self.stats.frames_refused += 1;
-        self.actions.push_back(Action::Disconnect { reason: reason.to_string() });
+        self.actions.push_back(Action::Disconnect {
+            reason: reason.to_string(),
+        });
     }
 
+    /// `link_changed` marks when the connection last appeared or disappeared: the link-loss
+    /// clock. Both sites see a connection drop within the detection skew, which is what lets
+    /// the secondary give up authority before this site may degrade.
     fn set_link(&mut self, now: Time, state: LinkState) {
+        if (self.link == LinkState::Down) != (state == LinkState::Down) {
+            self.link_changed = now;
+        }
         self.link = state;
-        self.link_changed = now;
+    }
+
+    /// Degrade applies only with no connection at all, for at least the record-update timeout.
+    /// While connected (even mid-handshake or split-brain hold) the secondary believes itself
+    /// in contact and keeps its record's authority, so degrading would leave it unaware.
+    fn may_degrade_now(&self, now: Time) -> bool {
+        self.cfg.on_link_loss == LinkLossPolicy::Degrade
+            && self.link == LinkState::Down
+            && now.since(self.link_changed) >= self.cfg.record_update_timeout
     }
 
     // ----- small helpers -----
@@ -1281,7 +1600,11 @@ impl Primary {
 
     fn refresh_stats(&mut self) {
         let dispatched = self.last_dispatched().0;
-        let inflight = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
+        let inflight = self
+            .buffer
+            .range(..self.ship_next)
+            .map(|(_, i)| item_bytes(i))
+            .sum();
         let s = &mut self.stats;
         s.record_len = self.copy.len() as u64;
         s.record_generations = self.copy.generation_count() as u64;

@@ -15,7 +15,10 @@
 
 use crate::action::Action;
 use crate::config::CoreConfig;
-use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Role, Stream, StreamHint, MAX_LIST_LEN};
+use crate::frame::{
+    Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Role, Stream, StreamHint,
+    MAX_LIST_LEN,
+};
 use crate::geometry::Geometry;
 use crate::ids::{Epoch, ExtentId, Generation, Seq, Token};
 use crate::predict::Predictor;
@@ -28,7 +31,13 @@ use thiserror::Error;
 
 #[derive(Clone, Debug)]
 enum Queued {
-    Update { id: u64, missed: Vec<ExtentId>, hints: Vec<StreamHint>, room: u32, evictions: Vec<Eviction> },
+    Update {
+        id: u64,
+        missed: Vec<ExtentId>,
+        hints: Vec<StreamHint>,
+        room: u32,
+        evictions: Vec<Eviction>,
+    },
     Evict(Vec<Eviction>),
 }
 
@@ -45,7 +54,11 @@ enum PersistKind {
     /// Durable "inconsistent" at start, when media may be ahead of the stored position.
     CatchUp,
     /// Applied position; "consistent" again when a resync ended or a catch-up completed.
-    Applied { through: Seq, consistent: bool, resynced: bool },
+    Applied {
+        through: Seq,
+        consistent: bool,
+        resynced: bool,
+    },
     Authoritative(bool),
     Promote,
 }
@@ -96,9 +109,11 @@ pub struct Secondary {
     welcomed: bool,
     welcome_due: bool,
     peer_epoch: Option<Epoch>,
-    /// Durable: the primary degrades on link loss, so losing it makes the record
-    /// non-authoritative at once (it may already be writing outside the record).
+    /// Durable: the primary degrades on link loss, so losing it for long makes the record
+    /// non-authoritative (the primary may then be writing outside the record).
     peer_may_degrade: bool,
+    /// When the link to the primary was lost; None while connected.
+    link_down_since: Option<Time>,
     queue: VecDeque<Queued>,
     record_persist: Option<(Token, Record, Vec<Frame>)>,
     reorder: BTreeMap<Seq, Apply>,
@@ -144,6 +159,7 @@ impl Secondary {
             welcome_due: false,
             peer_epoch: None,
             peer_may_degrade: state.peer_may_degrade,
+            link_down_since: None,
             queue: VecDeque::new(),
             record_persist: None,
             reorder: BTreeMap::new(),
@@ -151,7 +167,8 @@ impl Secondary {
             apply_blocked: None,
             save_aside: false,
             saved: BTreeSet::new(),
-            resyncing: false,
+            // Inconsistent at start means a resync (or catch-up) was under way.
+            resyncing: !state.consistent,
             resync_end: None,
             sync_inflight: None,
             applied_persist: None,
@@ -161,14 +178,18 @@ impl Secondary {
             actions: VecDeque::new(),
             stats: SecondaryStats::default(),
         };
-        // Started without a primary that may degrade: it may be writing outside the record.
+        // Started without a primary that may degrade, for an unknown time: it may already be
+        // writing outside the record.
         s.lose_authority();
         if state.apply_high_water > state.applied && state.consistent {
             // Media may hold writes past the stored position: replaying them from there passes
             // through states that never existed, so the image is not a prefix until caught up.
             s.consistent = false;
             s.catch_up_to = Some(state.apply_high_water);
-            s.persist(PersistKind::CatchUp, vec![StoreWrite::Meta(Meta::Consistent(false))]);
+            s.persist(
+                PersistKind::CatchUp,
+                vec![StoreWrite::Meta(Meta::Consistent(false))],
+            );
         }
         s.refresh_stats();
         s
@@ -203,12 +224,30 @@ impl Secondary {
         self.actions.pop_front()
     }
 
-    /// The secondary has no timers: every decision it makes follows a frame or a report.
+    /// The one timer: when a primary that degrades could first write outside the record.
     pub fn poll_timeout(&self) -> Option<Time> {
-        None
+        match self.link_down_since {
+            Some(since) if self.peer_may_degrade && self.authoritative => {
+                Some(self.authority_deadline(since))
+            }
+            _ => None,
+        }
     }
 
-    pub fn handle_timeout(&mut self, _now: Time) {
+    fn authority_deadline(&self, since: Time) -> Time {
+        since
+            + self
+                .cfg
+                .record_update_timeout
+                .saturating_sub(self.cfg.link_loss_detection_skew)
+    }
+
+    pub fn handle_timeout(&mut self, now: Time) {
+        if let Some(since) = self.link_down_since {
+            if now >= self.authority_deadline(since) {
+                self.lose_authority();
+            }
+        }
         self.progress();
     }
 
@@ -217,7 +256,10 @@ impl Secondary {
     fn lose_authority(&mut self) {
         if self.peer_may_degrade && self.authoritative {
             self.authoritative = false;
-            self.persist(PersistKind::Authoritative(false), vec![StoreWrite::Meta(Meta::Authoritative(false))]);
+            self.persist(
+                PersistKind::Authoritative(false),
+                vec![StoreWrite::Meta(Meta::Authoritative(false))],
+            );
         }
     }
 
@@ -237,11 +279,13 @@ impl Secondary {
     }
 
     pub fn handle_disconnected(&mut self, now: Time) {
-        let _ = now;
         self.connected = false;
         self.welcomed = false;
         self.welcome_due = false;
-        self.lose_authority();
+        self.link_down_since = Some(now);
+        if self.cfg.record_update_timeout <= self.cfg.link_loss_detection_skew {
+            self.lose_authority();
+        }
         // Frames of a dead connection are not answered; the primary resends what matters.
         self.queue.clear();
         self.reorder.clear();
@@ -254,24 +298,63 @@ impl Secondary {
             self.refuse(None, "invalid frame");
             return;
         }
-        if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, on_link_loss, authoritative, .. } = frame {
-            self.on_hello(epoch, role, volume_bytes, extent_bytes, on_link_loss, authoritative);
+        if let Frame::Hello {
+            epoch,
+            role,
+            volume_bytes,
+            extent_bytes,
+            on_link_loss,
+            authoritative,
+            ..
+        } = frame
+        {
+            self.on_hello(
+                epoch,
+                role,
+                volume_bytes,
+                extent_bytes,
+                on_link_loss,
+                authoritative,
+            );
             self.progress();
             return;
         }
         if !self.welcomed || frame.epoch() != self.epoch {
             // Fencing: a frame of another epoch, or before the handshake, is never applied.
-            self.refuse(Some(Refusal::StaleEpoch), &format!("{} frame of epoch {} refused at epoch {}", frame.kind(), frame.epoch().0, self.epoch.0));
+            self.refuse(
+                Some(Refusal::StaleEpoch),
+                &format!(
+                    "{} frame of epoch {} refused at epoch {}",
+                    frame.kind(),
+                    frame.epoch().0,
+                    self.epoch.0
+                ),
+            );
             return;
         }
         match frame {
-            Frame::RecordUpdate { id, missed, hints, room, evictions, .. } => {
-                if runs_len(&missed) > self.geo.extent_count() || from_runs(&missed).any(|e| !self.geo.contains(e)) {
+            Frame::RecordUpdate {
+                id,
+                missed,
+                hints,
+                room,
+                evictions,
+                ..
+            } => {
+                if runs_len(&missed) > self.geo.extent_count()
+                    || from_runs(&missed).any(|e| !self.geo.contains(e))
+                {
                     self.refuse(None, "record update names extents outside the volume");
                     return;
                 }
                 let missed = from_runs(&missed).collect();
-                self.queue.push_back(Queued::Update { id, missed, hints, room, evictions });
+                self.queue.push_back(Queued::Update {
+                    id,
+                    missed,
+                    hints,
+                    room,
+                    evictions,
+                });
             }
             Frame::Evict { evictions, .. } => self.queue.push_back(Queued::Evict(evictions)),
             Frame::Data { seq, apply, .. } => {
@@ -296,15 +379,23 @@ impl Secondary {
             Frame::Authoritative { .. } => {
                 if !self.authoritative {
                     self.authoritative = true;
-                    self.persist(PersistKind::Authoritative(true), vec![StoreWrite::Meta(Meta::Authoritative(true))]);
+                    self.persist(
+                        PersistKind::Authoritative(true),
+                        vec![StoreWrite::Meta(Meta::Authoritative(true))],
+                    );
                 }
             }
             Frame::Refused { reason, .. } => {
                 self.stats.frames_refused += 1;
-                self.actions.push_back(Action::Disconnect { reason: format!("peer refused: {reason:?}") });
+                self.actions.push_back(Action::Disconnect {
+                    reason: format!("peer refused: {reason:?}"),
+                });
             }
             other => {
-                self.refuse(None, &format!("unexpected {} frame at the secondary", other.kind()));
+                self.refuse(
+                    None,
+                    &format!("unexpected {} frame at the secondary", other.kind()),
+                );
                 return;
             }
         }
@@ -312,7 +403,9 @@ impl Secondary {
     }
 
     pub fn handle_persisted(&mut self, _now: Time, token: Token) {
-        let Some(kind) = self.persists.remove(&token) else { return };
+        let Some(kind) = self.persists.remove(&token) else {
+            return;
+        };
         match kind {
             PersistKind::Record => {
                 if let Some((t, work, answers)) = self.record_persist.take() {
@@ -337,7 +430,11 @@ impl Secondary {
                     self.apply_blocked = None;
                 }
             }
-            PersistKind::Applied { through, consistent, resynced } => {
+            PersistKind::Applied {
+                through,
+                consistent,
+                resynced,
+            } => {
                 self.applied_persist = None;
                 self.durable_applied = self.durable_applied.max(through);
                 if consistent {
@@ -352,12 +449,17 @@ impl Secondary {
                     self.saved.clear();
                 }
                 if self.connected && self.welcomed {
-                    self.send(Frame::Applied { epoch: self.epoch, through: self.durable_applied });
+                    self.send(Frame::Applied {
+                        epoch: self.epoch,
+                        through: self.durable_applied,
+                    });
                 }
             }
             PersistKind::Authoritative(_) | PersistKind::CatchUp => {}
             PersistKind::Promote => {
-                self.actions.push_back(Action::RoleChanged { role: Role::Primary });
+                self.actions.push_back(Action::RoleChanged {
+                    role: Role::Primary,
+                });
                 return;
             }
         }
@@ -380,7 +482,14 @@ impl Secondary {
                     batch.push(StoreWrite::Meta(Meta::WroteAlone(false)));
                     batch.extend(self.divergent.iter().map(|e| StoreWrite::DelDirty(*e)));
                 }
-                let token = self.persist(PersistKind::Applied { through, consistent: resynced || caught_up, resynced }, batch);
+                let token = self.persist(
+                    PersistKind::Applied {
+                        through,
+                        consistent: resynced || caught_up,
+                        resynced,
+                    },
+                    batch,
+                );
                 self.applied_persist = Some(token);
             }
         }
@@ -398,7 +507,11 @@ impl Secondary {
         }
         self.promoting = true;
         let new_epoch = self.epoch.next();
-        let mut batch = vec![StoreWrite::Meta(Meta::Epoch(new_epoch)), StoreWrite::Meta(Meta::Role(Role::Primary)), StoreWrite::Meta(Meta::WroteAlone(false))];
+        let mut batch = vec![
+            StoreWrite::Meta(Meta::Epoch(new_epoch)),
+            StoreWrite::Meta(Meta::Role(Role::Primary)),
+            StoreWrite::Meta(Meta::WroteAlone(false)),
+        ];
         batch.extend(self.record.iter().map(|(e, _)| StoreWrite::PutDirty(e)));
         batch.push(StoreWrite::ClearRecord);
         let report = PromoteReport {
@@ -410,14 +523,24 @@ impl Secondary {
         };
         self.persist(PersistKind::Promote, batch);
         if self.connected {
-            self.actions.push_back(Action::Disconnect { reason: format!("promoted to epoch {}", new_epoch.0) });
+            self.actions.push_back(Action::Disconnect {
+                reason: format!("promoted to epoch {}", new_epoch.0),
+            });
         }
         Ok(report)
     }
 
     // ----- internals -----
 
-    fn on_hello(&mut self, epoch: Epoch, role: Role, volume_bytes: u64, extent_bytes: u64, policy: LinkLossPolicy, authoritative: bool) {
+    fn on_hello(
+        &mut self,
+        epoch: Epoch,
+        role: Role,
+        volume_bytes: u64,
+        extent_bytes: u64,
+        policy: LinkLossPolicy,
+        authoritative: bool,
+    ) {
         if volume_bytes != self.geo.volume_bytes() || extent_bytes != self.geo.extent_bytes() {
             self.refuse(Some(Refusal::Geometry), "peer volume geometry differs");
             return;
@@ -427,7 +550,13 @@ impl Secondary {
             return;
         }
         if epoch < self.epoch {
-            self.refuse(Some(Refusal::StaleEpoch), &format!("primary of stale epoch {} (this site is at {})", epoch.0, self.epoch.0));
+            self.refuse(
+                Some(Refusal::StaleEpoch),
+                &format!(
+                    "primary of stale epoch {} (this site is at {})",
+                    epoch.0, self.epoch.0
+                ),
+            );
             return;
         }
         if self.promoting {
@@ -435,6 +564,7 @@ impl Secondary {
             return;
         }
         self.peer_epoch = Some(epoch);
+        self.link_down_since = None;
         let mut batch = Vec::new();
         let degrades = policy == LinkLossPolicy::Degrade;
         if degrades != self.peer_may_degrade {
@@ -476,22 +606,45 @@ impl Secondary {
         }
         self.welcome_due = false;
         self.welcomed = true;
-        self.send(Frame::Welcome { epoch: self.epoch, applied: self.applied, consistent: self.consistent, authoritative: self.authoritative });
+        self.send(Frame::Welcome {
+            epoch: self.epoch,
+            applied: self.applied,
+            consistent: self.consistent,
+            authoritative: self.authoritative,
+        });
         let mut entries: Vec<RecordEntries> = Vec::new();
         for (e, g) in self.record.iter() {
             match entries.last_mut() {
-                Some(last) if last.generation == g && last.run.start + last.run.len as u64 == e.0 && last.run.len < u32::MAX => last.run.len += 1,
-                _ => entries.push(RecordEntries { run: ExtentRun { start: e.0, len: 1 }, generation: g }),
+                Some(last)
+                    if last.generation == g
+                        && last.run.start + last.run.len as u64 == e.0
+                        && last.run.len < u32::MAX =>
+                {
+                    last.run.len += 1
+                }
+                _ => entries.push(RecordEntries {
+                    run: ExtentRun { start: e.0, len: 1 },
+                    generation: g,
+                }),
             }
         }
         for chunk in entries.chunks(MAX_LIST_LEN) {
-            self.send(Frame::RecordChunk { epoch: self.epoch, entries: chunk.to_vec() });
+            self.send(Frame::RecordChunk {
+                epoch: self.epoch,
+                entries: chunk.to_vec(),
+            });
         }
         let runs = to_runs(self.divergent.iter().copied());
         for chunk in runs.chunks(MAX_LIST_LEN) {
-            self.send(Frame::DivergentChunk { epoch: self.epoch, extents: chunk.to_vec() });
+            self.send(Frame::DivergentChunk {
+                epoch: self.epoch,
+                extents: chunk.to_vec(),
+            });
         }
-        self.send(Frame::SnapshotEnd { epoch: self.epoch, record_len: self.record.len() as u64 });
+        self.send(Frame::SnapshotEnd {
+            epoch: self.epoch,
+            record_len: self.record.len() as u64,
+        });
     }
 
     /// Group commit: every queued update and eviction becomes one synced batch.
@@ -502,7 +655,11 @@ impl Secondary {
         let mut work = self.record.clone();
         let mut batch = Vec::new();
         let mut answers = Vec::new();
-        let evict = |work: &mut Record, predictor: &mut Predictor, batch: &mut Vec<StoreWrite>, stats: &mut SecondaryStats, evictions: &[Eviction]| {
+        let evict = |work: &mut Record,
+                     predictor: &mut Predictor,
+                     batch: &mut Vec<StoreWrite>,
+                     stats: &mut SecondaryStats,
+                     evictions: &[Eviction]| {
             for ev in evictions {
                 for e in from_runs(&ev.extents) {
                     if work.remove_if_not_younger(e, ev.generation) {
@@ -515,11 +672,29 @@ impl Secondary {
         };
         while let Some(q) = self.queue.pop_front() {
             match q {
-                Queued::Evict(evictions) => evict(&mut work, &mut self.predictor, &mut batch, &mut self.stats, &evictions),
-                Queued::Update { id, missed, hints, room, evictions } => {
+                Queued::Evict(evictions) => evict(
+                    &mut work,
+                    &mut self.predictor,
+                    &mut batch,
+                    &mut self.stats,
+                    &evictions,
+                ),
+                Queued::Update {
+                    id,
+                    missed,
+                    hints,
+                    room,
+                    evictions,
+                } => {
                     // Evictions first: a piggybacked eviction and a re-add of the same extent
                     // in one frame must leave the extent recorded.
-                    evict(&mut work, &mut self.predictor, &mut batch, &mut self.stats, &evictions);
+                    evict(
+                        &mut work,
+                        &mut self.predictor,
+                        &mut batch,
+                        &mut self.stats,
+                        &evictions,
+                    );
                     let g = self.next_generation;
                     self.next_generation = Generation(g.0 + 1);
                     let predicted = self.predictor.predict(&missed, &hints, room, &work);
@@ -532,7 +707,12 @@ impl Secondary {
                     }
                     self.stats.extents_added += added.len() as u64;
                     self.stats.record_updates += 1;
-                    answers.push(Frame::RecordAnswer { epoch: self.epoch, id, generation: g, added: to_runs(added) });
+                    answers.push(Frame::RecordAnswer {
+                        epoch: self.epoch,
+                        id,
+                        generation: g,
+                        added: to_runs(added),
+                    });
                 }
             }
         }
@@ -552,12 +732,31 @@ impl Secondary {
         while self.apply_blocked.is_none() {
             let next = self.applied.next();
             #[cfg(feature = "mutations")]
-            let next = if crate::mutations::apply_out_of_order() { self.reorder.keys().next_back().copied().unwrap_or(next).max(next) } else { next };
+            let next = if crate::mutations::apply_out_of_order() {
+                self.reorder
+                    .keys()
+                    .next_back()
+                    .copied()
+                    .unwrap_or(next)
+                    .max(next)
+            } else {
+                next
+            };
             let seq = match self.reorder.keys().next().copied() {
                 Some(s) if s == next => s,
-                Some(s) if matches!(self.reorder.get(&s), Some(Apply::ResyncBegin { skip: true, .. })) => s,
+                Some(s)
+                    if matches!(
+                        self.reorder.get(&s),
+                        Some(Apply::ResyncBegin { skip: true, .. })
+                    ) =>
+                {
+                    s
+                }
                 #[cfg(feature = "mutations")]
-                Some(s) if crate::mutations::apply_out_of_order() && self.reorder.contains_key(&next) => {
+                Some(s)
+                    if crate::mutations::apply_out_of_order()
+                        && self.reorder.contains_key(&next) =>
+                {
                     let _ = s;
                     next
                 }
@@ -569,7 +768,10 @@ impl Secondary {
                 while self.reorder.contains_key(&target.next()) {
                     target = target.next();
                 }
-                let token = self.persist(PersistKind::HighWater(target), vec![StoreWrite::Meta(Meta::ApplyHighWater(target))]);
+                let token = self.persist(
+                    PersistKind::HighWater(target),
+                    vec![StoreWrite::Meta(Meta::ApplyHighWater(target))],
+                );
                 self.apply_blocked = Some(token);
                 break;
             }
@@ -578,11 +780,13 @@ impl Secondary {
             self.applied = self.applied.max(seq);
             match item {
                 Apply::Write(op) => {
-                    if self.save_aside {
+                    if self.must_save_aside() {
                         for e in self.geo.extents_of(op.offset, op.len) {
                             if self.saved.insert(ExtentId(e)) {
                                 self.stats.extents_saved_aside += 1;
-                                self.actions.push_back(Action::SaveAside { extent: ExtentId(e) });
+                                self.actions.push_back(Action::SaveAside {
+                                    extent: ExtentId(e),
+                                });
                             }
                         }
                     }
@@ -591,12 +795,15 @@ impl Secondary {
                     self.actions.push_back(Action::ApplyWrite { seq, op });
                 }
                 Apply::ResyncBegin { save_aside, .. } => {
-                    self.save_aside = save_aside || self.wrote_alone || !self.divergent.is_empty() || self.save_aside;
+                    self.save_aside |= save_aside;
                     self.resync_end = None;
                     self.resyncing = true;
                     if self.consistent {
                         self.consistent = false;
-                        let token = self.persist(PersistKind::ResyncBegin, vec![StoreWrite::Meta(Meta::Consistent(false))]);
+                        let token = self.persist(
+                            PersistKind::ResyncBegin,
+                            vec![StoreWrite::Meta(Meta::Consistent(false))],
+                        );
                         self.apply_blocked = Some(token);
                     }
                 }
@@ -607,7 +814,10 @@ impl Secondary {
 
     /// Media sync, then a synced store of the position, then the return message.
     fn sync_applied(&mut self) {
-        if self.sync_inflight.is_some() || self.applied_persist.is_some() || self.applied <= self.durable_applied {
+        if self.sync_inflight.is_some()
+            || self.applied_persist.is_some()
+            || self.applied <= self.durable_applied
+        {
             return;
         }
         let token = self.token();
@@ -615,12 +825,24 @@ impl Secondary {
         self.actions.push_back(Action::SyncMedia { token });
     }
 
+    /// Whether media writes must first save the extent aside. Derived from durable state (this
+    /// site's own split-brain evidence and divergent extents) so that it survives a restart
+    /// in the middle of a failback, plus the primary's request for this resync.
+    fn must_save_aside(&self) -> bool {
+        self.save_aside || self.wrote_alone || !self.divergent.is_empty()
+    }
+
     fn refuse(&mut self, reason: Option<Refusal>, text: &str) {
         self.stats.frames_refused += 1;
         if let Some(reason) = reason {
-            self.send(Frame::Refused { epoch: self.epoch, reason });
+            self.send(Frame::Refused {
+                epoch: self.epoch,
+                reason,
+            });
         }
-        self.actions.push_back(Action::Disconnect { reason: text.to_string() });
+        self.actions.push_back(Action::Disconnect {
+            reason: text.to_string(),
+        });
     }
 
     fn token(&mut self) -> Token {
@@ -637,7 +859,10 @@ impl Secondary {
     }
 
     fn send(&mut self, frame: Frame) {
-        self.actions.push_back(Action::Send { stream: Stream::Control, frame });
+        self.actions.push_back(Action::Send {
+            stream: Stream::Control,
+            frame,
+        });
     }
 
     fn refresh_stats(&mut self) {
