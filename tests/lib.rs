@@ -8,20 +8,11 @@ use std::sync::Mutex;
 /// Seeds to run: `GEOMIRROR_SEEDS` (a count, default `default`), starting at
 /// `GEOMIRROR_SEED_START` (default 0). `GEOMIRROR_SEED` runs exactly one seed.
 pub fn seeds_from_env(default: u64) -> Vec<u64> {
-    if let Some(one) = std::env::var("GEOMIRROR_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
+    if let Some(one) = std::env::var("GEOMIRROR_SEED").ok().and_then(|s| s.parse().ok()) {
         return vec![one];
     }
-    let count = std::env::var("GEOMIRROR_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default);
-    let start = std::env::var("GEOMIRROR_SEED_START")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let count = std::env::var("GEOMIRROR_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let start = std::env::var("GEOMIRROR_SEED_START").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     (start..start + count).collect()
 }
 
@@ -43,27 +34,16 @@ where
                 let seed = seeds[i];
                 // A panic inside the core or the simulator is a failure of that seed, reported
                 // with the seed like any oracle violation.
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(seed)))
-                    .unwrap_or_else(|e| {
-                        let msg = e
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default();
-                        SimReport {
-                            seed,
-                            violations: vec![Violation {
-                                oracle: "panic",
-                                event: 0,
-                                time_us: 0,
-                                detail: msg,
-                            }],
-                            ..SimReport::default()
-                        }
-                    });
-                out.lock()
-                    .expect("no panics while holding the lock")
-                    .push(r);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(seed))).unwrap_or_else(|e| {
+                    let msg =
+                        e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                    SimReport {
+                        seed,
+                        violations: vec![Violation { oracle: "panic", event: 0, time_us: 0, detail: msg }],
+                        ..SimReport::default()
+                    }
+                });
+                out.lock().expect("no panics while holding the lock").push(r);
             });
         }
     });

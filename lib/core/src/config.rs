@@ -66,7 +66,7 @@ impl Default for PredictorConfig {
         PredictorConfig {
             kind: PredictorKind::Adaptive,
             k_next: 4,
-            max_ahead: 64,
+            max_ahead: 256,
             pre_extend_within: 4,
             ghost_capacity: 4096,
             max_streams: 16,
@@ -136,11 +136,7 @@ impl Default for CoreConfig {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{field} must be at least {min}, got {got}")]
-    TooSmall {
-        field: &'static str,
-        min: u64,
-        got: u64,
-    },
+    TooSmall { field: &'static str, min: u64, got: u64 },
     #[error("reorder_buffer_bytes ({reorder}) must be at least max_inflight_bytes ({inflight}) plus one largest frame, or the secondary could be sent more than it may buffer")]
     ReorderBelowInflight { reorder: u64, inflight: u64 },
 }
@@ -157,31 +153,15 @@ impl CoreConfig {
         };
         min("record_capacity_extents", 8, self.record_capacity_extents)?;
         min("predictor.k_next", 1, self.predictor.k_next as u64)?;
-        min(
-            "predictor.max_streams",
-            1,
-            self.predictor.max_streams as u64,
-        )?;
-        min(
-            "max_record_updates_in_flight",
-            1,
-            self.max_record_updates_in_flight as u64,
-        )?;
+        min("predictor.max_streams", 1, self.predictor.max_streams as u64)?;
+        min("predictor.max_ahead", self.predictor.pre_extend_within.max(1) as u64, self.predictor.max_ahead as u64)?;
+        min("max_record_updates_in_flight", 1, self.max_record_updates_in_flight as u64)?;
         min("data_lanes", 1, self.data_lanes as u64)?;
         min("max_inflight_bytes", 1 << 20, self.max_inflight_bytes)?;
         min("max_lag_bytes", self.max_inflight_bytes, self.max_lag_bytes)?;
-        min(
-            "resync_reads_in_flight",
-            1,
-            self.resync_reads_in_flight as u64,
-        )?;
-        if self.reorder_buffer_bytes
-            < self.max_inflight_bytes + crate::frame::MAX_FRAME_BYTES as u64
-        {
-            return Err(ConfigError::ReorderBelowInflight {
-                reorder: self.reorder_buffer_bytes,
-                inflight: self.max_inflight_bytes,
-            });
+        min("resync_reads_in_flight", 1, self.resync_reads_in_flight as u64)?;
+        if self.reorder_buffer_bytes < self.max_inflight_bytes + crate::frame::MAX_FRAME_BYTES as u64 {
+            return Err(ConfigError::ReorderBelowInflight { reorder: self.reorder_buffer_bytes, inflight: self.max_inflight_bytes });
         }
         Ok(())
     }

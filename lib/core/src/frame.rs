@@ -68,6 +68,9 @@ pub struct StreamHint {
     pub stride: i64,
     /// How many consecutive strides the stream has kept; the predictor's confidence.
     pub run: u32,
+    /// Strides ahead the primary wants recorded: the stream's rate times the record round
+    /// trip, so that the stream never reaches unrecorded space while an update is in flight.
+    pub want: u32,
 }
 
 /// A run of record members that share a generation; used for record snapshots.
@@ -109,22 +112,11 @@ pub enum Frame {
         wrote_alone: bool,
     },
     /// The secondary's answer to a primary's hello: where it stands.
-    Welcome {
-        epoch: Epoch,
-        applied: Seq,
-        consistent: bool,
-        authoritative: bool,
-    },
+    Welcome { epoch: Epoch, applied: Seq, consistent: bool, authoritative: bool },
     /// Part of the secondary's durable record, sent after `Welcome`.
-    RecordChunk {
-        epoch: Epoch,
-        entries: Vec<RecordEntries>,
-    },
+    RecordChunk { epoch: Epoch, entries: Vec<RecordEntries> },
     /// Extents a demoted site may hold that its peer lacks (its persisted local dirty map).
-    DivergentChunk {
-        epoch: Epoch,
-        extents: Vec<ExtentRun>,
-    },
+    DivergentChunk { epoch: Epoch, extents: Vec<ExtentRun> },
     /// End of the snapshot: the primary may now accept writes.
     SnapshotEnd { epoch: Epoch, record_len: u64 },
     /// Primary to secondary: record these extents (and what you predict), evict these first.
@@ -138,23 +130,11 @@ pub enum Frame {
         evictions: Vec<Eviction>,
     },
     /// Secondary to primary, after a synced store: exactly the extents now recorded.
-    RecordAnswer {
-        epoch: Epoch,
-        id: u64,
-        generation: Generation,
-        added: Vec<ExtentRun>,
-    },
+    RecordAnswer { epoch: Epoch, id: u64, generation: Generation, added: Vec<ExtentRun> },
     /// Eviction instructions sent alone when no record update carried them.
-    Evict {
-        epoch: Epoch,
-        evictions: Vec<Eviction>,
-    },
+    Evict { epoch: Epoch, evictions: Vec<Eviction> },
     /// One item of the data streams.
-    Data {
-        epoch: Epoch,
-        seq: Seq,
-        apply: Apply,
-    },
+    Data { epoch: Epoch, seq: Seq, apply: Apply },
     /// Return message (claim 14): everything through `through` is durably applied.
     Applied { epoch: Epoch, through: Seq },
     /// The primary's local dirty map is empty again: the record is authoritative.
@@ -214,39 +194,21 @@ impl Frame {
     /// Structural checks a decoded frame must pass before a state machine sees it: list
     /// lengths within `MAX_LIST_LEN`, payload lengths matching, no run past `u64`.
     pub fn validate(&self) -> Result<(), FrameError> {
-        let runs_ok = |runs: &[ExtentRun]| {
-            runs.len() <= MAX_LIST_LEN
-                && runs
-                    .iter()
-                    .all(|r| r.start.checked_add(r.len as u64).is_some())
-        };
+        let runs_ok = |runs: &[ExtentRun]| runs.len() <= MAX_LIST_LEN && runs.iter().all(|r| r.start.checked_add(r.len as u64).is_some());
         let ok = match self {
             Frame::RecordChunk { entries, .. } => {
-                entries.len() <= MAX_LIST_LEN
-                    && entries
-                        .iter()
-                        .all(|e| e.run.start.checked_add(e.run.len as u64).is_some())
+                entries.len() <= MAX_LIST_LEN && entries.iter().all(|e| e.run.start.checked_add(e.run.len as u64).is_some())
             }
             Frame::DivergentChunk { extents, .. } => runs_ok(extents),
-            Frame::RecordUpdate {
-                missed,
-                hints,
-                evictions,
-                ..
-            } => {
+            Frame::RecordUpdate { missed, hints, evictions, .. } => {
                 runs_ok(missed)
                     && hints.len() <= MAX_LIST_LEN
                     && evictions.len() <= MAX_LIST_LEN
                     && evictions.iter().all(|e| runs_ok(&e.extents))
             }
             Frame::RecordAnswer { added, .. } => runs_ok(added),
-            Frame::Evict { evictions, .. } => {
-                evictions.len() <= MAX_LIST_LEN && evictions.iter().all(|e| runs_ok(&e.extents))
-            }
-            Frame::Data {
-                apply: Apply::Write(op),
-                ..
-            } => op.is_well_formed() && op.offset.checked_add(op.len).is_some(),
+            Frame::Evict { evictions, .. } => evictions.len() <= MAX_LIST_LEN && evictions.iter().all(|e| runs_ok(&e.extents)),
+            Frame::Data { apply: Apply::Write(op), .. } => op.is_well_formed() && op.offset.checked_add(op.len).is_some(),
             _ => true,
         };
         if ok {
@@ -280,8 +242,7 @@ pub enum FrameError {
 /// Encodes `frame` with its header.
 pub fn encode(frame: &Frame) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; HEADER_BYTES];
-    let out = postcard::to_extend(frame, std::mem::take(&mut out))
-        .map_err(|e| FrameError::Encode(e.to_string()))?;
+    let out = postcard::to_extend(frame, std::mem::take(&mut out)).map_err(|e| FrameError::Encode(e.to_string()))?;
     let len = out.len() - HEADER_BYTES;
     if len > MAX_FRAME_BYTES as usize {
         return Err(FrameError::TooLarge(len.min(u32::MAX as usize) as u32));
@@ -297,10 +258,7 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, FrameError> {
 /// A stream reader calls this on the first 7 bytes, then reads exactly that many more.
 pub fn decode_header(header: &[u8]) -> Result<usize, FrameError> {
     if header.len() < HEADER_BYTES {
-        return Err(FrameError::Incomplete {
-            have: header.len(),
-            need: HEADER_BYTES,
-        });
+        return Err(FrameError::Incomplete { have: header.len(), need: HEADER_BYTES });
     }
     let magic = [header[0], header[1]];
     if magic != MAGIC {
@@ -321,13 +279,9 @@ pub fn decode(buf: &[u8]) -> Result<(Frame, usize), FrameError> {
     let len = decode_header(buf)?;
     let need = HEADER_BYTES + len;
     if buf.len() < need {
-        return Err(FrameError::Incomplete {
-            have: buf.len(),
-            need,
-        });
+        return Err(FrameError::Incomplete { have: buf.len(), need });
     }
-    let (frame, rest) = postcard::take_from_bytes::<Frame>(&buf[HEADER_BYTES..need])
-        .map_err(|e| FrameError::Decode(e.to_string()))?;
+    let (frame, rest) = postcard::take_from_bytes::<Frame>(&buf[HEADER_BYTES..need]).map_err(|e| FrameError::Decode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(FrameError::Trailing(rest.len()));
     }
@@ -353,84 +307,30 @@ mod tests {
                 authoritative: true,
                 wrote_alone: false,
             },
-            Frame::Welcome {
-                epoch: e,
-                applied: Seq(42),
-                consistent: true,
-                authoritative: false,
-            },
+            Frame::Welcome { epoch: e, applied: Seq(42), consistent: true, authoritative: false },
             Frame::RecordChunk {
                 epoch: e,
-                entries: vec![RecordEntries {
-                    run: ExtentRun { start: 3, len: 9 },
-                    generation: Generation(2),
-                }],
+                entries: vec![RecordEntries { run: ExtentRun { start: 3, len: 9 }, generation: Generation(2) }],
             },
-            Frame::DivergentChunk {
-                epoch: e,
-                extents: vec![ExtentRun { start: 1, len: 1 }],
-            },
-            Frame::SnapshotEnd {
-                epoch: e,
-                record_len: 9,
-            },
+            Frame::DivergentChunk { epoch: e, extents: vec![ExtentRun { start: 1, len: 1 }] },
+            Frame::SnapshotEnd { epoch: e, record_len: 9 },
             Frame::RecordUpdate {
                 epoch: e,
                 id: 5,
                 missed: vec![ExtentRun { start: 10, len: 2 }],
-                hints: vec![StreamHint {
-                    last: 11,
-                    stride: 1,
-                    run: 4,
-                }],
+                hints: vec![StreamHint { last: 11, stride: 1, run: 4 }],
                 room: 100,
-                evictions: vec![Eviction {
-                    generation: Generation(1),
-                    extents: vec![ExtentRun { start: 0, len: 3 }],
-                }],
+                evictions: vec![Eviction { generation: Generation(1), extents: vec![ExtentRun { start: 0, len: 3 }] }],
             },
-            Frame::RecordAnswer {
-                epoch: e,
-                id: 5,
-                generation: Generation(9),
-                added: vec![ExtentRun { start: 10, len: 6 }],
-            },
-            Frame::Evict {
-                epoch: e,
-                evictions: vec![],
-            },
-            Frame::Data {
-                epoch: e,
-                seq: Seq(3),
-                apply: Apply::Write(WriteOp::data(4096, Bytes::from_static(b"hello"))),
-            },
-            Frame::Data {
-                epoch: e,
-                seq: Seq(4),
-                apply: Apply::Write(WriteOp::zero(0, 1 << 20)),
-            },
-            Frame::Data {
-                epoch: e,
-                seq: Seq(5),
-                apply: Apply::ResyncBegin {
-                    save_aside: true,
-                    skip: true,
-                },
-            },
-            Frame::Data {
-                epoch: e,
-                seq: Seq(6),
-                apply: Apply::ResyncEnd,
-            },
-            Frame::Applied {
-                epoch: e,
-                through: Seq(6),
-            },
+            Frame::RecordAnswer { epoch: e, id: 5, generation: Generation(9), added: vec![ExtentRun { start: 10, len: 6 }] },
+            Frame::Evict { epoch: e, evictions: vec![] },
+            Frame::Data { epoch: e, seq: Seq(3), apply: Apply::Write(WriteOp::data(4096, Bytes::from_static(b"hello"))) },
+            Frame::Data { epoch: e, seq: Seq(4), apply: Apply::Write(WriteOp::zero(0, 1 << 20)) },
+            Frame::Data { epoch: e, seq: Seq(5), apply: Apply::ResyncBegin { save_aside: true, skip: true } },
+            Frame::Data { epoch: e, seq: Seq(6), apply: Apply::ResyncEnd },
+            Frame::Applied { epoch: e, through: Seq(6) },
             Frame::Authoritative { epoch: e },
-            Frame::Refused {
-                epoch: e,
-                reason: Refusal::StaleEpoch,
-            },
+            Frame::Refused { epoch: e, reason: Refusal::StaleEpoch },
         ]
     }
 
@@ -450,10 +350,7 @@ mod tests {
         bytes[2] = 9;
         assert_eq!(decode(&bytes).unwrap_err(), FrameError::Version(9));
         bytes[0] = b'X';
-        assert!(matches!(
-            decode(&bytes).unwrap_err(),
-            FrameError::BadMagic(_)
-        ));
+        assert!(matches!(decode(&bytes).unwrap_err(), FrameError::BadMagic(_)));
         let huge = [b'G', b'M', WIRE_VERSION, 0xff, 0xff, 0xff, 0xff];
         assert_eq!(decode(&huge).unwrap_err(), FrameError::TooLarge(u32::MAX));
     }
@@ -463,10 +360,7 @@ mod tests {
         for f in samples() {
             let bytes = encode(&f).unwrap();
             for cut in 0..bytes.len() {
-                assert!(
-                    matches!(decode(&bytes[..cut]), Err(FrameError::Incomplete { .. })),
-                    "cut at {cut} of {f:?}"
-                );
+                assert!(matches!(decode(&bytes[..cut]), Err(FrameError::Incomplete { .. })), "cut at {cut} of {f:?}");
             }
         }
     }
@@ -476,11 +370,7 @@ mod tests {
         let f = Frame::Data {
             epoch: Epoch(1),
             seq: Seq(1),
-            apply: Apply::Write(WriteOp {
-                offset: 0,
-                len: 10,
-                kind: crate::op::WriteKind::Data(Bytes::from_static(b"abc")),
-            }),
+            apply: Apply::Write(WriteOp { offset: 0, len: 10, kind: crate::op::WriteKind::Data(Bytes::from_static(b"abc")) }),
         };
         let bytes = encode(&f).unwrap();
         assert_eq!(decode(&bytes).unwrap_err(), FrameError::Invalid("data"));

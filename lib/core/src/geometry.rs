@@ -18,11 +18,7 @@ pub enum GeometryError {
     #[error("volume size {0} bytes is not a positive multiple of 4096")]
     BadVolumeSize(u64),
     #[error("range at offset {offset} of {len} bytes is empty or runs past the volume end ({volume_bytes} bytes)")]
-    OutOfRange {
-        offset: u64,
-        len: u64,
-        volume_bytes: u64,
-    },
+    OutOfRange { offset: u64, len: u64, volume_bytes: u64 },
 }
 
 /// A volume's size and its extent size. Extents are aligned; the last may be short.
@@ -34,18 +30,13 @@ pub struct Geometry {
 
 impl Geometry {
     pub fn new(volume_bytes: u64, extent_bytes: u64) -> Result<Geometry, GeometryError> {
-        if !extent_bytes.is_power_of_two()
-            || !(MIN_EXTENT_BYTES..=MAX_EXTENT_BYTES).contains(&extent_bytes)
-        {
+        if !extent_bytes.is_power_of_two() || !(MIN_EXTENT_BYTES..=MAX_EXTENT_BYTES).contains(&extent_bytes) {
             return Err(GeometryError::BadExtentSize(extent_bytes));
         }
         if volume_bytes == 0 || volume_bytes % 4096 != 0 {
             return Err(GeometryError::BadVolumeSize(volume_bytes));
         }
-        Ok(Geometry {
-            volume_bytes,
-            extent_shift: extent_bytes.trailing_zeros(),
-        })
+        Ok(Geometry { volume_bytes, extent_shift: extent_bytes.trailing_zeros() })
     }
 
     pub fn volume_bytes(&self) -> u64 {
@@ -65,11 +56,7 @@ impl Geometry {
     pub fn check_range(&self, offset: u64, len: u64) -> Result<(), GeometryError> {
         match offset.checked_add(len) {
             Some(end) if len > 0 && end <= self.volume_bytes => Ok(()),
-            _ => Err(GeometryError::OutOfRange {
-                offset,
-                len,
-                volume_bytes: self.volume_bytes,
-            }),
+            _ => Err(GeometryError::OutOfRange { offset, len, volume_bytes: self.volume_bytes }),
         }
     }
 
@@ -101,26 +88,11 @@ mod tests {
         assert!(Geometry::new(1 << 30, 1 << 20).is_ok());
         assert!(Geometry::new(1 << 30, 64 * 1024).is_ok());
         assert!(Geometry::new(1 << 30, 64 << 20).is_ok());
-        assert_eq!(
-            Geometry::new(1 << 30, 32 * 1024),
-            Err(GeometryError::BadExtentSize(32 * 1024))
-        );
-        assert_eq!(
-            Geometry::new(1 << 30, 128 << 20),
-            Err(GeometryError::BadExtentSize(128 << 20))
-        );
-        assert_eq!(
-            Geometry::new(1 << 30, 3 << 20),
-            Err(GeometryError::BadExtentSize(3 << 20))
-        );
-        assert_eq!(
-            Geometry::new(0, 1 << 20),
-            Err(GeometryError::BadVolumeSize(0))
-        );
-        assert_eq!(
-            Geometry::new(4097, 1 << 20),
-            Err(GeometryError::BadVolumeSize(4097))
-        );
+        assert_eq!(Geometry::new(1 << 30, 32 * 1024), Err(GeometryError::BadExtentSize(32 * 1024)));
+        assert_eq!(Geometry::new(1 << 30, 128 << 20), Err(GeometryError::BadExtentSize(128 << 20)));
+        assert_eq!(Geometry::new(1 << 30, 3 << 20), Err(GeometryError::BadExtentSize(3 << 20)));
+        assert_eq!(Geometry::new(0, 1 << 20), Err(GeometryError::BadVolumeSize(0)));
+        assert_eq!(Geometry::new(4097, 1 << 20), Err(GeometryError::BadVolumeSize(4097)));
     }
 
     #[test]

@@ -8,9 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// Fencing number, persisted on both sites and carried in every frame. Promotion bumps it;
 /// a frame with a smaller epoch is refused, never applied.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Epoch(pub u64);
 
 impl Epoch {
@@ -22,9 +20,7 @@ impl Epoch {
 
 /// Position of a write in the primary's dispatch order. The secondary applies in this order.
 /// `Seq(0)` means "nothing yet".
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Seq(pub u64);
 
 impl Seq {
@@ -34,16 +30,12 @@ impl Seq {
 }
 
 /// Index of an extent: the fixed, aligned region of the volume that the record tracks.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ExtentId(pub u64);
 
 /// A batch of record entries added together. Assigned by the secondary, strictly increasing,
 /// so a larger generation is always younger. Eviction drops whole generations, oldest first.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Generation(pub u64);
 
 /// The shell's handle for one host request (an NBD handle, a simulated host's id).

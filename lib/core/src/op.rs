@@ -29,27 +29,15 @@ pub struct WriteOp {
 
 impl WriteOp {
     pub fn data(offset: u64, data: Bytes) -> WriteOp {
-        WriteOp {
-            offset,
-            len: data.len() as u64,
-            kind: WriteKind::Data(data),
-        }
+        WriteOp { offset, len: data.len() as u64, kind: WriteKind::Data(data) }
     }
 
     pub fn zero(offset: u64, len: u64) -> WriteOp {
-        WriteOp {
-            offset,
-            len,
-            kind: WriteKind::Zero,
-        }
+        WriteOp { offset, len, kind: WriteKind::Zero }
     }
 
     pub fn trim(offset: u64, len: u64) -> WriteOp {
-        WriteOp {
-            offset,
-            len,
-            kind: WriteKind::Trim,
-        }
+        WriteOp { offset, len, kind: WriteKind::Trim }
     }
 
     /// Bytes this operation occupies in buffers and on the wire (payload only).

@@ -11,7 +11,9 @@ use crate::config::{PredictorConfig, PredictorKind};
 use crate::frame::StreamHint;
 use crate::ids::{ExtentId, Generation};
 use crate::record::Record;
+use crate::time::Time;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
 
 /// Largest stride, in extents, that counts as a stream rather than a random jump.
 const MAX_STRIDE: i64 = 64;
@@ -26,6 +28,9 @@ struct Stream {
     touched: u64,
     /// Furthest extent already asked for by a pre-extension, so that one is not sent twice.
     asked_through: i64,
+    /// When the stream last advanced a stride, and its smoothed time per stride (µs).
+    last_step_at: Time,
+    step_us: u64,
 }
 
 /// Detects streams in the primary's write sequence.
@@ -47,29 +52,28 @@ pub struct Observation {
 
 impl StreamDetector {
     pub fn new(max_streams: usize) -> StreamDetector {
-        StreamDetector {
-            streams: Vec::new(),
-            max_streams: max_streams.max(1),
-            clock: 0,
-        }
+        StreamDetector { streams: Vec::new(), max_streams: max_streams.max(1), clock: 0 }
     }
 
-    /// Feeds the extents `[first, last]` of one write.
-    pub fn observe(&mut self, first: u64, last: u64) -> Observation {
+    /// Feeds the extents `[first, last]` of one write, seen at `now`.
+    pub fn observe(&mut self, now: Time, first: u64, last: u64) -> Observation {
         self.clock += 1;
         let clock = self.clock;
         // Continue a stream: the next stride, or a further write inside the same extent
         // (small sequential writes inside a large extent).
         let found = self.streams.iter().position(|s| {
             let expected = s.last as i64 + s.stride;
-            (s.run > 0 && (first as i64 == expected || (s.stride > 0 && first == s.last)))
-                || (s.run == 0 && first == s.last)
+            (s.run > 0 && (first as i64 == expected || (s.stride > 0 && first == s.last))) || (s.run == 0 && first == s.last)
         });
         let idx = match found {
             Some(i) => {
                 let s = &mut self.streams[i];
                 if first as i64 == s.last as i64 + s.stride && s.run > 0 {
                     s.run = s.run.saturating_add(1);
+                    let step = now.since(s.last_step_at).as_micros() as u64;
+                    // Smoothed like TCP's srtt: seven parts old, one part new.
+                    s.step_us = if s.step_us == 0 { step } else { (7 * s.step_us + step) / 8 };
+                    s.last_step_at = now;
                 }
                 s.last = last.max(s.last);
                 s.touched = clock;
@@ -89,23 +93,18 @@ impl StreamDetector {
                         s.last = last;
                         s.touched = clock;
                         s.asked_through = last as i64;
+                        s.step_us = now.since(s.last_step_at).as_micros() as u64;
+                        s.last_step_at = now;
                         i
                     }
                     None => {
-                        let fresh = Stream {
-                            last,
-                            stride: 0,
-                            run: 0,
-                            touched: clock,
-                            asked_through: last as i64,
-                        };
+                        let fresh =
+                            Stream { last, stride: 0, run: 0, touched: clock, asked_through: last as i64, last_step_at: now, step_us: 0 };
                         if self.streams.len() < self.max_streams {
                             self.streams.push(fresh);
                             self.streams.len() - 1
                         } else {
-                            let lru = (0..self.streams.len())
-                                .min_by_key(|&i| self.streams[i].touched)
-                                .unwrap_or(0);
+                            let lru = (0..self.streams.len()).min_by_key(|&i| self.streams[i].touched).unwrap_or(0);
                             self.streams[lru] = fresh;
                             lru
                         }
@@ -114,12 +113,20 @@ impl StreamDetector {
             }
         };
         let s = &self.streams[idx];
-        let hint = (s.run > 0).then_some(StreamHint {
-            last: s.last,
-            stride: s.stride,
-            run: s.run,
-        });
+        let hint = (s.run > 0).then_some(StreamHint { last: s.last, stride: s.stride, run: s.run, want: 0 });
         Observation { hint, stream: idx }
+    }
+
+    /// Strides the stream covers in `horizon` at its current pace (at least `min`, at most
+    /// `max`): how far ahead the record must reach so the stream never waits for it.
+    pub fn lookahead(&self, stream: usize, horizon: Duration, min: u32, max: u32) -> u32 {
+        let min = min.min(max);
+        let Some(s) = self.streams.get(stream) else { return min };
+        if s.step_us == 0 {
+            return max.min(min.max(1) * 4);
+        }
+        let strides = (horizon.as_micros() as u64).div_ceil(s.step_us.max(1));
+        strides.min(max as u64).max(min as u64) as u32
     }
 
     /// The extents `within` strides ahead of a stream that a pre-extension should cover, or
@@ -137,20 +144,11 @@ impl StreamDetector {
             }
             out.push(e as u64);
         }
-        Some((
-            StreamHint {
-                last: s.last,
-                stride: s.stride,
-                run: s.run,
-            },
-            out,
-        ))
+        Some((StreamHint { last: s.last, stride: s.stride, run: s.run, want: within }, out))
     }
 
     pub fn asked_through(&self, stream: usize) -> i64 {
-        self.streams
-            .get(stream)
-            .map_or(i64::MAX, |s| s.asked_through)
+        self.streams.get(stream).map_or(i64::MAX, |s| s.asked_through)
     }
 
     pub fn mark_asked(&mut self, stream: usize, through: i64) {
@@ -172,10 +170,7 @@ pub struct Ghosts {
 
 impl Ghosts {
     pub fn new(capacity: usize) -> Ghosts {
-        Ghosts {
-            capacity,
-            ..Ghosts::default()
-        }
+        Ghosts { capacity, ..Ghosts::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -220,11 +215,7 @@ impl Ghosts {
         let Some(g) = self.of.get(&e).copied() else {
             return Vec::new();
         };
-        let mates: Vec<ExtentId> = self
-            .mates
-            .get(&g)
-            .map(|m| m.iter().copied().filter(|x| *x != e).collect())
-            .unwrap_or_default();
+        let mates: Vec<ExtentId> = self.mates.get(&g).map(|m| m.iter().copied().filter(|x| *x != e).collect()).unwrap_or_default();
         self.forget(e);
         for m in &mates {
             self.forget(*m);
@@ -258,13 +249,7 @@ impl Predictor {
 
     /// Extra extents to record beyond `missed`: not in `record`, not in `missed`, inside the
     /// volume, at most `room` of them, in the order they should be preferred.
-    pub fn predict(
-        &mut self,
-        missed: &[ExtentId],
-        hints: &[StreamHint],
-        room: u32,
-        record: &Record,
-    ) -> Vec<ExtentId> {
+    pub fn predict(&mut self, missed: &[ExtentId], hints: &[StreamHint], room: u32, record: &Record) -> Vec<ExtentId> {
         let limit = record.extent_count();
         let missed_set: BTreeSet<ExtentId> = missed.iter().copied().collect();
         let mut out: Vec<ExtentId> = Vec::new();
@@ -305,7 +290,7 @@ impl Predictor {
                 // run (doubling, like readahead), skipping what is already recorded so the
                 // frontier moves out.
                 for h in hints.iter().filter(|h| h.stride != 0) {
-                    let window = (self.cfg.k_next as u64) << h.run.min(8);
+                    let window = ((self.cfg.k_next as u64) << h.run.min(8)).max(h.want as u64);
                     let window = window.min(self.cfg.max_ahead as u64) as usize;
                     let mut added = 0usize;
                     let mut i = 1i64;
@@ -343,40 +328,31 @@ mod tests {
     use super::*;
 
     fn cfg(kind: PredictorKind) -> PredictorConfig {
-        PredictorConfig {
-            kind,
-            ..PredictorConfig::default()
-        }
+        PredictorConfig { kind, ..PredictorConfig::default() }
     }
 
     #[test]
     fn detector_finds_sequential_and_strided_streams() {
         let mut d = StreamDetector::new(4);
-        assert_eq!(d.observe(10, 10).hint, None);
-        let h = d.observe(11, 11).hint.unwrap();
+        assert_eq!(d.observe(Time::ZERO, 10, 10).hint, None);
+        let h = d.observe(Time::ZERO, 11, 11).hint.unwrap();
         assert_eq!((h.stride, h.run), (1, 1));
-        let h = d.observe(12, 13).hint.unwrap();
+        let h = d.observe(Time::ZERO, 12, 13).hint.unwrap();
         assert_eq!((h.last, h.stride, h.run), (13, 1, 2));
         // A strided stream alongside.
-        d.observe(100, 100);
-        d.observe(103, 103);
-        let h = d.observe(106, 106).hint.unwrap();
+        d.observe(Time::ZERO, 100, 100);
+        d.observe(Time::ZERO, 103, 103);
+        let h = d.observe(Time::ZERO, 106, 106).hint.unwrap();
         assert_eq!((h.stride, h.run), (3, 2));
         // Small writes inside the same extent keep the sequential stream alive.
-        assert_eq!(d.observe(13, 13).hint.unwrap().stride, 1);
+        assert_eq!(d.observe(Time::ZERO, 13, 13).hint.unwrap().stride, 1);
     }
 
     #[test]
     fn k_next_is_claim_19() {
-        let mut p = Predictor::new(PredictorConfig {
-            k_next: 3,
-            ..cfg(PredictorKind::KNext)
-        });
+        let mut p = Predictor::new(PredictorConfig { k_next: 3, ..cfg(PredictorKind::KNext) });
         let r = Record::new(100);
-        assert_eq!(
-            p.predict(&[ExtentId(5)], &[], 100, &r),
-            vec![ExtentId(6), ExtentId(7), ExtentId(8)]
-        );
+        assert_eq!(p.predict(&[ExtentId(5)], &[], 100, &r), vec![ExtentId(6), ExtentId(7), ExtentId(8)]);
         // Room bounds it, and the volume end clips it.
         assert_eq!(p.predict(&[ExtentId(5)], &[], 1, &r), vec![ExtentId(6)]);
         assert_eq!(p.predict(&[ExtentId(98)], &[], 100, &r), vec![ExtentId(99)]);
@@ -386,27 +362,9 @@ mod tests {
     fn adaptive_follows_a_stride_and_grows_with_confidence() {
         let mut p = Predictor::new(cfg(PredictorKind::Adaptive));
         let r = Record::new(10_000);
-        let short = p.predict(
-            &[ExtentId(30)],
-            &[StreamHint {
-                last: 30,
-                stride: 3,
-                run: 1,
-            }],
-            1000,
-            &r,
-        );
+        let short = p.predict(&[ExtentId(30)], &[StreamHint { last: 30, stride: 3, run: 1, want: 0 }], 1000, &r);
         assert_eq!(&short[..3], &[ExtentId(33), ExtentId(36), ExtentId(39)]);
-        let long = p.predict(
-            &[ExtentId(30)],
-            &[StreamHint {
-                last: 30,
-                stride: 3,
-                run: 6,
-            }],
-            1000,
-            &r,
-        );
+        let long = p.predict(&[ExtentId(30)], &[StreamHint { last: 30, stride: 3, run: 6, want: 0 }], 1000, &r);
         assert!(long.len() > short.len());
         assert!(long.len() <= 64 + 1);
     }
@@ -418,16 +376,7 @@ mod tests {
         for e in 11..20 {
             r.insert(ExtentId(e), Generation(1));
         }
-        let got = p.predict(
-            &[],
-            &[StreamHint {
-                last: 10,
-                stride: 1,
-                run: 1,
-            }],
-            100,
-            &r,
-        );
+        let got = p.predict(&[], &[StreamHint { last: 10, stride: 1, run: 1, want: 0 }], 100, &r);
         assert_eq!(got.first(), Some(&ExtentId(20)));
     }
 

@@ -16,9 +16,7 @@
 
 use crate::action::{Action, HostError};
 use crate::config::{CoreConfig, FlushPolicy, LagPolicy, Mode};
-use crate::frame::{
-    Apply, Eviction, Frame, LinkLossPolicy, Role, Stream, StreamHint, MAX_LIST_LEN,
-};
+use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, Role, Stream, StreamHint, MAX_LIST_LEN};
 use crate::geometry::Geometry;
 use crate::ids::{Epoch, ExtentId, Generation, RequestId, Seq, Token};
 use crate::op::WriteOp;
@@ -151,6 +149,9 @@ pub struct Primary {
     peer_wrote_alone: bool,
     peer_save_aside: bool,
     peer_authoritative: bool,
+    peer_consistent: bool,
+    /// A resync must run even if nothing needs copying (the peer is inconsistent).
+    force_resync: bool,
     updates: BTreeMap<u64, Update>,
     next_update_id: u64,
     requested: BTreeSet<ExtentId>,
@@ -162,6 +163,8 @@ pub struct Primary {
     resync_running: bool,
     reading: BTreeMap<Token, ExtentId>,
     detector: StreamDetector,
+    /// Smoothed record-update round trip, µs: how far ahead a stream must be recorded.
+    srtt_us: u64,
     predicted: BTreeSet<ExtentId>,
     flushes: Vec<Flush>,
     wrote_alone: bool,
@@ -214,6 +217,8 @@ impl Primary {
             peer_wrote_alone: false,
             peer_save_aside: false,
             peer_authoritative: true,
+            peer_consistent: true,
+            force_resync: false,
             updates: BTreeMap::new(),
             next_update_id: 1,
             requested: BTreeSet::new(),
@@ -224,6 +229,7 @@ impl Primary {
             resync_end: None,
             resync_running: false,
             reading: BTreeMap::new(),
+            srtt_us: 0,
             predicted: BTreeSet::new(),
             flushes: Vec::new(),
             wrote_alone: state.wrote_alone,
@@ -234,11 +240,7 @@ impl Primary {
             actions: VecDeque::new(),
             stats: PrimaryStats::default(),
         };
-        p.persist(
-            PersistKind::Start,
-            Vec::new(),
-            vec![StoreWrite::Meta(Meta::Incarnation(incarnation))],
-        );
+        p.persist(PersistKind::Start, Vec::new(), vec![StoreWrite::Meta(Meta::Incarnation(incarnation))]);
         p.refresh_stats();
         p
     }
@@ -301,15 +303,8 @@ impl Primary {
         if self.resend_record_on_snapshot {
             set.extend(self.copy.iter().map(|(e, _)| e));
         }
-        let bytes = set
-            .iter()
-            .map(|e| self.geo.extent_range(*e).end - self.geo.extent_range(*e).start)
-            .sum();
-        FailbackPlan {
-            extents: set.into_iter().collect(),
-            bytes,
-            lag_bytes: self.buffer_bytes,
-        }
+        let bytes = set.iter().map(|e| self.geo.extent_range(*e).end - self.geo.extent_range(*e).start).sum();
+        FailbackPlan { extents: set.into_iter().collect(), bytes, lag_bytes: self.buffer_bytes }
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -320,9 +315,7 @@ impl Primary {
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t: Option<Time> = None;
         let mut at = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
-        let degrade = self.cfg.mode == Mode::Predictive
-            && self.cfg.on_link_loss == LinkLossPolicy::Degrade
-            && self.link == LinkState::Down;
+        let degrade = self.cfg.mode == Mode::Predictive && self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link == LinkState::Down;
         let degrade_from = self.link_changed + self.cfg.record_update_timeout;
         for w in self.waiting.values() {
             if degrade && !w.degraded {
@@ -335,8 +328,7 @@ impl Primary {
             at(f.arrived + self.cfg.link_loss_deadline);
         }
         let remote_flush = self.cfg.flush_policy == FlushPolicy::Remote;
-        let degrade_any =
-            self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link == LinkState::Down;
+        let degrade_any = self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link == LinkState::Down;
         for d in self.dispatched.values() {
             if self.cfg.mode == Mode::Sync || (d.fua && remote_flush) {
                 at(if degrade_any {
@@ -374,23 +366,12 @@ impl Primary {
         }
         self.stats.writes += 1;
         let extents = self.geo.extents_of(op.offset, op.len);
-        let obs = self.detector.observe(extents.start, extents.end - 1);
+        let obs = self.detector.observe(now, extents.start, extents.end - 1);
         self.consider_pre_extension(obs.stream);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
-        self.waiting.insert(
-            arrival,
-            Waiting {
-                request,
-                op,
-                fua,
-                arrived: now,
-                extents,
-                hint: obs.hint,
-                counted_miss: false,
-                degraded: false,
-            },
-        );
+        self.waiting
+            .insert(arrival, Waiting { request, op, fua, arrived: now, extents, hint: obs.hint, counted_miss: false, degraded: false });
         self.progress(now);
     }
 
@@ -399,11 +380,7 @@ impl Primary {
             self.ack(request, Err(HostError::Fenced));
             return;
         }
-        self.flushes.push(Flush {
-            request,
-            through: self.last_dispatched(),
-            arrived: now,
-        });
+        self.flushes.push(Flush { request, through: self.last_dispatched(), arrived: now });
         self.request_sync(now);
         self.progress(now);
     }
@@ -504,11 +481,7 @@ impl Primary {
             let len = (range.end - off).min(RESYNC_CHUNK_BYTES);
             let start = (off - range.start) as usize;
             let chunk = data.slice(start.min(data.len())..(start + len as usize).min(data.len()));
-            let op = if chunk.len() as u64 == len {
-                WriteOp::data(off, chunk)
-            } else {
-                WriteOp::zero(off, len)
-            };
+            let op = if chunk.len() as u64 == len { WriteOp::data(off, chunk) } else { WriteOp::zero(off, len) };
             let seq = self.dispatch_item(Apply::Write(op));
             self.mark_dirty(e, seq);
             self.stats.resync_bytes_copied += len;
@@ -540,9 +513,7 @@ impl Primary {
                 self.wrote_alone_persisting = false;
             }
             PersistKind::Demote => {
-                self.actions.push_back(Action::RoleChanged {
-                    role: Role::Secondary,
-                });
+                self.actions.push_back(Action::RoleChanged { role: Role::Secondary });
                 return;
             }
         }
@@ -559,9 +530,7 @@ impl Primary {
             volume_bytes: self.geo.volume_bytes(),
             extent_bytes: self.geo.extent_bytes(),
             on_link_loss: self.cfg.on_link_loss,
-            authoritative: self.cfg.mode == Mode::Predictive
-                && self.local_dirty.is_empty()
-                && self.dirty_persisting.is_empty(),
+            authoritative: self.cfg.mode == Mode::Predictive && self.local_dirty.is_empty() && self.dirty_persisting.is_empty(),
             wrote_alone: self.wrote_alone,
         };
         self.send(Stream::Control, hello);
@@ -585,15 +554,7 @@ impl Primary {
             self.refuse("invalid frame");
             return;
         }
-        if let Frame::Hello {
-            epoch,
-            role,
-            volume_bytes,
-            extent_bytes,
-            wrote_alone,
-            ..
-        } = frame
-        {
+        if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, wrote_alone, .. } = frame {
             self.on_hello(now, epoch, role, volume_bytes, extent_bytes, wrote_alone);
             return;
         }
@@ -605,13 +566,10 @@ impl Primary {
             return;
         }
         match frame {
-            Frame::Welcome {
-                applied,
-                authoritative,
-                ..
-            } if self.link == LinkState::Handshake => {
+            Frame::Welcome { applied, authoritative, consistent, .. } if self.link == LinkState::Handshake => {
                 self.peer_applied_at_welcome = applied;
                 self.peer_authoritative = authoritative;
+                self.peer_consistent = consistent;
             }
             Frame::RecordChunk { entries, .. } if self.link == LinkState::Handshake => {
                 for en in entries {
@@ -621,30 +579,19 @@ impl Primary {
                 }
             }
             Frame::DivergentChunk { extents, .. } if self.link == LinkState::Handshake => {
-                let list: Vec<ExtentId> = from_runs(&extents)
-                    .filter(|e| self.geo.contains(*e))
-                    .collect();
+                let list: Vec<ExtentId> = from_runs(&extents).filter(|e| self.geo.contains(*e)).collect();
                 if !list.is_empty() {
                     self.peer_save_aside = true;
                     self.needs_copy.extend(list.iter().copied());
                     self.add_local_dirty(list);
                 }
             }
-            Frame::SnapshotEnd { .. } if self.link == LinkState::Handshake => {
-                self.on_snapshot_end(now)
-            }
-            Frame::RecordAnswer {
-                id,
-                generation,
-                added,
-                ..
-            } => self.on_answer(now, id, generation, &added),
+            Frame::SnapshotEnd { .. } if self.link == LinkState::Handshake => self.on_snapshot_end(now),
+            Frame::RecordAnswer { id, generation, added, .. } => self.on_answer(now, id, generation, &added),
             Frame::Applied { through, .. } => self.on_applied(now, through),
             Frame::Refused { reason, .. } => {
                 self.stats.frames_refused += 1;
-                self.actions.push_back(Action::Disconnect {
-                    reason: format!("peer refused: {reason:?}"),
-                });
+                self.actions.push_back(Action::Disconnect { reason: format!("peer refused: {reason:?}") });
             }
             other => {
                 self.stats.frames_refused += 1;
@@ -695,33 +642,20 @@ impl Primary {
         if !to_dirty.is_empty() {
             self.add_local_dirty(to_dirty.into_iter().collect());
         }
-        let expired: Vec<usize> = (0..self.flushes.len())
-            .filter(|&i| now.since(self.flushes[i].arrived) >= self.cfg.link_loss_deadline)
-            .collect();
+        let expired: Vec<usize> =
+            (0..self.flushes.len()).filter(|&i| now.since(self.flushes[i].arrived) >= self.cfg.link_loss_deadline).collect();
         for i in expired.into_iter().rev() {
             let f = self.flushes.remove(i);
             self.ack(f.request, Err(HostError::LinkDown));
         }
         if let Some(since) = self.evictions_since {
-            if now.since(since) >= self.cfg.eviction_idle_delay
-                && self.link == LinkState::Up
-                && !self.pending_evictions.is_empty()
-            {
+            if now.since(since) >= self.cfg.eviction_idle_delay && self.link == LinkState::Up && !self.pending_evictions.is_empty() {
                 let evictions = std::mem::take(&mut self.pending_evictions);
                 self.evictions_since = None;
-                self.send(
-                    Stream::Control,
-                    Frame::Evict {
-                        epoch: self.epoch,
-                        evictions,
-                    },
-                );
+                self.send(Stream::Control, Frame::Evict { epoch: self.epoch, evictions });
             }
         }
-        if self.sync_inflight.is_none()
-            && self.sync_would_help()
-            && now.since(self.last_sync) >= self.cfg.local_sync_interval
-        {
+        if self.sync_inflight.is_none() && self.sync_would_help() && now.since(self.last_sync) >= self.cfg.local_sync_interval {
             self.request_sync(now);
         }
         self.progress(now);
@@ -752,8 +686,7 @@ impl Primary {
     fn covered(&self, extents: &Range<u64>) -> bool {
         extents.clone().all(|e| {
             let e = ExtentId(e);
-            self.local_dirty.contains(&e)
-                || (self.cfg.mode == Mode::Predictive && self.copy.contains(e))
+            self.local_dirty.contains(&e) || (self.cfg.mode == Mode::Predictive && self.copy.contains(e))
         })
     }
 
@@ -768,10 +701,7 @@ impl Primary {
             if !self.covered(&w.extents) {
                 continue;
             }
-            if w.extents
-                .clone()
-                .any(|e| self.reading.values().any(|r| r.0 == e))
-            {
+            if w.extents.clone().any(|e| self.reading.values().any(|r| r.0 == e)) {
                 continue;
             }
             if self.buffer_bytes >= self.cfg.max_lag_bytes {
@@ -784,11 +714,7 @@ impl Primary {
                 // peer may never see reaches media.
                 if !self.wrote_alone_persisting {
                     self.wrote_alone_persisting = true;
-                    self.persist(
-                        PersistKind::WroteAlone(true),
-                        Vec::new(),
-                        vec![StoreWrite::Meta(Meta::WroteAlone(true))],
-                    );
+                    self.persist(PersistKind::WroteAlone(true), Vec::new(), vec![StoreWrite::Meta(Meta::WroteAlone(true))]);
                 }
                 break;
             }
@@ -814,21 +740,8 @@ impl Primary {
         }
         let token = self.token();
         self.tokens.insert(token, seq);
-        self.dispatched.insert(
-            seq,
-            Dispatched {
-                request: w.request,
-                extents: w.extents.clone(),
-                local_done: false,
-                fua: w.fua,
-                at: _now,
-            },
-        );
-        self.actions.push_back(Action::LocalWrite {
-            token,
-            seq,
-            op: w.op,
-        });
+        self.dispatched.insert(seq, Dispatched { request: w.request, extents: w.extents.clone(), local_done: false, fua: w.fua, at: _now });
+        self.actions.push_back(Action::LocalWrite { token, seq, op: w.op });
         if w.fua {
             self.request_sync(_now);
         }
@@ -896,10 +809,7 @@ impl Primary {
                 .extents
                 .clone()
                 .map(ExtentId)
-                .filter(|e| {
-                    !self.local_dirty.contains(e)
-                        && !(self.cfg.mode == Mode::Predictive && self.copy.contains(*e))
-                })
+                .filter(|e| !self.local_dirty.contains(e) && !(self.cfg.mode == Mode::Predictive && self.copy.contains(*e)))
                 .collect();
             match self.cfg.mode {
                 Mode::Predictive => {
@@ -912,11 +822,7 @@ impl Primary {
                         }
                     }
                 }
-                Mode::Async | Mode::Sync => local.extend(
-                    missing
-                        .into_iter()
-                        .filter(|e| !self.dirty_persisting.contains(e)),
-                ),
+                Mode::Async | Mode::Sync => local.extend(missing.into_iter().filter(|e| !self.dirty_persisting.contains(e))),
             }
         }
         for h in hints {
@@ -929,26 +835,31 @@ impl Primary {
         }
     }
 
-    /// Requested extents not yet sent: `requested` holds both these and those in flight, and
-    /// the ones in flight are exactly those named by `updates`.
+    /// Requested extents not yet sent, oldest waiting write first, so that a batch cut short by
+    /// the record's capacity still completes whole writes. `requested` holds both these and
+    /// those in flight; the ones in flight are exactly those named by `updates`.
     fn pending_miss(&self) -> Vec<ExtentId> {
-        let inflight: BTreeSet<ExtentId> = self
-            .updates
-            .values()
-            .flat_map(|u| u.missed.iter().copied())
-            .collect();
-        self.requested
-            .iter()
-            .copied()
-            .filter(|e| !inflight.contains(e))
-            .collect()
+        let inflight: BTreeSet<ExtentId> = self.updates.values().flat_map(|u| u.missed.iter().copied()).collect();
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for w in self.waiting.values() {
+            for e in w.extents.clone().map(ExtentId) {
+                if self.requested.contains(&e) && !inflight.contains(&e) && seen.insert(e) {
+                    out.push(e);
+                }
+            }
+        }
+        out
+    }
+
+    /// Extents the oldest waiting miss still needs: an empty record admits at least these.
+    fn oldest_miss_span(&self) -> u64 {
+        self.waiting.values().find(|w| !self.covered(&w.extents)).map_or(0, |w| w.extents.end - w.extents.start)
     }
 
     fn add_local_dirty(&mut self, extents: Vec<ExtentId>) {
-        let new: Vec<ExtentId> = extents
-            .into_iter()
-            .filter(|e| !self.local_dirty.contains(e) && !self.dirty_persisting.contains(e))
-            .collect();
+        let new: Vec<ExtentId> =
+            extents.into_iter().filter(|e| !self.local_dirty.contains(e) && !self.dirty_persisting.contains(e)).collect();
         if new.is_empty() {
             return;
         }
@@ -968,20 +879,22 @@ impl Primary {
             }
             missed.truncate(MAX_LIST_LEN);
             let reserved: u64 = self.updates.values().map(|u| u.reserved).sum();
-            let used = self.copy.len() as u64 + reserved + missed.len() as u64;
-            let room = self
-                .cfg
-                .record_capacity_extents
-                .saturating_sub(used)
-                .min(u32::MAX as u64) as u32;
-            let hints: Vec<StreamHint> = std::mem::take(&mut self.pending_hints)
-                .into_iter()
-                .take(MAX_LIST_LEN)
-                .collect();
-            if missed.is_empty() && room == 0 {
-                // A pre-extension with no room would add nothing.
+            // The record stays within its capacity: misses beyond the free room wait until an
+            // eviction frees some. An empty record with nothing in flight admits a whole miss
+            // even if one write spans more extents than the capacity, so that it can progress.
+            let free = self.cfg.record_capacity_extents.saturating_sub(self.copy.len() as u64 + reserved);
+            let lone = self.copy.is_empty() && self.updates.is_empty();
+            let admit = if lone { free.max(self.oldest_miss_span()) } else { free };
+            if (missed.len() as u64) > admit {
+                missed.truncate(admit as usize);
+                self.stats.record_full_waits += 1;
+            }
+            let room = free.saturating_sub(missed.len() as u64).min(u32::MAX as u64) as u32;
+            if missed.is_empty() && (room == 0 || self.pending_hints.is_empty()) {
+                // Nothing fits now (or a pre-extension with no room would add nothing).
                 return;
             }
+            let hints: Vec<StreamHint> = std::mem::take(&mut self.pending_hints).into_iter().take(MAX_LIST_LEN).collect();
             let id = self.next_update_id;
             self.next_update_id += 1;
             let evictions = std::mem::take(&mut self.pending_evictions);
@@ -990,70 +903,38 @@ impl Primary {
                 self.stats.pre_extensions_sent += 1;
             }
             self.stats.record_updates_sent += 1;
-            self.updates.insert(
-                id,
-                Update {
-                    missed: missed.clone(),
-                    reserved: missed.len() as u64 + room as u64,
-                    sent_at: now,
-                },
-            );
-            self.send(
-                Stream::Control,
-                Frame::RecordUpdate {
-                    epoch: self.epoch,
-                    id,
-                    missed: to_runs(missed),
-                    hints,
-                    room,
-                    evictions,
-                },
-            );
+            self.updates.insert(id, Update { missed: missed.clone(), reserved: missed.len() as u64 + room as u64, sent_at: now });
+            self.send(Stream::Control, Frame::RecordUpdate { epoch: self.epoch, id, missed: to_runs(missed), hints, room, evictions });
         }
     }
 
     fn consider_pre_extension(&mut self, stream: usize) {
-        if self.cfg.mode != Mode::Predictive
-            || self.cfg.predictor.kind != crate::config::PredictorKind::Adaptive
-        {
+        if self.cfg.mode != Mode::Predictive || self.cfg.predictor.kind != crate::config::PredictorKind::Adaptive {
             return;
         }
-        let Some((hint, ahead)) = self
-            .detector
-            .ahead(stream, self.cfg.predictor.pre_extend_within)
-        else {
+        // Reach as far as the stream goes in two record round trips: one for the update in
+        // flight, one of margin.
+        let horizon = std::time::Duration::from_micros(2 * self.srtt_us.max(1));
+        let p = &self.cfg.predictor;
+        let within = self.detector.lookahead(stream, horizon, p.pre_extend_within, p.max_ahead);
+        let Some((hint, ahead)) = self.detector.ahead(stream, within) else {
             return;
         };
-        let gap = ahead.iter().any(|e| {
-            *e < self.geo.extent_count()
-                && !self.copy.contains(ExtentId(*e))
-                && !self.requested.contains(&ExtentId(*e))
-        });
+        let gap = ahead
+            .iter()
+            .any(|e| *e < self.geo.extent_count() && !self.copy.contains(ExtentId(*e)) && !self.requested.contains(&ExtentId(*e)));
         let far = *ahead.last().unwrap_or(&0) as i64;
         let asked = self.detector.asked_through(stream);
-        let beyond = if hint.stride > 0 {
-            far > asked
-        } else {
-            far < asked
-        };
+        let beyond = if hint.stride > 0 { far > asked } else { far < asked };
         if gap && beyond {
-            self.detector.mark_asked(
-                stream,
-                hint.last as i64 + hint.stride * self.cfg.predictor.max_ahead as i64,
-            );
+            self.detector.mark_asked(stream, hint.last as i64 + hint.stride * self.cfg.predictor.max_ahead as i64);
             if !self.pending_hints.contains(&hint) {
                 self.pending_hints.push(hint);
             }
         }
     }
 
-    fn on_answer(
-        &mut self,
-        now: Time,
-        id: u64,
-        generation: Generation,
-        added: &[crate::record::ExtentRun],
-    ) {
+    fn on_answer(&mut self, now: Time, id: u64, generation: Generation, added: &[crate::record::ExtentRun]) {
         let Some(u) = self.updates.remove(&id) else {
             return;
         };
@@ -1062,7 +943,9 @@ impl Primary {
             return;
         }
         self.stats.record_answers += 1;
-        self.stats.record_rtt_us_total += now.since(u.sent_at).as_micros() as u64;
+        let rtt = now.since(u.sent_at).as_micros() as u64;
+        self.srtt_us = if self.srtt_us == 0 { rtt } else { (7 * self.srtt_us + rtt) / 8 };
+        self.stats.record_rtt_us_total += rtt;
         self.stats.record_rtt_count += 1;
         let missed: BTreeSet<ExtentId> = u.missed.iter().copied().collect();
         for e in &u.missed {
@@ -1117,8 +1000,8 @@ impl Primary {
     /// over would never finish if the host outpaces the link.
     fn maybe_lag_resync(&mut self) {
         let full = self.buffer_bytes > self.cfg.max_lag_bytes;
-        let policy = self.cfg.on_lag_full == LagPolicy::Resync
-            || (self.link != LinkState::Up && self.cfg.on_link_loss == LinkLossPolicy::Degrade);
+        let policy =
+            self.cfg.on_lag_full == LagPolicy::Resync || (self.link != LinkState::Up && self.cfg.on_link_loss == LinkLossPolicy::Degrade);
         let resyncing_live = self.resync_running && self.link == LinkState::Up;
         if full && policy && !resyncing_live {
             self.abandon_buffer();
@@ -1141,10 +1024,7 @@ impl Primary {
         self.resync_running = true;
         self.resync_end = None;
         self.stats.resyncs_started += 1;
-        self.dispatch_item(Apply::ResyncBegin {
-            save_aside: self.peer_save_aside,
-            skip: true,
-        });
+        self.dispatch_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: true });
         // Seqs that will never be applied must not keep extents dirty forever: the copies
         // shipped by the resync re-mark them.
         self.dirty.clear();
@@ -1155,14 +1035,12 @@ impl Primary {
         if self.link != LinkState::Up || self.phase == Phase::Fenced {
             return;
         }
-        if !self.resync_running && !self.needs_copy.is_empty() {
+        if !self.resync_running && (!self.needs_copy.is_empty() || self.force_resync) {
+            self.force_resync = false;
             self.resync_running = true;
             self.resync_end = None;
             self.stats.resyncs_started += 1;
-            self.dispatch_item(Apply::ResyncBegin {
-                save_aside: self.peer_save_aside,
-                skip: false,
-            });
+            self.dispatch_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: false });
         }
         if !self.resync_running {
             return;
@@ -1174,17 +1052,12 @@ impl Primary {
             if self.buffer_bytes > 0 && self.buffer_bytes + pending > self.cfg.max_lag_bytes {
                 break;
             }
-            let next = self
-                .needs_copy
-                .iter()
-                .copied()
-                .find(|e| !self.local_busy.contains_key(e));
+            let next = self.needs_copy.iter().copied().find(|e| !self.local_busy.contains_key(e));
             let Some(e) = next else { break };
             self.needs_copy.remove(&e);
             let token = self.token();
             self.reading.insert(token, e);
-            self.actions
-                .push_back(Action::ReadExtent { token, extent: e });
+            self.actions.push_back(Action::ReadExtent { token, extent: e });
         }
         if self.needs_copy.is_empty() && self.reading.is_empty() && self.resync_end.is_none() {
             let end = self.dispatch_item(Apply::ResyncEnd);
@@ -1198,11 +1071,7 @@ impl Primary {
         }
         let lanes = self.cfg.data_lanes.max(1) as u64;
         loop {
-            let inflight: u64 = self
-                .buffer
-                .range(..self.ship_next)
-                .map(|(_, i)| item_bytes(i))
-                .sum();
+            let inflight: u64 = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
             let Some((seq, item)) = self.buffer.range(self.ship_next..).next() else {
                 break;
             };
@@ -1214,14 +1083,7 @@ impl Primary {
             }
             let (seq, apply) = (*seq, item.clone());
             self.ship_next = seq.next();
-            self.send(
-                Stream::Data((seq.0 % lanes) as u8),
-                Frame::Data {
-                    epoch: self.epoch,
-                    seq,
-                    apply,
-                },
-            );
+            self.send(Stream::Data((seq.0 % lanes) as u8), Frame::Data { epoch: self.epoch, seq, apply });
         }
     }
 
@@ -1241,10 +1103,7 @@ impl Primary {
             let age = now.since(d.at);
             if !needs_remote || self.applied_ack >= *seq {
                 done.push((*seq, Ok(())));
-            } else if degrade
-                && age >= self.cfg.record_update_timeout
-                && self.extents_locally_covered(&d.extents)
-            {
+            } else if degrade && age >= self.cfg.record_update_timeout && self.extents_locally_covered(&d.extents) {
                 done.push((*seq, Ok(())));
             } else if age >= self.cfg.link_loss_deadline {
                 done.push((*seq, Err(HostError::ReplicationTimeout)));
@@ -1263,9 +1122,7 @@ impl Primary {
     }
 
     fn extents_locally_covered(&self, extents: &Range<u64>) -> bool {
-        extents
-            .clone()
-            .all(|e| self.local_dirty.contains(&ExtentId(e)))
+        extents.clone().all(|e| self.local_dirty.contains(&ExtentId(e)))
     }
 
     fn finish_flushes(&mut self) {
@@ -1283,10 +1140,7 @@ impl Primary {
     }
 
     fn sync_would_help(&self) -> bool {
-        self.dirty_by_seq
-            .keys()
-            .next()
-            .is_some_and(|s| *s <= self.applied_ack && *s > self.local_synced)
+        self.dirty_by_seq.keys().next().is_some_and(|s| *s <= self.applied_ack && *s > self.local_synced)
     }
 
     fn request_sync(&mut self, now: Time) {
@@ -1323,8 +1177,7 @@ impl Primary {
                 break;
             }
             #[cfg(feature = "mutations")]
-            let clean =
-                crate::mutations::evict_dirty() || members.iter().all(|e| self.is_clean(*e));
+            let clean = crate::mutations::evict_dirty() || members.iter().all(|e| self.is_clean(*e));
             #[cfg(not(feature = "mutations"))]
             let clean = members.iter().all(|e| self.is_clean(*e));
             if clean {
@@ -1333,21 +1186,14 @@ impl Primary {
             }
         }
         for g in victims {
-            let members: Vec<ExtentId> = self
-                .copy
-                .members_of(g)
-                .map(|m| m.iter().copied().collect())
-                .unwrap_or_default();
+            let members: Vec<ExtentId> = self.copy.members_of(g).map(|m| m.iter().copied().collect()).unwrap_or_default();
             for e in &members {
                 self.copy.remove(*e);
                 self.predicted.remove(e);
             }
             self.stats.evicted_extents += members.len() as u64;
             self.stats.evicted_generations += 1;
-            self.pending_evictions.push(Eviction {
-                generation: g,
-                extents: to_runs(members),
-            });
+            self.pending_evictions.push(Eviction { generation: g, extents: to_runs(members) });
             if self.evictions_since.is_none() {
                 self.evictions_since = Some(now);
             }
@@ -1359,12 +1205,8 @@ impl Primary {
         if self.link != LinkState::Up || self.local_dirty.is_empty() {
             return;
         }
-        let clean: Vec<ExtentId> = self
-            .local_dirty
-            .iter()
-            .copied()
-            .filter(|e| self.is_clean(*e) && !self.dirty_persisting.contains(e))
-            .collect();
+        let clean: Vec<ExtentId> =
+            self.local_dirty.iter().copied().filter(|e| self.is_clean(*e) && !self.dirty_persisting.contains(e)).collect();
         if clean.is_empty() {
             return;
         }
@@ -1386,11 +1228,7 @@ impl Primary {
             && self.local_dirty.is_empty()
         {
             self.wrote_alone_persisting = true;
-            self.persist(
-                PersistKind::WroteAlone(false),
-                Vec::new(),
-                vec![StoreWrite::Meta(Meta::WroteAlone(false))],
-            );
+            self.persist(PersistKind::WroteAlone(false), Vec::new(), vec![StoreWrite::Meta(Meta::WroteAlone(false))]);
         }
     }
 
@@ -1400,10 +1238,7 @@ impl Primary {
             && self.cfg.mode == Mode::Predictive
             && self.local_dirty.is_empty()
             && self.dirty_persisting.is_empty()
-            && !self
-                .persists
-                .values()
-                .any(|(k, _)| *k == PersistKind::Undirty)
+            && !self.persists.values().any(|(k, _)| *k == PersistKind::Undirty)
         {
             self.peer_authoritative = true;
             self.send(Stream::Control, Frame::Authoritative { epoch: self.epoch });
@@ -1412,23 +1247,9 @@ impl Primary {
 
     // ----- internals: handshake and fencing -----
 
-    fn on_hello(
-        &mut self,
-        now: Time,
-        epoch: Epoch,
-        role: Role,
-        volume_bytes: u64,
-        extent_bytes: u64,
-        wrote_alone: bool,
-    ) {
+    fn on_hello(&mut self, now: Time, epoch: Epoch, role: Role, volume_bytes: u64, extent_bytes: u64, wrote_alone: bool) {
         if volume_bytes != self.geo.volume_bytes() || extent_bytes != self.geo.extent_bytes() {
-            self.send(
-                Stream::Control,
-                Frame::Refused {
-                    epoch: self.epoch,
-                    reason: crate::frame::Refusal::Geometry,
-                },
-            );
+            self.send(Stream::Control, Frame::Refused { epoch: self.epoch, reason: crate::frame::Refusal::Geometry });
             self.refuse("peer volume geometry differs");
             return;
         }
@@ -1444,13 +1265,7 @@ impl Primary {
                 // secondary on a new connection.
             }
             Role::Primary => {
-                self.send(
-                    Stream::Control,
-                    Frame::Refused {
-                        epoch: self.epoch,
-                        reason: crate::frame::Refusal::Roles,
-                    },
-                );
+                self.send(Stream::Control, Frame::Refused { epoch: self.epoch, reason: crate::frame::Refusal::Roles });
                 self.refuse("two primaries in one epoch");
             }
         }
@@ -1471,6 +1286,13 @@ impl Primary {
         if self.peer_wrote_alone {
             self.peer_save_aside = true;
         }
+        if !self.peer_consistent && !self.resync_running {
+            // Only a resync can make the peer's image a prefix again; by invariant R, copying
+            // the record and the dirty map is enough, even when both are empty.
+            self.needs_copy.extend(self.copy.iter().map(|(e, _)| e));
+            self.needs_copy.extend(self.local_dirty.iter().copied());
+            self.force_resync = true;
+        }
         self.set_link(now, LinkState::Up);
         self.start_shipping_after_snapshot();
     }
@@ -1481,14 +1303,7 @@ impl Primary {
         let first = self.buffer.keys().next().copied();
         match first {
             Some(f) if f <= from => self.ship_next = from.max(self.applied_ack.next()),
-            Some(f)
-                if matches!(
-                    self.buffer.get(&f),
-                    Some(Apply::ResyncBegin { skip: true, .. })
-                ) =>
-            {
-                self.ship_next = f
-            }
+            Some(f) if matches!(self.buffer.get(&f), Some(Apply::ResyncBegin { skip: true, .. })) => self.ship_next = f,
             None if from >= self.next_seq => self.ship_next = self.next_seq,
             _ => {
                 // The peer needs items this site no longer holds: resync instead.
@@ -1497,13 +1312,7 @@ impl Primary {
         }
         // The peer's applied position may be ahead of what it has acknowledged to us.
         let applied = self.peer_applied_at_welcome.min(self.last_dispatched());
-        if applied > self.applied_ack
-            && self
-                .buffer
-                .keys()
-                .next()
-                .is_some_and(|f| *f <= applied.next())
-        {
+        if applied > self.applied_ack && self.buffer.keys().next().is_some_and(|f| *f <= applied.next()) {
             self.on_applied(Time::ZERO, applied);
         }
     }
@@ -1537,24 +1346,16 @@ impl Primary {
             batch.push(StoreWrite::Meta(Meta::WroteAlone(true)));
         }
         // Extents written here but possibly unknown to the new primary's failback set.
-        let extra: Vec<StoreWrite> = self
-            .dirty
-            .keys()
-            .filter(|e| !self.local_dirty.contains(e))
-            .map(|e| StoreWrite::PutDirty(*e))
-            .collect();
+        let extra: Vec<StoreWrite> =
+            self.dirty.keys().filter(|e| !self.local_dirty.contains(e)).map(|e| StoreWrite::PutDirty(*e)).collect();
         batch.extend(extra);
         self.persist(PersistKind::Demote, Vec::new(), batch);
-        self.actions.push_back(Action::Disconnect {
-            reason: format!("fenced by epoch {}", newer.0),
-        });
+        self.actions.push_back(Action::Disconnect { reason: format!("fenced by epoch {}", newer.0) });
     }
 
     fn refuse(&mut self, reason: &str) {
         self.stats.frames_refused += 1;
-        self.actions.push_back(Action::Disconnect {
-            reason: reason.to_string(),
-        });
+        self.actions.push_back(Action::Disconnect { reason: reason.to_string() });
     }
 
     /// `link_changed` marks when the connection last appeared or disappeared: the link-loss
@@ -1600,11 +1401,7 @@ impl Primary {
 
     fn refresh_stats(&mut self) {
         let dispatched = self.last_dispatched().0;
-        let inflight = self
-            .buffer
-            .range(..self.ship_next)
-            .map(|(_, i)| item_bytes(i))
-            .sum();
+        let inflight = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
         let s = &mut self.stats;
         s.record_len = self.copy.len() as u64;
         s.record_generations = self.copy.generation_count() as u64;

@@ -33,14 +33,12 @@ pub fn to_runs<I: IntoIterator<Item = ExtentId>>(extents: I) -> Vec<ExtentRun> {
 /// Expands runs back into extents. Runs come from the network, so the caller bounds the total
 /// first with `runs_len`.
 pub fn from_runs(runs: &[ExtentRun]) -> impl Iterator<Item = ExtentId> + '_ {
-    runs.iter()
-        .flat_map(|r| (r.start..r.start.saturating_add(r.len as u64)).map(ExtentId))
+    runs.iter().flat_map(|r| (r.start..r.start.saturating_add(r.len as u64)).map(ExtentId))
 }
 
 /// Total extents named by `runs`, saturating.
 pub fn runs_len(runs: &[ExtentRun]) -> u64 {
-    runs.iter()
-        .fold(0u64, |acc, r| acc.saturating_add(r.len as u64))
+    runs.iter().fold(0u64, |acc, r| acc.saturating_add(r.len as u64))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,12 +51,7 @@ pub struct Record {
 
 impl Record {
     pub fn new(extent_count: u64) -> Record {
-        Record {
-            bits: vec![0; extent_count.div_ceil(64) as usize],
-            extent_count,
-            members: BTreeMap::new(),
-            by_generation: BTreeMap::new(),
-        }
+        Record { bits: vec![0; extent_count.div_ceil(64) as usize], extent_count, members: BTreeMap::new(), by_generation: BTreeMap::new() }
     }
 
     pub fn extent_count(&self) -> u64 {
@@ -171,27 +164,16 @@ mod tests {
         assert!(r.insert(ExtentId(3), Generation(1)));
         assert!(r.insert(ExtentId(4), Generation(1)));
         assert!(r.insert(ExtentId(70), Generation(2)));
-        assert!(
-            !r.insert(ExtentId(100), Generation(2)),
-            "outside the volume"
-        );
+        assert!(!r.insert(ExtentId(100), Generation(2)), "outside the volume");
         assert!(r.contains(ExtentId(70)) && !r.contains(ExtentId(5)));
         assert_eq!(r.len(), 3);
-        assert_eq!(
-            r.generations()
-                .map(|(g, s)| (g, s.len()))
-                .collect::<Vec<_>>(),
-            vec![(Generation(1), 2), (Generation(2), 1)]
-        );
+        assert_eq!(r.generations().map(|(g, s)| (g, s.len())).collect::<Vec<_>>(), vec![(Generation(1), 2), (Generation(2), 1)]);
         // Re-adding moves the extent to the younger generation.
         r.insert(ExtentId(3), Generation(3));
         assert_eq!(r.generation_of(ExtentId(3)), Some(Generation(3)));
         assert_eq!(r.members_of(Generation(1)).unwrap().len(), 1);
         assert_eq!(r.remove(ExtentId(4)), Some(Generation(1)));
-        assert!(
-            r.members_of(Generation(1)).is_none(),
-            "an emptied generation disappears"
-        );
+        assert!(r.members_of(Generation(1)).is_none(), "an emptied generation disappears");
         assert!(!r.contains(ExtentId(4)));
     }
 
@@ -209,14 +191,7 @@ mod tests {
     fn runs_round_trip() {
         let ext = [1u64, 2, 3, 7, 9, 10].map(ExtentId);
         let runs = to_runs(ext);
-        assert_eq!(
-            runs,
-            vec![
-                ExtentRun { start: 1, len: 3 },
-                ExtentRun { start: 7, len: 1 },
-                ExtentRun { start: 9, len: 2 }
-            ]
-        );
+        assert_eq!(runs, vec![ExtentRun { start: 1, len: 3 }, ExtentRun { start: 7, len: 1 }, ExtentRun { start: 9, len: 2 }]);
         assert_eq!(from_runs(&runs).collect::<Vec<_>>(), ext.to_vec());
         assert_eq!(runs_len(&runs), 6);
     }

@@ -15,10 +15,7 @@
 
 use crate::action::Action;
 use crate::config::CoreConfig;
-use crate::frame::{
-    Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Role, Stream, StreamHint,
-    MAX_LIST_LEN,
-};
+use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Role, Stream, StreamHint, MAX_LIST_LEN};
 use crate::geometry::Geometry;
 use crate::ids::{Epoch, ExtentId, Generation, Seq, Token};
 use crate::predict::Predictor;
@@ -31,13 +28,7 @@ use thiserror::Error;
 
 #[derive(Clone, Debug)]
 enum Queued {
-    Update {
-        id: u64,
-        missed: Vec<ExtentId>,
-        hints: Vec<StreamHint>,
-        room: u32,
-        evictions: Vec<Eviction>,
-    },
+    Update { id: u64, missed: Vec<ExtentId>, hints: Vec<StreamHint>, room: u32, evictions: Vec<Eviction> },
     Evict(Vec<Eviction>),
 }
 
@@ -167,7 +158,8 @@ impl Secondary {
             apply_blocked: None,
             save_aside: false,
             saved: BTreeSet::new(),
-            // Inconsistent at start means a resync (or catch-up) was under way.
+            // Inconsistent at start: only a resync can vouch for the image again. The welcome
+            // says so, and the primary starts one.
             resyncing: !state.consistent,
             resync_end: None,
             sync_inflight: None,
@@ -181,15 +173,15 @@ impl Secondary {
         // Started without a primary that may degrade, for an unknown time: it may already be
         // writing outside the record.
         s.lose_authority();
-        if state.apply_high_water > state.applied && state.consistent {
+        if state.apply_high_water > state.applied {
             // Media may hold writes past the stored position: replaying them from there passes
-            // through states that never existed, so the image is not a prefix until caught up.
-            s.consistent = false;
+            // through states that never existed, so the image is not a prefix until caught up,
+            // whatever else (a resync) must also finish first.
             s.catch_up_to = Some(state.apply_high_water);
-            s.persist(
-                PersistKind::CatchUp,
-                vec![StoreWrite::Meta(Meta::Consistent(false))],
-            );
+            if s.consistent {
+                s.consistent = false;
+                s.persist(PersistKind::CatchUp, vec![StoreWrite::Meta(Meta::Consistent(false))]);
+            }
         }
         s.refresh_stats();
         s
@@ -227,19 +219,13 @@ impl Secondary {
     /// The one timer: when a primary that degrades could first write outside the record.
     pub fn poll_timeout(&self) -> Option<Time> {
         match self.link_down_since {
-            Some(since) if self.peer_may_degrade && self.authoritative => {
-                Some(self.authority_deadline(since))
-            }
+            Some(since) if self.peer_may_degrade && self.authoritative => Some(self.authority_deadline(since)),
             _ => None,
         }
     }
 
     fn authority_deadline(&self, since: Time) -> Time {
-        since
-            + self
-                .cfg
-                .record_update_timeout
-                .saturating_sub(self.cfg.link_loss_detection_skew)
+        since + self.cfg.record_update_timeout.saturating_sub(self.cfg.link_loss_detection_skew)
     }
 
     pub fn handle_timeout(&mut self, now: Time) {
@@ -256,10 +242,7 @@ impl Secondary {
     fn lose_authority(&mut self) {
         if self.peer_may_degrade && self.authoritative {
             self.authoritative = false;
-            self.persist(
-                PersistKind::Authoritative(false),
-                vec![StoreWrite::Meta(Meta::Authoritative(false))],
-            );
+            self.persist(PersistKind::Authoritative(false), vec![StoreWrite::Meta(Meta::Authoritative(false))]);
         }
     }
 
@@ -298,24 +281,8 @@ impl Secondary {
             self.refuse(None, "invalid frame");
             return;
         }
-        if let Frame::Hello {
-            epoch,
-            role,
-            volume_bytes,
-            extent_bytes,
-            on_link_loss,
-            authoritative,
-            ..
-        } = frame
-        {
-            self.on_hello(
-                epoch,
-                role,
-                volume_bytes,
-                extent_bytes,
-                on_link_loss,
-                authoritative,
-            );
+        if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, on_link_loss, authoritative, .. } = frame {
+            self.on_hello(epoch, role, volume_bytes, extent_bytes, on_link_loss, authoritative);
             self.progress();
             return;
         }
@@ -323,38 +290,18 @@ impl Secondary {
             // Fencing: a frame of another epoch, or before the handshake, is never applied.
             self.refuse(
                 Some(Refusal::StaleEpoch),
-                &format!(
-                    "{} frame of epoch {} refused at epoch {}",
-                    frame.kind(),
-                    frame.epoch().0,
-                    self.epoch.0
-                ),
+                &format!("{} frame of epoch {} refused at epoch {}", frame.kind(), frame.epoch().0, self.epoch.0),
             );
             return;
         }
         match frame {
-            Frame::RecordUpdate {
-                id,
-                missed,
-                hints,
-                room,
-                evictions,
-                ..
-            } => {
-                if runs_len(&missed) > self.geo.extent_count()
-                    || from_runs(&missed).any(|e| !self.geo.contains(e))
-                {
+            Frame::RecordUpdate { id, missed, hints, room, evictions, .. } => {
+                if runs_len(&missed) > self.geo.extent_count() || from_runs(&missed).any(|e| !self.geo.contains(e)) {
                     self.refuse(None, "record update names extents outside the volume");
                     return;
                 }
                 let missed = from_runs(&missed).collect();
-                self.queue.push_back(Queued::Update {
-                    id,
-                    missed,
-                    hints,
-                    room,
-                    evictions,
-                });
+                self.queue.push_back(Queued::Update { id, missed, hints, room, evictions });
             }
             Frame::Evict { evictions, .. } => self.queue.push_back(Queued::Evict(evictions)),
             Frame::Data { seq, apply, .. } => {
@@ -366,6 +313,16 @@ impl Secondary {
                 }
                 if seq <= self.applied {
                     return; // a retransmission of something already applied
+                }
+                #[cfg(feature = "mutations")]
+                if crate::mutations::apply_out_of_order() {
+                    if let Apply::Write(op) = apply {
+                        // The deliberate bug: apply in arrival order, not sequence order.
+                        self.applied = seq;
+                        self.actions.push_back(Action::ApplyWrite { seq, op });
+                        self.progress();
+                        return;
+                    }
                 }
                 self.reorder_bytes += apply_bytes(&apply);
                 if self.reorder_bytes > self.cfg.reorder_buffer_bytes {
@@ -379,23 +336,15 @@ impl Secondary {
             Frame::Authoritative { .. } => {
                 if !self.authoritative {
                     self.authoritative = true;
-                    self.persist(
-                        PersistKind::Authoritative(true),
-                        vec![StoreWrite::Meta(Meta::Authoritative(true))],
-                    );
+                    self.persist(PersistKind::Authoritative(true), vec![StoreWrite::Meta(Meta::Authoritative(true))]);
                 }
             }
             Frame::Refused { reason, .. } => {
                 self.stats.frames_refused += 1;
-                self.actions.push_back(Action::Disconnect {
-                    reason: format!("peer refused: {reason:?}"),
-                });
+                self.actions.push_back(Action::Disconnect { reason: format!("peer refused: {reason:?}") });
             }
             other => {
-                self.refuse(
-                    None,
-                    &format!("unexpected {} frame at the secondary", other.kind()),
-                );
+                self.refuse(None, &format!("unexpected {} frame at the secondary", other.kind()));
                 return;
             }
         }
@@ -430,11 +379,7 @@ impl Secondary {
                     self.apply_blocked = None;
                 }
             }
-            PersistKind::Applied {
-                through,
-                consistent,
-                resynced,
-            } => {
+            PersistKind::Applied { through, consistent, resynced } => {
                 self.applied_persist = None;
                 self.durable_applied = self.durable_applied.max(through);
                 if consistent {
@@ -449,17 +394,12 @@ impl Secondary {
                     self.saved.clear();
                 }
                 if self.connected && self.welcomed {
-                    self.send(Frame::Applied {
-                        epoch: self.epoch,
-                        through: self.durable_applied,
-                    });
+                    self.send(Frame::Applied { epoch: self.epoch, through: self.durable_applied });
                 }
             }
             PersistKind::Authoritative(_) | PersistKind::CatchUp => {}
             PersistKind::Promote => {
-                self.actions.push_back(Action::RoleChanged {
-                    role: Role::Primary,
-                });
+                self.actions.push_back(Action::RoleChanged { role: Role::Primary });
                 return;
             }
         }
@@ -470,11 +410,15 @@ impl Secondary {
         if let Some((t, through)) = self.sync_inflight {
             if t == token {
                 self.sync_inflight = None;
+                // Consistent again only when both hold: no resync left unfinished, and media no
+                // longer ahead of what has been re-applied since a crash.
                 let resynced = self.resync_end.is_some_and(|end| through >= end);
-                let caught_up = self.catch_up_to.is_some_and(|hw| through >= hw) && !self.resyncing;
-                let mut batch = vec![StoreWrite::Meta(Meta::Applied(through))];
-                if resynced || caught_up {
+                if self.catch_up_to.is_some_and(|hw| through >= hw) {
                     self.catch_up_to = None;
+                }
+                let consistent = !self.consistent && (resynced || !self.resyncing) && self.catch_up_to.is_none();
+                let mut batch = vec![StoreWrite::Meta(Meta::Applied(through))];
+                if consistent {
                     batch.push(StoreWrite::Meta(Meta::Consistent(true)));
                 }
                 if resynced {
@@ -482,14 +426,7 @@ impl Secondary {
                     batch.push(StoreWrite::Meta(Meta::WroteAlone(false)));
                     batch.extend(self.divergent.iter().map(|e| StoreWrite::DelDirty(*e)));
                 }
-                let token = self.persist(
-                    PersistKind::Applied {
-                        through,
-                        consistent: resynced || caught_up,
-                        resynced,
-                    },
-                    batch,
-                );
+                let token = self.persist(PersistKind::Applied { through, consistent, resynced }, batch);
                 self.applied_persist = Some(token);
             }
         }
@@ -523,24 +460,14 @@ impl Secondary {
         };
         self.persist(PersistKind::Promote, batch);
         if self.connected {
-            self.actions.push_back(Action::Disconnect {
-                reason: format!("promoted to epoch {}", new_epoch.0),
-            });
+            self.actions.push_back(Action::Disconnect { reason: format!("promoted to epoch {}", new_epoch.0) });
         }
         Ok(report)
     }
 
     // ----- internals -----
 
-    fn on_hello(
-        &mut self,
-        epoch: Epoch,
-        role: Role,
-        volume_bytes: u64,
-        extent_bytes: u64,
-        policy: LinkLossPolicy,
-        authoritative: bool,
-    ) {
+    fn on_hello(&mut self, epoch: Epoch, role: Role, volume_bytes: u64, extent_bytes: u64, policy: LinkLossPolicy, authoritative: bool) {
         if volume_bytes != self.geo.volume_bytes() || extent_bytes != self.geo.extent_bytes() {
             self.refuse(Some(Refusal::Geometry), "peer volume geometry differs");
             return;
@@ -550,13 +477,7 @@ impl Secondary {
             return;
         }
         if epoch < self.epoch {
-            self.refuse(
-                Some(Refusal::StaleEpoch),
-                &format!(
-                    "primary of stale epoch {} (this site is at {})",
-                    epoch.0, self.epoch.0
-                ),
-            );
+            self.refuse(Some(Refusal::StaleEpoch), &format!("primary of stale epoch {} (this site is at {})", epoch.0, self.epoch.0));
             return;
         }
         if self.promoting {
@@ -615,36 +536,20 @@ impl Secondary {
         let mut entries: Vec<RecordEntries> = Vec::new();
         for (e, g) in self.record.iter() {
             match entries.last_mut() {
-                Some(last)
-                    if last.generation == g
-                        && last.run.start + last.run.len as u64 == e.0
-                        && last.run.len < u32::MAX =>
-                {
+                Some(last) if last.generation == g && last.run.start + last.run.len as u64 == e.0 && last.run.len < u32::MAX => {
                     last.run.len += 1
                 }
-                _ => entries.push(RecordEntries {
-                    run: ExtentRun { start: e.0, len: 1 },
-                    generation: g,
-                }),
+                _ => entries.push(RecordEntries { run: ExtentRun { start: e.0, len: 1 }, generation: g }),
             }
         }
         for chunk in entries.chunks(MAX_LIST_LEN) {
-            self.send(Frame::RecordChunk {
-                epoch: self.epoch,
-                entries: chunk.to_vec(),
-            });
+            self.send(Frame::RecordChunk { epoch: self.epoch, entries: chunk.to_vec() });
         }
         let runs = to_runs(self.divergent.iter().copied());
         for chunk in runs.chunks(MAX_LIST_LEN) {
-            self.send(Frame::DivergentChunk {
-                epoch: self.epoch,
-                extents: chunk.to_vec(),
-            });
+            self.send(Frame::DivergentChunk { epoch: self.epoch, extents: chunk.to_vec() });
         }
-        self.send(Frame::SnapshotEnd {
-            epoch: self.epoch,
-            record_len: self.record.len() as u64,
-        });
+        self.send(Frame::SnapshotEnd { epoch: self.epoch, record_len: self.record.len() as u64 });
     }
 
     /// Group commit: every queued update and eviction becomes one synced batch.
@@ -672,29 +577,11 @@ impl Secondary {
         };
         while let Some(q) = self.queue.pop_front() {
             match q {
-                Queued::Evict(evictions) => evict(
-                    &mut work,
-                    &mut self.predictor,
-                    &mut batch,
-                    &mut self.stats,
-                    &evictions,
-                ),
-                Queued::Update {
-                    id,
-                    missed,
-                    hints,
-                    room,
-                    evictions,
-                } => {
+                Queued::Evict(evictions) => evict(&mut work, &mut self.predictor, &mut batch, &mut self.stats, &evictions),
+                Queued::Update { id, missed, hints, room, evictions } => {
                     // Evictions first: a piggybacked eviction and a re-add of the same extent
                     // in one frame must leave the extent recorded.
-                    evict(
-                        &mut work,
-                        &mut self.predictor,
-                        &mut batch,
-                        &mut self.stats,
-                        &evictions,
-                    );
+                    evict(&mut work, &mut self.predictor, &mut batch, &mut self.stats, &evictions);
                     let g = self.next_generation;
                     self.next_generation = Generation(g.0 + 1);
                     let predicted = self.predictor.predict(&missed, &hints, room, &work);
@@ -707,12 +594,7 @@ impl Secondary {
                     }
                     self.stats.extents_added += added.len() as u64;
                     self.stats.record_updates += 1;
-                    answers.push(Frame::RecordAnswer {
-                        epoch: self.epoch,
-                        id,
-                        generation: g,
-                        added: to_runs(added),
-                    });
+                    answers.push(Frame::RecordAnswer { epoch: self.epoch, id, generation: g, added: to_runs(added) });
                 }
             }
         }
@@ -731,35 +613,9 @@ impl Secondary {
     fn apply_ready(&mut self) {
         while self.apply_blocked.is_none() {
             let next = self.applied.next();
-            #[cfg(feature = "mutations")]
-            let next = if crate::mutations::apply_out_of_order() {
-                self.reorder
-                    .keys()
-                    .next_back()
-                    .copied()
-                    .unwrap_or(next)
-                    .max(next)
-            } else {
-                next
-            };
             let seq = match self.reorder.keys().next().copied() {
                 Some(s) if s == next => s,
-                Some(s)
-                    if matches!(
-                        self.reorder.get(&s),
-                        Some(Apply::ResyncBegin { skip: true, .. })
-                    ) =>
-                {
-                    s
-                }
-                #[cfg(feature = "mutations")]
-                Some(s)
-                    if crate::mutations::apply_out_of_order()
-                        && self.reorder.contains_key(&next) =>
-                {
-                    let _ = s;
-                    next
-                }
+                Some(s) if matches!(self.reorder.get(&s), Some(Apply::ResyncBegin { skip: true, .. })) => s,
                 _ => break,
             };
             if seq > self.high_water {
@@ -768,10 +624,7 @@ impl Secondary {
                 while self.reorder.contains_key(&target.next()) {
                     target = target.next();
                 }
-                let token = self.persist(
-                    PersistKind::HighWater(target),
-                    vec![StoreWrite::Meta(Meta::ApplyHighWater(target))],
-                );
+                let token = self.persist(PersistKind::HighWater(target), vec![StoreWrite::Meta(Meta::ApplyHighWater(target))]);
                 self.apply_blocked = Some(token);
                 break;
             }
@@ -784,9 +637,7 @@ impl Secondary {
                         for e in self.geo.extents_of(op.offset, op.len) {
                             if self.saved.insert(ExtentId(e)) {
                                 self.stats.extents_saved_aside += 1;
-                                self.actions.push_back(Action::SaveAside {
-                                    extent: ExtentId(e),
-                                });
+                                self.actions.push_back(Action::SaveAside { extent: ExtentId(e) });
                             }
                         }
                     }
@@ -800,10 +651,7 @@ impl Secondary {
                     self.resyncing = true;
                     if self.consistent {
                         self.consistent = false;
-                        let token = self.persist(
-                            PersistKind::ResyncBegin,
-                            vec![StoreWrite::Meta(Meta::Consistent(false))],
-                        );
+                        let token = self.persist(PersistKind::ResyncBegin, vec![StoreWrite::Meta(Meta::Consistent(false))]);
                         self.apply_blocked = Some(token);
                     }
                 }
@@ -814,10 +662,7 @@ impl Secondary {
 
     /// Media sync, then a synced store of the position, then the return message.
     fn sync_applied(&mut self) {
-        if self.sync_inflight.is_some()
-            || self.applied_persist.is_some()
-            || self.applied <= self.durable_applied
-        {
+        if self.sync_inflight.is_some() || self.applied_persist.is_some() || self.applied <= self.durable_applied {
             return;
         }
         let token = self.token();
@@ -835,14 +680,9 @@ impl Secondary {
     fn refuse(&mut self, reason: Option<Refusal>, text: &str) {
         self.stats.frames_refused += 1;
         if let Some(reason) = reason {
-            self.send(Frame::Refused {
-                epoch: self.epoch,
-                reason,
-            });
+            self.send(Frame::Refused { epoch: self.epoch, reason });
         }
-        self.actions.push_back(Action::Disconnect {
-            reason: text.to_string(),
-        });
+        self.actions.push_back(Action::Disconnect { reason: text.to_string() });
     }
 
     fn token(&mut self) -> Token {
@@ -859,10 +699,7 @@ impl Secondary {
     }
 
     fn send(&mut self, frame: Frame) {
-        self.actions.push_back(Action::Send {
-            stream: Stream::Control,
-            frame,
-        });
+        self.actions.push_back(Action::Send { stream: Stream::Control, frame });
     }
 
     fn refresh_stats(&mut self) {

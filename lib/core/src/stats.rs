@@ -32,6 +32,8 @@ pub struct PrimaryStats {
     pub resync_bytes_copied: u64,
     pub degraded_writes: u64,
     pub throttled_writes: u64,
+    /// Times a miss had to wait because the record was full of extents not yet clean.
+    pub record_full_waits: u64,
     pub frames_refused: u64,
     /// Sum of record-update round trips, in microseconds, and how many.
     pub record_rtt_us_total: u64,

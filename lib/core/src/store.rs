@@ -139,11 +139,7 @@ pub struct MemStore {
 
 impl MemStore {
     pub fn new(initial: SiteState) -> MemStore {
-        MemStore {
-            durable: initial,
-            staged: std::collections::VecDeque::new(),
-            next_batch: 1,
-        }
+        MemStore { durable: initial, staged: std::collections::VecDeque::new(), next_batch: 1 }
     }
 
     /// Queues a batch; returns its number, for `sync_through`.
@@ -230,14 +226,8 @@ mod tests {
         let b = s.stage(vec![StoreWrite::PutRecord(ExtentId(2), Generation(2))]);
         assert!(s.sync_through(a));
         s.crash();
-        assert_eq!(
-            s.durable().record.keys().copied().collect::<Vec<_>>(),
-            vec![ExtentId(1)]
-        );
-        assert!(
-            !s.sync_through(b),
-            "a batch lost in the crash never becomes durable"
-        );
+        assert_eq!(s.durable().record.keys().copied().collect::<Vec<_>>(), vec![ExtentId(1)]);
+        assert!(!s.sync_through(b), "a batch lost in the crash never becomes durable");
         let c = s.stage(vec![StoreWrite::DelRecord(ExtentId(1))]);
         assert!(s.sync_through(c));
         assert!(s.durable().record.is_empty());
@@ -249,10 +239,7 @@ mod tests {
         let b = keys::extent_key(keys::RECORD, ExtentId(256));
         assert!(a < b, "big-endian keys scan in extent order");
         assert_eq!(a[0], keys::SCHEMA_VERSION);
-        assert_eq!(
-            keys::parse_extent_key(keys::RECORD, &b),
-            Some(ExtentId(256))
-        );
+        assert_eq!(keys::parse_extent_key(keys::RECORD, &b), Some(ExtentId(256)));
         assert_eq!(keys::parse_extent_key(keys::DIRTY, &b), None);
         let mut other_version = b;
         other_version[0] = 2;

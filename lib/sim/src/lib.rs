@@ -8,6 +8,7 @@
 //! Must not: use wall-clock time, threads or unseeded randomness.
 
 pub mod media;
+pub mod replay;
 pub mod workload;
 pub mod world;
 

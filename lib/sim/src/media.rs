@@ -19,10 +19,7 @@ pub struct Media {
 impl Media {
     pub fn new(volume_bytes: u64) -> Media {
         let n = (volume_bytes / BLOCK) as usize;
-        Media {
-            current: vec![0; n],
-            durable: vec![0; n],
-        }
+        Media { current: vec![0; n], durable: vec![0; n] }
     }
 
     pub fn blocks(&self) -> usize {
@@ -81,13 +78,5 @@ pub fn encode_stamps(stamps: &[u64]) -> Bytes {
 
 /// Stamps back from payload bytes (the inverse of `encode_stamps`).
 pub fn decode_stamps(data: &[u8]) -> Vec<u64> {
-    data.chunks(BLOCK as usize)
-        .map(|c| {
-            if c.len() >= 8 {
-                u64::from_le_bytes(c[..8].try_into().expect("8 bytes"))
-            } else {
-                0
-            }
-        })
-        .collect()
+    data.chunks(BLOCK as usize).map(|c| if c.len() >= 8 { u64::from_le_bytes(c[..8].try_into().expect("8 bytes")) } else { 0 }).collect()
 }

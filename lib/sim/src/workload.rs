@@ -19,13 +19,7 @@ pub enum Workload {
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
-        Workload::Sequential,
-        Workload::Strided,
-        Workload::Zipf,
-        Workload::Uniform,
-        Workload::Mixed,
-    ];
+    pub const ALL: [Workload; 5] = [Workload::Sequential, Workload::Strided, Workload::Zipf, Workload::Uniform, Workload::Mixed];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -71,13 +65,7 @@ pub struct Generator {
 
 impl Generator {
     /// `write_bytes` is the usual write size; `stride_bytes` the gap of a strided stream.
-    pub fn new(
-        kind: Workload,
-        volume_bytes: u64,
-        write_bytes: u64,
-        stride_bytes: u64,
-        streams: usize,
-    ) -> Generator {
+    pub fn new(kind: Workload, volume_bytes: u64, write_bytes: u64, stride_bytes: u64, streams: usize) -> Generator {
         let zipf_unit = write_bytes.max(4096);
         let n = (volume_bytes / zipf_unit).max(1) as usize;
         // Zipf with exponent 1.2 over the volume's units, hottest units spread by a fixed
@@ -91,18 +79,8 @@ impl Generator {
         for c in &mut cdf {
             *c /= acc;
         }
-        let cursors = (0..streams.max(1))
-            .map(|i| (volume_bytes / streams.max(1) as u64) * i as u64 / 4096 * 4096)
-            .collect();
-        Generator {
-            kind,
-            volume_bytes,
-            cursors,
-            stride_bytes,
-            write_bytes,
-            zipf_cdf: cdf,
-            zipf_unit,
-        }
+        let cursors = (0..streams.max(1)).map(|i| (volume_bytes / streams.max(1) as u64) * i as u64 / 4096 * 4096).collect();
+        Generator { kind, volume_bytes, cursors, stride_bytes, write_bytes, zipf_cdf: cdf, zipf_unit }
     }
 
     pub fn next(&mut self, rng: &mut ChaCha8Rng) -> HostOp {
@@ -121,10 +99,7 @@ impl Generator {
             Workload::Strided => self.advance(rng, len, self.stride_bytes.max(len)),
             Workload::Zipf => {
                 let u: f64 = rng.gen();
-                let idx = self
-                    .zipf_cdf
-                    .partition_point(|c| *c < u)
-                    .min(self.zipf_cdf.len() - 1) as u64;
+                let idx = self.zipf_cdf.partition_point(|c| *c < u).min(self.zipf_cdf.len() - 1) as u64;
                 let n = self.zipf_cdf.len() as u64;
                 let unit = (idx.wrapping_mul(2_654_435_761) % n) * self.zipf_unit;
                 unit.min(self.volume_bytes - len)
@@ -136,11 +111,7 @@ impl Generator {
             1 => OpKind::Trim,
             _ => OpKind::Write,
         };
-        HostOp {
-            offset,
-            len,
-            kind: op,
-        }
+        HostOp { offset, len, kind: op }
     }
 
     fn size(&self, rng: &mut ChaCha8Rng, kind: Workload) -> u64 {
@@ -193,12 +164,7 @@ pub enum TraceFormat {
 /// Reads the writes of a block trace, aligned to 4 KiB and folded into `volume_bytes`.
 /// Reads are skipped: only writes change what the record must track. Bounded: at most
 /// `max_ops` writes are kept.
-pub fn read_trace<R: BufRead>(
-    input: R,
-    format: TraceFormat,
-    volume_bytes: u64,
-    max_ops: usize,
-) -> Result<Vec<HostOp>, TraceError> {
+pub fn read_trace<R: BufRead>(input: R, format: TraceFormat, volume_bytes: u64, max_ops: usize) -> Result<Vec<HostOp>, TraceError> {
     let mut out = Vec::new();
     for (i, line) in input.lines().enumerate() {
         let line = line?;
@@ -208,44 +174,27 @@ pub fn read_trace<R: BufRead>(
         }
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
         let parse = |s: &str, what: &str| {
-            s.parse::<u64>().map_err(|_| TraceError::Parse {
-                line: i + 1,
-                msg: format!("{what} {s:?} is not a number"),
-            })
+            s.parse::<u64>().map_err(|_| TraceError::Parse { line: i + 1, msg: format!("{what} {s:?} is not a number") })
         };
         let (is_write, offset, size) = match format {
             TraceFormat::CloudPhysics => {
                 if f.len() < 4 {
-                    return Err(TraceError::Parse {
-                        line: i + 1,
-                        msg: format!("expected timestamp,op,size,lba; got {} fields", f.len()),
-                    });
+                    return Err(TraceError::Parse { line: i + 1, msg: format!("expected timestamp,op,size,lba; got {} fields", f.len()) });
                 }
                 if i == 0 && f[2].parse::<u64>().is_err() {
                     continue; // header
                 }
                 let op = f[1].to_ascii_uppercase();
-                (
-                    op.starts_with('W'),
-                    parse(f[3], "lba")?.saturating_mul(512),
-                    parse(f[2], "size")?,
-                )
+                (op.starts_with('W'), parse(f[3], "lba")?.saturating_mul(512), parse(f[2], "size")?)
             }
             TraceFormat::Msr => {
                 if f.len() < 6 {
-                    return Err(TraceError::Parse {
-                        line: i + 1,
-                        msg: format!("expected 7 MSR fields; got {}", f.len()),
-                    });
+                    return Err(TraceError::Parse { line: i + 1, msg: format!("expected 7 MSR fields; got {}", f.len()) });
                 }
                 if i == 0 && f[4].parse::<u64>().is_err() {
                     continue; // header
                 }
-                (
-                    f[3].eq_ignore_ascii_case("write"),
-                    parse(f[4], "offset")?,
-                    parse(f[5], "size")?,
-                )
+                (f[3].eq_ignore_ascii_case("write"), parse(f[4], "offset")?, parse(f[5], "size")?)
             }
         };
         if !is_write || size == 0 {
@@ -255,16 +204,8 @@ pub fn read_trace<R: BufRead>(
         let end = (offset.saturating_add(size)).div_ceil(4096) * 4096;
         let len = (end - start).clamp(4096, 32 << 20).min(volume_bytes);
         let start = start % volume_bytes;
-        let start = if start + len > volume_bytes {
-            volume_bytes - len
-        } else {
-            start
-        };
-        out.push(HostOp {
-            offset: start,
-            len,
-            kind: OpKind::Write,
-        });
+        let start = if start + len > volume_bytes { volume_bytes - len } else { start };
+        out.push(HostOp { offset: start, len, kind: OpKind::Write });
         if out.len() >= max_ops {
             break;
         }
@@ -287,10 +228,7 @@ mod tests {
             let mut g = Generator::new(w, 64 << 20, 64 << 10, 256 << 10, 2);
             for _ in 0..2000 {
                 let op = g.next(&mut rng);
-                assert!(
-                    op.len >= 4096 && op.offset % 4096 == 0 && op.offset + op.len <= 64 << 20,
-                    "{w:?} {op:?}"
-                );
+                assert!(op.len >= 4096 && op.offset % 4096 == 0 && op.offset + op.len <= 64 << 20, "{w:?} {op:?}");
             }
         }
     }
@@ -300,42 +238,14 @@ mod tests {
         let cp = "timestamp,op,size,lba\n1,W,8192,16\n2,R,4096,0\n3,W,4096,100000000\n";
         let ops = read_trace(cp.as_bytes(), TraceFormat::CloudPhysics, 1 << 30, 100).unwrap();
         assert_eq!(ops.len(), 2);
-        assert_eq!(
-            ops[0],
-            HostOp {
-                offset: 8192,
-                len: 8192,
-                kind: OpKind::Write
-            }
-        );
-        let msr =
-            "128166372003061629,hm,0,Write,3584,512,6860\n128166372003061630,hm,0,Read,0,4096,1\n";
+        assert_eq!(ops[0], HostOp { offset: 8192, len: 8192, kind: OpKind::Write });
+        let msr = "128166372003061629,hm,0,Write,3584,512,6860\n128166372003061630,hm,0,Read,0,4096,1\n";
         let ops = read_trace(msr.as_bytes(), TraceFormat::Msr, 1 << 30, 100).unwrap();
-        assert_eq!(
-            ops,
-            vec![HostOp {
-                offset: 0,
-                len: 4096,
-                kind: OpKind::Write
-            }]
-        );
+        assert_eq!(ops, vec![HostOp { offset: 0, len: 4096, kind: OpKind::Write }]);
         assert!(matches!(
-            read_trace(
-                "1,W,x,1\n".as_bytes(),
-                TraceFormat::CloudPhysics,
-                1 << 30,
-                10
-            ),
+            read_trace("1,W,x,1\n".as_bytes(), TraceFormat::CloudPhysics, 1 << 30, 10),
             Err(TraceError::Parse { line: 1, .. })
         ));
-        assert!(matches!(
-            read_trace(
-                "1,R,4096,1\n".as_bytes(),
-                TraceFormat::CloudPhysics,
-                1 << 30,
-                10
-            ),
-            Err(TraceError::Empty)
-        ));
+        assert!(matches!(read_trace("1,R,4096,1\n".as_bytes(), TraceFormat::CloudPhysics, 1 << 30, 10), Err(TraceError::Empty)));
     }
 }

@@ -13,8 +13,8 @@ use crate::workload::{Generator, HostOp, OpKind, Workload};
 use bytes::Bytes;
 use geomirror_core::frame::{decode, encode};
 use geomirror_core::{
-    Action, CoreConfig, Epoch, ExtentId, Frame, Geometry, HostError, LinkState, MemStore, Primary,
-    RequestId, Role, Secondary, SiteState, Stream, Time, Token, WriteKind, WriteOp,
+    Action, CoreConfig, Epoch, ExtentId, Frame, Geometry, HostError, LinkState, MemStore, Primary, RequestId, Role, Secondary, SiteState,
+    Stream, Time, Token, WriteKind, WriteOp,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -75,9 +75,7 @@ impl SimConfig {
     /// A configuration drawn from the seed: mode, policies, capacity, workload, lanes, faults
     /// and scenario all vary, so that 1,000 seeds cover every fault of TESTING.md.
     pub fn for_seed(seed: u64) -> SimConfig {
-        use geomirror_core::{
-            FlushPolicy, LagPolicy, LinkLossPolicy, Mode, PredictorConfig, PredictorKind,
-        };
+        use geomirror_core::{FlushPolicy, LagPolicy, LinkLossPolicy, Mode, PredictorConfig, PredictorKind};
         let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_cafe);
         let mode = match r.gen_range(0..10) {
             0 => Mode::Sync,
@@ -96,39 +94,23 @@ impl SimConfig {
             mode,
             record_capacity_extents: [8u64, 16, 32, 128][r.gen_range(0..4)],
             predictor: PredictorConfig {
-                kind: if r.gen_bool(0.7) {
-                    PredictorKind::Adaptive
-                } else {
-                    PredictorKind::KNext
-                },
+                kind: if r.gen_bool(0.7) { PredictorKind::Adaptive } else { PredictorKind::KNext },
                 k_next: r.gen_range(1..6),
-                max_ahead: r.gen_range(4..32),
+                max_ahead: r.gen_range(6..48),
                 pre_extend_within: r.gen_range(1..6),
                 ghost_capacity: r.gen_range(0..64),
                 max_streams: r.gen_range(1..8),
             },
             record_update_timeout: Duration::from_millis(r.gen_range(20..80)),
-            on_link_loss: if r.gen_bool(0.5) {
-                LinkLossPolicy::Block
-            } else {
-                LinkLossPolicy::Degrade
-            },
+            on_link_loss: if r.gen_bool(0.5) { LinkLossPolicy::Block } else { LinkLossPolicy::Degrade },
             link_loss_detection_skew: Duration::from_millis(r.gen_range(0..10)),
             link_loss_deadline: Duration::from_millis(r.gen_range(100..400)),
             max_lag_bytes: [2u64 << 20, 4 << 20, 64 << 20][r.gen_range(0..3)],
-            on_lag_full: if r.gen_bool(0.5) {
-                LagPolicy::Throttle
-            } else {
-                LagPolicy::Resync
-            },
+            on_lag_full: if r.gen_bool(0.5) { LagPolicy::Throttle } else { LagPolicy::Resync },
             max_inflight_bytes: 1 << 20,
             max_record_updates_in_flight: r.gen_range(1..5),
             data_lanes: r.gen_range(1..4),
-            flush_policy: if r.gen_bool(0.5) {
-                FlushPolicy::Local
-            } else {
-                FlushPolicy::Remote
-            },
+            flush_policy: if r.gen_bool(0.5) { FlushPolicy::Local } else { FlushPolicy::Remote },
             eviction_idle_delay: Duration::from_millis(r.gen_range(1..10)),
             local_sync_interval: Duration::from_millis(r.gen_range(1..20)),
             reorder_buffer_bytes: (1 << 20) + geomirror_core::frame::MAX_FRAME_BYTES as u64,
@@ -146,11 +128,7 @@ impl SimConfig {
             delay_us: (r.gen_range(100..1000), r.gen_range(1000..6000)),
             faults: Faults {
                 link_cut_ppm: r.gen_range(0..8000),
-                crash_primary_ppm: if scenario == Scenario::Steady {
-                    r.gen_range(0..6000)
-                } else {
-                    r.gen_range(0..2000)
-                },
+                crash_primary_ppm: if scenario == Scenario::Steady { r.gen_range(0..6000) } else { r.gen_range(0..2000) },
                 crash_secondary_ppm: r.gen_range(0..6000),
                 flush_ppm: r.gen_range(0..80_000),
                 drop_mid_frame_ppm: r.gen_range(0..300),
@@ -241,51 +219,16 @@ struct Site {
 #[derive(Clone, Debug)]
 enum Ev {
     HostIssue,
-    Deliver {
-        to: SiteId,
-        conn: u64,
-        bytes: Vec<u8>,
-    },
-    PersistDone {
-        site: SiteId,
-        life: u64,
-        token: Token,
-        batch: u64,
-    },
-    LocalWriteDone {
-        site: SiteId,
-        life: u64,
-        token: Token,
-    },
-    SyncDone {
-        site: SiteId,
-        life: u64,
-        token: Token,
-        snapshot: Vec<u64>,
-        applied_write: u64,
-    },
-    ReadDone {
-        site: SiteId,
-        life: u64,
-        token: Token,
-        data: Bytes,
-    },
-    Timer {
-        site: SiteId,
-        life: u64,
-    },
-    Connect {
-        conn: u64,
-    },
-    Heal {
-        cut_id: u64,
-    },
-    Crash {
-        site: SiteId,
-    },
-    Restart {
-        site: SiteId,
-    },
+    Deliver { to: SiteId, conn: u64, bytes: Vec<u8> },
+    PersistDone { site: SiteId, life: u64, token: Token, batch: u64 },
+    LocalWriteDone { site: SiteId, life: u64, token: Token },
+    SyncDone { site: SiteId, life: u64, token: Token, snapshot: Vec<u64>, applied_write: u64 },
+    ReadDone { site: SiteId, life: u64, token: Token, data: Bytes },
+    Timer { site: SiteId, life: u64 },
+    Connect { conn: u64 },
+    Heal { cut_id: u64 },
+    Crash { site: SiteId },
+    Restart { site: SiteId },
     Scenario,
     Step(u8),
 }
@@ -313,12 +256,7 @@ struct HostView {
 
 impl HostView {
     fn new(blocks: usize) -> HostView {
-        HostView {
-            history: vec![vec![0]; blocks],
-            flushed: vec![0; blocks],
-            indeterminate: vec![false; blocks],
-            busy: vec![0; blocks],
-        }
+        HostView { history: vec![vec![0]; blocks], flushed: vec![0; blocks], indeterminate: vec![false; blocks], busy: vec![0; blocks] }
     }
     fn current(&self, b: usize) -> u64 {
         *self.history[b].last().expect("never empty")
@@ -387,11 +325,8 @@ const OTHER: [SiteId; 2] = [1, 0];
 
 impl World {
     pub fn new(cfg: SimConfig) -> World {
-        let geo = Geometry::new(cfg.volume_bytes, cfg.extent_bytes)
-            .expect("simulation geometry is valid");
-        cfg.core
-            .validate()
-            .expect("simulation core config is valid");
+        let geo = Geometry::new(cfg.volume_bytes, cfg.extent_bytes).expect("simulation geometry is valid");
+        cfg.core.validate().expect("simulation core config is valid");
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let blocks = (cfg.volume_bytes / BLOCK) as usize;
         let mk = |role| Site {
@@ -405,13 +340,7 @@ impl World {
             pre_demotion: None,
             was_consistent: true,
         };
-        let generator = Generator::new(
-            cfg.workload,
-            cfg.volume_bytes,
-            cfg.write_bytes,
-            cfg.write_bytes * 3,
-            2,
-        );
+        let generator = Generator::new(cfg.workload, cfg.volume_bytes, cfg.write_bytes, cfg.write_bytes * 3, 2);
         let mut w = World {
             geo,
             rng,
@@ -444,10 +373,7 @@ impl World {
             rogue_extents: BTreeSet::new(),
             scenario_stage: 0,
             promoted_record: None,
-            report: SimReport {
-                seed: cfg.seed,
-                ..SimReport::default()
-            },
+            report: SimReport { seed: cfg.seed, ..SimReport::default() },
             hash: 0xcbf2_9ce4_8422_2325,
             quiescing: false,
             event_count: 0,
@@ -471,10 +397,7 @@ impl World {
             self.now = t;
             self.event_count += 1;
             if self.event_count > self.cfg.max_events {
-                self.violate(
-                    "liveness",
-                    format!("more than {} events", self.cfg.max_events),
-                );
+                self.violate("liveness", format!("more than {} events", self.cfg.max_events));
                 break;
             }
             self.mix(idx as u64 ^ t.0.rotate_left(17));
@@ -523,12 +446,7 @@ impl World {
     }
 
     fn violate(&mut self, oracle: &'static str, detail: String) {
-        self.report.violations.push(Violation {
-            oracle,
-            event: self.event_count,
-            time_us: self.now.0,
-            detail,
-        });
+        self.report.violations.push(Violation { oracle, event: self.event_count, time_us: self.now.0, detail });
     }
 
     fn us(&mut self, lo: u64, hi: u64) -> Duration {
@@ -611,10 +529,7 @@ impl World {
                 let frame = match decode(&bytes) {
                     Ok((f, used)) if used == bytes.len() => f,
                     other => {
-                        self.violate(
-                            "codec",
-                            format!("frame failed to decode in transit: {other:?}"),
-                        );
+                        self.violate("codec", format!("frame failed to decode in transit: {other:?}"));
                         return;
                     }
                 };
@@ -624,12 +539,7 @@ impl World {
                     Core::Secondary(x) => x.handle_frame(now, frame),
                 });
             }
-            Ev::PersistDone {
-                site,
-                life,
-                token,
-                batch,
-            } => {
+            Ev::PersistDone { site, life, token, batch } => {
                 // The store finishes what it was given even if the state machine that asked
                 // was replaced meanwhile (a role change); a crash already discarded it.
                 self.sites[site].store.sync_through(batch);
@@ -650,13 +560,7 @@ impl World {
                     });
                 }
             }
-            Ev::SyncDone {
-                site,
-                life,
-                token,
-                snapshot,
-                applied_write,
-            } => {
+            Ev::SyncDone { site, life, token, snapshot, applied_write } => {
                 if life != self.sites[site].life {
                     return;
                 }
@@ -667,12 +571,7 @@ impl World {
                     Core::Secondary(x) => x.handle_media_synced(now, token),
                 });
             }
-            Ev::ReadDone {
-                site,
-                life,
-                token,
-                data,
-            } => {
+            Ev::ReadDone { site, life, token, data } => {
                 if life == self.sites[site].life {
                     self.with_core(site, |c, now| {
                         if let Core::Primary(p) = c {
@@ -701,11 +600,7 @@ impl World {
                 }
             }
             Ev::Connect { conn } => {
-                if conn != self.conn
-                    || self.cut
-                    || self.link_up
-                    || self.sites.iter().any(|s| s.core.is_none())
-                {
+                if conn != self.conn || self.cut || self.link_up || self.sites.iter().any(|s| s.core.is_none()) {
                     return;
                 }
                 self.link_up = true;
@@ -767,12 +662,7 @@ impl World {
             }
         }
         // The host's requests to the dead site fail; their blocks may or may not have landed.
-        let dead: Vec<RequestId> = self
-            .outstanding
-            .iter()
-            .filter(|(_, o)| o.site == s)
-            .map(|(r, _)| *r)
-            .collect();
+        let dead: Vec<RequestId> = self.outstanding.iter().filter(|(_, o)| o.site == s).map(|(r, _)| *r).collect();
         for r in dead {
             let o = self.outstanding.remove(&r).expect("present");
             if let Some((first, stamps)) = &o.write {
@@ -794,17 +684,19 @@ impl World {
                     continue;
                 }
                 if !self.host.history[b][self.host.flushed[b]..].contains(v) {
-                    self.violate("O1", format!("block {b} lost flushed data in a primary crash: holds {v}, flushed history {:?}", &self.host.history[b][self.host.flushed[b]..]));
+                    self.violate(
+                        "O1",
+                        format!(
+                            "block {b} lost flushed data in a primary crash: holds {v}, flushed history {:?}",
+                            &self.host.history[b][self.host.flushed[b]..]
+                        ),
+                    );
                     return;
                 }
             }
             self.host.rebase(&image);
         }
-        if self.cfg.scenario == Scenario::Steady
-            || self.scenario_stage == 0
-            || self.scenario_stage >= 9
-            || self.quiescing
-        {
+        if self.cfg.scenario == Scenario::Steady || self.scenario_stage == 0 || self.scenario_stage >= 9 || self.quiescing {
             let d = self.us(1_000, 50_000);
             self.schedule(d, Ev::Restart { site: s });
         }
@@ -829,18 +721,8 @@ impl World {
         let request = RequestId(self.next_request);
         self.next_request += 1;
         if self.rng.gen_range(0..1_000_000) < self.cfg.faults.flush_ppm {
-            let marks: Vec<usize> = (0..self.host.history.len())
-                .map(|b| self.host.history[b].len() - 1)
-                .collect();
-            self.outstanding.insert(
-                request,
-                Outstanding {
-                    site,
-                    write: None,
-                    rogue: false,
-                    flush_marks: Some(marks),
-                },
-            );
+            let marks: Vec<usize> = (0..self.host.history.len()).map(|b| self.host.history[b].len() - 1).collect();
+            self.outstanding.insert(request, Outstanding { site, write: None, rogue: false, flush_marks: Some(marks) });
             self.with_core(site, |c, now| {
                 if let Core::Primary(p) = c {
                     p.handle_host_flush(now, request)
@@ -882,9 +764,7 @@ impl World {
         let stamp = self.next_stamp;
         self.next_stamp += 1;
         let stamps: Vec<u64> = match op.kind {
-            OpKind::Write => (0..n as u64)
-                .map(|i| (stamp << 16) | (i & 0xffff))
-                .collect(),
+            OpKind::Write => (0..n as u64).map(|i| (stamp << 16) | (i & 0xffff)).collect(),
             OpKind::Zero | OpKind::Trim => vec![0; n],
         };
         let wop = match op.kind {
@@ -895,15 +775,7 @@ impl World {
         for b in first..first + n {
             self.host.busy[b] += 1;
         }
-        self.outstanding.insert(
-            request,
-            Outstanding {
-                site,
-                write: Some((first, stamps)),
-                rogue,
-                flush_marks: None,
-            },
-        );
+        self.outstanding.insert(request, Outstanding { site, write: Some((first, stamps)), rogue, flush_marks: None });
         let fua = self.rng.gen_range(0..50) == 0;
         self.with_core(site, |c, now| {
             if let Core::Primary(p) = c {
@@ -917,20 +789,11 @@ impl World {
             return;
         }
         let Some(o) = self.outstanding.remove(&request) else {
-            self.violate(
-                "host",
-                format!("ack for unknown request {request:?} from site {s}"),
-            );
+            self.violate("host", format!("ack for unknown request {request:?} from site {s}"));
             return;
         };
         if o.site != s {
-            self.violate(
-                "host",
-                format!(
-                    "request {request:?} sent to site {} acked by site {s}",
-                    o.site
-                ),
-            );
+            self.violate("host", format!("request {request:?} sent to site {} acked by site {s}", o.site));
             return;
         }
         match (&o.write, result) {
@@ -947,17 +810,13 @@ impl World {
                             self.host.indeterminate[b] = false;
                         }
                         // Never dispatched: the block must keep its old value.
-                        Err(HostError::LinkDown)
-                        | Err(HostError::OutOfRange)
-                        | Err(HostError::NotServing) => {}
+                        Err(HostError::LinkDown) | Err(HostError::OutOfRange) | Err(HostError::NotServing) => {}
                         Err(_) => self.host.indeterminate[b] = true,
                     }
                 }
                 if o.rogue {
                     if res.is_ok() {
-                        let exts = self
-                            .geo
-                            .extents_of((*first as u64) * BLOCK, stamps.len() as u64 * BLOCK);
+                        let exts = self.geo.extents_of((*first as u64) * BLOCK, stamps.len() as u64 * BLOCK);
                         self.rogue_extents.extend(exts.map(ExtentId));
                     }
                 } else if res.is_ok() {
@@ -1128,8 +987,7 @@ impl World {
                 }
             }
             (Scenario::Switchover, 1) => {
-                let drained =
-                    matches!(&self.sites[a].core, Some(Core::Primary(p)) if p.is_drained());
+                let drained = matches!(&self.sites[a].core, Some(Core::Primary(p)) if p.is_drained());
                 if !drained {
                     if self.sites[a].core.is_none() || self.sites[b].core.is_none() {
                         // A crash during the drain: give up the switchover, as an operator would.
@@ -1151,10 +1009,7 @@ impl World {
                 }
                 let equal = self.sites[a].media.current() == self.sites[b].media.current();
                 if !equal {
-                    self.violate(
-                        "O4",
-                        "switchover: drained primary and secondary differ".into(),
-                    );
+                    self.violate("O4", "switchover: drained primary and secondary differ".into());
                     return;
                 }
                 if let Some(p) = self.primary(a) {
@@ -1197,13 +1052,9 @@ impl World {
         if !held {
             return;
         }
-        let evidence =
-            matches!(&self.sites[old].core, Some(Core::Secondary(x)) if x.split_brain_evidence());
+        let evidence = matches!(&self.sites[old].core, Some(Core::Secondary(x)) if x.split_brain_evidence());
         if !evidence {
-            self.violate(
-                "split-brain",
-                "held by the primary but not reported by its peer".into(),
-            );
+            self.violate("split-brain", "held by the primary but not reported by its peer".into());
             return;
         }
         self.report.split_brains_detected += 1;
@@ -1215,13 +1066,7 @@ impl World {
     }
 
     fn promote(&mut self, s: SiteId, force: bool) {
-        let record: BTreeSet<ExtentId> = self.sites[s]
-            .store
-            .durable()
-            .record
-            .keys()
-            .copied()
-            .collect();
+        let record: BTreeSet<ExtentId> = self.sites[s].store.durable().record.keys().copied().collect();
         let dirty: BTreeSet<ExtentId> = self.sites[s].store.durable().dirty.clone();
         let res = match &mut self.sites[s].core {
             Some(Core::Secondary(x)) => x.promote(force),
@@ -1275,22 +1120,13 @@ impl World {
                 }
             }
             self.report.lost_acked_blocks_reported += lost;
-        } else if (0..image.len()).any(|b| {
-            !self.host.indeterminate[b]
-                && self.host.busy[b] == 0
-                && image[b] != self.host.current(b)
-        }) {
+        } else if (0..image.len()).any(|b| !self.host.indeterminate[b] && self.host.busy[b] == 0 && image[b] != self.host.current(b)) {
             self.violate("O1", "switchover lost acknowledged data".into());
             return;
         }
         // Outstanding requests to the old site fail from the host's point of view.
         let old = OTHER[s];
-        let stale: Vec<RequestId> = self
-            .outstanding
-            .iter()
-            .filter(|(_, o)| o.site == old && !o.rogue)
-            .map(|(r, _)| *r)
-            .collect();
+        let stale: Vec<RequestId> = self.outstanding.iter().filter(|(_, o)| o.site == old && !o.rogue).map(|(r, _)| *r).collect();
         for r in stale {
             self.abandoned.insert(r);
             let o = self.outstanding.remove(&r).expect("present");
@@ -1334,9 +1170,7 @@ impl World {
         if let Some(t) = t {
             let life = self.sites[s].life;
             let at = t.max(self.now + Duration::from_micros(1));
-            if self.armed[s]
-                .is_none_or(|(armed_at, armed_life)| at < armed_at || armed_life != life)
-            {
+            if self.armed[s].is_none_or(|(armed_at, armed_life)| at < armed_at || armed_life != life) {
                 self.armed[s] = Some((at, life));
                 self.schedule_at(at, Ev::Timer { site: s, life });
             }
@@ -1355,15 +1189,7 @@ impl World {
                 let d = self.us(50, 800);
                 let at = (self.now + d).max(self.sites[s].persist_done_at);
                 self.sites[s].persist_done_at = at;
-                self.schedule_at(
-                    at,
-                    Ev::PersistDone {
-                        site: s,
-                        life,
-                        token,
-                        batch,
-                    },
-                );
+                self.schedule_at(at, Ev::PersistDone { site: s, life, token, batch });
             }
             Action::LocalWrite { token, seq, op } => {
                 let epoch = match &self.sites[s].core {
@@ -1372,10 +1198,7 @@ impl World {
                 };
                 if let Some(other) = self.writers.get(&epoch) {
                     if *other != s {
-                        self.violate(
-                            "O5",
-                            format!("sites {other} and {s} both wrote in epoch {}", epoch.0),
-                        );
+                        self.violate("O5", format!("sites {other} and {s} both wrote in epoch {}", epoch.0));
                     }
                 }
                 self.writers.insert(epoch, s);
@@ -1386,14 +1209,7 @@ impl World {
                 let d = self.us(20, 300);
                 let at = (self.now + d).max(self.sites[s].media_done_at);
                 self.sites[s].media_done_at = at;
-                self.schedule_at(
-                    at,
-                    Ev::LocalWriteDone {
-                        site: s,
-                        life,
-                        token,
-                    },
-                );
+                self.schedule_at(at, Ev::LocalWriteDone { site: s, life, token });
             }
             Action::ApplyWrite { seq, op } => {
                 let (_, stamps) = op_stamps(&op);
@@ -1413,15 +1229,7 @@ impl World {
                 let d = self.us(20, 400);
                 let at = (self.now + d).max(self.sites[s].media_done_at);
                 self.sites[s].media_done_at = at;
-                self.schedule_at(
-                    at,
-                    Ev::ReadDone {
-                        site: s,
-                        life,
-                        token,
-                        data,
-                    },
-                );
+                self.schedule_at(at, Ev::ReadDone { site: s, life, token, data });
             }
             Action::SyncMedia { token } => {
                 let snapshot = self.sites[s].media.snapshot();
@@ -1429,16 +1237,7 @@ impl World {
                 let d = self.us(50, 2_000);
                 let at = (self.now + d).max(self.sites[s].media_done_at);
                 self.sites[s].media_done_at = at;
-                self.schedule_at(
-                    at,
-                    Ev::SyncDone {
-                        site: s,
-                        life,
-                        token,
-                        snapshot,
-                        applied_write,
-                    },
-                );
+                self.schedule_at(at, Ev::SyncDone { site: s, life, token, snapshot, applied_write });
             }
             Action::Ack { request, result } => self.on_ack(s, request, result),
             Action::Disconnect { reason } => {
@@ -1468,8 +1267,7 @@ impl World {
                 return;
             }
         };
-        if self.rng.gen_range(0..1_000_000) < self.cfg.faults.drop_mid_frame_ppm && !self.quiescing
-        {
+        if self.rng.gen_range(0..1_000_000) < self.cfg.faults.drop_mid_frame_ppm && !self.quiescing {
             // The connection dies with this frame half sent.
             self.report.link_cuts += 1;
             self.disconnect(true);
@@ -1478,11 +1276,7 @@ impl World {
         let to = OTHER[from];
         let (lo, hi) = self.cfg.delay_us;
         let d = self.us(lo, hi);
-        let last = self
-            .last_delivery
-            .get(&(from, stream))
-            .copied()
-            .unwrap_or(Time::ZERO);
+        let last = self.last_delivery.get(&(from, stream)).copied().unwrap_or(Time::ZERO);
         let at = (self.now + d).max(last);
         self.last_delivery.insert((from, stream), at);
         let conn = self.conn;
@@ -1524,12 +1318,7 @@ impl World {
             return;
         }
         let (stats, drained, split, copy_len) = match &self.sites[a].core {
-            Some(Core::Primary(p)) => (
-                p.stats().clone(),
-                p.is_drained(),
-                p.split_brain(),
-                p.record_copy().len() as u64,
-            ),
+            Some(Core::Primary(p)) => (p.stats().clone(), p.is_drained(), p.split_brain(), p.record_copy().len() as u64),
             _ => {
                 self.violate("O6", "the active site is not primary at the end".into());
                 return;
@@ -1544,34 +1333,27 @@ impl World {
         self.report.resyncs = stats.resyncs_started;
         self.report.failback_bytes = stats.resync_bytes_copied;
         self.report.final_record_len = copy_len;
-        self.report.scenario_done =
-            self.cfg.scenario == Scenario::Steady || self.scenario_stage >= 5;
+        self.report.scenario_done = self.cfg.scenario == Scenario::Steady || self.scenario_stage >= 5;
         if !drained {
-            self.violate(
-                "O6",
-                format!(
-                    "not drained after faults stopped: lag {} bytes, {} writes waiting",
-                    stats.lag_bytes, stats.writes
-                ),
-            );
+            self.violate("O6", format!("not drained after faults stopped: lag {} bytes, {} writes waiting", stats.lag_bytes, stats.writes));
             return;
         }
         // O4: byte-identical images once drained.
         if self.sites[a].media.current() != self.sites[b].media.current() {
-            let diff = (0..self.sites[a].media.blocks())
-                .find(|i| self.sites[a].media.current()[*i] != self.sites[b].media.current()[*i]);
-            self.violate(
-                "O4",
-                format!("images differ after drain, first at block {diff:?}"),
-            );
+            let diff = (0..self.sites[a].media.blocks()).find(|i| self.sites[a].media.current()[*i] != self.sites[b].media.current()[*i]);
+            self.violate("O4", format!("images differ after drain, first at block {diff:?}"));
             return;
         }
         let cap = self.cfg.core.record_capacity_extents;
+        // The record stays within its capacity, or one write's span when a single write is
+        // larger than the whole capacity (the largest write here is twice `write_bytes`).
+        let span = (2 * self.cfg.write_bytes).div_ceil(self.cfg.extent_bytes) + 1;
+        if self.cfg.core.mode == geomirror_core::Mode::Predictive && self.report.max_record_len > cap.max(span) {
+            self.violate("record", format!("record reached {} extents, capacity {cap}", self.report.max_record_len));
+            return;
+        }
         if self.cfg.core.mode == geomirror_core::Mode::Predictive && copy_len > cap {
-            self.violate(
-                "O6",
-                format!("record holds {copy_len} extents after faults stopped, capacity {cap}"),
-            );
+            self.violate("O6", format!("record holds {copy_len} extents after faults stopped, capacity {cap}"));
             return;
         }
         if self.cfg.scenario == Scenario::SplitBrain && self.report.split_brains_detected > 0 {
@@ -1580,12 +1362,12 @@ impl World {
                 if !self.sites[old].side.contains_key(e) && self.sites[old].pre_demotion.is_some() {
                     let r = self.geo.extent_range(*e);
                     let pre = self.sites[old].pre_demotion.as_ref().expect("checked");
-                    let (f, n) = (
-                        (r.start / BLOCK) as usize,
-                        ((r.end - r.start) / BLOCK) as usize,
-                    );
+                    let (f, n) = ((r.start / BLOCK) as usize, ((r.end - r.start) / BLOCK) as usize);
                     if pre[f..f + n] != self.sites[old].media.current()[f..f + n] {
-                        self.violate("split-brain", format!("extent {} written on the losing side was overwritten without being saved aside", e.0));
+                        self.violate(
+                            "split-brain",
+                            format!("extent {} written on the losing side was overwritten without being saved aside", e.0),
+                        );
                         return;
                     }
                 }
@@ -1627,7 +1409,9 @@ impl World {
             for (i, (p, q)) in x.iter().zip(y.iter()).enumerate() {
                 if p != q && !covered.contains(&((i / per_extent) as u64)) {
                     let e = i / per_extent;
-                    bad = Some(format!("block {i} (extent {e}) differs between the sites ({p} vs {q}) but no durable record or dirty map holds extent {e}"));
+                    bad = Some(format!(
+                        "block {i} (extent {e}) differs between the sites ({p} vs {q}) but no durable record or dirty map holds extent {e}"
+                    ));
                     break 'outer;
                 }
             }
@@ -1647,10 +1431,7 @@ impl World {
         for (b, v) in img.iter().enumerate() {
             if self.host.busy[b] == 0 && !self.host.indeterminate[b] && *v != self.host.current(b) {
                 let want = self.host.current(b);
-                self.violate(
-                    "O1",
-                    format!("primary block {b} holds {v} but the host was acknowledged {want}"),
-                );
+                self.violate("O1", format!("primary block {b} holds {v} but the host was acknowledged {want}"));
                 return;
             }
         }
@@ -1661,8 +1442,7 @@ impl World {
     fn check_o3(&mut self) {
         let a = self.active;
         let b = OTHER[a];
-        let consistent = self.sites[b].store.durable().consistent
-            && matches!(self.sites[b].core, Some(Core::Secondary(_)));
+        let consistent = self.sites[b].store.durable().consistent && matches!(self.sites[b].core, Some(Core::Secondary(_)));
         if !consistent || !self.sites[b].was_consistent {
             self.sites[b].was_consistent = consistent && self.sites[b].core.is_some();
             return;
@@ -1674,20 +1454,21 @@ impl World {
         let model = self.model_at(a, k);
         let img = self.sites[b].media.current();
         if let Some(i) = (0..img.len()).find(|i| img[*i] != model[*i]) {
-            self.violate("O3", format!("secondary image is not a prefix of the history at seq {k}: block {i} holds {} where the history has {}", img[i], model[i]));
+            self.violate(
+                "O3",
+                format!(
+                    "secondary image is not a prefix of the history at seq {k}: block {i} holds {} where the history has {}",
+                    img[i], model[i]
+                ),
+            );
         }
     }
 
     /// The image site `s`'s history gives at sequence `k`: the base of the incarnation that
     /// issued `k`, plus that incarnation's writes through `k`.
     fn model_at(&mut self, s: SiteId, k: u64) -> Vec<u64> {
-        let (base_idx, base_seq) = self.bases[s]
-            .iter()
-            .enumerate()
-            .filter(|(_, (b, _))| *b <= k)
-            .map(|(i, (b, _))| (i, *b))
-            .last()
-            .unwrap_or((0, 0));
+        let (base_idx, base_seq) =
+            self.bases[s].iter().enumerate().filter(|(_, (b, _))| *b <= k).map(|(i, (b, _))| (i, *b)).last().unwrap_or((0, 0));
         let (from, mut img) = match self.model_cache.take() {
             Some((cs, ci, ck, img)) if cs == s && ci == base_idx && ck <= k => (ck, img),
             _ => (base_seq, self.bases[s][base_idx].1.clone()),
@@ -1742,12 +1523,7 @@ fn brief_event(ev: &Ev) -> String {
             Ok((f, _)) => format!("deliver to {to} (conn {conn}): {}", brief_frame(&f)),
             Err(e) => format!("deliver to {to}: undecodable {e}"),
         },
-        Ev::SyncDone {
-            site,
-            token,
-            applied_write,
-            ..
-        } => format!("sync done site {site} {token:?} write {applied_write}"),
+        Ev::SyncDone { site, token, applied_write, .. } => format!("sync done site {site} {token:?} write {applied_write}"),
         Ev::ReadDone { site, token, .. } => format!("read done site {site} {token:?}"),
         other => format!("{other:?}"),
     }
@@ -1755,11 +1531,9 @@ fn brief_event(ev: &Ev) -> String {
 
 fn brief_frame(f: &Frame) -> String {
     match f {
-        Frame::Data {
-            seq,
-            apply: geomirror_core::frame::Apply::Write(op),
-            ..
-        } => format!("data seq {} write {}+{}", seq.0, op.offset, op.len),
+        Frame::Data { seq, apply: geomirror_core::frame::Apply::Write(op), .. } => {
+            format!("data seq {} write {}+{}", seq.0, op.offset, op.len)
+        }
         Frame::Data { seq, apply, .. } => format!("data seq {} {apply:?}", seq.0),
         other => format!("{other:?}"),
     }
@@ -1768,16 +1542,9 @@ fn brief_frame(f: &Frame) -> String {
 fn brief_action(a: &Action) -> String {
     match a {
         Action::Send { stream, frame } => format!("send {stream:?} {}", brief_frame(frame)),
-        Action::LocalWrite { token, seq, op } => format!(
-            "local write {token:?} seq {} {}+{}",
-            seq.0, op.offset, op.len
-        ),
+        Action::LocalWrite { token, seq, op } => format!("local write {token:?} seq {} {}+{}", seq.0, op.offset, op.len),
         Action::ApplyWrite { seq, op } => format!("apply seq {} {}+{}", seq.0, op.offset, op.len),
-        Action::Persist { token, batch } if batch.len() > 6 => format!(
-            "persist {token:?} {} writes {:?}..",
-            batch.len(),
-            &batch[..6]
-        ),
+        Action::Persist { token, batch } if batch.len() > 6 => format!("persist {token:?} {} writes {:?}..", batch.len(), &batch[..6]),
         other => format!("{other:?}"),
     }
 }
