@@ -1,1 +1,335 @@
-fn main() {}
+//! The `geomirror` command.
+//!
+//! Owns: argument parsing, help text and human-readable output. Must not: hold replication
+//! logic; every command here calls into `geomirror-core` or `geomirror-sim`.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use geomirror_sim::replay::{compare, format_bytes, markdown_table, ReplaySettings, Source};
+use geomirror_sim::seeds::run_parallel_with_progress;
+use geomirror_sim::{describe_failure, read_trace, run, SimConfig, TraceFormat, Workload};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "geomirror",
+    version,
+    about = "Predictive geo-replication of block volumes between two datacenters",
+    long_about = "geomirror mirrors block volumes from a primary site to a secondary site. The secondary keeps a \
+durable, predictive record of the extents the host is about to write: writes to recorded extents are \
+acknowledged at local-disk speed and shipped asynchronously; a write to an unrecorded extent first updates \
+the record synchronously. So the secondary always knows a superset of what may differ between the sites, \
+and failback copies only that.\n\n\
+This build holds the replication core and its tools: `replay` measures prediction on a workload or a block \
+trace, and `simulate` runs the deterministic two-site fault simulation.",
+    after_help = "Examples:\n  geomirror replay --workload sequential --workload zipf\n  geomirror replay --trace msr.csv --format msr --capacities 256,4096\n  geomirror simulate --seeds 1000\n  geomirror simulate --seed 42 --trace 2> seed42.log"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay a workload through the replication core (no I/O) and compare predictors.
+    ///
+    /// Runs claim 19's k-next predictor and the adaptive predictor side by side, for every
+    /// combination of extent size and record capacity given, and prints the hit ratio (writes
+    /// acknowledged without a round trip), the record's largest size, and the failback debt
+    /// when the workload ends. Every figure is a count: the same input gives the same table.
+    Replay(ReplayArgs),
+    /// Run the deterministic two-site simulation under faults and check every oracle.
+    ///
+    /// Each seed draws a configuration (mode, link-loss policy, record capacity, workload,
+    /// faults, and a scenario: steady, failover, split brain or switchover) and checks the
+    /// oracles O1-O6 of TESTING.md after every event. A failing seed prints the command that
+    /// replays it; `--seed N --trace` prints every event of one seed to stderr.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WorkloadArg {
+    Sequential,
+    Strided,
+    Zipf,
+    Uniform,
+    Mixed,
+}
+
+impl WorkloadArg {
+    fn workload(self) -> Workload {
+        match self {
+            WorkloadArg::Sequential => Workload::Sequential,
+            WorkloadArg::Strided => Workload::Strided,
+            WorkloadArg::Zipf => Workload::Zipf,
+            WorkloadArg::Uniform => Workload::Uniform,
+            WorkloadArg::Mixed => Workload::Mixed,
+        }
+    }
+
+    fn default_write_bytes(self) -> u64 {
+        match self {
+            WorkloadArg::Sequential => 1 << 20,
+            WorkloadArg::Strided => 256 << 10,
+            _ => 4096,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// `timestamp,op,size,lba` with lba in 512-byte sectors and op R or W.
+    Cloudphysics,
+    /// MSR Cambridge: `Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime`.
+    Msr,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Synthetic workload to replay; repeat for several. Default: all five.
+    #[arg(long, value_enum)]
+    workload: Vec<WorkloadArg>,
+    /// Replay the writes of this block-trace CSV instead of a synthetic workload.
+    #[arg(long, conflicts_with = "workload")]
+    trace: Option<PathBuf>,
+    /// Format of --trace.
+    #[arg(long, value_enum, default_value = "cloudphysics", requires = "trace")]
+    format: FormatArg,
+    /// Host writes per synthetic run (or the most read from a trace).
+    #[arg(long, default_value_t = 2000)]
+    writes: u64,
+    /// Size of each synthetic write, e.g. 4K or 1M. Default: 1M sequential, 256K strided, 4K otherwise.
+    #[arg(long, value_parser = parse_size)]
+    write_size: Option<u64>,
+    /// Extent sizes to compare, comma-separated (powers of two, 64K to 64M).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_values = ["256K", "1M"])]
+    extent_sizes: Vec<u64>,
+    /// Record capacities to compare, in extents, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [64u64, 256, 1024])]
+    capacities: Vec<u64>,
+    /// Volume size, e.g. 1G.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    volume_size: u64,
+    /// Round-trip time between the sites, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    rtt_ms: u64,
+    /// Link bandwidth for bulk data, in megabits per second (0: unlimited).
+    #[arg(long, default_value_t = 1000)]
+    link_mbps: u64,
+    /// Unapplied bytes at which host writes are throttled, e.g. 64M.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    max_lag: u64,
+    /// Host writes in flight at once.
+    #[arg(long, default_value_t = 8)]
+    queue_depth: usize,
+    /// Claim 19's k: extents the k-next predictor adds after each miss.
+    #[arg(long, default_value_t = 4)]
+    k: u32,
+    /// Also write the table as Markdown to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Print the record's size at ten points of each run.
+    #[arg(long)]
+    series: bool,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// How many seeds to run.
+    #[arg(long, default_value_t = 1000)]
+    seeds: u64,
+    /// First seed.
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Run exactly this seed (prints its full report).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// With --seed: print every event and action to stderr.
+    #[arg(long, requires = "seed")]
+    trace: bool,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Replay(a) => replay(a),
+        Command::Simulate(a) => simulate(a),
+    }
+}
+
+/// Parses sizes such as `4096`, `64K`, `1M`, `2G` (binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        None => (t, 1u64),
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown unit {:?} (use K, M, G or T)", &t[i..])),
+            };
+            (&t[..i], m)
+        }
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 1M, 2G)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn replay(a: ReplayArgs) -> Result<()> {
+    if a.volume_size % 4096 != 0 || a.volume_size == 0 {
+        bail!("--volume-size must be a positive multiple of 4096 bytes");
+    }
+    for e in &a.extent_sizes {
+        geomirror_core::Geometry::new(a.volume_size, *e).with_context(|| format!("extent size {}", format_bytes(*e)))?;
+    }
+    if a.capacities.iter().any(|c| *c < 8) {
+        bail!("every capacity must be at least 8 extents");
+    }
+    if a.queue_depth == 0 || a.writes == 0 {
+        bail!("--queue-depth and --writes must be at least 1");
+    }
+    if a.max_lag < (1 << 20) {
+        bail!("--max-lag must be at least 1M");
+    }
+    let settings = ReplaySettings {
+        volume_bytes: a.volume_size,
+        queue_depth: a.queue_depth,
+        rtt: Duration::from_millis(a.rtt_ms),
+        link_bytes_per_sec: (a.link_mbps > 0).then_some(a.link_mbps * 1_000_000 / 8),
+        max_lag_bytes: a.max_lag,
+        k_next: a.k,
+        seed: 1,
+    };
+    let sources: Vec<Source> = match &a.trace {
+        Some(path) => {
+            let file = std::fs::File::open(path).with_context(|| format!("opening trace {}", path.display()))?;
+            let format = match a.format {
+                FormatArg::Cloudphysics => TraceFormat::CloudPhysics,
+                FormatArg::Msr => TraceFormat::Msr,
+            };
+            let ops = read_trace(std::io::BufReader::new(file), format, a.volume_size, a.writes as usize)
+                .with_context(|| format!("reading trace {}", path.display()))?;
+            let name = path.file_name().map_or("trace".into(), |n| n.to_string_lossy().into_owned());
+            vec![Source::Trace { name, ops }]
+        }
+        None => {
+            let kinds = if a.workload.is_empty() {
+                vec![WorkloadArg::Sequential, WorkloadArg::Strided, WorkloadArg::Zipf, WorkloadArg::Uniform, WorkloadArg::Mixed]
+            } else {
+                a.workload.clone()
+            };
+            kinds
+                .into_iter()
+                .map(|k| Source::Synthetic {
+                    workload: k.workload(),
+                    writes: a.writes,
+                    write_bytes: a.write_size.unwrap_or(k.default_write_bytes()),
+                })
+                .collect()
+        }
+    };
+    let total = sources.len() * a.extent_sizes.len() * a.capacities.len() * 2;
+    eprintln!(
+        "replaying {} workload(s) x {} extent size(s) x {} capacit(ies) x 2 predictors = {total} runs, RTT {} ms, link {} Mbit/s, queue depth {}",
+        sources.len(),
+        a.extent_sizes.len(),
+        a.capacities.len(),
+        a.rtt_ms,
+        a.link_mbps,
+        a.queue_depth
+    );
+    let mut rows = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        eprint!("[{}/{}] {} ... ", i + 1, sources.len(), source.name());
+        std::io::stderr().flush().ok();
+        let r = compare(source, &settings, &a.extent_sizes, &a.capacities);
+        if r.iter().any(|(k, ad)| k.violations + ad.violations > 0) {
+            bail!("an oracle failed during the replay of {}: this is a bug, please report it", source.name());
+        }
+        eprintln!("done");
+        rows.extend(r);
+    }
+    let table = markdown_table(&rows);
+    println!("{table}");
+    if a.series {
+        println!("record size (extents) at each tenth of the run:");
+        for (k, ad) in &rows {
+            println!("  {} {} cap {}: k-next {:?}", k.workload, format_bytes(k.extent_bytes), k.capacity_extents, k.record_over_time);
+            println!("  {} {} cap {}: adaptive {:?}", ad.workload, format_bytes(ad.extent_bytes), ad.capacity_extents, ad.record_over_time);
+        }
+    }
+    if let Some(path) = &a.markdown {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn simulate(a: SimulateArgs) -> Result<()> {
+    if let Some(seed) = a.seed {
+        let mut cfg = SimConfig::for_seed(seed);
+        cfg.trace = a.trace;
+        eprintln!("seed {seed}: {:?} scenario, {:?} mode, workload {}", cfg.scenario, cfg.core.mode, cfg.workload.name());
+        let r = run(cfg);
+        println!("{r:#?}");
+        if !r.violations.is_empty() {
+            bail!("{}", describe_failure(&r));
+        }
+        println!("seed {seed} passed: {} events, trace hash {:016x}", r.events, r.trace_hash);
+        return Ok(());
+    }
+    if a.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let seeds: Vec<u64> = (a.start..a.start + a.seeds).collect();
+    let n = seeds.len();
+    let reports = run_parallel_with_progress(&seeds, geomirror_sim::run_seed, |done| {
+        if done % 100 == 0 || done == n {
+            eprint!("\r{done}/{n} seeds");
+        }
+    });
+    eprintln!();
+    let failed: Vec<_> = reports.iter().filter(|r| !r.violations.is_empty()).collect();
+    let sum = |f: fn(&geomirror_sim::SimReport) -> u64| reports.iter().map(f).sum::<u64>();
+    println!(
+        "{n} seeds: {} writes acknowledged, {} crashes, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs",
+        sum(|r| r.writes_acked),
+        sum(|r| r.crashes),
+        sum(|r| r.link_cuts),
+        sum(|r| r.promotions),
+        sum(|r| r.loud_promotions),
+        sum(|r| r.split_brains_detected),
+        sum(|r| r.switchovers),
+        sum(|r| r.resyncs)
+    );
+    for r in &failed {
+        println!("{}", describe_failure(r));
+    }
+    if !failed.is_empty() {
+        bail!("{} of {n} seeds failed", failed.len());
+    }
+    println!("{n} passed, 0 failed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -290,7 +290,9 @@ impl Predictor {
                 // run (doubling, like readahead), skipping what is already recorded so the
                 // frontier moves out.
                 for h in hints.iter().filter(|h| h.stride != 0) {
-                    let window = ((self.cfg.k_next as u64) << h.run.min(8)).max(h.want as u64);
+                    // The primary measures how far the stream gets in a round trip and says so
+                    // in `want`; without it, grow with the stream's run, like readahead.
+                    let window = if h.want > 0 { h.want as u64 } else { (self.cfg.k_next as u64) << h.run.min(4) };
                     let window = window.min(self.cfg.max_ahead as u64) as usize;
                     let mut added = 0usize;
                     let mut i = 1i64;

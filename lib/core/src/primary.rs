@@ -366,7 +366,11 @@ impl Primary {
         }
         self.stats.writes += 1;
         let extents = self.geo.extents_of(op.offset, op.len);
-        let obs = self.detector.observe(now, extents.start, extents.end - 1);
+        let mut obs = self.detector.observe(now, extents.start, extents.end - 1);
+        if let Some(h) = &mut obs.hint {
+            // A miss on a stream asks for what the stream needs, not a fixed window.
+            h.want = self.lookahead(obs.stream);
+        }
         self.consider_pre_extension(obs.stream);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
@@ -889,12 +893,18 @@ impl Primary {
                 missed.truncate(admit as usize);
                 self.stats.record_full_waits += 1;
             }
-            let room = free.saturating_sub(missed.len() as u64).min(u32::MAX as u64) as u32;
-            if missed.is_empty() && (room == 0 || self.pending_hints.is_empty()) {
+            let hints: Vec<StreamHint> = self.pending_hints.iter().take(MAX_LIST_LEN).copied().collect();
+            // Grant the secondary only the room its prediction can use: the streams' measured
+            // needs, or k per miss (plus one extent per miss for a stream's start). Granting
+            // all free space would make the record look full and evict predictions unused.
+            let p = &self.cfg.predictor;
+            let need = hints.iter().map(|h| h.want.max(p.k_next) as u64).sum::<u64>() + (p.k_next as u64 + 1) * missed.len() as u64;
+            let room = free.saturating_sub(missed.len() as u64).min(need).min(u32::MAX as u64) as u32;
+            if missed.is_empty() && (room == 0 || hints.is_empty()) {
                 // Nothing fits now (or a pre-extension with no room would add nothing).
                 return;
             }
-            let hints: Vec<StreamHint> = std::mem::take(&mut self.pending_hints).into_iter().take(MAX_LIST_LEN).collect();
+            self.pending_hints.clear();
             let id = self.next_update_id;
             self.next_update_id += 1;
             let evictions = std::mem::take(&mut self.pending_evictions);
@@ -908,29 +918,41 @@ impl Primary {
         }
     }
 
+    /// How far ahead a stream must be recorded: as far as it goes in two record round trips,
+    /// one for the update in flight and one of margin.
+    fn lookahead(&self, stream: usize) -> u32 {
+        let horizon = std::time::Duration::from_micros(2 * self.srtt_us.max(1));
+        let p = &self.cfg.predictor;
+        self.detector.lookahead(stream, horizon, p.pre_extend_within, p.max_ahead)
+    }
+
+    /// Extends the record ahead of a stream before the stream reaches unrecorded space, so the
+    /// host never waits: once less than one lookahead of recorded (or requested) space is
+    /// left, ask for two, so that requests go out about once per lookahead, not per write.
     fn consider_pre_extension(&mut self, stream: usize) {
         if self.cfg.mode != Mode::Predictive || self.cfg.predictor.kind != crate::config::PredictorKind::Adaptive {
             return;
         }
-        // Reach as far as the stream goes in two record round trips: one for the update in
-        // flight, one of margin.
-        let horizon = std::time::Duration::from_micros(2 * self.srtt_us.max(1));
-        let p = &self.cfg.predictor;
-        let within = self.detector.lookahead(stream, horizon, p.pre_extend_within, p.max_ahead);
+        let within = self.lookahead(stream);
         let Some((hint, ahead)) = self.detector.ahead(stream, within) else {
             return;
         };
+        let asked = self.detector.asked_through(stream);
+        let remaining = (asked - hint.last as i64) / hint.stride;
+        if remaining >= within as i64 {
+            return;
+        }
         let gap = ahead
             .iter()
             .any(|e| *e < self.geo.extent_count() && !self.copy.contains(ExtentId(*e)) && !self.requested.contains(&ExtentId(*e)));
-        let far = *ahead.last().unwrap_or(&0) as i64;
-        let asked = self.detector.asked_through(stream);
-        let beyond = if hint.stride > 0 { far > asked } else { far < asked };
-        if gap && beyond {
-            self.detector.mark_asked(stream, hint.last as i64 + hint.stride * self.cfg.predictor.max_ahead as i64);
-            if !self.pending_hints.contains(&hint) {
-                self.pending_hints.push(hint);
-            }
+        if !gap {
+            return;
+        }
+        let want = within.saturating_mul(2).min(self.cfg.predictor.max_ahead);
+        self.detector.mark_asked(stream, hint.last as i64 + hint.stride * want as i64);
+        let hint = StreamHint { want, ..hint };
+        if !self.pending_hints.contains(&hint) {
+            self.pending_hints.push(hint);
         }
     }
 
@@ -1170,6 +1192,9 @@ impl Primary {
         if self.copy.len() as u64 + reserved <= target && self.pending_miss().is_empty() {
             return;
         }
+        // Extents a waiting host write needs are in flight from the host's point of view:
+        // evicting one would only make that write miss again.
+        let pinned: BTreeSet<ExtentId> = self.waiting.values().flat_map(|w| w.extents.clone().map(ExtentId)).collect();
         let mut victims: Vec<Generation> = Vec::new();
         let mut size = self.copy.len() as u64 + reserved + self.pending_miss().len() as u64;
         for (g, members) in self.copy.generations().take(EVICTION_SCAN_GENERATIONS) {
@@ -1177,9 +1202,9 @@ impl Primary {
                 break;
             }
             #[cfg(feature = "mutations")]
-            let clean = crate::mutations::evict_dirty() || members.iter().all(|e| self.is_clean(*e));
+            let clean = crate::mutations::evict_dirty() || members.iter().all(|e| self.is_clean(*e) && !pinned.contains(e));
             #[cfg(not(feature = "mutations"))]
-            let clean = members.iter().all(|e| self.is_clean(*e));
+            let clean = members.iter().all(|e| self.is_clean(*e) && !pinned.contains(e));
             if clean {
                 victims.push(g);
                 size = size.saturating_sub(members.len() as u64);

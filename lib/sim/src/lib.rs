@@ -9,8 +9,10 @@
 
 pub mod media;
 pub mod replay;
+pub mod seeds;
 pub mod workload;
 pub mod world;
 
+pub use seeds::{describe_failure, run_parallel};
 pub use workload::{read_trace, Generator, HostOp, OpKind, TraceFormat, Workload};
 pub use world::{run, run_seed, Faults, Scenario, SimConfig, SimReport, Violation, World};

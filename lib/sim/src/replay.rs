@@ -31,13 +31,25 @@ pub struct ReplaySettings {
     pub volume_bytes: u64,
     pub queue_depth: usize,
     pub rtt: Duration,
+    /// Link bandwidth for bulk data, bytes per second (None: unlimited).
+    pub link_bytes_per_sec: Option<u64>,
+    /// Unapplied bytes at which the host is throttled, as the product does.
+    pub max_lag_bytes: u64,
     pub k_next: u32,
     pub seed: u64,
 }
 
 impl Default for ReplaySettings {
     fn default() -> Self {
-        ReplaySettings { volume_bytes: 1 << 30, queue_depth: 8, rtt: Duration::from_millis(10), k_next: 4, seed: 1 }
+        ReplaySettings {
+            volume_bytes: 1 << 30,
+            queue_depth: 8,
+            rtt: Duration::from_millis(10),
+            link_bytes_per_sec: Some(125_000_000),
+            max_lag_bytes: 64 << 20,
+            k_next: 4,
+            seed: 1,
+        }
     }
 }
 
@@ -89,11 +101,12 @@ pub fn replay_one(
         record_update_timeout: Duration::from_secs(10),
         on_link_loss: LinkLossPolicy::Block,
         link_loss_deadline: Duration::from_secs(60),
-        max_lag_bytes: 1 << 30,
-        max_inflight_bytes: 64 << 20,
+        max_lag_bytes: settings.max_lag_bytes,
+        on_lag_full: geomirror_core::LagPolicy::Throttle,
+        max_inflight_bytes: (16 << 20).min(settings.max_lag_bytes),
         eviction_idle_delay: Duration::from_millis(5),
         local_sync_interval: Duration::from_millis(5),
-        reorder_buffer_bytes: (64 << 20) + geomirror_core::frame::MAX_FRAME_BYTES as u64,
+        reorder_buffer_bytes: (16 << 20) + geomirror_core::frame::MAX_FRAME_BYTES as u64,
         ..CoreConfig::default()
     };
     let cfg = SimConfig {
@@ -111,7 +124,8 @@ pub fn replay_one(
         max_events: 200_000_000,
         check_every_event: false,
         ops,
-        trace: false,
+        trace: std::env::var_os("GEOMIRROR_TRACE").is_some(),
+        link_bytes_per_sec: settings.link_bytes_per_sec,
     };
     summarise(source.name(), kind, extent_bytes, capacity_extents, run(cfg))
 }

@@ -69,6 +69,8 @@ pub struct SimConfig {
     pub ops: Option<Vec<HostOp>>,
     /// Print every event and action to stderr (set by `GEOMIRROR_TRACE=1` when replaying).
     pub trace: bool,
+    /// Bandwidth of the link for bulk data, bytes per second; None for unlimited.
+    pub link_bytes_per_sec: Option<u64>,
 }
 
 impl SimConfig {
@@ -138,6 +140,7 @@ impl SimConfig {
             check_every_event: true,
             ops: None,
             trace: std::env::var_os("GEOMIRROR_TRACE").is_some(),
+            link_bytes_per_sec: if r.gen_bool(0.5) { Some(r.gen_range(20..200) << 20) } else { None },
         }
     }
 }
@@ -288,6 +291,8 @@ pub struct World {
     /// Generation of the current cut: a heal scheduled for an earlier cut does nothing.
     cut_id: u64,
     last_delivery: BTreeMap<(SiteId, Stream), Time>,
+    /// Per sending site: when the link finishes sending the bulk data already queued.
+    link_busy_until: [Time; 2],
     generator: Generator,
     ops_cursor: usize,
     issued: u64,
@@ -355,6 +360,7 @@ impl World {
             cut: false,
             cut_id: 0,
             last_delivery: BTreeMap::new(),
+            link_busy_until: [Time::ZERO; 2],
             generator,
             ops_cursor: 0,
             issued: 0,
@@ -1276,8 +1282,16 @@ impl World {
         let to = OTHER[from];
         let (lo, hi) = self.cfg.delay_us;
         let d = self.us(lo, hi);
+        // Bulk data serialises on the link at its bandwidth; control frames use their own
+        // connection and never queue behind it.
+        let mut leave = self.now;
+        if let (Stream::Data(_), Some(rate)) = (stream, self.cfg.link_bytes_per_sec) {
+            let busy = self.link_busy_until[from].max(self.now);
+            leave = busy + Duration::from_micros((bytes.len() as u64 * 1_000_000).div_ceil(rate.max(1)));
+            self.link_busy_until[from] = leave;
+        }
         let last = self.last_delivery.get(&(from, stream)).copied().unwrap_or(Time::ZERO);
-        let at = (self.now + d).max(last);
+        let at = (leave + d).max(last);
         self.last_delivery.insert((from, stream), at);
         let conn = self.conn;
         self.schedule_at(at, Ev::Deliver { to, conn, bytes });
