@@ -124,6 +124,10 @@ struct ReplayArgs {
     /// Host writes in flight at once.
     #[arg(long, default_value_t = 8)]
     queue_depth: usize,
+    /// Age in milliseconds at which clean generations leave the record without capacity
+    /// pressure (0: keep them until the record fills).
+    #[arg(long, default_value_t = 1000)]
+    max_age_ms: u64,
     /// Claim 19's k: extents the k-next predictor adds after each miss.
     #[arg(long, default_value_t = 4)]
     k: u32,
@@ -181,7 +185,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn replay(a: ReplayArgs) -> Result<()> {
-    if a.volume_size % 4096 != 0 || a.volume_size == 0 {
+    if !a.volume_size.is_multiple_of(4096) || a.volume_size == 0 {
         bail!("--volume-size must be a positive multiple of 4096 bytes");
     }
     for e in &a.extent_sizes {
@@ -202,6 +206,7 @@ fn replay(a: ReplayArgs) -> Result<()> {
         rtt: Duration::from_millis(a.rtt_ms),
         link_bytes_per_sec: (a.link_mbps > 0).then_some(a.link_mbps * 1_000_000 / 8),
         max_lag_bytes: a.max_lag,
+        clean_generation_max_age: (a.max_age_ms > 0).then(|| Duration::from_millis(a.max_age_ms)),
         k_next: a.k,
         seed: 1,
     };

@@ -9,6 +9,7 @@
 //! - `Send` frames on one stream leave in the order emitted.
 //! - `Ack` goes to the host at once. The core emits it only after every store, media write
 //!   and peer answer that it depends on has been reported done.
+//!
 //! Must not: carry policy. Decisions are made before an action is emitted.
 
 use crate::frame::{Frame, Role, Stream};

@@ -99,6 +99,10 @@ pub struct CoreConfig {
     /// Ordered data streams that bulk and resync data are spread over.
     pub data_lanes: u8,
     pub flush_policy: FlushPolicy,
+    /// A clean generation older than this is evicted even when the record is not full, so
+    /// the record (and the failback debt) shrinks back to the working set. None keeps clean
+    /// generations until capacity pressure, which favours rewrites over a small failback.
+    pub clean_generation_max_age: Option<Duration>,
     /// Eviction instructions wait this long for a control frame to ride on, then go alone.
     pub eviction_idle_delay: Duration,
     /// The primary syncs its media at least this often while extents wait to become clean.
@@ -125,6 +129,7 @@ impl Default for CoreConfig {
             max_record_updates_in_flight: 4,
             data_lanes: 2,
             flush_policy: FlushPolicy::Local,
+            clean_generation_max_age: Some(Duration::from_secs(30)),
             eviction_idle_delay: Duration::from_millis(50),
             local_sync_interval: Duration::from_millis(200),
             reorder_buffer_bytes: 128 << 20,

@@ -318,7 +318,7 @@ mod tests {
                 epoch: e,
                 id: 5,
                 missed: vec![ExtentRun { start: 10, len: 2 }],
-                hints: vec![StreamHint { last: 11, stride: 1, run: 4 }],
+                hints: vec![StreamHint { last: 11, stride: 1, run: 4, want: 8 }],
                 room: 100,
                 evictions: vec![Eviction { generation: Generation(1), extents: vec![ExtentRun { start: 0, len: 3 }] }],
             },

@@ -33,7 +33,7 @@ impl Geometry {
         if !extent_bytes.is_power_of_two() || !(MIN_EXTENT_BYTES..=MAX_EXTENT_BYTES).contains(&extent_bytes) {
             return Err(GeometryError::BadExtentSize(extent_bytes));
         }
-        if volume_bytes == 0 || volume_bytes % 4096 != 0 {
+        if volume_bytes == 0 || !volume_bytes.is_multiple_of(4096) {
             return Err(GeometryError::BadVolumeSize(volume_bytes));
         }
         Ok(Geometry { volume_bytes, extent_shift: extent_bytes.trailing_zeros() })

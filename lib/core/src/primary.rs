@@ -165,6 +165,11 @@ pub struct Primary {
     detector: StreamDetector,
     /// Smoothed record-update round trip, µs: how far ahead a stream must be recorded.
     srtt_us: u64,
+    /// When each generation in the copy was added (from its answer or the snapshot); bounded
+    /// by the record's generations, pruned as they are evicted or emptied.
+    generation_added: BTreeMap<Generation, Time>,
+    /// The latest time any handler was given: `poll_timeout` names only later instants.
+    last_now: Time,
     predicted: BTreeSet<ExtentId>,
     flushes: Vec<Flush>,
     wrote_alone: bool,
@@ -230,6 +235,8 @@ impl Primary {
             resync_running: false,
             reading: BTreeMap::new(),
             srtt_us: 0,
+            generation_added: BTreeMap::new(),
+            last_now: now,
             predicted: BTreeSet::new(),
             flushes: Vec::new(),
             wrote_alone: state.wrote_alone,
@@ -295,14 +302,30 @@ impl Primary {
             && self.link == LinkState::Up
     }
 
-    /// What a failback onto the peer would copy now: every extent that may differ.
-    pub fn failback_plan(&self) -> FailbackPlan {
+    /// What a resync onto the current peer would copy now: the extents that may differ and
+    /// that retransmission alone will not fix. Planning for a dry run and for status.
+    pub fn resync_plan(&self) -> FailbackPlan {
         let mut set: BTreeSet<ExtentId> = self.local_dirty.iter().copied().collect();
         set.extend(self.needs_copy.iter().copied());
         set.extend(self.dirty.keys().copied());
         if self.resend_record_on_snapshot {
             set.extend(self.copy.iter().map(|(e, _)| e));
         }
+        self.plan(set)
+    }
+
+    /// Failback debt: what a failover now would have to copy back to this site afterwards.
+    /// The promoted secondary's failback set starts as its durable record, a superset of the
+    /// record copy, plus whatever this site's dirty map names (unknown to the record).
+    pub fn failback_debt(&self) -> FailbackPlan {
+        let mut set: BTreeSet<ExtentId> = self.copy.iter().map(|(e, _)| e).collect();
+        set.extend(self.local_dirty.iter().copied());
+        set.extend(self.dirty.keys().copied());
+        set.extend(self.needs_copy.iter().copied());
+        self.plan(set)
+    }
+
+    fn plan(&self, set: BTreeSet<ExtentId>) -> FailbackPlan {
         let bytes = set.iter().map(|e| self.geo.extent_range(*e).end - self.geo.extent_range(*e).start).sum();
         FailbackPlan { extents: set.into_iter().collect(), bytes, lag_bytes: self.buffer_bytes }
     }
@@ -340,6 +363,13 @@ impl Primary {
         }
         if let Some(since) = self.evictions_since {
             at(since + self.cfg.eviction_idle_delay);
+        }
+        if let Some(age) = self.cfg.clean_generation_max_age {
+            // The next generation to come of age. One already of age but not yet clean is
+            // evicted when it becomes clean, which an `Applied` or a sync report signals.
+            if let Some(t) = self.generation_added.values().map(|added| *added + age).filter(|t| *t > self.last_now).min() {
+                at(t);
+            }
         }
         if self.sync_inflight.is_none() && self.sync_would_help() {
             at(self.last_sync + self.cfg.local_sync_interval);
@@ -580,6 +610,7 @@ impl Primary {
                     for e in from_runs(std::slice::from_ref(&en.run)) {
                         self.copy.insert(e, en.generation);
                     }
+                    self.generation_added.entry(en.generation).or_insert(now);
                 }
             }
             Frame::DivergentChunk { extents, .. } if self.link == LinkState::Handshake => {
@@ -669,6 +700,7 @@ impl Primary {
 
     /// Runs everything that may have become possible. Called at the end of every handler.
     fn progress(&mut self, now: Time) {
+        self.last_now = self.last_now.max(now);
         if self.phase == Phase::Fenced {
             return;
         }
@@ -687,11 +719,15 @@ impl Primary {
         self.refresh_stats();
     }
 
+    /// An extent is covered when a write to it may reach local media without breaking
+    /// invariant R: it is in the record copy (so in the durable record) or in the durable
+    /// local dirty map.
+    fn covers(&self, e: ExtentId) -> bool {
+        self.local_dirty.contains(&e) || (self.cfg.mode == Mode::Predictive && self.copy.contains(e))
+    }
+
     fn covered(&self, extents: &Range<u64>) -> bool {
-        extents.clone().all(|e| {
-            let e = ExtentId(e);
-            self.local_dirty.contains(&e) || (self.cfg.mode == Mode::Predictive && self.copy.contains(e))
-        })
+        extents.clone().all(|e| self.covers(ExtentId(e)))
     }
 
     fn dispatch_ready(&mut self, now: Time) {
@@ -800,21 +836,16 @@ impl Primary {
         let mut hints = Vec::new();
         let keys: Vec<u64> = self.waiting.keys().copied().collect();
         for k in keys {
-            let covered = self.covered(&self.waiting[&k].extents);
-            let w = self.waiting.get_mut(&k).expect("present");
-            if covered {
+            let extents = self.waiting[&k].extents.clone();
+            let missing: Vec<ExtentId> = extents.map(ExtentId).filter(|e| !self.covers(*e)).collect();
+            if missing.is_empty() {
                 continue;
             }
+            let w = self.waiting.get_mut(&k).expect("present");
             if !w.counted_miss {
                 w.counted_miss = true;
                 self.stats.misses += 1;
             }
-            let missing: Vec<ExtentId> = w
-                .extents
-                .clone()
-                .map(ExtentId)
-                .filter(|e| !self.local_dirty.contains(e) && !(self.cfg.mode == Mode::Predictive && self.copy.contains(*e)))
-                .collect();
             match self.cfg.mode {
                 Mode::Predictive => {
                     if let Some(h) = w.hint {
@@ -978,6 +1009,7 @@ impl Primary {
                 continue;
             }
             self.copy.insert(e, generation);
+            self.generation_added.entry(generation).or_insert(now);
             if !missed.contains(&e) {
                 self.stats.predicted_extents += 1;
                 self.predicted.insert(e);
@@ -1123,9 +1155,9 @@ impl Primary {
             }
             let needs_remote = self.cfg.mode == Mode::Sync || (d.fua && remote_flush);
             let age = now.since(d.at);
-            if !needs_remote || self.applied_ack >= *seq {
-                done.push((*seq, Ok(())));
-            } else if degrade && age >= self.cfg.record_update_timeout && self.extents_locally_covered(&d.extents) {
+            let applied = !needs_remote || self.applied_ack >= *seq;
+            let degraded = degrade && age >= self.cfg.record_update_timeout && self.extents_locally_covered(&d.extents);
+            if applied || degraded {
                 done.push((*seq, Ok(())));
             } else if age >= self.cfg.link_loss_deadline {
                 done.push((*seq, Err(HostError::ReplicationTimeout)));
@@ -1189,7 +1221,9 @@ impl Primary {
         let cap = self.cfg.record_capacity_extents;
         let target = cap - cap / 8;
         let reserved: u64 = self.updates.values().map(|u| u.reserved).sum();
-        if self.copy.len() as u64 + reserved <= target && self.pending_miss().is_empty() {
+        let max_age = self.cfg.clean_generation_max_age;
+        let oldest_expired = self.copy.generations().next().is_some_and(|(g, _)| self.generation_expired(g, now, max_age));
+        if self.copy.len() as u64 + reserved <= target && self.pending_miss().is_empty() && !oldest_expired {
             return;
         }
         // Extents a waiting host write needs are in flight from the host's point of view:
@@ -1198,7 +1232,9 @@ impl Primary {
         let mut victims: Vec<Generation> = Vec::new();
         let mut size = self.copy.len() as u64 + reserved + self.pending_miss().len() as u64;
         for (g, members) in self.copy.generations().take(EVICTION_SCAN_GENERATIONS) {
-            if size <= target {
+            // Under the watermark, only generations past their age go: the record shrinks back
+            // to its working size, and with it the failback debt.
+            if size <= target && !self.generation_expired(g, now, max_age) {
                 break;
             }
             #[cfg(feature = "mutations")]
@@ -1219,9 +1255,17 @@ impl Primary {
             self.stats.evicted_extents += members.len() as u64;
             self.stats.evicted_generations += 1;
             self.pending_evictions.push(Eviction { generation: g, extents: to_runs(members) });
+            self.generation_added.remove(&g);
             if self.evictions_since.is_none() {
                 self.evictions_since = Some(now);
             }
+        }
+    }
+
+    fn generation_expired(&self, g: Generation, now: Time, max_age: Option<std::time::Duration>) -> bool {
+        match (max_age, self.generation_added.get(&g)) {
+            (Some(age), Some(added)) => now.since(*added) >= age,
+            _ => false,
         }
     }
 
@@ -1425,6 +1469,10 @@ impl Primary {
     }
 
     fn refresh_stats(&mut self) {
+        if self.generation_added.len() > self.copy.generation_count() + 64 {
+            let live: BTreeSet<Generation> = self.copy.generations().map(|(g, _)| g).collect();
+            self.generation_added.retain(|g, _| live.contains(g));
+        }
         let dispatched = self.last_dispatched().0;
         let inflight = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
         let s = &mut self.stats;

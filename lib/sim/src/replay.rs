@@ -35,6 +35,8 @@ pub struct ReplaySettings {
     pub link_bytes_per_sec: Option<u64>,
     /// Unapplied bytes at which the host is throttled, as the product does.
     pub max_lag_bytes: u64,
+    /// Age at which clean generations leave the record without pressure.
+    pub clean_generation_max_age: Option<Duration>,
     pub k_next: u32,
     pub seed: u64,
 }
@@ -47,6 +49,7 @@ impl Default for ReplaySettings {
             rtt: Duration::from_millis(10),
             link_bytes_per_sec: Some(125_000_000),
             max_lag_bytes: 64 << 20,
+            clean_generation_max_age: Some(Duration::from_secs(1)),
             k_next: 4,
             seed: 1,
         }
@@ -104,6 +107,7 @@ pub fn replay_one(
         max_lag_bytes: settings.max_lag_bytes,
         on_lag_full: geomirror_core::LagPolicy::Throttle,
         max_inflight_bytes: (16 << 20).min(settings.max_lag_bytes),
+        clean_generation_max_age: settings.clean_generation_max_age,
         eviction_idle_delay: Duration::from_millis(5),
         local_sync_interval: Duration::from_millis(5),
         reorder_buffer_bytes: (16 << 20) + geomirror_core::frame::MAX_FRAME_BYTES as u64,

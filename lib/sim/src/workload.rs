@@ -228,7 +228,7 @@ mod tests {
             let mut g = Generator::new(w, 64 << 20, 64 << 10, 256 << 10, 2);
             for _ in 0..2000 {
                 let op = g.next(&mut rng);
-                assert!(op.len >= 4096 && op.offset % 4096 == 0 && op.offset + op.len <= 64 << 20, "{w:?} {op:?}");
+                assert!(op.len >= 4096 && op.offset.is_multiple_of(4096) && op.offset + op.len <= 64 << 20, "{w:?} {op:?}");
             }
         }
     }

@@ -113,6 +113,7 @@ impl SimConfig {
             max_record_updates_in_flight: r.gen_range(1..5),
             data_lanes: r.gen_range(1..4),
             flush_policy: if r.gen_bool(0.5) { FlushPolicy::Local } else { FlushPolicy::Remote },
+            clean_generation_max_age: if r.gen_bool(0.5) { Some(Duration::from_millis(r.gen_range(5..200))) } else { None },
             eviction_idle_delay: Duration::from_millis(r.gen_range(1..10)),
             local_sync_interval: Duration::from_millis(r.gen_range(1..20)),
             reorder_buffer_bytes: (1 << 20) + geomirror_core::frame::MAX_FRAME_BYTES as u64,
@@ -200,8 +201,8 @@ impl SimReport {
 type SiteId = usize;
 
 enum Core {
-    Primary(Primary),
-    Secondary(Secondary),
+    Primary(Box<Primary>),
+    Secondary(Box<Secondary>),
 }
 
 struct Site {
@@ -468,9 +469,9 @@ impl World {
                 let first = p.incarnation() << 40;
                 self.bases[s].push((first, self.sites[s].media.current().to_vec()));
                 self.model_cache = None;
-                Core::Primary(p)
+                Core::Primary(Box::new(p))
             }
-            Role::Secondary => Core::Secondary(Secondary::new(cfg, self.geo, &state)),
+            Role::Secondary => Core::Secondary(Box::new(Secondary::new(cfg, self.geo, &state))),
         };
         self.sites[s].life += 1;
         self.sites[s].core = Some(core);
@@ -817,7 +818,12 @@ impl World {
                         }
                         // Never dispatched: the block must keep its old value.
                         Err(HostError::LinkDown) | Err(HostError::OutOfRange) | Err(HostError::NotServing) => {}
-                        Err(_) => self.host.indeterminate[b] = true,
+                        // It may be on media: a possible value from now on, and unknown until
+                        // the next acknowledged write (which a crash may still undo).
+                        Err(_) => {
+                            self.host.history[b].push(*v);
+                            self.host.indeterminate[b] = true;
+                        }
                     }
                 }
                 if o.rogue {
@@ -1311,7 +1317,7 @@ impl World {
         self.quiescing = true;
         let a = self.active;
         if let Some(p) = self.primary(a) {
-            self.report.failback_debt_bytes = p.failback_plan().bytes;
+            self.report.failback_debt_bytes = p.failback_debt().bytes;
         }
         // Faults stop: everyone up, link healed.
         for s in 0..2 {
@@ -1482,7 +1488,7 @@ impl World {
     /// issued `k`, plus that incarnation's writes through `k`.
     fn model_at(&mut self, s: SiteId, k: u64) -> Vec<u64> {
         let (base_idx, base_seq) =
-            self.bases[s].iter().enumerate().filter(|(_, (b, _))| *b <= k).map(|(i, (b, _))| (i, *b)).last().unwrap_or((0, 0));
+            self.bases[s].iter().enumerate().filter(|(_, (b, _))| *b <= k).map(|(i, (b, _))| (i, *b)).next_back().unwrap_or((0, 0));
         let (from, mut img) = match self.model_cache.take() {
             Some((cs, ci, ck, img)) if cs == s && ci == base_idx && ck <= k => (ck, img),
             _ => (base_seq, self.bases[s][base_idx].1.clone()),
@@ -1556,8 +1562,12 @@ fn brief_frame(f: &Frame) -> String {
 fn brief_action(a: &Action) -> String {
     match a {
         Action::Send { stream, frame } => format!("send {stream:?} {}", brief_frame(frame)),
-        Action::LocalWrite { token, seq, op } => format!("local write {token:?} seq {} {}+{}", seq.0, op.offset, op.len),
-        Action::ApplyWrite { seq, op } => format!("apply seq {} {}+{}", seq.0, op.offset, op.len),
+        Action::LocalWrite { token, seq, op } => {
+            format!("local write {token:?} seq {} {}+{} stamp {}", seq.0, op.offset, op.len, op_stamps(op).1.first().map_or(0, |s| s >> 16))
+        }
+        Action::ApplyWrite { seq, op } => {
+            format!("apply seq {} {}+{} stamp {}", seq.0, op.offset, op.len, op_stamps(op).1.first().map_or(0, |s| s >> 16))
+        }
         Action::Persist { token, batch } if batch.len() > 6 => format!("persist {token:?} {} writes {:?}..", batch.len(), &batch[..6]),
         other => format!("{other:?}"),
     }
