@@ -181,8 +181,8 @@ pub fn read_trace<R: BufRead>(input: R, format: TraceFormat, volume_bytes: u64, 
                 if f.len() < 4 {
                     return Err(TraceError::Parse { line: i + 1, msg: format!("expected timestamp,op,size,lba; got {} fields", f.len()) });
                 }
-                if i == 0 && f[2].parse::<u64>().is_err() {
-                    continue; // header
+                if i == 0 && f[0].parse::<f64>().is_err() {
+                    continue; // a header: its timestamp column is not a number
                 }
                 let op = f[1].to_ascii_uppercase();
                 (op.starts_with('W'), parse(f[3], "lba")?.saturating_mul(512), parse(f[2], "size")?)
@@ -191,8 +191,8 @@ pub fn read_trace<R: BufRead>(input: R, format: TraceFormat, volume_bytes: u64, 
                 if f.len() < 6 {
                     return Err(TraceError::Parse { line: i + 1, msg: format!("expected 7 MSR fields; got {}", f.len()) });
                 }
-                if i == 0 && f[4].parse::<u64>().is_err() {
-                    continue; // header
+                if i == 0 && f[0].parse::<f64>().is_err() {
+                    continue; // a header: its timestamp column is not a number
                 }
                 (f[3].eq_ignore_ascii_case("write"), parse(f[4], "offset")?, parse(f[5], "size")?)
             }
