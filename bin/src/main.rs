@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use geomirror_sim::replay::{compare, format_bytes, markdown_table, ReplaySettings, Source};
 use geomirror_sim::seeds::run_parallel_with_progress;
-use geomirror_sim::{describe_failure, read_trace, run, SimConfig, TraceFormat, Workload};
+use geomirror_sim::{describe_failure, read_trace, run, SeedTotals, SimConfig, TraceFormat, Workload};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -300,18 +300,7 @@ fn simulate(a: SimulateArgs) -> Result<()> {
     });
     eprintln!();
     let failed: Vec<_> = reports.iter().filter(|r| !r.violations.is_empty()).collect();
-    let sum = |f: fn(&geomirror_sim::SimReport) -> u64| reports.iter().map(f).sum::<u64>();
-    println!(
-        "{n} seeds: {} writes acknowledged, {} crashes, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs",
-        sum(|r| r.writes_acked),
-        sum(|r| r.crashes),
-        sum(|r| r.link_cuts),
-        sum(|r| r.promotions),
-        sum(|r| r.loud_promotions),
-        sum(|r| r.split_brains_detected),
-        sum(|r| r.switchovers),
-        sum(|r| r.resyncs)
-    );
+    println!("{}", SeedTotals::of(&reports));
     for r in &failed {
         println!("{}", describe_failure(r));
     }

@@ -3,7 +3,7 @@
 //!
 //! `GEOMIRROR_SEEDS=N` runs more; `GEOMIRROR_SEED=S` replays one seed and prints its report.
 
-use geomirror_sim::{run_seed, Scenario, SimConfig};
+use geomirror_sim::{run_seed, Scenario, SeedTotals, SimConfig};
 use geomirror_tests::{describe_failure, run_seeds, seeds_from_env};
 
 #[test]
@@ -11,36 +11,31 @@ fn a_thousand_seeds_keep_every_oracle() {
     let seeds = seeds_from_env(1000);
     let reports = run_seeds(&seeds);
     let failures: Vec<String> = reports.iter().filter(|r| !r.violations.is_empty()).map(describe_failure).collect();
-    // Coverage: the drawn configurations must actually exercise every fault.
-    let sum = |f: fn(&geomirror_sim::SimReport) -> u64| reports.iter().map(f).sum::<u64>();
-    let (crashes, cuts, promotions, splits, switchovers, resyncs, saved) = (
-        sum(|r| r.crashes),
-        sum(|r| r.link_cuts),
-        sum(|r| r.promotions),
-        sum(|r| r.split_brains_detected),
-        sum(|r| r.switchovers),
-        sum(|r| r.resyncs),
-        sum(|r| r.saved_aside_extents),
-    );
-    let acked = sum(|r| r.writes_acked);
-    let lost = sum(|r| r.lost_acked_blocks_reported);
-    let loud = sum(|r| r.loud_promotions);
-    println!(
-        "{} seeds: {} writes acked, {crashes} crashes, {cuts} link cuts, {promotions} promotions, {splits} split brains, {switchovers} switchovers, {resyncs} resyncs, {saved} extents saved aside, {lost} acked blocks lost after promotion (inside recorded extents, or reported by one of {loud} loud promotions)",
-        reports.len(),
-        acked
-    );
+    let t = SeedTotals::of(&reports);
+    println!("{t}");
     if seeds.len() == 1 {
         println!("{:#?}", reports[0]);
     }
     assert!(failures.is_empty(), "{} of {} seeds failed:\n{}", failures.len(), seeds.len(), failures.join("\n"));
     if seeds.len() >= 1000 {
+        // Coverage: the drawn configurations must actually exercise every fault.
         assert!(
-            crashes > 0 && cuts > 0 && promotions > 0 && splits > 0 && switchovers > 0 && resyncs > 0 && saved > 0,
-            "the seeds did not cover every fault"
+            t.crashes > 0
+                && t.link_cuts > 0
+                && t.promotions > 0
+                && t.split_brains > 0
+                && t.switchovers > 0
+                && t.resyncs > 0
+                && t.extents_saved_aside > 0,
+            "the seeds did not cover every fault: {t}"
         );
         // O1 after promotion is only checked strictly for quiet promotions: most must be.
-        assert!(loud * 2 < promotions, "{loud} of {promotions} promotions were loud: O1 after promotion was barely checked");
+        assert!(
+            t.loud_promotions * 2 < t.promotions,
+            "{} of {} promotions were loud: O1 after promotion was barely checked",
+            t.loud_promotions,
+            t.promotions
+        );
     }
 }
 

@@ -13,6 +13,6 @@ pub mod seeds;
 pub mod workload;
 pub mod world;
 
-pub use seeds::{describe_failure, run_parallel};
+pub use seeds::{describe_failure, run_parallel, SeedTotals};
 pub use workload::{read_trace, Generator, HostOp, OpKind, TraceFormat, Workload};
 pub use world::{run, run_seed, Faults, Scenario, SimConfig, SimReport, Violation, World};

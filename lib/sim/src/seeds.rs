@@ -63,3 +63,60 @@ pub fn describe_failure(r: &SimReport) -> String {
         ),
     }
 }
+
+/// What a batch of seeds exercised, summed: the coverage the simulation must show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeedTotals {
+    pub seeds: u64,
+    pub failed: u64,
+    pub writes_acked: u64,
+    pub crashes: u64,
+    pub link_cuts: u64,
+    pub promotions: u64,
+    pub loud_promotions: u64,
+    pub split_brains: u64,
+    pub switchovers: u64,
+    pub resyncs: u64,
+    pub extents_saved_aside: u64,
+    pub lost_acked_blocks_reported: u64,
+}
+
+impl SeedTotals {
+    pub fn of(reports: &[SimReport]) -> SeedTotals {
+        let mut t = SeedTotals { seeds: reports.len() as u64, ..SeedTotals::default() };
+        for r in reports {
+            t.failed += u64::from(!r.violations.is_empty());
+            t.writes_acked += r.writes_acked;
+            t.crashes += r.crashes;
+            t.link_cuts += r.link_cuts;
+            t.promotions += r.promotions;
+            t.loud_promotions += r.loud_promotions;
+            t.split_brains += r.split_brains_detected;
+            t.switchovers += r.switchovers;
+            t.resyncs += r.resyncs;
+            t.extents_saved_aside += r.saved_aside_extents;
+            t.lost_acked_blocks_reported += r.lost_acked_blocks_reported;
+        }
+        t
+    }
+}
+
+impl std::fmt::Display for SeedTotals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} seeds: {} writes acknowledged, {} crashes, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} extents saved aside, {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion)",
+            self.seeds,
+            self.writes_acked,
+            self.crashes,
+            self.link_cuts,
+            self.promotions,
+            self.loud_promotions,
+            self.split_brains,
+            self.switchovers,
+            self.resyncs,
+            self.extents_saved_aside,
+            self.lost_acked_blocks_reported
+        )
+    }
+}
