@@ -21,6 +21,7 @@ fn a_thousand_seeds_keep_every_oracle() {
         // Coverage: the drawn configurations must actually exercise every fault.
         assert!(
             t.crashes > 0
+                && t.media_errors > 0
                 && t.link_cuts > 0
                 && t.promotions > 0
                 && t.split_brains > 0

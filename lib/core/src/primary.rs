@@ -448,6 +448,7 @@ impl Primary {
             StoreWrite::Meta(Meta::Authoritative(true)),
             StoreWrite::Meta(Meta::WroteAlone(false)),
             StoreWrite::Meta(Meta::Applied(self.last_dispatched())),
+            StoreWrite::Meta(Meta::ApplyHighWater(self.last_dispatched())),
         ];
         self.persist(PersistKind::Demote, Vec::new(), batch);
         Ok(())
@@ -484,9 +485,10 @@ impl Primary {
                 }
             }
             if !ok {
-                // The data may or may not be on media; the peer still gets it, so the sites
-                // converge, but the host is told its write failed.
+                // The media's content is now unknown: the extents are copied again by a resync
+                // before they can be clean, and the host is told its write failed.
                 let d = self.dispatched.remove(&seq).expect("present");
+                self.needs_copy.extend(d.extents.clone().map(ExtentId));
                 self.stats.failed_writes += 1;
                 self.ack(d.request, Err(HostError::Media));
             }
@@ -604,6 +606,12 @@ impl Primary {
                 self.peer_applied_at_welcome = applied;
                 self.peer_authoritative = authoritative;
                 self.peer_consistent = consistent;
+                // The copy becomes exactly the peer's durable record: whatever this site had
+                // that the peer no longer holds must not stay covered. Extents pending eviction
+                // or answered on the lost connection come back with the snapshot.
+                self.copy.clear();
+                self.generation_added.clear();
+                self.predicted.clear();
             }
             Frame::RecordChunk { entries, .. } if self.link == LinkState::Handshake => {
                 for en in entries {
@@ -1409,6 +1417,7 @@ impl Primary {
             StoreWrite::Meta(Meta::Consistent(false)),
             StoreWrite::Meta(Meta::Authoritative(false)),
             StoreWrite::Meta(Meta::Applied(Seq(0))),
+            StoreWrite::Meta(Meta::ApplyHighWater(Seq(0))),
         ];
         // Writes acknowledged that the peer never applied are split-brain evidence.
         if self.last_dispatched() > self.applied_ack || self.wrote_alone {

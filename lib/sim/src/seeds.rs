@@ -71,6 +71,7 @@ pub struct SeedTotals {
     pub failed: u64,
     pub writes_acked: u64,
     pub crashes: u64,
+    pub media_errors: u64,
     pub link_cuts: u64,
     pub promotions: u64,
     pub loud_promotions: u64,
@@ -88,6 +89,7 @@ impl SeedTotals {
             t.failed += u64::from(!r.violations.is_empty());
             t.writes_acked += r.writes_acked;
             t.crashes += r.crashes;
+            t.media_errors += r.media_errors;
             t.link_cuts += r.link_cuts;
             t.promotions += r.promotions;
             t.loud_promotions += r.loud_promotions;
@@ -105,10 +107,11 @@ impl std::fmt::Display for SeedTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} seeds: {} writes acknowledged, {} crashes, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} extents saved aside, {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion)",
+            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} extents saved aside, {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion)",
             self.seeds,
             self.writes_acked,
             self.crashes,
+            self.media_errors,
             self.link_cuts,
             self.promotions,
             self.loud_promotions,

@@ -45,6 +45,10 @@ pub struct Faults {
     pub flush_ppm: u32,
     /// Chance that a frame in flight is lost with its connection (a cut mid-frame).
     pub drop_mid_frame_ppm: u32,
+    /// Chance that a primary's local write reports an error (its data did reach the media, as
+    /// with a write that times out after landing: the host sees an error, the sites must
+    /// still converge).
+    pub media_error_ppm: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -119,7 +123,7 @@ impl SimConfig {
             reorder_buffer_bytes: (1 << 20) + geomirror_core::frame::MAX_FRAME_BYTES as u64,
             resync_reads_in_flight: r.gen_range(1..8),
         };
-        SimConfig {
+        let mut cfg = SimConfig {
             seed,
             volume_bytes: 8 << 20,
             extent_bytes,
@@ -135,6 +139,7 @@ impl SimConfig {
                 crash_secondary_ppm: r.gen_range(0..6000),
                 flush_ppm: r.gen_range(0..80_000),
                 drop_mid_frame_ppm: r.gen_range(0..300),
+                media_error_ppm: 0,
             },
             scenario,
             max_events: 2_000_000,
@@ -142,7 +147,10 @@ impl SimConfig {
             ops: None,
             trace: std::env::var_os("GEOMIRROR_TRACE").is_some(),
             link_bytes_per_sec: if r.gen_bool(0.5) { Some(r.gen_range(20..200) << 20) } else { None },
-        }
+        };
+        // Draws added later go last, so that earlier seeds keep their scenarios.
+        cfg.faults.media_error_ppm = if r.gen_bool(0.3) { r.gen_range(0..5000) } else { 0 };
+        cfg
     }
 }
 
@@ -166,6 +174,7 @@ pub struct SimReport {
     pub hits: u64,
     pub misses: u64,
     pub crashes: u64,
+    pub media_errors: u64,
     pub link_cuts: u64,
     pub promotions: u64,
     pub split_brains_detected: u64,
@@ -225,7 +234,7 @@ enum Ev {
     HostIssue,
     Deliver { to: SiteId, conn: u64, bytes: Vec<u8> },
     PersistDone { site: SiteId, life: u64, token: Token, batch: u64 },
-    LocalWriteDone { site: SiteId, life: u64, token: Token },
+    LocalWriteDone { site: SiteId, life: u64, token: Token, ok: bool },
     SyncDone { site: SiteId, life: u64, token: Token, snapshot: Vec<u64>, applied_write: u64 },
     ReadDone { site: SiteId, life: u64, token: Token, data: Bytes },
     Timer { site: SiteId, life: u64 },
@@ -558,11 +567,11 @@ impl World {
                     Core::Secondary(x) => x.handle_persisted(now, token),
                 });
             }
-            Ev::LocalWriteDone { site, life, token } => {
+            Ev::LocalWriteDone { site, life, token, ok } => {
                 if life == self.sites[site].life {
                     self.with_core(site, |c, now| {
                         if let Core::Primary(p) = c {
-                            p.handle_local_write_done(now, token, true)
+                            p.handle_local_write_done(now, token, ok)
                         }
                     });
                 }
@@ -1221,7 +1230,9 @@ impl World {
                 let d = self.us(20, 300);
                 let at = (self.now + d).max(self.sites[s].media_done_at);
                 self.sites[s].media_done_at = at;
-                self.schedule_at(at, Ev::LocalWriteDone { site: s, life, token });
+                let ok = self.rng.gen_range(0..1_000_000) >= self.cfg.faults.media_error_ppm;
+                self.report.media_errors += u64::from(!ok);
+                self.schedule_at(at, Ev::LocalWriteDone { site: s, life, token, ok });
             }
             Action::ApplyWrite { seq, op } => {
                 let (_, stamps) = op_stamps(&op);
