@@ -419,10 +419,16 @@ impl Primary {
         self.progress(now);
     }
 
-    /// Stops accepting new writes, for a switchover. Writes already in flight complete.
-    pub fn begin_drain(&mut self) {
-        if self.phase == Phase::Serving {
-            self.phase = Phase::Draining;
+    /// Stops accepting new writes, for a switchover. Writes already accepted complete. Refused
+    /// unless the site is serving (still starting, or fenced): the operator retries.
+    pub fn begin_drain(&mut self) -> Result<(), HostError> {
+        match self.phase {
+            Phase::Serving => {
+                self.phase = Phase::Draining;
+                Ok(())
+            }
+            Phase::Draining => Ok(()),
+            Phase::Starting | Phase::Fenced => Err(HostError::NotServing),
         }
     }
 

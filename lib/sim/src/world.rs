@@ -929,8 +929,15 @@ impl World {
                 self.schedule(Duration::from_millis(2), Ev::Step(1));
             }
             Scenario::Switchover => {
-                if let Some(p) = self.primary(a) {
-                    p.begin_drain();
+                let started = match self.primary(a) {
+                    Some(p) => p.begin_drain().is_ok(),
+                    None => false,
+                };
+                if !started {
+                    // Not serving yet (restarting) or down: the operator tries again shortly.
+                    self.scenario_stage = 0;
+                    self.schedule(Duration::from_millis(2), Ev::Scenario);
+                    return;
                 }
                 self.schedule(Duration::from_millis(1), Ev::Step(1));
             }
