@@ -59,16 +59,28 @@ impl StreamDetector {
     pub fn observe(&mut self, now: Time, first: u64, last: u64) -> Observation {
         self.clock += 1;
         let clock = self.clock;
-        // Continue a stream: the next stride, or a further write inside the same extent
-        // (small sequential writes inside a large extent).
+        // Continue a stream. A strided stream continues at its next stride. A forward stream
+        // also continues with a write that starts in its last extent: small writes inside a
+        // large extent, and writes not aligned to extents, whose first extent is the previous
+        // write's last. Such a write advances the stream when it reaches past its last extent.
         let found = self.streams.iter().position(|s| {
             let expected = s.last as i64 + s.stride;
-            (s.run > 0 && (first as i64 == expected || (s.stride > 0 && first == s.last))) || (s.run == 0 && first == s.last)
+            let forward = s.stride == 1 || s.run == 0;
+            (s.run > 0 && first as i64 == expected) || (forward && first == s.last)
         });
         let idx = match found {
             Some(i) => {
                 let s = &mut self.streams[i];
-                if first as i64 == s.last as i64 + s.stride && s.run > 0 {
+                let stepped = if first as i64 == s.last as i64 + s.stride && s.run > 0 {
+                    true
+                } else if first == s.last && last > s.last {
+                    // An unaligned sequential write: a stream of stride 1.
+                    s.stride = 1;
+                    true
+                } else {
+                    false
+                };
+                if stepped {
                     s.run = s.run.saturating_add(1);
                     let step = now.since(s.last_step_at).as_micros() as u64;
                     // Smoothed like TCP's srtt: seven parts old, one part new.
@@ -344,6 +356,20 @@ mod tests {
         assert_eq!((h.stride, h.run), (3, 2));
         // Small writes inside the same extent keep the sequential stream alive.
         assert_eq!(d.observe(Time::ZERO, 13, 13).hint.unwrap().stride, 1);
+    }
+
+    #[test]
+    fn unaligned_sequential_writes_make_a_stream() {
+        // 1 MiB writes starting half way into 1 MiB extents: each covers two extents and starts
+        // in the one where the previous write ended.
+        let mut d = StreamDetector::new(4);
+        assert_eq!(d.observe(Time::ZERO, 0, 1).hint, None);
+        d.observe(Time::ZERO, 1, 2);
+        let h = d.observe(Time::ZERO, 2, 3).hint.expect("a stream after three writes in step");
+        assert_eq!((h.last, h.stride), (3, 1));
+        // A random write elsewhere does not break it.
+        d.observe(Time::ZERO, 900, 900);
+        assert_eq!(d.observe(Time::ZERO, 3, 4).hint.map(|h| h.last), Some(4));
     }
 
     #[test]

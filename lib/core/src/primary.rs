@@ -288,9 +288,6 @@ impl Primary {
     pub fn last_dispatched(&self) -> Seq {
         Seq(self.next_seq.0 - 1)
     }
-    pub fn writes_waiting(&self) -> usize {
-        self.waiting.len()
-    }
 
     /// True when nothing is waiting, in flight or unapplied: both sides hold the same data.
     pub fn is_drained(&self) -> bool {

@@ -70,10 +70,6 @@ impl Record {
         e.0 < self.extent_count && self.bits[(e.0 / 64) as usize] & (1 << (e.0 % 64)) != 0
     }
 
-    pub fn contains_all(&self, extents: std::ops::Range<u64>) -> bool {
-        extents.clone().all(|e| self.contains(ExtentId(e)))
-    }
-
     pub fn generation_of(&self, e: ExtentId) -> Option<Generation> {
         self.members.get(&e).copied()
     }
@@ -140,17 +136,8 @@ impl Record {
         self.by_generation.get(&g)
     }
 
-    pub fn youngest_generation(&self) -> Option<Generation> {
-        self.by_generation.keys().next_back().copied()
-    }
-
     pub fn clear(&mut self) {
         *self = Record::new(self.extent_count);
-    }
-
-    /// True when every member of `self` is a member of `other`.
-    pub fn is_subset_of(&self, other: &Record) -> bool {
-        self.members.keys().all(|e| other.contains(*e))
     }
 }
 

@@ -241,6 +241,9 @@ mod tests {
         assert_eq!(a[0], keys::SCHEMA_VERSION);
         assert_eq!(keys::parse_extent_key(keys::RECORD, &b), Some(ExtentId(256)));
         assert_eq!(keys::parse_extent_key(keys::DIRTY, &b), None);
+        let m = keys::meta_key("epoch");
+        assert_eq!(&m[..2], &[keys::SCHEMA_VERSION, keys::META]);
+        assert!(m > keys::extent_key(keys::DIRTY, ExtentId(u64::MAX)).to_vec(), "families do not interleave");
         let mut other_version = b;
         other_version[0] = 2;
         assert_eq!(keys::parse_extent_key(keys::RECORD, &other_version), None);
