@@ -109,8 +109,9 @@ struct ReplayArgs {
     /// Record capacities to compare, in extents, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [64u64, 256, 1024])]
     capacities: Vec<u64>,
-    /// Volume size, e.g. 1G.
-    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    /// Volume size, e.g. 4G. Keep it larger than the writes' span, so that no stream wraps round
+    /// the volume onto extents it recorded earlier (that would flatter both predictors).
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
     volume_size: u64,
     /// Round-trip time between the sites, in milliseconds.
     #[arg(long, default_value_t = 10)]
