@@ -27,6 +27,9 @@ fn a_thousand_seeds_keep_every_oracle() {
                 && t.split_brains > 0
                 && t.switchovers > 0
                 && t.resyncs > 0
+                && t.evicted_generations > 0
+                && t.degraded_writes > 0
+                && t.writes_failed > 0
                 && t.extents_saved_aside > 0,
             "the seeds did not cover every fault: {t}"
         );

@@ -78,6 +78,10 @@ pub struct SeedTotals {
     pub split_brains: u64,
     pub switchovers: u64,
     pub resyncs: u64,
+    pub evicted_generations: u64,
+    pub degraded_writes: u64,
+    /// Writes failed back to the host (block policy deadlines, fencing, media errors).
+    pub writes_failed: u64,
     pub extents_saved_aside: u64,
     pub lost_acked_blocks_reported: u64,
 }
@@ -96,6 +100,9 @@ impl SeedTotals {
             t.split_brains += r.split_brains_detected;
             t.switchovers += r.switchovers;
             t.resyncs += r.resyncs;
+            t.evicted_generations += r.evicted_generations;
+            t.degraded_writes += r.degraded_writes;
+            t.writes_failed += r.writes_failed;
             t.extents_saved_aside += r.saved_aside_extents;
             t.lost_acked_blocks_reported += r.lost_acked_blocks_reported;
         }
@@ -107,7 +114,7 @@ impl std::fmt::Display for SeedTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} extents saved aside, {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion)",
+            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion)",
             self.seeds,
             self.writes_acked,
             self.crashes,
@@ -118,6 +125,9 @@ impl std::fmt::Display for SeedTotals {
             self.split_brains,
             self.switchovers,
             self.resyncs,
+            self.evicted_generations,
+            self.degraded_writes,
+            self.writes_failed,
             self.extents_saved_aside,
             self.lost_acked_blocks_reported
         )

@@ -180,6 +180,10 @@ pub struct SimReport {
     pub split_brains_detected: u64,
     pub switchovers: u64,
     pub resyncs: u64,
+    /// Whole generations evicted, and writes covered by the local dirty map after a link loss
+    /// (degrade), by the primary that ends the run.
+    pub evicted_generations: u64,
+    pub degraded_writes: u64,
     pub failback_bytes: u64,
     pub saved_aside_extents: u64,
     /// Acknowledged writes missing after a promotion, all inside recorded extents (O1 allows
@@ -1369,6 +1373,8 @@ impl World {
         self.report.hits = stats.hits;
         self.report.misses = stats.misses;
         self.report.resyncs = stats.resyncs_started;
+        self.report.evicted_generations = stats.evicted_generations;
+        self.report.degraded_writes = stats.degraded_writes;
         self.report.failback_bytes = stats.resync_bytes_copied;
         self.report.final_record_len = copy_len;
         self.report.scenario_done = self.cfg.scenario == Scenario::Steady || self.scenario_stage >= 5;
