@@ -139,6 +139,8 @@ pub struct Primary {
     buffer: BTreeMap<Seq, Apply>,
     buffer_bytes: u64,
     ship_next: Seq,
+    /// Bytes of the buffer below `ship_next`: sent and not yet applied (the data window).
+    shipped_bytes: u64,
     applied_ack: Seq,
     local_synced: Seq,
     sync_inflight: Option<(Token, Seq)>,
@@ -212,6 +214,7 @@ impl Primary {
             buffer: BTreeMap::new(),
             buffer_bytes: 0,
             ship_next: first_seq.next(),
+            shipped_bytes: 0,
             applied_ack: first_seq,
             local_synced: first_seq,
             sync_inflight: None,
@@ -585,6 +588,7 @@ impl Primary {
         self.pending_evictions.clear();
         self.evictions_since = None;
         self.ship_next = self.applied_ack.next();
+        self.recount_shipped();
         self.progress(now);
     }
 
@@ -1045,8 +1049,11 @@ impl Primary {
         }
         self.applied_ack = through;
         let keep = self.buffer.split_off(&through.next());
-        for (_, item) in std::mem::replace(&mut self.buffer, keep) {
+        for (seq, item) in std::mem::replace(&mut self.buffer, keep) {
             self.buffer_bytes -= item_bytes(&item);
+            if seq < self.ship_next {
+                self.shipped_bytes -= item_bytes(&item);
+            }
         }
         if self.ship_next <= through {
             self.ship_next = through.next();
@@ -1136,18 +1143,18 @@ impl Primary {
         }
         let lanes = self.cfg.data_lanes.max(1) as u64;
         loop {
-            let inflight: u64 = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
             let Some((seq, item)) = self.buffer.range(self.ship_next..).next() else {
                 break;
             };
             let bytes = item_bytes(item);
             // The window may be exceeded only by a single item sent when nothing is in flight;
             // the secondary's reorder buffer is sized for that (see `CoreConfig::validate`).
-            if inflight > 0 && inflight + bytes > self.cfg.max_inflight_bytes {
+            if self.shipped_bytes > 0 && self.shipped_bytes + bytes > self.cfg.max_inflight_bytes {
                 break;
             }
             let (seq, apply) = (*seq, item.clone());
             self.ship_next = seq.next();
+            self.shipped_bytes += bytes;
             self.send(Stream::Data((seq.0 % lanes) as u8), Frame::Data { epoch: self.epoch, seq, apply });
         }
     }
@@ -1390,6 +1397,7 @@ impl Primary {
                 self.abandon_buffer();
             }
         }
+        self.recount_shipped();
         // The peer's applied position may be ahead of what it has acknowledged to us.
         let applied = self.peer_applied_at_welcome.min(self.last_dispatched());
         if applied > self.applied_ack && self.buffer.keys().next().is_some_and(|f| *f <= applied.next()) {
@@ -1486,7 +1494,12 @@ impl Primary {
             self.generation_added.retain(|g, _| live.contains(g));
         }
         let dispatched = self.last_dispatched().0;
-        let inflight = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
+        debug_assert_eq!(
+            self.shipped_bytes,
+            self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum::<u64>(),
+            "data window count drifted"
+        );
+        let inflight = self.shipped_bytes;
         let s = &mut self.stats;
         s.record_len = self.copy.len() as u64;
         s.record_generations = self.copy.generation_count() as u64;
@@ -1495,6 +1508,14 @@ impl Primary {
         s.inflight_bytes = inflight;
         s.dispatched_seq = dispatched;
         s.applied_seq = self.applied_ack.0;
+    }
+}
+
+impl Primary {
+    /// Recounts the bytes sent and not yet applied, after `ship_next` moved back (a new
+    /// connection); everywhere else the count is kept as items are sent and applied.
+    fn recount_shipped(&mut self) {
+        self.shipped_bytes = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
     }
 }
 
