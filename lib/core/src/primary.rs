@@ -1142,10 +1142,7 @@ impl Primary {
             return;
         }
         let lanes = self.cfg.data_lanes.max(1) as u64;
-        loop {
-            let Some((seq, item)) = self.buffer.range(self.ship_next..).next() else {
-                break;
-            };
+        while let Some((seq, item)) = self.buffer.range(self.ship_next..).next() {
             let bytes = item_bytes(item);
             // The window may be exceeded only by a single item sent when nothing is in flight;
             // the secondary's reorder buffer is sized for that (see `CoreConfig::validate`).
