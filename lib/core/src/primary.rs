@@ -67,6 +67,8 @@ struct Waiting {
     counted_miss: bool,
     /// Degrade mode: its missing extents were handed to the local dirty map.
     degraded: bool,
+    /// Held at least once by the lag limit (counted once in the stats).
+    throttled: bool,
 }
 
 /// A host write on its way to local media, not yet acknowledged.
@@ -404,8 +406,10 @@ impl Primary {
         self.consider_pre_extension(obs.stream);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
-        self.waiting
-            .insert(arrival, Waiting { request, op, fua, arrived: now, extents, hint: obs.hint, counted_miss: false, degraded: false });
+        self.waiting.insert(
+            arrival,
+            Waiting { request, op, fua, arrived: now, extents, hint: obs.hint, counted_miss: false, degraded: false, throttled: false },
+        );
         self.progress(now);
     }
 
@@ -638,7 +642,7 @@ impl Primary {
             }
             Frame::SnapshotEnd { .. } if self.link == LinkState::Handshake => self.on_snapshot_end(now),
             Frame::RecordAnswer { id, generation, added, .. } => self.on_answer(now, id, generation, &added),
-            Frame::Applied { through, .. } => self.on_applied(now, through),
+            Frame::Applied { through, .. } => self.on_applied(through),
             Frame::Refused { reason, .. } => {
                 self.stats.frames_refused += 1;
                 self.actions.push_back(Action::Disconnect { reason: format!("peer refused: {reason:?}") });
@@ -721,7 +725,7 @@ impl Primary {
         }
         self.maybe_lag_resync();
         self.dispatch_ready(now);
-        self.cover_misses(now);
+        self.cover_misses();
         self.evict(now);
         self.send_record_update(now);
         self.drive_resync();
@@ -761,7 +765,11 @@ impl Primary {
             }
             if self.buffer_bytes >= self.cfg.max_lag_bytes {
                 // Throttle: only reached under LagPolicy::Throttle (Resync drops the buffer).
-                self.stats.throttled_writes += 1;
+                // This write and every later one wait; each is counted once.
+                for w in self.waiting.range_mut(k..).map(|(_, w)| w).filter(|w| !w.throttled) {
+                    w.throttled = true;
+                    self.stats.throttled_writes += 1;
+                }
                 break;
             }
             if !link_up && !self.wrote_alone {
@@ -778,7 +786,7 @@ impl Primary {
         }
     }
 
-    fn dispatch_write(&mut self, _now: Time, w: Waiting) {
+    fn dispatch_write(&mut self, now: Time, w: Waiting) {
         if !w.counted_miss {
             self.stats.hits += 1;
         }
@@ -795,10 +803,10 @@ impl Primary {
         }
         let token = self.token();
         self.tokens.insert(token, seq);
-        self.dispatched.insert(seq, Dispatched { request: w.request, extents: w.extents.clone(), local_done: false, fua: w.fua, at: _now });
+        self.dispatched.insert(seq, Dispatched { request: w.request, extents: w.extents.clone(), local_done: false, fua: w.fua, at: now });
         self.actions.push_back(Action::LocalWrite { token, seq, op: w.op });
         if w.fua {
-            self.request_sync(_now);
+            self.request_sync(now);
         }
     }
 
@@ -843,7 +851,7 @@ impl Primary {
     }
 
     /// Misses: ask the secondary to record them, or cover them locally.
-    fn cover_misses(&mut self, _now: Time) {
+    fn cover_misses(&mut self) {
         if !matches!(self.phase, Phase::Serving | Phase::Draining) {
             return;
         }
@@ -1039,7 +1047,7 @@ impl Primary {
         }
     }
 
-    fn on_applied(&mut self, _now: Time, through: Seq) {
+    fn on_applied(&mut self, through: Seq) {
         if through <= self.applied_ack {
             return;
         }
@@ -1398,7 +1406,7 @@ impl Primary {
         // The peer's applied position may be ahead of what it has acknowledged to us.
         let applied = self.peer_applied_at_welcome.min(self.last_dispatched());
         if applied > self.applied_ack && self.buffer.keys().next().is_some_and(|f| *f <= applied.next()) {
-            self.on_applied(Time::ZERO, applied);
+            self.on_applied(applied);
         }
     }
 

@@ -31,6 +31,7 @@ pub struct PrimaryStats {
     pub resync_extents_copied: u64,
     pub resync_bytes_copied: u64,
     pub degraded_writes: u64,
+    /// Writes held back because unapplied data reached `max_lag_bytes` (each counted once).
     pub throttled_writes: u64,
     /// Times a miss had to wait because the record was full of extents not yet clean.
     pub record_full_waits: u64,
