@@ -16,6 +16,10 @@ pub enum Mode {
     Sync,
     /// No record, only a primary-side dirty map (DRBD protocol A).
     Async,
+    /// No peer at all: a single site serving its volumes from local media. Nothing is
+    /// recorded, shipped or tracked; a write is acknowledged once it is on local media (and
+    /// synced, for FUA). A peer added later starts from a full copy.
+    Standalone,
 }
 
 /// What a FLUSH (or FUA) waits for.
@@ -142,6 +146,8 @@ impl Default for CoreConfig {
 pub enum ConfigError {
     #[error("{field} must be at least {min}, got {got}")]
     TooSmall { field: &'static str, min: u64, got: u64 },
+    #[error("flush_policy = remote needs a peer; a standalone site can only flush locally")]
+    RemoteFlushWithoutPeer,
     #[error("reorder_buffer_bytes ({reorder}) must be at least max_inflight_bytes ({inflight}) plus one largest frame, or the secondary could be sent more than it may buffer")]
     ReorderBelowInflight { reorder: u64, inflight: u64 },
 }
@@ -165,6 +171,9 @@ impl CoreConfig {
         min("max_inflight_bytes", 1 << 20, self.max_inflight_bytes)?;
         min("max_lag_bytes", self.max_inflight_bytes, self.max_lag_bytes)?;
         min("resync_reads_in_flight", 1, self.resync_reads_in_flight as u64)?;
+        if self.mode == Mode::Standalone && self.flush_policy == FlushPolicy::Remote {
+            return Err(ConfigError::RemoteFlushWithoutPeer);
+        }
         if self.reorder_buffer_bytes < self.max_inflight_bytes + crate::frame::MAX_FRAME_BYTES as u64 {
             return Err(ConfigError::ReorderBelowInflight { reorder: self.reorder_buffer_bytes, inflight: self.max_inflight_bytes });
         }

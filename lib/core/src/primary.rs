@@ -569,6 +569,10 @@ impl Primary {
     // ----- the link -----
 
     pub fn handle_connected(&mut self, now: Time) {
+        if self.cfg.mode == Mode::Standalone {
+            self.actions.push_back(Action::Disconnect { reason: "this site is configured without a peer".into() });
+            return;
+        }
         self.set_link(now, LinkState::Handshake);
         let hello = Frame::Hello {
             epoch: self.epoch,
@@ -742,7 +746,7 @@ impl Primary {
     /// invariant R: it is in the record copy (so in the durable record) or in the durable
     /// local dirty map.
     fn covers(&self, e: ExtentId) -> bool {
-        self.local_dirty.contains(&e) || (self.cfg.mode == Mode::Predictive && self.copy.contains(e))
+        self.cfg.mode == Mode::Standalone || self.local_dirty.contains(&e) || (self.cfg.mode == Mode::Predictive && self.copy.contains(e))
     }
 
     fn covered(&self, extents: &Range<u64>) -> bool {
@@ -772,7 +776,7 @@ impl Primary {
                 }
                 break;
             }
-            if !link_up && !self.wrote_alone {
+            if !link_up && !self.wrote_alone && self.cfg.mode != Mode::Standalone {
                 // Evidence for split-brain detection must be durable before a write that the
                 // peer may never see reaches media.
                 if !self.wrote_alone_persisting {
@@ -797,10 +801,18 @@ impl Primary {
             }
             *self.local_busy.entry(e).or_insert(0) += 1;
         }
-        let seq = self.dispatch_item(Apply::Write(w.op.clone()));
-        for e in w.extents.clone() {
-            self.mark_dirty(ExtentId(e), seq);
-        }
+        let seq = if self.cfg.mode == Mode::Standalone {
+            // Nothing to ship or track: the sequence number only orders the local media.
+            let seq = self.next_seq;
+            self.next_seq = seq.next();
+            seq
+        } else {
+            let seq = self.dispatch_item(Apply::Write(w.op.clone()));
+            for e in w.extents.clone() {
+                self.mark_dirty(ExtentId(e), seq);
+            }
+            seq
+        };
         let token = self.token();
         self.tokens.insert(token, seq);
         self.dispatched.insert(seq, Dispatched { request: w.request, extents: w.extents.clone(), local_done: false, fua: w.fua, at: now });
@@ -881,6 +893,7 @@ impl Primary {
                     }
                 }
                 Mode::Async | Mode::Sync => local.extend(missing.into_iter().filter(|e| !self.dirty_persisting.contains(e))),
+                Mode::Standalone => {}
             }
         }
         for h in hints {
