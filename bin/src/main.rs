@@ -22,9 +22,10 @@ durable, predictive record of the extents the host is about to write: writes to 
 acknowledged at local-disk speed and shipped asynchronously; a write to an unrecorded extent first updates \
 the record synchronously. So the secondary always knows a superset of what may differ between the sites, \
 and failback copies only that.\n\n\
-This build holds the replication core and its tools: `replay` measures prediction on a workload or a block \
-trace, and `simulate` runs the deterministic two-site fault simulation.",
-    after_help = "Examples:\n  geomirror replay --workload sequential --workload zipf\n  geomirror replay --trace msr.csv --format msr --capacities 256,4096\n  geomirror simulate --seeds 1000\n  geomirror simulate --seed 42 --trace 2> seed42.log"
+Commands: `run` starts a site from its config file and serves its volumes over NBD (a site without a peer \
+for now); `replay` measures prediction on a workload or a block trace; `simulate` runs the deterministic \
+two-site fault simulation.",
+    after_help = "Examples:\n  geomirror run --config /etc/geomirror/site.toml\n  geomirror replay --workload sequential --workload zipf\n  geomirror replay --trace msr.csv --format msr --capacities 256,4096\n  geomirror simulate --seeds 1000\n  geomirror simulate --seed 42 --trace 2> seed42.log"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +34,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a site from its config file and serve its volumes over NBD until Ctrl-C.
+    ///
+    /// Opens (or creates, sparse) each volume's media file, then listens for NBD clients and
+    /// prints one `nbd://` URL per volume on standard output. Logs go to standard error; set
+    /// RUST_LOG=debug for every refused request. On Ctrl-C or SIGTERM the site stops
+    /// accepting, answers every request it has read, syncs the media and exits 0.
+    ///
+    /// The config is TOML; `deploy/site.example.toml` documents every field. A minimal one:
+    ///
+    ///   [site]
+    ///   name = "dc1"
+    ///   [nbd]
+    ///   listen = "127.0.0.1:10809"
+    ///   [[volume]]
+    ///   name = "vol0"
+    ///   media = "vol0.img"
+    ///   size = "8G"
+    #[command(verbatim_doc_comment)]
+    Run(RunArgs),
     /// Replay a workload through the replication core (no I/O) and compare predictors.
     ///
     /// Runs claim 19's k-next predictor and the adaptive predictor side by side, for every
@@ -101,17 +121,17 @@ struct ReplayArgs {
     #[arg(long, default_value_t = 2000)]
     writes: u64,
     /// Size of each synthetic write, e.g. 4K or 1M. Default: 1M sequential, 256K strided, 4K otherwise.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = geomirror_node::config::parse_size)]
     write_size: Option<u64>,
     /// Extent sizes to compare, comma-separated (powers of two, 64K to 64M).
-    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_values = ["256K", "1M"])]
+    #[arg(long, value_delimiter = ',', value_parser = geomirror_node::config::parse_size, default_values = ["256K", "1M"])]
     extent_sizes: Vec<u64>,
     /// Record capacities to compare, in extents, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [64u64, 256, 1024])]
     capacities: Vec<u64>,
     /// Volume size, e.g. 4G. Keep it larger than the writes' span, so that no stream wraps round
     /// the volume onto extents it recorded earlier (that would flatter both predictors).
-    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    #[arg(long, value_parser = geomirror_node::config::parse_size, default_value = "4G")]
     volume_size: u64,
     /// Round-trip time between the sites, in milliseconds.
     #[arg(long, default_value_t = 10)]
@@ -120,7 +140,7 @@ struct ReplayArgs {
     #[arg(long, default_value_t = 1000)]
     link_mbps: u64,
     /// Unapplied bytes at which host writes are throttled, e.g. 64M.
-    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    #[arg(long, value_parser = geomirror_node::config::parse_size, default_value = "64M")]
     max_lag: u64,
     /// Host writes in flight at once.
     #[arg(long, default_value_t = 8)]
@@ -141,6 +161,13 @@ struct ReplayArgs {
 }
 
 #[derive(Args)]
+struct RunArgs {
+    /// The site's config file (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+#[derive(Args)]
 struct SimulateArgs {
     /// How many seeds to run.
     #[arg(long, default_value_t = 1000)]
@@ -158,31 +185,40 @@ struct SimulateArgs {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Run(a) => run_site(a),
         Command::Replay(a) => replay(a),
         Command::Simulate(a) => simulate(a),
     }
 }
 
-/// Parses sizes such as `4096`, `64K`, `1M`, `2G` (binary units).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        None => (t, 1u64),
-        Some((i, _)) => {
-            let unit = t[i..].to_ascii_uppercase();
-            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown unit {:?} (use K, M, G or T)", &t[i..])),
-            };
-            (&t[..i], m)
+fn run_site(a: RunArgs) -> Result<()> {
+    init_logging();
+    let cfg = geomirror_node::config::SiteConfig::load(&a.config)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("geomirror").build().context("start the async runtime")?;
+    runtime.block_on(async {
+        let site = geomirror_node::site::RunningSite::start(cfg).await?;
+        let mut out = std::io::stdout().lock();
+        for v in &site.volumes {
+            writeln!(out, "site {}: volume {} ({}) at {}", site.name, v.name(), format_bytes(v.size_bytes()), site.nbd_url(v.name()))?;
         }
-    };
-    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 1M, 2G)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+        out.flush()?;
+        drop(out);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: finishing requests in flight and syncing media");
+        site.stop().await;
+        Ok(())
+    })
+}
+
+/// Logs to standard error; RUST_LOG overrides the default level (info).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn replay(a: ReplayArgs) -> Result<()> {
@@ -310,21 +346,4 @@ fn simulate(a: SimulateArgs) -> Result<()> {
     }
     println!("{n} passed, 0 failed");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("abc").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 }

@@ -1,0 +1,17 @@
+//! geomirror's shells: everything that touches the outside world around the sans-IO core.
+//!
+//! Owns: the NBD server (`nbd`), local media (`media`), the site configuration (`config`),
+//! the store behind the core's `Persist` actions (`store`), the per-volume driver that runs
+//! a core state machine and executes its actions (`volume`), and the wiring of a whole site
+//! (`site`).
+//!
+//! Must not: make replication decisions. Whether a write may be acknowledged, what is
+//! recorded, shipped or evicted is decided by `geomirror-core`; the shells only carry out
+//! its actions in the order and with the durability its contract requires.
+
+pub mod config;
+pub mod media;
+pub mod nbd;
+pub mod site;
+pub mod store;
+pub mod volume;

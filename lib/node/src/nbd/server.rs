@@ -1,0 +1,433 @@
+//! The NBD server: accepts connections, runs the handshake, and serves requests.
+//!
+//! Owns: the connection cap, the handshake timeout, the per-connection bound on bytes in
+//! flight, the reader and writer of each connection, and the mapping of the core's host
+//! errors to NBD errors.
+//!
+//! Must not: check requests itself (`proto::check_request` is the one gate) or write to
+//! media (reads go to `Volume::read`, writes to the volume's driver).
+//!
+//! Each connection is two tasks. The reader parses requests and submits them; every
+//! request first takes permits worth its payload (at least `MIN_REQUEST_COST`) from the
+//! connection's budget, and gives them back when its reply has been written, so a client
+//! that sends faster than it reads replies simply stops being read. The writer sends replies
+//! in completion order.
+
+use super::handshake::{ExportInfo, Handshake, Negotiated, Step};
+use super::proto::*;
+use crate::config::NbdConfig;
+use crate::volume::Volume;
+use bytes::{Bytes, BytesMut};
+use geomirror_core::{HostError, WriteOp};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+/// Permits a request without payload takes, so that the count of requests in flight is
+/// bounded too.
+const MIN_REQUEST_COST: u32 = 4096;
+/// Replies are gathered up to this size before a write to the socket.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+/// Payload bytes of a refused write are read and dropped through a buffer of this size.
+const SKIP_CHUNK_BYTES: usize = 64 << 10;
+
+/// Counters of the NBD front end, for status and metrics.
+#[derive(Debug, Default)]
+pub struct NbdCounters {
+    pub connections_accepted: AtomicU64,
+    pub connections_refused_at_cap: AtomicU64,
+    pub handshakes_timed_out: AtomicU64,
+    pub handshakes_refused: AtomicU64,
+    pub requests: AtomicU64,
+    /// Requests refused by the gate or failed by the volume, by NBD error.
+    pub errors_inval: AtomicU64,
+    pub errors_nospc: AtomicU64,
+    pub errors_overflow: AtomicU64,
+    pub errors_io: AtomicU64,
+    pub errors_other: AtomicU64,
+    pub protocol_violations: AtomicU64,
+}
+
+impl NbdCounters {
+    fn error(&self, e: NbdError) {
+        let c = match e {
+            NbdError::Inval => &self.errors_inval,
+            NbdError::NoSpc => &self.errors_nospc,
+            NbdError::Overflow => &self.errors_overflow,
+            NbdError::Io => &self.errors_io,
+            _ => &self.errors_other,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Maps the core's reasons to the errors NBD clients know.
+pub fn nbd_error(e: HostError) -> NbdError {
+    match e {
+        HostError::OutOfRange => NbdError::Inval,
+        HostError::Fenced => NbdError::Perm,
+        // ESHUTDOWN asks the client to disconnect and retry elsewhere (a switchover).
+        HostError::NotServing => NbdError::Shutdown,
+        HostError::LinkDown | HostError::Media | HostError::ReplicationTimeout => NbdError::Io,
+    }
+}
+
+pub struct NbdServer {
+    listener: TcpListener,
+    volumes: Arc<Vec<Volume>>,
+    cfg: NbdConfig,
+    counters: Arc<NbdCounters>,
+}
+
+impl NbdServer {
+    pub async fn bind(cfg: NbdConfig, volumes: Vec<Volume>) -> io::Result<NbdServer> {
+        let listener = TcpListener::bind(cfg.listen).await?;
+        Ok(NbdServer { listener, volumes: Arc::new(volumes), cfg, counters: Arc::new(NbdCounters::default()) })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn counters(&self) -> Arc<NbdCounters> {
+        self.counters.clone()
+    }
+
+    /// Serves until `shutdown` turns true; then stops accepting, lets every connection
+    /// finish the requests it has read, and returns when all have closed.
+    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.cfg.max_connections));
+        let exports: Vec<ExportInfo> = self
+            .volumes
+            .iter()
+            .map(|v| ExportInfo { name: v.name().into(), description: v.description().into(), size_bytes: v.size_bytes() })
+            .collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off a little
+                            // rather than spin on the error.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        self.counters.connections_refused_at_cap.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, max = self.cfg.max_connections, "connection refused: too many connections");
+                        drop(stream);
+                        continue;
+                    };
+                    self.counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                    let conn = Connection {
+                        volumes: self.volumes.clone(),
+                        exports: exports.clone(),
+                        cfg: self.cfg.clone(),
+                        counters: self.counters.clone(),
+                        shutdown: shutdown.clone(),
+                        peer,
+                    };
+                    tasks.spawn(conn.run(stream, slot));
+                }
+                _ = shutdown.changed() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        drop(self.listener);
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+struct Connection {
+    volumes: Arc<Vec<Volume>>,
+    exports: Vec<ExportInfo>,
+    cfg: NbdConfig,
+    counters: Arc<NbdCounters>,
+    shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+}
+
+/// The reader's buffered input: requests and payloads are split off it without copying.
+struct Input {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl Input {
+    /// Makes `buf` hold at least `n` bytes. False if the client closed before sending them.
+    async fn fill(&mut self, n: usize) -> io::Result<bool> {
+        if self.buf.len() < n {
+            self.buf.reserve(n - self.buf.len());
+        }
+        while self.buf.len() < n {
+            if self.rd.read_buf(&mut self.buf).await? == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads and drops `n` bytes without holding more than one chunk.
+    async fn skip(&mut self, mut n: usize) -> io::Result<bool> {
+        let have = n.min(self.buf.len());
+        let _ = self.buf.split_to(have);
+        n -= have;
+        let mut scratch = vec![0u8; SKIP_CHUNK_BYTES.min(n)];
+        while n > 0 {
+            let want = n.min(scratch.len());
+            let got = read_some(&mut self.rd, &mut scratch[..want]).await?;
+            if got == 0 {
+                return Ok(false);
+            }
+            n -= got;
+        }
+        Ok(true)
+    }
+}
+
+async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    r.read(buf).await
+}
+
+enum Body {
+    Done,
+    Read { offset: u64, data: Bytes },
+    Error { error: NbdError, message: String },
+}
+
+struct Reply {
+    cookie: u64,
+    body: Body,
+    /// Given back when the reply has been written.
+    _budget: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn run(mut self, stream: TcpStream, slot: OwnedSemaphorePermit) {
+        let _ = stream.set_nodelay(true);
+        let (rd, mut wr) = stream.into_split();
+        let mut input = Input { rd, buf: BytesMut::with_capacity(64 << 10) };
+        let mut shutdown = self.shutdown.clone();
+        let negotiated = tokio::select! {
+            r = tokio::time::timeout(self.cfg.handshake_timeout, self.handshake(&mut input, &mut wr)) => r,
+            _ = shutdown.changed() => return self.close(slot, wr, input),
+        };
+        let negotiated = match negotiated {
+            Ok(Ok(Some(n))) => n,
+            Ok(Ok(None)) => return self.close(slot, wr, input),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "connection lost during the handshake");
+                return self.close(slot, wr, input);
+            }
+            Err(_) => {
+                self.counters.handshakes_timed_out.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %self.peer, timeout = ?self.cfg.handshake_timeout, "handshake not finished in time; dropped");
+                return self.close(slot, wr, input);
+            }
+        };
+        let volume = self.volumes[negotiated.export].clone();
+        tracing::info!(peer = %self.peer, volume = volume.name(), structured = negotiated.structured, "client connected");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_replies(wr, rx, negotiated.structured));
+        if let Err(e) = self.transmission(&mut input, &volume, negotiated, tx).await {
+            tracing::debug!(peer = %self.peer, error = %e, "connection read ended");
+        }
+        // Every reply still owed is written before the connection closes.
+        let wr = match writer.await {
+            Ok(Ok(wr)) => Some(wr),
+            _ => None,
+        };
+        tracing::info!(peer = %self.peer, volume = volume.name(), "client disconnected");
+        drop(slot);
+        drop(wr);
+        drop(input);
+    }
+
+    /// The connection slot is released before the socket closes, so a client that sees the
+    /// close can connect again at once.
+    fn close(self, slot: OwnedSemaphorePermit, wr: OwnedWriteHalf, input: Input) {
+        drop(slot);
+        drop(wr);
+        drop(input);
+    }
+
+    async fn handshake(&self, input: &mut Input, wr: &mut OwnedWriteHalf) -> io::Result<Option<Negotiated>> {
+        let mut hs = Handshake::new(self.exports.clone());
+        loop {
+            let step = hs.feed(&mut input.buf);
+            let out = hs.take_output();
+            if !out.is_empty() {
+                wr.write_all(&out).await?;
+            }
+            match step {
+                Step::More => {
+                    if input.rd.read_buf(&mut input.buf).await? == 0 {
+                        return Ok(None);
+                    }
+                }
+                Step::Transmit(n) => return Ok(Some(n)),
+                Step::Close(why) => {
+                    self.counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer = %self.peer, why, "handshake ended");
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    async fn transmission(
+        &mut self,
+        input: &mut Input,
+        volume: &Volume,
+        n: Negotiated,
+        tx: mpsc::UnboundedSender<Reply>,
+    ) -> io::Result<()> {
+        let limits = Limits { export_bytes: volume.size_bytes(), structured: n.structured };
+        let budget = Arc::new(Semaphore::new(self.cfg.max_inflight_bytes_per_connection as usize));
+        loop {
+            let more = tokio::select! {
+                more = input.fill(REQUEST_HEADER_BYTES) => more?,
+                _ = self.shutdown.changed() => {
+                    tracing::info!(peer = %self.peer, "server shutting down; closing after the replies owed");
+                    return Ok(());
+                }
+            };
+            if !more {
+                return Ok(());
+            }
+            let raw: [u8; REQUEST_HEADER_BYTES] = input.buf.split_to(REQUEST_HEADER_BYTES)[..].try_into().expect("28 bytes");
+            let header = match parse_request_header(&raw) {
+                Ok(h) => h,
+                Err(BadMagic(m)) => {
+                    self.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %self.peer, magic = format!("{m:#010x}"), "request without the request magic; closing");
+                    return Ok(());
+                }
+            };
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let command = match check_request(&header, &limits) {
+                Ok(c) => c,
+                Err(refusal) => {
+                    self.counters.error(refusal.error);
+                    tracing::debug!(peer = %self.peer, ?header, reason = refusal.reason, "request refused");
+                    let permit = budget.clone().acquire_many_owned(MIN_REQUEST_COST).await.expect("never closed");
+                    let reply = Reply {
+                        cookie: header.cookie,
+                        body: Body::Error { error: refusal.error, message: refusal.reason.into() },
+                        _budget: permit,
+                    };
+                    let _ = tx.send(reply);
+                    if refusal.close {
+                        self.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %self.peer, len = header.len, "write larger than the maximum block size; closing");
+                        return Ok(());
+                    }
+                    if refusal.skip_payload > 0 && !input.skip(refusal.skip_payload as usize).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let cost = |len: u32| len.max(MIN_REQUEST_COST);
+            match command {
+                Command::Disconnect => return Ok(()),
+                Command::Read { offset, len } => {
+                    let permit = budget.clone().acquire_many_owned(cost(len)).await.expect("never closed");
+                    let (volume, tx, counters) = (volume.clone(), tx.clone(), self.counters.clone());
+                    let cookie = header.cookie;
+                    tokio::task::spawn_blocking(move || {
+                        let body = match volume.read(offset, len) {
+                            Ok(data) => Body::Read { offset, data },
+                            Err(e) => {
+                                counters.error(nbd_error(e));
+                                Body::Error { error: nbd_error(e), message: e.to_string() }
+                            }
+                        };
+                        let _ = tx.send(Reply { cookie, body, _budget: permit });
+                    });
+                }
+                Command::Write { offset, len, fua } => {
+                    let permit = budget.clone().acquire_many_owned(cost(len)).await.expect("never closed");
+                    if !input.fill(len as usize).await? {
+                        return Ok(());
+                    }
+                    let data = input.buf.split_to(len as usize).freeze();
+                    volume.write(WriteOp::data(offset, data), fua, self.completion(&tx, header.cookie, permit));
+                }
+                Command::Trim { offset, len, fua } => {
+                    let permit = budget.clone().acquire_many_owned(MIN_REQUEST_COST).await.expect("never closed");
+                    volume.write(WriteOp::trim(offset, len as u64), fua, self.completion(&tx, header.cookie, permit));
+                }
+                Command::WriteZeroes { offset, len, fua } => {
+                    let permit = budget.clone().acquire_many_owned(MIN_REQUEST_COST).await.expect("never closed");
+                    volume.write(WriteOp::zero(offset, len as u64), fua, self.completion(&tx, header.cookie, permit));
+                }
+                Command::Flush => {
+                    let permit = budget.clone().acquire_many_owned(MIN_REQUEST_COST).await.expect("never closed");
+                    volume.flush(self.completion(&tx, header.cookie, permit));
+                }
+            }
+        }
+    }
+
+    fn completion(&self, tx: &mpsc::UnboundedSender<Reply>, cookie: u64, permit: OwnedSemaphorePermit) -> crate::volume::Completion {
+        let tx = tx.clone();
+        let counters = self.counters.clone();
+        Box::new(move |result| {
+            let body = match result {
+                Ok(()) => Body::Done,
+                Err(e) => {
+                    counters.error(nbd_error(e));
+                    Body::Error { error: nbd_error(e), message: e.to_string() }
+                }
+            };
+            let _ = tx.send(Reply { cookie, body, _budget: permit });
+        })
+    }
+}
+
+/// Writes replies as they complete, gathering those already queued into one socket write.
+async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, structured: bool) -> io::Result<OwnedWriteHalf> {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    let mut sent: Vec<Reply> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next.take() {
+            match &reply.body {
+                Body::Done => put_reply_ok(&mut out, structured, reply.cookie, None),
+                Body::Error { error, message } => put_reply_error(&mut out, structured, reply.cookie, *error, message),
+                Body::Read { offset, data } => {
+                    put_reply_ok(&mut out, structured, reply.cookie, Some((*offset, data.len() as u32)));
+                    if data.len() <= SKIP_CHUNK_BYTES {
+                        out.extend_from_slice(data);
+                    } else {
+                        wr.write_all(&out).await?;
+                        out.clear();
+                        wr.write_all(data).await?;
+                    }
+                }
+            }
+            sent.push(reply);
+            if out.len() < WRITE_BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+        // The budget of these replies is given back only now that they are on the wire.
+        sent.clear();
+    }
+    wr.flush().await?;
+    Ok(wr)
+}

@@ -1,0 +1,42 @@
+//! Where a site keeps the state the core asks to persist.
+//!
+//! Owns: the `Store` trait, the one interface between the core's `Persist` actions and a
+//! durable medium, and `MemoryStore`, the store of a standalone site.
+//!
+//! Must not: interpret what it stores. `SiteState::apply` is the one meaning of a batch.
+//!
+//! A standalone site has no peer, so nothing it would persist (its incarnation, a dirty map
+//! for a peer, an epoch) has a reader after a restart: `MemoryStore` is honest for it. Sites
+//! with a peer use the RocksDB store, which implements the same trait.
+
+use geomirror_core::{SiteState, StoreWrite};
+use std::io;
+
+pub trait Store: Send {
+    /// The state as of the last successful `write`.
+    fn load(&self) -> SiteState;
+    /// Applies a batch atomically; when it returns `Ok`, the batch is durable.
+    fn write(&mut self, batch: &[StoreWrite]) -> io::Result<()>;
+}
+
+/// Keeps the state in memory: durable for the life of the process only.
+pub struct MemoryStore {
+    state: SiteState,
+}
+
+impl MemoryStore {
+    pub fn new(state: SiteState) -> MemoryStore {
+        MemoryStore { state }
+    }
+}
+
+impl Store for MemoryStore {
+    fn load(&self) -> SiteState {
+        self.state.clone()
+    }
+
+    fn write(&mut self, batch: &[StoreWrite]) -> io::Result<()> {
+        self.state.apply(batch);
+        Ok(())
+    }
+}

@@ -1,0 +1,334 @@
+//! One volume's driver: a thread that owns the core's state machine and carries out its
+//! actions.
+//!
+//! Owns: the `Primary` of one volume, the order in which its actions are executed, the map
+//! from the core's request ids to the hosts waiting for an answer, and the volume's failure
+//! state.
+//!
+//! Must not: decide when a write may be acknowledged; it answers a host only when the core
+//! emits `Ack`. The core's execution contract (see `geomirror_core::action`) holds here by
+//! construction:
+//! - media writes run inline on this thread, one after another, in the order emitted, so
+//!   overlapping writes reach the media in sequence order and a `SyncMedia` (run on the sync
+//!   thread, after it is emitted) covers every write emitted before it;
+//! - `Persist` batches are written in order and reported only once durable.
+//!
+//! Why a thread and not a task: local media calls block (page-cache writeback can stall a
+//! `pwrite` for a long time), and the core must see its actions done in order. A thread per
+//! volume keeps the async NBD connections free and the ordering trivially true.
+
+use crate::config::VolumeConfig;
+use crate::media::{Media, MediaError};
+use crate::store::Store;
+use bytes::Bytes;
+use geomirror_core::{Action, HostError, Primary, RequestId, Role, SiteState, Time, Token, WriteOp};
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Called once with the result of a host request.
+pub type Completion = Box<dyn FnOnce(Result<(), HostError>) + Send>;
+
+enum Input {
+    Write {
+        op: WriteOp,
+        fua: bool,
+        done: Completion,
+    },
+    Flush {
+        done: Completion,
+    },
+    Synced {
+        token: Token,
+        result: io::Result<()>,
+    },
+    /// Finish what was accepted, sync, and end the thread.
+    Stop,
+}
+
+/// Plain counters of one volume, for status and (later) metrics.
+#[derive(Debug, Default)]
+pub struct VolumeCounters {
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub media_errors: AtomicU64,
+}
+
+/// A handle to a running volume; cheap to clone, shared by all its connections.
+#[derive(Clone)]
+pub struct Volume {
+    tx: mpsc::Sender<Input>,
+    media: Arc<Media>,
+    name: Arc<str>,
+    description: Arc<str>,
+    failed: Arc<AtomicBool>,
+    counters: Arc<VolumeCounters>,
+}
+
+impl Volume {
+    /// Opens the media and starts the driver and sync threads.
+    pub fn start(cfg: &VolumeConfig, store: Box<dyn Store>) -> Result<(Volume, JoinHandle<()>), MediaError> {
+        let media = Arc::new(Media::open(&cfg.media, cfg.geometry.volume_bytes())?);
+        let (tx, rx) = mpsc::channel();
+        let (sync_tx, sync_rx) = mpsc::channel::<Token>();
+        let failed = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(VolumeCounters::default());
+        let started = Instant::now();
+        let state: SiteState = store.load();
+        debug_assert_eq!(state.role, Role::Primary);
+        let core = Primary::new(cfg.core.clone(), cfg.geometry, &state, Time(0));
+        let name: Arc<str> = cfg.name.as_str().into();
+
+        let sync_media = media.clone();
+        let sync_back = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("sync-{}", cfg.name))
+            .spawn(move || {
+                for token in sync_rx {
+                    let result = sync_media.sync();
+                    if sync_back.send(Input::Synced { token, result }).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn the sync thread");
+
+        let driver = Driver {
+            core,
+            media: media.clone(),
+            store,
+            pending: BTreeMap::new(),
+            next_request: 1,
+            sync_tx,
+            started,
+            failed: failed.clone(),
+            counters: counters.clone(),
+            name: name.clone(),
+            stopping: false,
+        };
+        let handle = std::thread::Builder::new().name(format!("volume-{}", cfg.name)).spawn(move || driver.run(rx)).expect("spawn");
+        let volume = Volume { tx, media, name, description: cfg.description.as_str().into(), failed, counters };
+        Ok((volume, handle))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+    pub fn size_bytes(&self) -> u64 {
+        self.media.size_bytes()
+    }
+    pub fn counters(&self) -> &VolumeCounters {
+        &self.counters
+    }
+
+    /// Submits a write; `done` is called when the core acknowledges or fails it.
+    pub fn write(&self, op: WriteOp, fua: bool, done: Completion) {
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters.write_bytes.fetch_add(op.payload_bytes(), Ordering::Relaxed);
+        self.submit(Input::Write { op, fua, done });
+    }
+
+    pub fn flush(&self, done: Completion) {
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        self.submit(Input::Flush { done });
+    }
+
+    fn submit(&self, input: Input) {
+        if let Err(mpsc::SendError(input)) = self.tx.send(input) {
+            // The driver has stopped: the request is answered, never dropped.
+            match input {
+                Input::Write { done, .. } | Input::Flush { done } => done(Err(HostError::NotServing)),
+                Input::Synced { .. } | Input::Stop => {}
+            }
+        }
+    }
+
+    /// Reads from the media. Blocking: call it off the async threads. Reads see every write
+    /// acknowledged before they were issued, since acknowledgement follows the media write.
+    pub fn read(&self, offset: u64, len: u32) -> Result<Bytes, HostError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(HostError::Media);
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        match self.media.read_at(&mut buf, offset) {
+            Ok(()) => Ok(Bytes::from(buf)),
+            Err(e) => {
+                self.counters.media_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(volume = %self.name, offset, len, error = %e, "media read failed");
+                Err(HostError::Media)
+            }
+        }
+    }
+
+    /// Asks the driver to finish accepted requests, sync the media and end.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Input::Stop);
+    }
+}
+
+struct Driver {
+    core: Primary,
+    media: Arc<Media>,
+    store: Box<dyn Store>,
+    pending: BTreeMap<RequestId, Completion>,
+    next_request: u64,
+    sync_tx: mpsc::Sender<Token>,
+    started: Instant,
+    failed: Arc<AtomicBool>,
+    counters: Arc<VolumeCounters>,
+    name: Arc<str>,
+    stopping: bool,
+}
+
+impl Driver {
+    fn now(&self) -> Time {
+        Time(self.started.elapsed().as_micros() as u64)
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Input>) {
+        self.execute();
+        loop {
+            let input = match self.core.poll_timeout() {
+                Some(at) => {
+                    let wait = Duration::from_micros(at.0.saturating_sub(self.now().0));
+                    match rx.recv_timeout(wait) {
+                        Ok(i) => Some(i),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match rx.recv() {
+                    Ok(i) => Some(i),
+                    Err(_) => break,
+                },
+            };
+            match input {
+                Some(i) => self.input(i),
+                None => {
+                    let now = self.now();
+                    self.core.handle_timeout(now);
+                }
+            }
+            self.execute();
+            if self.stopping && self.pending.is_empty() {
+                break;
+            }
+        }
+        // Whatever was acknowledged without FUA becomes durable before the process ends.
+        if !self.failed.load(Ordering::Acquire) {
+            if let Err(e) = self.media.sync() {
+                tracing::error!(volume = %self.name, error = %e, "final media sync failed");
+            }
+        }
+        tracing::info!(volume = %self.name, "volume stopped");
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = self.now();
+        match input {
+            Input::Write { op, fua, done } => {
+                if let Some(refusal) = self.refuse() {
+                    return done(Err(refusal));
+                }
+                let request = self.request(done);
+                self.core.handle_host_write(now, request, op, fua);
+            }
+            Input::Flush { done } => {
+                if let Some(refusal) = self.refuse() {
+                    return done(Err(refusal));
+                }
+                let request = self.request(done);
+                self.core.handle_host_flush(now, request);
+            }
+            Input::Synced { token, result } => match result {
+                Ok(()) => self.core.handle_media_synced(now, token),
+                Err(e) => self.fail(&format!("media sync failed: {e}")),
+            },
+            Input::Stop => self.stopping = true,
+        }
+    }
+
+    fn refuse(&self) -> Option<HostError> {
+        if self.failed.load(Ordering::Acquire) {
+            Some(HostError::Media)
+        } else if self.stopping {
+            Some(HostError::NotServing)
+        } else {
+            None
+        }
+    }
+
+    fn request(&mut self, done: Completion) -> RequestId {
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        self.pending.insert(id, done);
+        id
+    }
+
+    /// Runs the core's actions until it has none, in the order emitted.
+    fn execute(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            if self.failed.load(Ordering::Acquire) {
+                return;
+            }
+            let now = self.now();
+            match action {
+                Action::LocalWrite { token, op, .. } => {
+                    let ok = match self.media.apply(&op) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            self.counters.media_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(volume = %self.name, offset = op.offset, len = op.len, error = %e, "media write failed");
+                            false
+                        }
+                    };
+                    self.core.handle_local_write_done(now, token, ok);
+                }
+                Action::SyncMedia { token } => {
+                    if self.sync_tx.send(token).is_err() {
+                        self.fail("the sync thread has ended");
+                    }
+                }
+                Action::Persist { token, batch } => match self.store.write(&batch) {
+                    Ok(()) => self.core.handle_persisted(now, token),
+                    Err(e) => self.fail(&format!("store write failed: {e}")),
+                },
+                Action::Ack { request, result } => {
+                    if let Some(done) = self.pending.remove(&request) {
+                        done(result);
+                    }
+                }
+                other => {
+                    // A standalone core emits none of these; a site with a peer gets the
+                    // transport shell that executes them.
+                    debug_assert!(false, "unexpected action on a site without a peer: {other:?}");
+                    tracing::error!(volume = %self.name, action = ?other, "unexpected action on a site without a peer; ignored");
+                }
+            }
+        }
+    }
+
+    /// After a failed sync or store write nothing about durability can be promised: the
+    /// volume stops serving (every waiting and later request fails with an I/O error) until
+    /// an operator restarts the site. Retrying an fsync after it failed can report success
+    /// for data the kernel has already dropped.
+    fn fail(&mut self, why: &str) {
+        tracing::error!(volume = %self.name, why, "volume failed; every request now fails until the site is restarted");
+        self.failed.store(true, Ordering::Release);
+        for (_, done) in std::mem::take(&mut self.pending) {
+            done(Err(HostError::Media));
+        }
+    }
+}
