@@ -6,3 +6,6 @@
 pub mod handshake;
 pub mod proto;
 pub mod server;
+
+#[cfg(test)]
+mod robustness;

@@ -35,6 +35,19 @@ const MIN_REQUEST_COST: u32 = 4096;
 const WRITE_BATCH_BYTES: usize = 256 << 10;
 /// Payload bytes of a refused write are read and dropped through a buffer of this size.
 const SKIP_CHUNK_BYTES: usize = 64 << 10;
+/// After closing on a protocol violation, input is still read and dropped for this long (and
+/// at most `LINGER_BYTES`), so that the client receives the error reply instead of a reset
+/// that would discard it.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// How the transmission phase ended.
+enum End {
+    /// Disconnect, end of input, or server shutdown.
+    Clean,
+    /// The client broke the protocol; the connection closes with a lingering read.
+    Violation,
+}
 
 /// Counters of the NBD front end, for status and metrics.
 #[derive(Debug, Default)]
@@ -238,14 +251,22 @@ impl Connection {
         tracing::info!(peer = %self.peer, volume = volume.name(), structured = negotiated.structured, "client connected");
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_replies(wr, rx, negotiated.structured));
-        if let Err(e) = self.transmission(&mut input, &volume, negotiated, tx).await {
-            tracing::debug!(peer = %self.peer, error = %e, "connection read ended");
-        }
+        let end = match self.transmission(&mut input, &volume, negotiated, tx).await {
+            Ok(end) => end,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "connection read ended");
+                End::Clean
+            }
+        };
         // Every reply still owed is written before the connection closes.
-        let wr = match writer.await {
+        let mut wr = match writer.await {
             Ok(Ok(wr)) => Some(wr),
             _ => None,
         };
+        if let (End::Violation, Some(w)) = (end, wr.as_mut()) {
+            let _ = w.shutdown().await;
+            let _ = tokio::time::timeout(LINGER, input.skip(LINGER_BYTES)).await;
+        }
         tracing::info!(peer = %self.peer, volume = volume.name(), "client disconnected");
         drop(slot);
         drop(wr);
@@ -290,7 +311,7 @@ impl Connection {
         volume: &Volume,
         n: Negotiated,
         tx: mpsc::UnboundedSender<Reply>,
-    ) -> io::Result<()> {
+    ) -> io::Result<End> {
         let limits = Limits { export_bytes: volume.size_bytes(), structured: n.structured };
         let budget = Arc::new(Semaphore::new(self.cfg.max_inflight_bytes_per_connection as usize));
         loop {
@@ -298,11 +319,11 @@ impl Connection {
                 more = input.fill(REQUEST_HEADER_BYTES) => more?,
                 _ = self.shutdown.changed() => {
                     tracing::info!(peer = %self.peer, "server shutting down; closing after the replies owed");
-                    return Ok(());
+                    return Ok(End::Clean);
                 }
             };
             if !more {
-                return Ok(());
+                return Ok(End::Clean);
             }
             let raw: [u8; REQUEST_HEADER_BYTES] = input.buf.split_to(REQUEST_HEADER_BYTES)[..].try_into().expect("28 bytes");
             let header = match parse_request_header(&raw) {
@@ -310,7 +331,7 @@ impl Connection {
                 Err(BadMagic(m)) => {
                     self.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(peer = %self.peer, magic = format!("{m:#010x}"), "request without the request magic; closing");
-                    return Ok(());
+                    return Ok(End::Violation);
                 }
             };
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -329,17 +350,17 @@ impl Connection {
                     if refusal.close {
                         self.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(peer = %self.peer, len = header.len, "write larger than the maximum block size; closing");
-                        return Ok(());
+                        return Ok(End::Violation);
                     }
                     if refusal.skip_payload > 0 && !input.skip(refusal.skip_payload as usize).await? {
-                        return Ok(());
+                        return Ok(End::Clean);
                     }
                     continue;
                 }
             };
             let cost = |len: u32| len.max(MIN_REQUEST_COST);
             match command {
-                Command::Disconnect => return Ok(()),
+                Command::Disconnect => return Ok(End::Clean),
                 Command::Read { offset, len } => {
                     let permit = budget.clone().acquire_many_owned(cost(len)).await.expect("never closed");
                     let (volume, tx, counters) = (volume.clone(), tx.clone(), self.counters.clone());
@@ -358,7 +379,7 @@ impl Connection {
                 Command::Write { offset, len, fua } => {
                     let permit = budget.clone().acquire_many_owned(cost(len)).await.expect("never closed");
                     if !input.fill(len as usize).await? {
-                        return Ok(());
+                        return Ok(End::Clean);
                     }
                     let data = input.buf.split_to(len as usize).freeze();
                     volume.write(WriteOp::data(offset, data), fua, self.completion(&tx, header.cookie, permit));

@@ -1,0 +1,148 @@
+//! A real `geomirror run` process for end-to-end tests: started from a config written into
+//! a temporary directory, stopped with SIGTERM, and checked to exit cleanly.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a site may take to print its URLs before the test fails.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Site {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    /// Volume name to `nbd://host:port/name`.
+    pub urls: BTreeMap<String, String>,
+    /// host:port of the NBD server.
+    pub addr: String,
+    stderr: mpsc::Receiver<String>,
+    bin: PathBuf,
+    config: PathBuf,
+}
+
+impl Site {
+    /// Writes `config` (the volumes and any `[nbd]` settings; `[site]` is added and
+    /// `listen` defaults to a free loopback port) to a new directory and starts the site.
+    pub fn start(bin: &Path, config: &str) -> Site {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut text = String::from("[site]\nname = \"test\"\n");
+        if !config.contains("[nbd]") {
+            text.push_str("[nbd]\nlisten = \"127.0.0.1:0\"\n");
+        }
+        text.push_str(config);
+        let path = dir.path().join("site.toml");
+        std::fs::write(&path, text).expect("write config");
+        let mut site = Site {
+            child: None,
+            dir,
+            urls: BTreeMap::new(),
+            addr: String::new(),
+            stderr: mpsc::channel().1,
+            bin: bin.to_owned(),
+            config: path,
+        };
+        site.spawn();
+        site
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(&self.bin)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start geomirror run");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (etx, erx) = mpsc::channel();
+        let mut stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            let _ = etx.send(s);
+        });
+        self.stderr = erx;
+        self.child = Some(child);
+        let volumes = std::fs::read_to_string(&self.config).unwrap().matches("[[volume]]").count();
+        self.urls.clear();
+        while self.urls.len() < volumes {
+            match rx.recv_timeout(START_DEADLINE) {
+                Ok(line) => {
+                    let url =
+                        line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("unexpected line {line:?}"));
+                    let name = url.rsplit('/').next().unwrap().to_owned();
+                    self.addr = url.trim_start_matches("nbd://").split('/').next().unwrap().to_owned();
+                    self.urls.insert(name, url.to_owned());
+                }
+                Err(_) => {
+                    let _ = self.child.as_mut().unwrap().kill();
+                    panic!("the site did not start; its log:\n{}", self.stderr.recv_timeout(START_DEADLINE).unwrap_or_default());
+                }
+            }
+        }
+    }
+
+    pub fn url(&self, volume: &str) -> &str {
+        &self.urls[volume]
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM, then waits; returns the exit status and the log.
+    pub fn stop(&mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let status = child.wait().expect("wait");
+        (status, self.stderr.recv_timeout(START_DEADLINE).unwrap_or_default())
+    }
+
+    /// Stops (asserting a clean exit) and starts again on the same config and media. The
+    /// port may change when the config asked for port 0.
+    pub fn restart(&mut self) {
+        let (status, log) = self.stop();
+        assert!(status.success(), "site exited with {status}; log:\n{log}");
+        self.spawn();
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs an external tool, failing loudly when it is missing (tests/run installs it).
+pub fn tool(name: &str, package: &str) -> Command {
+    let found = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
+    assert!(found, "{name} is not installed: run tests/run, which installs it (apt-get install {package})");
+    Command::new(name)
+}
+
+/// Runs a command to completion and fails the test, with its output, unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{cmd:?} failed with {}:\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    stdout
+}
