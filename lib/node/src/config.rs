@@ -297,6 +297,18 @@ mod tests {
         assert!(err(&format!("{GOOD}\n[[volume]]\nname = \"vol0\"\nmedia = \"b\"\nsize = 4096")).contains("used by two volumes"));
     }
 
+    /// The example configs in deploy/ are what operators copy: they must stay valid.
+    #[test]
+    fn the_example_configs_are_valid() {
+        for (name, text) in [
+            ("site.example.toml", include_str!("../../../deploy/site.example.toml")),
+            ("quickstart.toml", include_str!("../../../deploy/quickstart.toml")),
+        ] {
+            let c = parse(text).unwrap_or_else(|e| panic!("deploy/{name}: {e}"));
+            assert!(!c.volumes.is_empty());
+        }
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("4096"), Ok(4096));

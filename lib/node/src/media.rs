@@ -2,8 +2,8 @@
 //!
 //! Owns: opening (or creating, sparse, at the configured size) the media file, holding an
 //! exclusive lock on it so that two processes never serve one volume, and applying a
-//! `WriteOp` to it: data with `pwrite`, zeroing and trimming with `fallocate` where the file
-//! system supports it and plain zeros where it does not.
+//! `WriteOp` to it: data with `pwrite`, zeroing (`ZERO_RANGE`) and trimming (`PUNCH_HOLE`)
+//! with `fallocate` where the file system supports it and plain zeros where it does not.
 //!
 //! Must not: decide anything. Ordering and durability rules come from the core's actions;
 //! this module only performs them and reports failures.
@@ -72,6 +72,7 @@ impl Media {
     pub fn apply(&self, op: &WriteOp) -> io::Result<()> {
         match &op.kind {
             WriteKind::Data(data) => self.file.write_all_at(data, op.offset),
+            // Zeroing keeps the range allocated (so NBD's NO_HOLE always holds); trim frees it.
             WriteKind::Zero => self.zero(op.offset, op.len, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE),
             WriteKind::Trim => self.zero(op.offset, op.len, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE),
         }
@@ -82,15 +83,13 @@ impl Media {
         self.file.sync_data()
     }
 
-    /// Makes the range read as zeros: first with `preferred`, then by punching a hole, then
-    /// by writing zeros. Each later way is tried only when the file system lacks the earlier.
-    fn zero(&self, offset: u64, len: u64, preferred: FallocateFlags) -> io::Result<()> {
-        for flags in [preferred, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE] {
-            match rustix::fs::fallocate(&self.file, flags, offset, len) {
-                Ok(()) => return Ok(()),
-                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::INVAL => {}
-                Err(e) => return Err(e.into()),
-            }
+    /// Makes the range read as zeros with `fallocate(flags)`, or by writing zeros where the
+    /// file system lacks that mode.
+    fn zero(&self, offset: u64, len: u64, flags: FallocateFlags) -> io::Result<()> {
+        match rustix::fs::fallocate(&self.file, flags, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::INVAL => {}
+            Err(e) => return Err(e.into()),
         }
         let zeros = vec![0u8; ZERO_CHUNK_BYTES.min(len as usize)];
         let mut at = offset;

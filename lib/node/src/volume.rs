@@ -25,10 +25,14 @@ use geomirror_core::{Action, HostError, Primary, RequestId, Role, SiteState, Tim
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, RecvError, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// How long the driver polls for the next request before it sleeps (see `next_input`).
+/// Measured on 2 cores: about 10% more 4 KiB writes at queue depth 1 than sleeping at once.
+const SPIN: Duration = Duration::from_micros(50);
 
 /// Called once with the result of a host request.
 pub type Completion = Box<dyn FnOnce(Result<(), HostError>) + Send>;
@@ -197,23 +201,34 @@ impl Driver {
         Time(self.started.elapsed().as_micros() as u64)
     }
 
+    /// The next input; `Ok(None)` when the core's timer is due first, `Err` once every
+    /// sender is gone.
+    fn next_input(&self, rx: &mpsc::Receiver<Input>) -> Result<Option<Input>, RecvError> {
+        // Spin briefly before sleeping: at queue depth 1 the next request usually arrives
+        // within microseconds, and waking a sleeping thread costs more than that. A timer
+        // due meanwhile fires at most `SPIN` late.
+        let spin_until = Instant::now() + SPIN;
+        while Instant::now() < spin_until {
+            match rx.try_recv() {
+                Ok(i) => return Ok(Some(i)),
+                Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(TryRecvError::Disconnected) => return Err(RecvError),
+            }
+        }
+        match self.core.poll_timeout() {
+            Some(at) => match rx.recv_timeout(Duration::from_micros(at.0.saturating_sub(self.now().0))) {
+                Ok(i) => Ok(Some(i)),
+                Err(RecvTimeoutError::Timeout) => Ok(None),
+                Err(RecvTimeoutError::Disconnected) => Err(RecvError),
+            },
+            None => rx.recv().map(Some),
+        }
+    }
+
     fn run(mut self, rx: mpsc::Receiver<Input>) {
         self.execute();
         loop {
-            let input = match self.core.poll_timeout() {
-                Some(at) => {
-                    let wait = Duration::from_micros(at.0.saturating_sub(self.now().0));
-                    match rx.recv_timeout(wait) {
-                        Ok(i) => Some(i),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-                None => match rx.recv() {
-                    Ok(i) => Some(i),
-                    Err(_) => break,
-                },
-            };
+            let Ok(input) = self.next_input(&rx) else { break };
             match input {
                 Some(i) => self.input(i),
                 None => {

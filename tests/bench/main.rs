@@ -1,0 +1,222 @@
+//! geomirror-bench: side-by-side measurements with real clients, as BENCHMARKS.md asks.
+//!
+//! `geomirror-bench nbd` runs the same fio jobs (ioengine=nbd) against qemu-nbd serving a
+//! file and against `geomirror run` with no peer serving an identical file, interleaved
+//! round by round so that both see the same machine, and prints throughput ratios and
+//! p50/p99 latency side by side. Timings live here, never in pass/fail tests.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use geomirror_tests::site::{run_ok, tool, Site};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(name = "geomirror-bench", about = "Benchmarks geomirror against the alternatives with real clients, side by side in one run")]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// The NBD front end with no peer against qemu-nbd, on identical files.
+    ///
+    /// Jobs: sequential 1 MiB writes (queue depth 8), 4 KiB random writes at queue depth 1
+    /// and 32. Each round runs every job on both servers, alternating which goes first; the
+    /// table shows the median over rounds. Dirty pages are synced between runs so each run
+    /// starts from the same page-cache state.
+    Nbd {
+        /// Seconds per fio run.
+        #[arg(long, default_value_t = 10)]
+        runtime: u64,
+        /// Rounds per job (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Volume size (both files).
+        #[arg(long, default_value = "1G")]
+        size: String,
+        /// The geomirror binary (default: next to this one).
+        #[arg(long)]
+        geomirror: Option<PathBuf>,
+        /// Print the table as Markdown (for docs/benchmarks.md).
+        #[arg(long)]
+        markdown: bool,
+        /// Run only the jobs whose name contains this text (e.g. "QD1"); repeatable.
+        #[arg(long)]
+        only: Vec<String>,
+    },
+}
+
+struct Job {
+    name: &'static str,
+    args: &'static [&'static str],
+}
+
+const JOBS: &[Job] = &[
+    Job { name: "sequential 1 MiB writes, QD8", args: &["--rw=write", "--bs=1m", "--iodepth=8"] },
+    Job { name: "random 4 KiB writes, QD1", args: &["--rw=randwrite", "--bs=4k", "--iodepth=1"] },
+    Job { name: "random 4 KiB writes, QD32", args: &["--rw=randwrite", "--bs=4k", "--iodepth=32"] },
+];
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Figures {
+    mib_s: f64,
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Bench::Nbd { runtime, rounds, size, geomirror, markdown, only } => {
+            let bin = match geomirror {
+                Some(b) => b,
+                None => std::env::current_exe()?.with_file_name("geomirror"),
+            };
+            if !bin.is_file() {
+                bail!("{} not found: build it with `cargo build --release -p geomirror` (tests/bench does)", bin.display());
+            }
+            let jobs: Vec<&Job> = JOBS.iter().filter(|j| only.is_empty() || only.iter().any(|o| j.name.contains(o.as_str()))).collect();
+            if jobs.is_empty() {
+                bail!("no job matches {only:?}; the jobs are: {}", JOBS.iter().map(|j| j.name).collect::<Vec<_>>().join(", "));
+            }
+            nbd(&bin, &jobs, runtime, rounds.max(1), &size, markdown)
+        }
+    }
+}
+
+fn nbd(bin: &Path, jobs: &[&Job], runtime: u64, rounds: usize, size: &str, markdown: bool) -> Result<()> {
+    let bytes = geomirror_node::config::parse_size(size).map_err(anyhow::Error::msg)?;
+    let site = Site::start(bin, &format!("[[volume]]\nname = \"vol0\"\nmedia = \"vol0.img\"\nsize = {bytes}\n"));
+    let qemu_file = site.path("qemu.img");
+    std::fs::File::create(&qemu_file)?.set_len(bytes)?;
+    let qemu = QemuNbd::start(&qemu_file)?;
+    let servers = [("qemu-nbd", qemu.url.clone()), ("geomirror", site.url("vol0").to_owned())];
+    eprintln!(
+        "qemu-nbd at {}, geomirror at {}; {} job(s) x {} round(s) x {runtime} s each",
+        servers[0].1,
+        servers[1].1,
+        jobs.len(),
+        rounds
+    );
+
+    let mut table = Vec::new();
+    for job in jobs {
+        let mut runs: [Vec<Figures>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..rounds {
+            // Alternate which server goes first, so neither always inherits the other's
+            // writeback.
+            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                run_ok(&mut Command::new("sync"));
+                let f = fio(&servers[i].1, job, runtime, site.dir.path())?;
+                eprintln!(
+                    "  {:<30} {:<10} round {}: {:>8.1} MiB/s  p50 {:>7.1} us  p99 {:>7.1} us",
+                    job.name,
+                    servers[i].0,
+                    round + 1,
+                    f.mib_s,
+                    f.p50_us,
+                    f.p99_us
+                );
+                runs[i].push(f);
+            }
+        }
+        table.push((job.name, median(&runs[0]), median(&runs[1])));
+    }
+    drop(qemu);
+    print_table(&table, markdown);
+    Ok(())
+}
+
+fn median(runs: &[Figures]) -> Figures {
+    let pick = |f: fn(&Figures) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Figures { mib_s: pick(|f| f.mib_s), iops: pick(|f| f.iops), p50_us: pick(|f| f.p50_us), p99_us: pick(|f| f.p99_us) }
+}
+
+fn print_table(rows: &[(&str, Figures, Figures)], markdown: bool) {
+    let header = ["job", "qemu-nbd MiB/s", "geomirror MiB/s", "ratio", "qemu-nbd p50 / p99 us", "geomirror p50 / p99 us"];
+    let lines: Vec<[String; 6]> = rows
+        .iter()
+        .map(|(name, q, g)| {
+            [
+                name.to_string(),
+                format!("{:.1} ({:.0} IOPS)", q.mib_s, q.iops),
+                format!("{:.1} ({:.0} IOPS)", g.mib_s, g.iops),
+                format!("{:.2}x", g.mib_s / q.mib_s),
+                format!("{:.0} / {:.0}", q.p50_us, q.p99_us),
+                format!("{:.0} / {:.0}", g.p50_us, g.p99_us),
+            ]
+        })
+        .collect();
+    if markdown {
+        println!("| {} |", header.join(" | "));
+        println!("|{}", "---|".repeat(header.len()));
+        for l in &lines {
+            println!("| {} |", l.join(" | "));
+        }
+    } else {
+        let widths: Vec<usize> =
+            (0..header.len()).map(|i| lines.iter().map(|l| l[i].len()).chain([header[i].len()]).max().unwrap()).collect();
+        let row = |cells: Vec<&str>| cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+        println!("{}", row(header.to_vec()));
+        for l in &lines {
+            println!("{}", row(l.iter().map(String::as_str).collect()));
+        }
+    }
+}
+
+fn fio(url: &str, job: &Job, runtime: u64, dir: &Path) -> Result<Figures> {
+    let mut cmd = tool("fio", "fio");
+    cmd.current_dir(dir)
+        .args(["--name=bench", "--ioengine=nbd", &format!("--uri={url}"), "--output-format=json", "--time_based", "--randrepeat=1"])
+        .arg(format!("--runtime={runtime}"))
+        .args(job.args);
+    let out = run_ok(&mut cmd);
+    let json: serde_json::Value = serde_json::from_str(&out[out.find('{').context("no JSON from fio")?..])?;
+    let w = &json["jobs"][0]["write"];
+    let pct = |p: &str| w["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
+    Ok(Figures {
+        mib_s: w["bw_bytes"].as_f64().context("bw_bytes")? / (1 << 20) as f64,
+        iops: w["iops"].as_f64().context("iops")?,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+    })
+}
+
+/// qemu-nbd serving a raw file with its defaults (writeback cache, thread-pool AIO).
+struct QemuNbd {
+    pid: i32,
+    url: String,
+}
+
+impl QemuNbd {
+    fn start(file: &Path) -> Result<QemuNbd> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let pid_file = file.with_extension("pid");
+        // --fork returns once the server is listening, so nothing has to poll for it.
+        run_ok(
+            tool("qemu-nbd", "qemu-utils")
+                .args(["--fork", "--format=raw", "--export-name=vol0", "--bind=127.0.0.1", "--persistent", "--shared=8"])
+                .arg(format!("--port={port}"))
+                .arg(format!("--pid-file={}", pid_file.display()))
+                .arg(file),
+        );
+        let pid = std::fs::read_to_string(&pid_file)?.trim().parse().context("qemu-nbd pid file")?;
+        Ok(QemuNbd { pid, url: format!("nbd://127.0.0.1:{port}/vol0") })
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+}
