@@ -21,7 +21,7 @@ const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Error)]
 pub enum MediaError {
-    #[error("cannot open media file {path}: {source}")]
+    #[error("cannot open media file {path}")]
     Open { path: PathBuf, source: io::Error },
     #[error("media file {path} is {actual} bytes but the volume is configured as {configured} bytes; geomirror never truncates or grows media on its own: fix the size in the config, or move the file away to start empty")]
     SizeMismatch { path: PathBuf, actual: u64, configured: u64 },
