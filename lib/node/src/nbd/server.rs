@@ -23,7 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -197,7 +197,7 @@ impl Input {
         let mut scratch = vec![0u8; SKIP_CHUNK_BYTES.min(n)];
         while n > 0 {
             let want = n.min(scratch.len());
-            let got = read_some(&mut self.rd, &mut scratch[..want]).await?;
+            let got = self.rd.read(&mut scratch[..want]).await?;
             if got == 0 {
                 return Ok(false);
             }
@@ -205,10 +205,6 @@ impl Input {
         }
         Ok(true)
     }
-}
-
-async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    r.read(buf).await
 }
 
 enum Body {
