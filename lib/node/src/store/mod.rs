@@ -1,7 +1,8 @@
 //! Where a site keeps the state the core asks to persist.
 //!
 //! Owns: the `Store` trait, the one interface between the core's `Persist` actions and a
-//! durable medium, and `MemoryStore`, the store of a standalone site.
+//! durable medium; `RocksStore`, the durable one; and `MemoryStore`, the store of a
+//! standalone site. Both pass the same conformance tests (`tests.rs`).
 //!
 //! Must not: interpret what it stores. `SiteState::apply` is the one meaning of a batch.
 //!
@@ -11,6 +12,12 @@
 
 use geomirror_core::{SiteState, StoreWrite};
 use std::io;
+
+mod rocks;
+#[cfg(test)]
+mod tests;
+
+pub use rocks::{RocksStore, StoreError};
 
 pub trait Store: Send {
     /// The state as of the last successful `write`.
