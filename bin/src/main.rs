@@ -53,6 +53,18 @@ enum Command {
     ///   size = "8G"
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// Make the deployment's certificates: a CA, one per site, and admin client certificates.
+    ///
+    /// Writes PEM files into --dir: ca.pem and ca.key (made once; when they exist they are
+    /// reused, so that sites added later share the CA), <site>.pem and <site>.key for each
+    /// --site, admin-<name>.pem and admin-<name>.key for each --admin. Private keys are
+    /// written readable by the owner only. Existing site or admin files are not replaced
+    /// unless --force.
+    ///
+    /// A site certificate carries the DNS name <site> and the URI geomirror:site:<site>, the
+    /// identity its peer checks. An admin certificate carries geomirror:admin:<name> and is
+    /// valid for the admin API only. certs/README.md shows how to use your own PKI instead.
+    Certs(CertsArgs),
     /// Replay a workload through the replication core (no I/O) and compare predictors.
     ///
     /// Runs claim 19's k-next predictor and the adaptive predictor side by side, for every
@@ -168,6 +180,28 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct CertsArgs {
+    /// Directory to write into (created if missing).
+    #[arg(long)]
+    dir: PathBuf,
+    /// A site to make a certificate for; repeat for each (e.g. --site dc1 --site dc2).
+    #[arg(long = "site")]
+    sites: Vec<String>,
+    /// An operator to make an admin client certificate for; repeatable.
+    #[arg(long = "admin")]
+    admins: Vec<String>,
+    /// The deployment's name, shown in the CA's subject.
+    #[arg(long, default_value = "geomirror")]
+    deployment: String,
+    /// Days the site and admin certificates are valid (the CA: ten years).
+    #[arg(long, default_value_t = 365)]
+    days: i64,
+    /// Replace existing site and admin files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
 struct SimulateArgs {
     /// How many seeds to run.
     #[arg(long, default_value_t = 1000)]
@@ -186,6 +220,7 @@ struct SimulateArgs {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(a) => run_site(a),
+        Command::Certs(a) => certs(a),
         Command::Replay(a) => replay(a),
         Command::Simulate(a) => simulate(a),
     }
@@ -213,6 +248,25 @@ fn run_site(a: RunArgs) -> Result<()> {
         site.stop().await;
         Ok(())
     })
+}
+
+fn certs(a: CertsArgs) -> Result<()> {
+    use geomirror_node::certs::{write_deployment, Validity};
+    if a.sites.is_empty() && a.admins.is_empty() {
+        bail!("nothing to make: name at least one --site or --admin (e.g. --site dc1 --site dc2 --admin ops)");
+    }
+    if !(1..=3650).contains(&a.days) {
+        bail!("--days must be between 1 and 3650, got {}", a.days);
+    }
+    let w = write_deployment(&a.dir, &a.deployment, &a.sites, &a.admins, Validity::days_from_now(a.days), a.force)?;
+    let mut out = std::io::stdout().lock();
+    if w.ca_reused {
+        writeln!(out, "using the existing CA in {}", a.dir.display())?;
+    }
+    for f in &w.files {
+        writeln!(out, "wrote {}", f.display())?;
+    }
+    Ok(())
 }
 
 /// Logs to standard error; RUST_LOG overrides the default level (info).

@@ -9,6 +9,7 @@
 //! recorded, shipped or evicted is decided by `geomirror-core`; the shells only carry out
 //! its actions in the order and with the durability its contract requires.
 
+pub mod certs;
 pub mod config;
 pub mod media;
 pub mod nbd;
