@@ -65,6 +65,20 @@ enum Command {
     /// identity its peer checks. An admin certificate carries geomirror:admin:<name> and is
     /// valid for the admin API only. certs/README.md shows how to use your own PKI instead.
     Certs(CertsArgs),
+    /// Emulate a WAN between two sites on one machine: a UDP relay with delay, jitter, loss
+    /// and a bandwidth cap.
+    ///
+    /// Point the primary's peer address at --listen and the relay forwards to --forward (the
+    /// secondary's replication address), and back. Each direction gets half the RTT, plus
+    /// or minus the jitter (the stream is never reordered), loses --loss-percent of its
+    /// datagrams, and carries at most --rate-mbps with a queue of --queue-bytes (tail drop
+    /// beyond it). The link can be cut and restored: SIGUSR1 cuts, SIGUSR2 restores, and the
+    /// --control socket takes lines `cut`, `restore`, `status`, `rtt-ms N`, `loss-percent P`
+    /// and `rate-mbps R` (try it with `nc 127.0.0.1 7100`).
+    ///
+    /// The kernel's netem does the same in production-like labs; this needs no privileges.
+    #[command(name = "wan-emu")]
+    WanEmu(WanEmuArgs),
     /// Replay a workload through the replication core (no I/O) and compare predictors.
     ///
     /// Runs claim 19's k-next predictor and the adaptive predictor side by side, for every
@@ -202,6 +216,37 @@ struct CertsArgs {
 }
 
 #[derive(Args)]
+struct WanEmuArgs {
+    /// UDP address to listen on (the primary connects here).
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// UDP address to forward to (the secondary's replication port).
+    #[arg(long)]
+    forward: std::net::SocketAddr,
+    /// Round-trip time added, in milliseconds (half each way).
+    #[arg(long, default_value_t = 50.0)]
+    rtt_ms: f64,
+    /// Jitter per direction, in milliseconds (uniform, plus or minus).
+    #[arg(long, default_value_t = 0.0)]
+    jitter_ms: f64,
+    /// Datagrams lost per direction, in percent.
+    #[arg(long, default_value_t = 0.0)]
+    loss_percent: f64,
+    /// Bandwidth per direction in Mbit/s; 0 is unlimited.
+    #[arg(long, default_value_t = 0.0)]
+    rate_mbps: f64,
+    /// Bytes a direction queues before dropping (with --rate-mbps).
+    #[arg(long, value_parser = geomirror_node::config::parse_size, default_value = "4M")]
+    queue_bytes: u64,
+    /// TCP address of the control socket (e.g. 127.0.0.1:7100).
+    #[arg(long)]
+    control: Option<std::net::SocketAddr>,
+    /// Seed of the loss and jitter draws, for a repeatable run.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args)]
 struct SimulateArgs {
     /// How many seeds to run.
     #[arg(long, default_value_t = 1000)]
@@ -221,6 +266,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(a) => run_site(a),
         Command::Certs(a) => certs(a),
+        Command::WanEmu(a) => wan_emu(a),
         Command::Replay(a) => replay(a),
         Command::Simulate(a) => simulate(a),
     }
@@ -267,6 +313,52 @@ fn certs(a: CertsArgs) -> Result<()> {
         writeln!(out, "wrote {}", f.display())?;
     }
     Ok(())
+}
+
+fn wan_emu(a: WanEmuArgs) -> Result<()> {
+    use geomirror_node::wan::{LinkConfig, WanEmu};
+    let ms = |name: &str, v: f64| -> Result<Duration> {
+        if !(0.0..=10_000.0).contains(&v) {
+            bail!("{name} must be between 0 and 10000 ms, got {v}");
+        }
+        Ok(Duration::from_secs_f64(v / 1000.0))
+    };
+    if !(0.0..=100.0).contains(&a.loss_percent) {
+        bail!("--loss-percent must be between 0 and 100, got {}", a.loss_percent);
+    }
+    if !(0.0..=100_000.0).contains(&a.rate_mbps) {
+        bail!("--rate-mbps must be between 0 (unlimited) and 100000, got {}", a.rate_mbps);
+    }
+    let link = LinkConfig {
+        delay: ms("--rtt-ms", a.rtt_ms)? / 2,
+        jitter: ms("--jitter-ms", a.jitter_ms)?,
+        loss: a.loss_percent / 100.0,
+        rate_bytes_per_sec: (a.rate_mbps > 0.0).then(|| (a.rate_mbps * 1e6 / 8.0) as u64),
+        queue_bytes: a.queue_bytes,
+    };
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the async runtime")?;
+    runtime.block_on(async {
+        let emu =
+            WanEmu::start(a.listen, a.forward, link, a.control, a.seed).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        println!("wan-emu: udp {} -> {}; {}", emu.listen, a.forward, emu.status());
+        if let Some(c) = emu.control {
+            println!("wan-emu: control at tcp {c} (cut, restore, status, rtt-ms N, loss-percent P, rate-mbps R)");
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut cut, mut restore, mut term) =
+            (signal(SignalKind::user_defined1())?, signal(SignalKind::user_defined2())?, signal(SignalKind::terminate())?);
+        loop {
+            tokio::select! {
+                _ = cut.recv() => { emu.set_cut(true); tracing::info!("link cut (SIGUSR1)"); }
+                _ = restore.recv() => { emu.set_cut(false); tracing::info!("link restored (SIGUSR2)"); }
+                _ = term.recv() => break,
+                r = tokio::signal::ctrl_c() => { r?; break; }
+            }
+        }
+        println!("wan-emu: {}", emu.status());
+        Ok(())
+    })
 }
 
 /// Logs to standard error; RUST_LOG overrides the default level (info).

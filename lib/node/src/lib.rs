@@ -16,3 +16,4 @@ pub mod nbd;
 pub mod site;
 pub mod store;
 pub mod volume;
+pub mod wan;
