@@ -15,5 +15,6 @@ pub mod media;
 pub mod nbd;
 pub mod site;
 pub mod store;
+pub mod transport;
 pub mod volume;
 pub mod wan;
