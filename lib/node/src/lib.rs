@@ -9,6 +9,7 @@
 //! recorded, shipped or evicted is decided by `geomirror-core`; the shells only carry out
 //! its actions in the order and with the durability its contract requires.
 
+pub mod aside;
 pub mod certs;
 pub mod config;
 pub mod media;
@@ -18,3 +19,6 @@ pub mod store;
 pub mod transport;
 pub mod volume;
 pub mod wan;
+
+#[cfg(test)]
+mod volume_pair_tests;

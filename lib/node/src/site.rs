@@ -34,7 +34,7 @@ impl RunningSite {
         let mut drivers = Vec::new();
         for v in &cfg.volumes {
             let store = Box::new(MemoryStore::new(SiteState::fresh(Role::Primary)));
-            let (volume, driver) = Volume::start(v, store).with_context(|| format!("volume {}", v.name))?;
+            let (volume, driver) = Volume::start(v, store, None).with_context(|| format!("volume {}", v.name))?;
             volumes.push(volume);
             drivers.push(driver);
         }

@@ -1,9 +1,10 @@
 //! One volume's driver: a thread that owns the core's state machine and carries out its
 //! actions.
 //!
-//! Owns: the `Primary` of one volume, the order in which its actions are executed, the map
-//! from the core's request ids to the hosts waiting for an answer, and the volume's failure
-//! state.
+//! Owns: the `Primary` or `Secondary` of one volume (rebuilt from the store when the core
+//! says the role changed), the order in which its actions are executed, the map from the
+//! core's request ids to the hosts waiting for an answer, the frames it hands to the link,
+//! and the volume's failure state.
 //!
 //! Must not: decide when a write may be acknowledged; it answers a host only when the core
 //! emits `Ack`. The core's execution contract (see `geomirror_core::action`) holds here by
@@ -11,17 +12,24 @@
 //! - media writes run inline on this thread, one after another, in the order emitted, so
 //!   overlapping writes reach the media in sequence order and a `SyncMedia` (run on the sync
 //!   thread, after it is emitted) covers every write emitted before it;
-//! - `Persist` batches are written in order and reported only once durable.
+//! - `Persist` batches are written in order and reported only once durable;
+//! - a secondary's `ApplyWrite`s run inline in order, and a `SaveAside` copy is durable
+//!   before the next media action runs;
+//! - `Send` frames go to the link's outbox in order.
 //!
 //! Why a thread and not a task: local media calls block (page-cache writeback can stall a
 //! `pwrite` for a long time), and the core must see its actions done in order. A thread per
 //! volume keeps the async NBD connections free and the ordering trivially true.
 
+use crate::aside::Aside;
 use crate::config::VolumeConfig;
 use crate::media::{Media, MediaError};
 use crate::store::Store;
 use bytes::Bytes;
-use geomirror_core::{Action, HostError, Primary, RequestId, Role, SiteState, Time, Token, WriteOp};
+use geomirror_core::{
+    Action, CoreConfig, Epoch, Frame, Geometry, HostError, LinkState, Primary, RequestId, Role, Secondary, Seq, SiteState, Stream, Time,
+    Token, WriteOp,
+};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,8 +58,119 @@ enum Input {
         token: Token,
         result: io::Result<()>,
     },
+    Link(LinkEvent),
+    Status(Box<dyn FnOnce(VolumeStatus) + Send>),
     /// Finish what was accepted, sync, and end the thread.
     Stop,
+}
+
+/// What the link tells a volume.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// An authenticated connection to the peer exists (its certificate was checked).
+    Connected,
+    Disconnected,
+    Frame(Frame),
+}
+
+/// What a volume asks of the link, in order.
+#[derive(Debug, PartialEq)]
+pub enum Outbound {
+    Send(Stream, Frame),
+    /// Close the connection (a refusal or a protocol error); the link reconnects later.
+    Disconnect(String),
+}
+
+/// A snapshot of a volume for status, tests and (later) metrics.
+#[derive(Clone, Debug)]
+pub struct VolumeStatus {
+    pub role: Role,
+    pub epoch: Epoch,
+    /// Primary: the link has finished its handshake.
+    pub link_up: bool,
+    /// Primary: nothing waits, is in flight or unapplied; both images hold the same data.
+    pub drained: bool,
+    /// Primary: highest sequence the peer has durably applied. Secondary: its own.
+    pub durable_applied: Seq,
+    pub record_extents: u64,
+    pub failed: bool,
+}
+
+/// The state machine of the volume's current role.
+enum Machine {
+    Primary(Box<Primary>),
+    Secondary(Box<Secondary>),
+}
+
+impl Machine {
+    fn build(cfg: &CoreConfig, geo: Geometry, state: &SiteState, now: Time) -> Machine {
+        match state.role {
+            Role::Primary => Machine::Primary(Box::new(Primary::new(cfg.clone(), geo, state, now))),
+            Role::Secondary => Machine::Secondary(Box::new(Secondary::new(cfg.clone(), geo, state))),
+        }
+    }
+    fn poll_action(&mut self) -> Option<Action> {
+        match self {
+            Machine::Primary(p) => p.poll_action(),
+            Machine::Secondary(s) => s.poll_action(),
+        }
+    }
+    fn poll_timeout(&self) -> Option<Time> {
+        match self {
+            Machine::Primary(p) => p.poll_timeout(),
+            Machine::Secondary(s) => s.poll_timeout(),
+        }
+    }
+    fn handle_timeout(&mut self, now: Time) {
+        match self {
+            Machine::Primary(p) => p.handle_timeout(now),
+            Machine::Secondary(s) => s.handle_timeout(now),
+        }
+    }
+    fn handle_persisted(&mut self, now: Time, token: Token) {
+        match self {
+            Machine::Primary(p) => p.handle_persisted(now, token),
+            Machine::Secondary(s) => s.handle_persisted(now, token),
+        }
+    }
+    fn handle_media_synced(&mut self, now: Time, token: Token) {
+        match self {
+            Machine::Primary(p) => p.handle_media_synced(now, token),
+            Machine::Secondary(s) => s.handle_media_synced(now, token),
+        }
+    }
+    fn handle_link(&mut self, now: Time, event: LinkEvent) {
+        match (self, event) {
+            (Machine::Primary(p), LinkEvent::Connected) => p.handle_connected(now),
+            (Machine::Primary(p), LinkEvent::Disconnected) => p.handle_disconnected(now),
+            (Machine::Primary(p), LinkEvent::Frame(f)) => p.handle_frame(now, f),
+            (Machine::Secondary(s), LinkEvent::Connected) => s.handle_connected(now),
+            (Machine::Secondary(s), LinkEvent::Disconnected) => s.handle_disconnected(now),
+            (Machine::Secondary(s), LinkEvent::Frame(f)) => s.handle_frame(now, f),
+        }
+    }
+    fn status(&self, failed: bool) -> VolumeStatus {
+        match self {
+            Machine::Primary(p) => VolumeStatus {
+                role: Role::Primary,
+                epoch: p.epoch(),
+                link_up: p.link() == LinkState::Up,
+                drained: p.is_drained(),
+                durable_applied: p.applied_ack(),
+                record_extents: p.record_copy().len() as u64,
+                failed,
+            },
+            Machine::Secondary(s) => VolumeStatus {
+                role: Role::Secondary,
+                epoch: s.epoch(),
+                link_up: false,
+                drained: false,
+                durable_applied: s.durable_applied(),
+                record_extents: s.record().len() as u64,
+                failed,
+            },
+        }
+    }
 }
 
 /// Plain counters of one volume, for status and (later) metrics.
@@ -77,17 +196,23 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// Opens the media and starts the driver and sync threads.
-    pub fn start(cfg: &VolumeConfig, store: Box<dyn Store>) -> Result<(Volume, JoinHandle<()>), MediaError> {
+    /// Opens the media and starts the driver and sync threads. The store's role decides
+    /// whether the volume serves hosts (primary) or applies its peer's writes (secondary).
+    /// Frames for the peer go to `outbox`; a volume without a link has none.
+    pub fn start(
+        cfg: &VolumeConfig,
+        store: Box<dyn Store>,
+        outbox: Option<tokio::sync::mpsc::UnboundedSender<Outbound>>,
+    ) -> Result<(Volume, JoinHandle<()>), MediaError> {
         let media = Arc::new(Media::open(&cfg.media, cfg.geometry.volume_bytes())?);
+        let aside = Aside::new(&cfg.media, cfg.geometry);
         let (tx, rx) = mpsc::channel();
         let (sync_tx, sync_rx) = mpsc::channel::<Token>();
         let failed = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(VolumeCounters::default());
         let started = Instant::now();
         let state: SiteState = store.load();
-        debug_assert_eq!(state.role, Role::Primary);
-        let core = Primary::new(cfg.core.clone(), cfg.geometry, &state, Time(0));
+        let core = Machine::build(&cfg.core, cfg.geometry, &state, Time(0));
         let name: Arc<str> = cfg.name.as_str().into();
 
         let sync_media = media.clone();
@@ -106,6 +231,10 @@ impl Volume {
 
         let driver = Driver {
             core,
+            cfg: cfg.core.clone(),
+            geo: cfg.geometry,
+            outbox,
+            aside,
             media: media.clone(),
             store,
             pending: BTreeMap::new(),
@@ -142,6 +271,16 @@ impl Volume {
         self.submit(Input::Write { op, fua, done });
     }
 
+    /// Hands the volume an event of its link.
+    pub fn link(&self, event: LinkEvent) {
+        let _ = self.tx.send(Input::Link(event));
+    }
+
+    /// Calls `f` with a snapshot of the volume, from its driver thread.
+    pub fn status(&self, f: impl FnOnce(VolumeStatus) + Send + 'static) {
+        let _ = self.tx.send(Input::Status(Box::new(f)));
+    }
+
     pub fn flush(&self, done: Completion) {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.submit(Input::Flush { done });
@@ -152,7 +291,7 @@ impl Volume {
             // The driver has stopped: the request is answered, never dropped.
             match input {
                 Input::Write { done, .. } | Input::Flush { done } => done(Err(HostError::NotServing)),
-                Input::Synced { .. } | Input::Stop => {}
+                Input::Synced { .. } | Input::Stop | Input::Link(_) | Input::Status(_) => {}
             }
         }
     }
@@ -183,7 +322,11 @@ impl Volume {
 }
 
 struct Driver {
-    core: Primary,
+    core: Machine,
+    cfg: CoreConfig,
+    geo: Geometry,
+    outbox: Option<tokio::sync::mpsc::UnboundedSender<Outbound>>,
+    aside: Aside,
     media: Arc<Media>,
     store: Box<dyn Store>,
     pending: BTreeMap<RequestId, Completion>,
@@ -258,15 +401,29 @@ impl Driver {
                     return done(Err(refusal));
                 }
                 let request = self.request(done);
-                self.core.handle_host_write(now, request, op, fua);
+                match &mut self.core {
+                    Machine::Primary(p) => p.handle_host_write(now, request, op, fua),
+                    // Hosts write to the primary only; a secondary serves no writes until
+                    // it is promoted.
+                    Machine::Secondary(_) => self.answer(request, Err(HostError::NotServing)),
+                }
             }
             Input::Flush { done } => {
                 if let Some(refusal) = self.refuse() {
                     return done(Err(refusal));
                 }
                 let request = self.request(done);
-                self.core.handle_host_flush(now, request);
+                match &mut self.core {
+                    Machine::Primary(p) => p.handle_host_flush(now, request),
+                    Machine::Secondary(_) => self.answer(request, Err(HostError::NotServing)),
+                }
             }
+            Input::Link(event) => {
+                if !self.failed.load(Ordering::Acquire) {
+                    self.core.handle_link(now, event);
+                }
+            }
+            Input::Status(f) => f(self.core.status(self.failed.load(Ordering::Acquire))),
             Input::Synced { token, result } => match result {
                 Ok(()) => self.core.handle_media_synced(now, token),
                 Err(e) => self.fail(&format!("media sync failed: {e}")),
@@ -282,6 +439,12 @@ impl Driver {
             Some(HostError::NotServing)
         } else {
             None
+        }
+    }
+
+    fn answer(&mut self, request: RequestId, result: Result<(), HostError>) {
+        if let Some(done) = self.pending.remove(&request) {
+            done(result);
         }
     }
 
@@ -301,15 +464,34 @@ impl Driver {
             let now = self.now();
             match action {
                 Action::LocalWrite { token, op, .. } => {
-                    let ok = match self.media.apply(&op) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            self.counters.media_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(volume = %self.name, offset = op.offset, len = op.len, error = %e, "media write failed");
-                            false
+                    let ok = self.apply(&op).is_ok();
+                    if let Machine::Primary(p) = &mut self.core {
+                        p.handle_local_write_done(now, token, ok);
+                    }
+                }
+                Action::ApplyWrite { op, .. } => {
+                    // The secondary's image must stay a prefix of the primary's history: a
+                    // write that did not reach the media stops the volume.
+                    if let Err(e) = self.apply(&op) {
+                        self.fail(&format!("applying a replicated write failed: {e}"));
+                    }
+                }
+                Action::SaveAside { extent } => {
+                    if let Err(e) = self.aside.save(&self.media, extent) {
+                        self.fail(&format!("saving extent {} aside failed: {e}", extent.0));
+                    }
+                }
+                Action::ReadExtent { token, extent } => {
+                    let range = self.geo.extent_range(extent);
+                    let mut buf = vec![0u8; (range.end - range.start) as usize];
+                    match self.media.read_at(&mut buf, range.start) {
+                        Ok(()) => {
+                            if let Machine::Primary(p) = &mut self.core {
+                                p.handle_read_done(now, token, Bytes::from(buf));
+                            }
                         }
-                    };
-                    self.core.handle_local_write_done(now, token, ok);
+                        Err(e) => self.fail(&format!("reading extent {} for a resync failed: {e}", extent.0)),
+                    }
                 }
                 Action::SyncMedia { token } => {
                     if self.sync_tx.send(token).is_err() {
@@ -320,17 +502,42 @@ impl Driver {
                     Ok(()) => self.core.handle_persisted(now, token),
                     Err(e) => self.fail(&format!("store write failed: {e}")),
                 },
-                Action::Ack { request, result } => {
-                    if let Some(done) = self.pending.remove(&request) {
-                        done(result);
+                Action::Ack { request, result } => self.answer(request, result),
+                Action::Send { stream, frame } => self.outbound(Outbound::Send(stream, frame)),
+                Action::Disconnect { reason } => {
+                    tracing::warn!(volume = %self.name, reason, "closing the link to the peer");
+                    self.outbound(Outbound::Disconnect(reason));
+                }
+                Action::RoleChanged { role } => {
+                    tracing::info!(volume = %self.name, ?role, "role changed; rebuilding the state machine from the store");
+                    // Requests waiting on the old role are answered: the new role decides
+                    // afresh what a host may do.
+                    for (_, done) in std::mem::take(&mut self.pending) {
+                        done(Err(HostError::NotServing));
                     }
+                    self.core = Machine::build(&self.cfg, self.geo, &self.store.load(), now);
                 }
-                other => {
-                    // A standalone core emits none of these; a site with a peer gets the
-                    // transport shell that executes them.
-                    debug_assert!(false, "unexpected action on a site without a peer: {other:?}");
-                    tracing::error!(volume = %self.name, action = ?other, "unexpected action on a site without a peer; ignored");
-                }
+            }
+        }
+    }
+
+    fn apply(&self, op: &WriteOp) -> io::Result<()> {
+        self.media.apply(op).inspect_err(|e| {
+            self.counters.media_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(volume = %self.name, offset = op.offset, len = op.len, error = %e, "media write failed");
+        })
+    }
+
+    fn outbound(&mut self, o: Outbound) {
+        match &self.outbox {
+            // A closed outbox means the link is being torn down; the core learns of that
+            // through `Disconnected` and resends what matters after the next connection.
+            Some(tx) => {
+                let _ = tx.send(o);
+            }
+            None => {
+                debug_assert!(false, "a volume without a link asked to send {o:?}");
+                tracing::error!(volume = %self.name, "a volume without a link asked to reach its peer; ignored");
             }
         }
     }
