@@ -60,6 +60,8 @@ enum Input {
     },
     Link(LinkEvent),
     Status(Box<dyn FnOnce(VolumeStatus) + Send>),
+    /// Call this once the primary is drained (now, if it is).
+    WhenDrained(Box<dyn FnOnce() + Send>),
     /// Finish what was accepted, sync, and end the thread.
     Stop,
 }
@@ -245,6 +247,7 @@ impl Volume {
             counters: counters.clone(),
             name: name.clone(),
             stopping: false,
+            drain_waiters: Vec::new(),
         };
         let handle = std::thread::Builder::new().name(format!("volume-{}", cfg.name)).spawn(move || driver.run(rx)).expect("spawn");
         let volume = Volume { tx, media, name, description: cfg.description.as_str().into(), failed, counters };
@@ -281,6 +284,12 @@ impl Volume {
         let _ = self.tx.send(Input::Status(Box::new(f)));
     }
 
+    /// Calls `f` once this volume, as primary, has nothing waiting, in flight or unapplied
+    /// on its peer: the two images are equal. Never called on a secondary.
+    pub fn when_drained(&self, f: impl FnOnce() + Send + 'static) {
+        let _ = self.tx.send(Input::WhenDrained(Box::new(f)));
+    }
+
     pub fn flush(&self, done: Completion) {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.submit(Input::Flush { done });
@@ -291,7 +300,7 @@ impl Volume {
             // The driver has stopped: the request is answered, never dropped.
             match input {
                 Input::Write { done, .. } | Input::Flush { done } => done(Err(HostError::NotServing)),
-                Input::Synced { .. } | Input::Stop | Input::Link(_) | Input::Status(_) => {}
+                Input::Synced { .. } | Input::Stop | Input::Link(_) | Input::Status(_) | Input::WhenDrained(_) => {}
             }
         }
     }
@@ -337,6 +346,7 @@ struct Driver {
     counters: Arc<VolumeCounters>,
     name: Arc<str>,
     stopping: bool,
+    drain_waiters: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl Driver {
@@ -380,6 +390,11 @@ impl Driver {
                 }
             }
             self.execute();
+            if !self.drain_waiters.is_empty() && matches!(&self.core, Machine::Primary(p) if p.is_drained()) {
+                for f in std::mem::take(&mut self.drain_waiters) {
+                    f();
+                }
+            }
             if self.stopping && self.pending.is_empty() {
                 break;
             }
@@ -424,6 +439,7 @@ impl Driver {
                 }
             }
             Input::Status(f) => f(self.core.status(self.failed.load(Ordering::Acquire))),
+            Input::WhenDrained(f) => self.drain_waiters.push(f),
             Input::Synced { token, result } => match result {
                 Ok(()) => self.core.handle_media_synced(now, token),
                 Err(e) => self.fail(&format!("media sync failed: {e}")),

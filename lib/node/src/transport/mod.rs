@@ -6,6 +6,8 @@
 //! Must not: interpret frames. The site driver moves `geomirror_core::Frame`s between the
 //! core and the streams; this module only provides authenticated connections.
 
+pub mod framing;
+pub mod link;
 pub mod tls;
 
 use quinn::{ClientConfig, Endpoint, IdleTimeout, ServerConfig, TransportConfig, VarInt};
@@ -95,3 +97,6 @@ fn client(tls: &SiteTls, transport: Arc<TransportConfig>, refusals: Arc<Refusals
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod link_tests;
