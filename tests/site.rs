@@ -13,7 +13,9 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct Site {
     child: Option<Child>,
-    pub dir: tempfile::TempDir,
+    /// The directory holding the config (and, by default, the media).
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
     /// Volume name to `nbd://host:port/name`.
     pub urls: BTreeMap<String, String>,
     /// host:port of the NBD server.
@@ -37,12 +39,30 @@ impl Site {
         std::fs::write(&path, text).expect("write config");
         let mut site = Site {
             child: None,
-            dir,
+            dir: dir.path().to_owned(),
+            _tmp: Some(dir),
             urls: BTreeMap::new(),
             addr: String::new(),
             stderr: mpsc::channel().1,
             bin: bin.to_owned(),
             config: path,
+        };
+        site.spawn();
+        site
+    }
+
+    /// Starts a site from a complete config file that already exists (with its certificates
+    /// and media paths); `dir` is the directory `path` resolves against.
+    pub fn from_config(bin: &Path, config: &Path) -> Site {
+        let mut site = Site {
+            child: None,
+            dir: config.parent().expect("config in a directory").to_owned(),
+            _tmp: None,
+            urls: BTreeMap::new(),
+            addr: String::new(),
+            stderr: mpsc::channel().1,
+            bin: bin.to_owned(),
+            config: config.to_owned(),
         };
         site.spawn();
         site
@@ -98,7 +118,7 @@ impl Site {
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.dir.join(name)
     }
 
     pub fn pid(&self) -> u32 {

@@ -280,8 +280,19 @@ fn run_site(a: RunArgs) -> Result<()> {
     runtime.block_on(async {
         let site = geomirror_node::site::RunningSite::start(cfg).await?;
         let mut out = std::io::stdout().lock();
+        let role = match site.role {
+            geomirror_core::Role::Primary => "primary",
+            geomirror_core::Role::Secondary => "secondary",
+        };
         for v in &site.volumes {
-            writeln!(out, "site {}: volume {} ({}) at {}", site.name, v.name(), format_bytes(v.size_bytes()), site.nbd_url(v.name()))?;
+            writeln!(
+                out,
+                "site {} ({role}): volume {} ({}) at {}",
+                site.name,
+                v.name(),
+                format_bytes(v.size_bytes()),
+                site.nbd_url(v.name())
+            )?;
         }
         out.flush()?;
         drop(out);
@@ -364,7 +375,8 @@ fn wan_emu(a: WanEmuArgs) -> Result<()> {
 /// Logs to standard error; RUST_LOG overrides the default level (info).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
 }
 
 fn replay(a: ReplayArgs) -> Result<()> {

@@ -111,7 +111,7 @@ fn nbd(bin: &Path, jobs: &[&Job], runtime: u64, rounds: usize, size: &str, markd
             let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
                 run_ok(&mut Command::new("sync"));
-                let f = fio(&servers[i].1, job, runtime, site.dir.path())?;
+                let f = fio(&servers[i].1, job, runtime, &site.dir)?;
                 eprintln!(
                     "  {:<30} {:<10} round {}: {:>8.1} MiB/s  p50 {:>7.1} us  p99 {:>7.1} us",
                     job.name,

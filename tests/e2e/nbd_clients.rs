@@ -167,7 +167,7 @@ fn nbdcopy_copies_in_and_out_over_several_connections() {
 fn fio(site: &Site, url: &str, args: &[&str]) -> serde_json::Value {
     let mut cmd = tool("fio", "fio");
     // fio leaves a verify state file in its working directory.
-    cmd.current_dir(site.dir.path());
+    cmd.current_dir(&site.dir);
     cmd.args(["--name=verify", "--ioengine=nbd", &format!("--uri={url}"), "--output-format=json"]).args(args);
     let out = run_ok(&mut cmd);
     // The nbd engine may print a line before the JSON document.

@@ -10,7 +10,8 @@
 
 use crate::nbd::handshake::MAX_NAME_BYTES;
 use crate::nbd::proto::MAX_BLOCK_BYTES;
-use geomirror_core::{CoreConfig, Geometry, Mode};
+use crate::transport::LinkTuning;
+use geomirror_core::{CoreConfig, FlushPolicy, Geometry, LagPolicy, LinkLossPolicy, Mode, Role};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -78,6 +79,16 @@ pub struct SiteFile {
     /// The NBD server hosts connect to.
     #[serde(default)]
     pub nbd: NbdSection,
+    /// The other site. Without it, the site serves its volumes alone (standalone).
+    pub peer: Option<PeerSection>,
+    /// This site's certificate and the deployment's CA (required with a peer).
+    pub tls: Option<TlsSection>,
+    /// What the link between the sites is like (with a peer).
+    #[serde(default)]
+    pub link: LinkSection,
+    /// How volumes are replicated (with a peer).
+    #[serde(default)]
+    pub replication: ReplicationSection,
     /// The volumes this site serves, one `[[volume]]` table each.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeSection>,
@@ -85,9 +96,136 @@ pub struct SiteFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// The other site's name; its certificate must carry `geomirror:site:<name>`.
+    pub name: String,
+    /// Where to reach the peer's replication port (or a wan-emu in front of it).
+    pub address: String,
+    /// This site's replication port (UDP; QUIC).
+    pub listen: String,
+    /// The role this site takes at its first start; afterwards its store remembers.
+    pub initial_role: RoleName,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    Primary,
+    Secondary,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The deployment's CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This site's certificate (PEM), from `geomirror certs` or your own PKI.
+    pub cert: PathBuf,
+    /// This site's private key (PEM).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkSection {
+    /// The link's bandwidth, from which QUIC's windows are sized.
+    pub bandwidth_mbps: u64,
+    /// The expected round-trip time between the sites.
+    pub rtt_ms: u64,
+    pub keep_alive_ms: u64,
+    /// A link silent this long is down.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for LinkSection {
+    fn default() -> Self {
+        LinkSection { bandwidth_mbps: 1000, rtt_ms: 50, keep_alive_ms: 1000, idle_timeout_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSection {
+    /// predictive (the method), sync (every write waits for the secondary) or async.
+    pub mode: ModeName,
+    /// local: FLUSH and FUA are durable on this site; remote: also applied on the peer.
+    pub flush_policy: FlushName,
+    /// block: misses wait, then fail; degrade: go on with a local dirty map.
+    pub on_link_loss: LinkLossName,
+    /// Most extents the record holds. Must cover max_lag_bytes at the volume's extent size.
+    pub record_capacity_extents: u64,
+    /// How long a miss waits for the record update before on_link_loss applies.
+    pub record_update_timeout_ms: u64,
+    /// Under block, how long a held write waits in all before it fails.
+    pub link_loss_deadline_ms: u64,
+    /// Most bytes written but not yet applied on the peer.
+    pub max_lag_bytes: Size,
+    /// throttle: new writes wait; resync: copy dirty extents from media instead.
+    pub on_lag_full: LagName,
+    /// Most bytes shipped and not yet applied (the data window).
+    pub max_inflight_bytes: Size,
+    /// Data streams bulk data is spread over.
+    pub data_lanes: u8,
+    /// Clean generations older than this leave the record (0: only under pressure).
+    pub clean_generation_max_age_ms: u64,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        let c = CoreConfig::default();
+        ReplicationSection {
+            mode: ModeName::Predictive,
+            flush_policy: FlushName::Local,
+            on_link_loss: LinkLossName::Block,
+            record_capacity_extents: c.record_capacity_extents,
+            record_update_timeout_ms: c.record_update_timeout.as_millis() as u64,
+            link_loss_deadline_ms: c.link_loss_deadline.as_millis() as u64,
+            max_lag_bytes: Size(c.max_lag_bytes),
+            on_lag_full: LagName::Throttle,
+            max_inflight_bytes: Size(c.max_inflight_bytes),
+            data_lanes: c.data_lanes,
+            clean_generation_max_age_ms: c.clean_generation_max_age.map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeName {
+    Predictive,
+    Sync,
+    Async,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushName {
+    Local,
+    Remote,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkLossName {
+    Block,
+    Degrade,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LagName {
+    Throttle,
+    Resync,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SiteSection {
     /// The site's name ("dc1"): shown in logs and status, and its identity to the peer.
     pub name: String,
+    /// Where the site keeps its durable state (a RocksDB store per volume). Required with a
+    /// peer; relative to the config file's directory.
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +298,21 @@ pub struct SiteConfig {
     pub name: String,
     pub nbd: NbdConfig,
     pub volumes: Vec<VolumeConfig>,
+    /// None: standalone.
+    pub peer: Option<PeerConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub listen: SocketAddr,
+    pub initial_role: Role,
+    pub state_dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub tuning: LinkTuning,
 }
 
 #[derive(Clone, Debug)]
@@ -229,12 +382,87 @@ impl SiteConfig {
             if v.description.len() > MAX_NAME_BYTES {
                 return Err(invalid(&field("description"), "longer than 4096 bytes".into()));
             }
-            // No peer is configurable yet: every volume is served standalone.
-            let core = CoreConfig { mode: Mode::Standalone, ..CoreConfig::default() };
-            core.validate().map_err(|e| invalid(&field("replication"), e.to_string()))?;
+            let core = match &file.peer {
+                None => CoreConfig { mode: Mode::Standalone, ..CoreConfig::default() },
+                Some(_) => replication_core(&file.replication),
+            };
+            core.validate().map_err(|e| invalid("replication", e.to_string()))?;
+            if core.mode == Mode::Predictive {
+                // Every extent written but not yet applied must stay in the record, so a
+                // record smaller than the lag in extents turns streams into misses.
+                let lag_extents = core.max_lag_bytes.div_ceil(geometry.extent_bytes());
+                let need = lag_extents + core.predictor.max_ahead as u64;
+                if core.record_capacity_extents < need {
+                    return Err(invalid(
+                        "replication.record_capacity_extents",
+                        format!(
+                            "{} extents cannot hold max_lag_bytes ({} bytes = {lag_extents} extents of volume {:?}) plus the prediction lookahead ({}): use at least {need}, or lower max_lag_bytes",
+                            core.record_capacity_extents, core.max_lag_bytes, v.name, core.predictor.max_ahead
+                        ),
+                    ));
+                }
+            }
             volumes.push(VolumeConfig { name: v.name.clone(), media, geometry, description: v.description.clone(), core });
         }
+        let peer = match (&file.peer, &file.tls) {
+            (None, None) => {
+                if file.replication != ReplicationSection::default() {
+                    return Err(invalid("replication", "replication settings need a [peer]".into()));
+                }
+                None
+            }
+            (None, Some(_)) => return Err(invalid("tls", "TLS settings need a [peer] to talk to".into())),
+            (Some(_), None) => return Err(invalid("tls", "a [peer] needs [tls] with ca, cert and key".into())),
+            (Some(p), Some(t)) => {
+                check_name(&p.name).map_err(|m| invalid("peer.name", m))?;
+                if p.name == file.site.name {
+                    return Err(invalid("peer.name", "the peer must be another site than this one".into()));
+                }
+                let addr = |f: &str, v: &str| -> Result<SocketAddr, ConfigError> {
+                    v.parse().map_err(|_| invalid(f, format!("{v:?} is not an address like 10.0.0.2:7401")))
+                };
+                let state_dir = file
+                    .site
+                    .state_dir
+                    .as_ref()
+                    .ok_or_else(|| invalid("site.state_dir", "a site with a [peer] needs a state_dir for its stores".into()))?;
+                let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+                let l = &file.link;
+                if l.bandwidth_mbps == 0 || l.bandwidth_mbps > 400_000 {
+                    return Err(invalid("link.bandwidth_mbps", format!("must be between 1 and 400000, got {}", l.bandwidth_mbps)));
+                }
+                if l.rtt_ms > 2_000 {
+                    return Err(invalid("link.rtt_ms", format!("must be at most 2000, got {}", l.rtt_ms)));
+                }
+                if l.keep_alive_ms == 0 || l.keep_alive_ms >= l.idle_timeout_ms {
+                    return Err(invalid("link.keep_alive_ms", "must be above 0 and below link.idle_timeout_ms".into()));
+                }
+                if l.idle_timeout_ms > 600_000 {
+                    return Err(invalid("link.idle_timeout_ms", format!("must be at most 600000, got {}", l.idle_timeout_ms)));
+                }
+                Some(PeerConfig {
+                    name: p.name.clone(),
+                    address: addr("peer.address", &p.address)?,
+                    listen: addr("peer.listen", &p.listen)?,
+                    initial_role: match p.initial_role {
+                        RoleName::Primary => Role::Primary,
+                        RoleName::Secondary => Role::Secondary,
+                    },
+                    state_dir: resolve(state_dir),
+                    ca: resolve(&t.ca),
+                    cert: resolve(&t.cert),
+                    key: resolve(&t.key),
+                    tuning: LinkTuning {
+                        bandwidth_bytes_per_sec: l.bandwidth_mbps * 1_000_000 / 8,
+                        rtt: Duration::from_millis(l.rtt_ms),
+                        keep_alive: Duration::from_millis(l.keep_alive_ms),
+                        idle_timeout: Duration::from_millis(l.idle_timeout_ms),
+                    },
+                })
+            }
+        };
         Ok(SiteConfig {
+            peer,
             name: file.site.name,
             nbd: NbdConfig {
                 listen,
@@ -244,6 +472,38 @@ impl SiteConfig {
             },
             volumes,
         })
+    }
+}
+
+fn replication_core(r: &ReplicationSection) -> CoreConfig {
+    let d = CoreConfig::default();
+    CoreConfig {
+        mode: match r.mode {
+            ModeName::Predictive => Mode::Predictive,
+            ModeName::Sync => Mode::Sync,
+            ModeName::Async => Mode::Async,
+        },
+        flush_policy: match r.flush_policy {
+            FlushName::Local => FlushPolicy::Local,
+            FlushName::Remote => FlushPolicy::Remote,
+        },
+        on_link_loss: match r.on_link_loss {
+            LinkLossName::Block => LinkLossPolicy::Block,
+            LinkLossName::Degrade => LinkLossPolicy::Degrade,
+        },
+        record_capacity_extents: r.record_capacity_extents,
+        record_update_timeout: Duration::from_millis(r.record_update_timeout_ms),
+        link_loss_deadline: Duration::from_millis(r.link_loss_deadline_ms),
+        max_lag_bytes: r.max_lag_bytes.0,
+        on_lag_full: match r.on_lag_full {
+            LagName::Throttle => LagPolicy::Throttle,
+            LagName::Resync => LagPolicy::Resync,
+        },
+        max_inflight_bytes: r.max_inflight_bytes.0,
+        reorder_buffer_bytes: d.reorder_buffer_bytes.max(r.max_inflight_bytes.0 + geomirror_core::frame::MAX_FRAME_BYTES as u64),
+        data_lanes: r.data_lanes,
+        clean_generation_max_age: (r.clean_generation_max_age_ms > 0).then(|| Duration::from_millis(r.clean_generation_max_age_ms)),
+        ..d
     }
 }
 

@@ -1,29 +1,42 @@
-//! A whole site: its volumes and its NBD server, started and stopped together.
+//! A whole site: its volumes, its NBD server and, with a peer, its replication link.
 //!
-//! Owns: the start order (media and drivers first, then the listener, so that no client is
-//! accepted before its volume can serve) and the stop order (stop accepting, finish the
-//! requests already read, sync every volume, end).
+//! Owns: the start order (stores and media first, then the link, then the NBD listener, so
+//! that no host is accepted before its volume can serve) and the stop order (stop accepting,
+//! finish the requests already read, let a primary drain to its peer for a bounded time,
+//! close the link, sync every volume, end).
 //!
 //! Must not: hold policy. It wires the parts the config describes.
 
 use crate::config::SiteConfig;
 use crate::nbd::server::{NbdCounters, NbdServer};
-use crate::store::MemoryStore;
+use crate::store::{MemoryStore, RocksStore, Store};
+use crate::transport::link::{run_primary, run_secondary, LinkVolume};
+use crate::transport::tls::{Refusals, SiteTls};
 use crate::volume::Volume;
-use anyhow::Context;
+use anyhow::{bail, Context};
 use geomirror_core::{Role, SiteState};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use tokio::sync::watch;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How long a stopping primary waits for its peer to apply everything it wrote.
+const STOP_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct RunningSite {
     pub name: String,
     pub nbd_addr: SocketAddr,
     pub volumes: Vec<Volume>,
     pub nbd_counters: Arc<NbdCounters>,
+    /// Handshakes refused by reason (with a peer).
+    pub refusals: Arc<Refusals>,
+    /// The site's role at start (standalone sites are primaries).
+    pub role: Role,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
+    link_shutdown: watch::Sender<bool>,
+    link: Option<tokio::task::JoinHandle<()>>,
     drivers: Vec<JoinHandle<()>>,
 }
 
@@ -32,12 +45,58 @@ impl RunningSite {
     pub async fn start(cfg: SiteConfig) -> anyhow::Result<RunningSite> {
         let mut volumes = Vec::new();
         let mut drivers = Vec::new();
+        let mut link_volumes = Vec::new();
+        let mut roles = Vec::new();
         for v in &cfg.volumes {
-            let store = Box::new(MemoryStore::new(SiteState::fresh(Role::Primary)));
-            let (volume, driver) = Volume::start(v, store, None).with_context(|| format!("volume {}", v.name))?;
+            let (store, outbox): (Box<dyn Store>, _) = match &cfg.peer {
+                None => (Box::new(MemoryStore::new(SiteState::fresh(Role::Primary))), None),
+                Some(p) => {
+                    let dir = p.state_dir.join(&v.name);
+                    let fresh = !dir.exists();
+                    if fresh && std::fs::metadata(&v.media).is_ok_and(|m| m.len() > 0) {
+                        bail!(
+                            "volume {}: media {} already exists but the site has no replication state for it ({} is missing). \
+                             An initial full copy to the peer is not implemented yet: start both sites from new (or identical) media, \
+                             or restore the state directory",
+                            v.name,
+                            v.media.display(),
+                            dir.display()
+                        );
+                    }
+                    let store = RocksStore::open(&dir, p.initial_role).with_context(|| format!("volume {}", v.name))?;
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    link_volumes.push(rx);
+                    (Box::new(store), Some(tx))
+                }
+            };
+            roles.push(store.load().role);
+            let (volume, driver) = Volume::start(v, store, outbox).with_context(|| format!("volume {}", v.name))?;
             volumes.push(volume);
             drivers.push(driver);
         }
+        let role = roles[0];
+        if roles.iter().any(|r| *r != role) {
+            bail!("the volumes of this site disagree about its role ({roles:?}); promote or demote them together");
+        }
+
+        let refusals = Arc::new(Refusals::default());
+        let (link_shutdown, link_rx) = watch::channel(false);
+        let link = match &cfg.peer {
+            None => None,
+            Some(p) => {
+                let tls = SiteTls::load(&p.cert, &p.key, &p.ca).context("loading the site's certificates")?;
+                let endpoint = crate::transport::endpoint(p.listen, &tls, &p.name, &p.tuning, refusals.clone())
+                    .with_context(|| format!("cannot listen for the peer on {}", p.listen))?;
+                let lv: Vec<LinkVolume> =
+                    volumes.iter().cloned().zip(link_volumes).map(|(volume, outbox)| LinkVolume { volume, outbox }).collect();
+                tracing::info!(site = cfg.name, ?role, peer = p.name, listen = %p.listen, peer_address = %p.address, "starting the replication link");
+                Some(match role {
+                    Role::Primary => tokio::spawn(run_primary(endpoint, p.address, p.name.clone(), lv, link_rx)),
+                    Role::Secondary => tokio::spawn(run_secondary(endpoint, lv, link_rx)),
+                })
+            }
+        };
+
         let server = NbdServer::bind(cfg.nbd.clone(), volumes.clone())
             .await
             .with_context(|| format!("cannot listen for NBD clients on {}", cfg.nbd.listen))?;
@@ -45,7 +104,7 @@ impl RunningSite {
         let nbd_counters = server.counters();
         let (shutdown, rx) = watch::channel(false);
         let server = tokio::spawn(server.serve(rx));
-        Ok(RunningSite { name: cfg.name, nbd_addr, volumes, nbd_counters, shutdown, server, drivers })
+        Ok(RunningSite { name: cfg.name, nbd_addr, volumes, nbd_counters, refusals, role, shutdown, server, link_shutdown, link, drivers })
     }
 
     /// The URL a client uses for a volume.
@@ -53,11 +112,30 @@ impl RunningSite {
         format!("nbd://{}/{}", self.nbd_addr, volume)
     }
 
-    /// Stops accepting, lets connections finish what they have read, then stops and syncs
-    /// every volume.
+    /// Stops accepting, lets connections finish what they have read, gives a primary up to
+    /// `STOP_DRAIN_DEADLINE` to have its peer apply everything, then stops the link and
+    /// stops and syncs every volume.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
+        if let Some(link) = self.link {
+            if self.role == Role::Primary {
+                for v in &self.volumes {
+                    let (tx, rx) = oneshot::channel();
+                    v.when_drained(move || {
+                        let _ = tx.send(());
+                    });
+                    match tokio::time::timeout(STOP_DRAIN_DEADLINE, rx).await {
+                        Ok(_) => tracing::info!(volume = v.name(), "drained: the peer has applied every write"),
+                        Err(_) => {
+                            tracing::warn!(volume = v.name(), deadline = ?STOP_DRAIN_DEADLINE, "stopping before the peer applied every write; it resumes at the next start")
+                        }
+                    }
+                }
+            }
+            let _ = self.link_shutdown.send(true);
+            let _ = link.await;
+        }
         for v in &self.volumes {
             v.stop();
         }

@@ -194,6 +194,8 @@ pub struct Volume {
     name: Arc<str>,
     description: Arc<str>,
     failed: Arc<AtomicBool>,
+    /// True while the volume is a primary: only then do hosts read or write it.
+    serving: Arc<AtomicBool>,
     counters: Arc<VolumeCounters>,
 }
 
@@ -215,6 +217,7 @@ impl Volume {
         let started = Instant::now();
         let state: SiteState = store.load();
         let core = Machine::build(&cfg.core, cfg.geometry, &state, Time(0));
+        let serving = Arc::new(AtomicBool::new(state.role == Role::Primary));
         let name: Arc<str> = cfg.name.as_str().into();
 
         let sync_media = media.clone();
@@ -244,13 +247,14 @@ impl Volume {
             sync_tx,
             started,
             failed: failed.clone(),
+            serving: serving.clone(),
             counters: counters.clone(),
             name: name.clone(),
             stopping: false,
             drain_waiters: Vec::new(),
         };
         let handle = std::thread::Builder::new().name(format!("volume-{}", cfg.name)).spawn(move || driver.run(rx)).expect("spawn");
-        let volume = Volume { tx, media, name, description: cfg.description.as_str().into(), failed, counters };
+        let volume = Volume { tx, media, name, description: cfg.description.as_str().into(), failed, serving, counters };
         Ok((volume, handle))
     }
 
@@ -311,6 +315,10 @@ impl Volume {
         if self.failed.load(Ordering::Acquire) {
             return Err(HostError::Media);
         }
+        if !self.serving.load(Ordering::Acquire) {
+            // A secondary's image is mid-apply: hosts read it only after a promotion.
+            return Err(HostError::NotServing);
+        }
         let mut buf = vec![0u8; len as usize];
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -332,6 +340,7 @@ impl Volume {
 
 struct Driver {
     core: Machine,
+    serving: Arc<AtomicBool>,
     cfg: CoreConfig,
     geo: Geometry,
     outbox: Option<tokio::sync::mpsc::UnboundedSender<Outbound>>,
@@ -531,7 +540,9 @@ impl Driver {
                     for (_, done) in std::mem::take(&mut self.pending) {
                         done(Err(HostError::NotServing));
                     }
-                    self.core = Machine::build(&self.cfg, self.geo, &self.store.load(), now);
+                    let state = self.store.load();
+                    self.serving.store(state.role == Role::Primary, Ordering::Release);
+                    self.core = Machine::build(&self.cfg, self.geo, &state, now);
                 }
             }
         }

@@ -78,15 +78,15 @@ pub async fn run_primary(
                 v.link(LinkEvent::Disconnected);
             }
         }
+        if *shutdown.borrow() {
+            endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
+            return;
+        }
         if let Err(why) = &result {
             tracing::warn!(peer = %peer, peer_name, why, retry_in = ?backoff, "replication link down");
         }
         // Frames queued for a dead session are not sent: the core resends what matters.
         while merged.try_recv().is_ok() {}
-        if *shutdown.borrow() {
-            endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
-            return;
-        }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => return,

@@ -1,0 +1,121 @@
+//! Two real sites, each a `geomirror run` process with its own RocksDB state, mirroring a
+//! volume over QUIC with mutual TLS through a real `geomirror wan-emu` process, written to
+//! by real NBD clients. After the primary stops (which drains it to the secondary), the
+//! two media files must be identical.
+
+use geomirror_tests::site::{run_ok, tool, Site};
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
+
+/// A UDP port free now (the sites bind it a moment later).
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct WanEmu {
+    child: Child,
+    port: u16,
+}
+
+impl WanEmu {
+    fn start(forward: u16, rtt_ms: u32) -> WanEmu {
+        let mut child = Command::new(BIN)
+            .args(["wan-emu", "--listen", "127.0.0.1:0", "--forward", &format!("127.0.0.1:{forward}"), "--rtt-ms", &rtt_ms.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // "wan-emu: udp 127.0.0.1:PORT -> ..."
+        let port = line.split_whitespace().nth(2).and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
+        WanEmu { port: port.unwrap_or_else(|| panic!("no address in {line:?}")), child }
+    }
+}
+
+impl Drop for WanEmu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn site_config(dir: &Path, me: &str, peer: &str, role: &str, listen: u16, peer_address: u16) -> PathBuf {
+    let text = format!(
+        r#"[site]
+name = "{me}"
+state_dir = "{me}-state"
+[nbd]
+listen = "127.0.0.1:0"
+[peer]
+name = "{peer}"
+address = "127.0.0.1:{peer_address}"
+listen = "127.0.0.1:{listen}"
+initial_role = "{role}"
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/{me}.pem"
+key = "certs/{me}.key"
+[link]
+rtt_ms = 10
+idle_timeout_ms = 3000
+[[volume]]
+name = "vol0"
+media = "{me}.img"
+size = "64M"
+"#
+    );
+    let path = dir.join(format!("{me}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn two_sites_mirror_a_volume_over_mtls_quic_through_wan_emu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    run_ok(Command::new(BIN).args(["certs", "--dir"]).arg(dir.join("certs")).args(["--site", "dc1", "--site", "dc2"]));
+    let (p_port, s_port) = (free_udp_port(), free_udp_port());
+    let mut secondary = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", s_port, p_port));
+    let emu = WanEmu::start(s_port, 10);
+    let mut primary = Site::from_config(Path::new(BIN), &site_config(dir, "dc1", "dc2", "primary", p_port, emu.port));
+    let url = primary.url("vol0").to_owned();
+
+    // A real filesystem image through qemu-img, then fio's verified random writes on top.
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    for i in 0..20u64 {
+        std::fs::write(tree.join(format!("f{i}")), vec![i as u8; (i as usize + 1) * 70_000]).unwrap();
+    }
+    let fs = dir.join("fs.img");
+    run_ok(tool("mkfs.ext4", "e2fsprogs").args(["-q", "-F", "-d"]).arg(&tree).arg(&fs).arg("64M"));
+    run_ok(tool("qemu-img", "qemu-utils").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&fs).arg(&url));
+    let out = run_ok(tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw"]).arg(&fs).arg(&url));
+    assert!(out.contains("Images are identical"), "{out}");
+    run_ok(
+        tool("fio", "fio")
+            .current_dir(dir)
+            .args(["--name=verify", "--ioengine=nbd", &format!("--uri={url}"), "--rw=randwrite", "--bs=4k", "--iodepth=32"])
+            .args(["--offset=32m", "--size=32m", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]),
+    );
+
+    // The secondary serves no host I/O while it is the secondary.
+    let read = tool("qemu-io", "qemu-utils").args(["-f", "raw", secondary.url("vol0"), "-c", "read 0 4096"]).output().unwrap();
+    assert!(!read.status.success(), "a secondary served a read: {}", String::from_utf8_lossy(&read.stdout));
+
+    // Stopping the primary drains it: the secondary has applied every write.
+    let (status, log) = primary.stop();
+    assert!(status.success(), "primary: {log}");
+    assert!(log.contains("drained"), "the primary stopped without draining:\n{log}");
+    let (status, log) = secondary.stop();
+    assert!(status.success(), "secondary: {log}");
+    let out = run_ok(
+        tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw"]).arg(dir.join("dc1.img")).arg(dir.join("dc2.img")),
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+    drop(emu);
+}
