@@ -570,6 +570,32 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_needs_tls_and_state_and_the_record_must_cover_the_lag() {
+        let peer = r#"
+            [peer]
+            name = "dc2"
+            address = "127.0.0.1:7401"
+            listen = "127.0.0.1:7400"
+            initial_role = "primary"
+        "#;
+        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"dc1.pem\"\nkey = \"dc1.key\"\n";
+        let state = GOOD.replace("name = \"dc1\"", "name = \"dc1\"\nstate_dir = \"state\"");
+        let err = |text: &str| parse(text).unwrap_err().to_string();
+        assert!(err(&format!("{GOOD}{peer}")).contains("needs [tls]"));
+        assert!(err(&format!("{GOOD}{peer}{tls}")).contains("state_dir"));
+        assert!(err(&format!("{GOOD}{tls}")).contains("need a [peer]"));
+        assert!(err(&format!("{GOOD}[replication]\nmode = \"sync\"\n")).contains("need a [peer]"));
+        let c = parse(&format!("{state}{peer}{tls}")).unwrap();
+        let p = c.peer.unwrap();
+        assert_eq!((p.name.as_str(), p.initial_role, p.ca), ("dc2", Role::Primary, PathBuf::from("/etc/geomirror/ca.pem")));
+        assert_eq!(c.volumes[0].core.mode, Mode::Predictive);
+        let small = format!("{state}{peer}{tls}[replication]\nrecord_capacity_extents = 100\n");
+        assert!(err(&small).contains("cannot hold max_lag_bytes"), "{}", err(&small));
+        assert!(err(&format!("{state}{peer}{tls}[replication]\nmode = \"fast\"\n")).contains("unknown variant"));
+        assert!(err(&format!("{state}{}{tls}", peer.replace("dc2", "dc1"))).contains("another site"));
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("64K"), Ok(65536));
