@@ -134,6 +134,19 @@ impl Site {
         (status, self.stderr.recv_timeout(START_DEADLINE).unwrap_or_default())
     }
 
+    /// `kill -9`: the process gets no chance to finish anything.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("wait");
+    }
+
+    /// Starts the process again on the same config, state and media (after `kill`).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
     /// Stops (asserting a clean exit) and starts again on the same config and media. The
     /// port may change when the config asked for port 0.
     pub fn restart(&mut self) {
