@@ -37,6 +37,15 @@ impl WanEmu {
     }
 }
 
+impl WanEmu {
+    /// SIGUSR1 cuts the link, SIGUSR2 restores it.
+    fn signal(&self, cut: bool) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        let sig = if cut { rustix::process::Signal::USR1 } else { rustix::process::Signal::USR2 };
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+}
+
 impl Drop for WanEmu {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -44,7 +53,7 @@ impl Drop for WanEmu {
     }
 }
 
-fn site_config(dir: &Path, me: &str, peer: &str, role: &str, listen: u16, peer_address: u16) -> PathBuf {
+fn site_config(dir: &Path, me: &str, peer: &str, role: &str, listen: u16, peer_address: u16, replication: &str) -> PathBuf {
     let text = format!(
         r#"[site]
 name = "{me}"
@@ -63,6 +72,7 @@ key = "certs/{me}.key"
 [link]
 rtt_ms = 10
 idle_timeout_ms = 3000
+{replication}
 [[volume]]
 name = "vol0"
 media = "{me}.img"
@@ -76,11 +86,16 @@ size = "64M"
 
 /// Certificates, a secondary, a WAN emulator in front of it and a primary, in `dir`.
 fn two_sites(dir: &Path) -> (Site, Site, WanEmu) {
+    two_sites_with(dir, "")
+}
+
+/// As `two_sites`, with a `[replication]` section (or none) for both sites.
+fn two_sites_with(dir: &Path, replication: &str) -> (Site, Site, WanEmu) {
     run_ok(Command::new(BIN).args(["certs", "--dir"]).arg(dir.join("certs")).args(["--site", "dc1", "--site", "dc2"]));
     let (p_port, s_port) = (free_udp_port(), free_udp_port());
-    let secondary = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", s_port, p_port));
+    let secondary = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", s_port, p_port, replication));
     let emu = WanEmu::start(s_port, 10);
-    let primary = Site::from_config(Path::new(BIN), &site_config(dir, "dc1", "dc2", "primary", p_port, emu.port));
+    let primary = Site::from_config(Path::new(BIN), &site_config(dir, "dc1", "dc2", "primary", p_port, emu.port, replication));
     (primary, secondary, emu)
 }
 
@@ -174,6 +189,54 @@ fn both_sites_survive_kill_9_and_the_images_converge() {
             format!("read -P 0 {} {}", 36 << 20, 28 << 20),
         ],
     );
+    stop_and_compare(dir, primary, secondary);
+    drop(emu);
+}
+
+/// Link loss under `block`: with the link cut, a write that needs the record waits, then
+/// fails with an I/O error after the deadline, and never reaches either image. Writes to
+/// recorded extents go on. After the link is restored, writes succeed again and the images
+/// converge.
+#[test]
+fn under_block_a_miss_fails_after_the_deadline_while_the_link_is_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let policy = "[replication]\non_link_loss = \"block\"\nrecord_update_timeout_ms = 300\nlink_loss_deadline_ms = 1500\n";
+    let (primary, secondary, emu) = two_sites_with(dir, policy);
+    let url = primary.url("vol0").to_owned();
+    write_mib(&url, 0, 4, 0x11);
+    emu.signal(true);
+    // A recorded extent (just written): a hit, acknowledged at once although the link is cut.
+    qemu_io(&url, &["write -P 0x12 0 64k".into()]);
+    // Far from anything recorded: a miss, held, then failed.
+    let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", &url, "-c", &format!("write -P 0x66 {} 64k", 60 << 20)]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("write failed"), "the miss did not fail: {text}");
+    emu.signal(false);
+    write_mib(&url, 30, 2, 0x44);
+    qemu_io(&url, &[format!("read -P 0 {} 64k", 60 << 20), "read -P 0x12 0 64k".into()]);
+    stop_and_compare(dir, primary, secondary);
+    drop(emu);
+}
+
+/// Link loss under `degrade`: with the link cut, misses go ahead after the record-update
+/// timeout, tracked in the primary's durable dirty map. After the link is restored, the
+/// resync copies those extents and the images converge.
+#[test]
+fn under_degrade_writes_go_on_and_the_resync_converges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // A lost link is known after the idle timeout (3 s here); misses wait until then, plus
+    // the record-update timeout, and then go ahead.
+    let policy = "[replication]\non_link_loss = \"degrade\"\nrecord_update_timeout_ms = 300\nlink_loss_deadline_ms = 10000\n";
+    let (primary, secondary, emu) = two_sites_with(dir, policy);
+    let url = primary.url("vol0").to_owned();
+    write_mib(&url, 0, 4, 0x11);
+    emu.signal(true);
+    write_mib(&url, 40, 6, 0x55);
+    emu.signal(false);
+    write_mib(&url, 50, 2, 0x66);
+    qemu_io(&url, &[format!("read -P 0x55 {} {}", 40 << 20, 6 << 20)]);
     stop_and_compare(dir, primary, secondary);
     drop(emu);
 }

@@ -384,7 +384,22 @@ impl SiteConfig {
             }
             let core = match &file.peer {
                 None => CoreConfig { mode: Mode::Standalone, ..CoreConfig::default() },
-                Some(_) => replication_core(&file.replication),
+                Some(_) => {
+                    let mut core = replication_core(&file.replication);
+                    // Either side may notice a lost link up to one idle timeout before the
+                    // other: the secondary gives up its record's authority that much earlier.
+                    core.link_loss_detection_skew = Duration::from_millis(file.link.idle_timeout_ms);
+                    let detect = file.link.idle_timeout_ms + file.replication.record_update_timeout_ms;
+                    if core.on_link_loss == LinkLossPolicy::Degrade && file.replication.link_loss_deadline_ms <= detect {
+                        return Err(invalid(
+                            "replication.link_loss_deadline_ms",
+                            format!(
+                                "under degrade it must exceed link.idle_timeout_ms + record_update_timeout_ms ({detect} ms): a link loss is only known after the idle timeout, and writes waiting until then would fail instead of degrading"
+                            ),
+                        ));
+                    }
+                    core
+                }
             };
             core.validate().map_err(|e| invalid("replication", e.to_string()))?;
             if core.mode == Mode::Predictive {
@@ -593,6 +608,9 @@ mod tests {
         assert!(err(&small).contains("cannot hold max_lag_bytes"), "{}", err(&small));
         assert!(err(&format!("{state}{peer}{tls}[replication]\nmode = \"fast\"\n")).contains("unknown variant"));
         assert!(err(&format!("{state}{}{tls}", peer.replace("dc2", "dc1"))).contains("another site"));
+        let degrade = format!("{state}{peer}{tls}[replication]\non_link_loss = \"degrade\"\nlink_loss_deadline_ms = 5000\n");
+        assert!(err(&degrade).contains("idle_timeout_ms"), "{}", err(&degrade));
+        assert_eq!(c.volumes[0].core.link_loss_detection_skew, Duration::from_secs(10), "the skew is the idle timeout");
     }
 
     #[test]
