@@ -19,30 +19,41 @@ fn free_udp_port() -> u16 {
 struct WanEmu {
     child: Child,
     port: u16,
+    control: std::net::SocketAddr,
 }
 
 impl WanEmu {
     fn start(forward: u16, rtt_ms: u32) -> WanEmu {
         let mut child = Command::new(BIN)
             .args(["wan-emu", "--listen", "127.0.0.1:0", "--forward", &format!("127.0.0.1:{forward}"), "--rtt-ms", &rtt_ms.to_string()])
+            .args(["--control", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        // "wan-emu: udp 127.0.0.1:PORT -> ..."
-        let port = line.split_whitespace().nth(2).and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
-        WanEmu { port: port.unwrap_or_else(|| panic!("no address in {line:?}")), child }
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (mut first, mut second) = (String::new(), String::new());
+        out.read_line(&mut first).unwrap();
+        out.read_line(&mut second).unwrap();
+        // "wan-emu: udp 127.0.0.1:PORT -> ..." then "wan-emu: control at tcp ADDR (...)"
+        let port = first.split_whitespace().nth(2).and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
+        let control = second.split_whitespace().nth(4).and_then(|a| a.parse().ok());
+        WanEmu {
+            port: port.unwrap_or_else(|| panic!("no address in {first:?}")),
+            control: control.unwrap_or_else(|| panic!("no control in {second:?}")),
+            child,
+        }
     }
-}
 
-impl WanEmu {
-    /// SIGUSR1 cuts the link, SIGUSR2 restores it.
-    fn signal(&self, cut: bool) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        let sig = if cut { rustix::process::Signal::USR1 } else { rustix::process::Signal::USR2 };
-        rustix::process::kill_process(pid, sig).unwrap();
+    /// Cuts or restores the link; returns once the emulator has applied it.
+    fn set_cut(&self, cut: bool) {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(self.control).unwrap();
+        s.write_all(if cut { b"cut\n" } else { b"restore\n" }).unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        let want = if cut { "ok link=cut" } else { "ok link=up" };
+        assert!(reply.starts_with(want), "{reply}");
     }
 }
 
@@ -205,14 +216,14 @@ fn under_block_a_miss_fails_after_the_deadline_while_the_link_is_cut() {
     let (primary, secondary, emu) = two_sites_with(dir, policy);
     let url = primary.url("vol0").to_owned();
     write_mib(&url, 0, 4, 0x11);
-    emu.signal(true);
+    emu.set_cut(true);
     // A recorded extent (just written): a hit, acknowledged at once although the link is cut.
     qemu_io(&url, &["write -P 0x12 0 64k".into()]);
     // Far from anything recorded: a miss, held, then failed.
     let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", &url, "-c", &format!("write -P 0x66 {} 64k", 60 << 20)]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("write failed"), "the miss did not fail: {text}");
-    emu.signal(false);
+    emu.set_cut(false);
     write_mib(&url, 30, 2, 0x44);
     qemu_io(&url, &[format!("read -P 0 {} 64k", 60 << 20), "read -P 0x12 0 64k".into()]);
     stop_and_compare(dir, primary, secondary);
@@ -232,11 +243,80 @@ fn under_degrade_writes_go_on_and_the_resync_converges() {
     let (primary, secondary, emu) = two_sites_with(dir, policy);
     let url = primary.url("vol0").to_owned();
     write_mib(&url, 0, 4, 0x11);
-    emu.signal(true);
+    emu.set_cut(true);
     write_mib(&url, 40, 6, 0x55);
-    emu.signal(false);
+    emu.set_cut(false);
     write_mib(&url, 50, 2, 0x66);
     qemu_io(&url, &[format!("read -P 0x55 {} {}", 40 << 20, 6 << 20)]);
     stop_and_compare(dir, primary, secondary);
     drop(emu);
+}
+
+/// `flush_policy = remote`: a FLUSH returns only once the secondary has durably applied
+/// every write before it, so the secondary holds them even if the primary dies right after.
+/// With the link cut, the flush cannot be honoured and fails after the deadline, while
+/// writes to recorded extents still succeed.
+#[test]
+fn a_remote_flush_means_the_secondary_has_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let policy = "[replication]\nflush_policy = \"remote\"\nrecord_update_timeout_ms = 300\nlink_loss_deadline_ms = 1500\n";
+    let (mut primary, mut secondary, emu) = two_sites_with(dir, policy);
+    let url = primary.url("vol0").to_owned();
+    // Writethrough (qemu-io's default): each write carries FUA, which under the remote policy
+    // also waits for the secondary; the flush then covers everything.
+    qemu_io(&url, &[format!("write -P 0x77 {} 2M", 10 << 20), "flush".into()]);
+    // The primary dies at once; nothing more is shipped.
+    primary.kill();
+    let (status, log) = secondary.stop();
+    assert!(status.success(), "{log}");
+    let image = std::fs::read(dir.join("dc2.img")).unwrap();
+    assert!(image[10 << 20..12 << 20].iter().all(|b| *b == 0x77), "the secondary lacks data a remote flush covered");
+
+    // The link cut: a hit is acknowledged locally, the flush after it cannot be.
+    secondary.start_again();
+    primary.start_again();
+    let url = primary.url("vol0").to_owned();
+    qemu_io(&url, &[format!("write -P 0x78 {} 64k", 10 << 20)]);
+    emu.set_cut(true);
+    // qemu-io's default cache mode is writethrough (every write with FUA); writeback keeps
+    // the write plain, so that only the flush needs the peer.
+    let out = tool("qemu-io", "qemu-utils")
+        .args(["-t", "writeback", "-f", "raw", &url, "-c", &format!("write -P 0x79 {} 64k", 10 << 20), "-c", "flush"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("wrote 65536/65536"), "the hit was not acknowledged: {text}");
+    assert!(!out.status.success(), "a remote flush succeeded with the link cut: {text}");
+    emu.set_cut(false);
+    stop_and_compare(dir, primary, secondary);
+    drop(emu);
+}
+
+/// Certificates from openssl, made with the commands of certs/README.md, work as well as
+/// those of `geomirror certs`.
+#[test]
+fn certificates_made_with_openssl_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let script = r#"
+set -e
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+  -subj "/CN=geomirror CA" -keyout ca.key -out ca.pem \
+  -addext "basicConstraints=critical,CA:TRUE,pathlen:0" -addext "keyUsage=critical,keyCertSign,cRLSign"
+for site in dc1 dc2; do
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$site" -keyout $site.key -out $site.csr
+  printf 'subjectAltName=DNS:%s,URI:geomirror:site:%s\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n' $site $site > $site.ext
+  openssl x509 -req -in $site.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 365 -out $site.pem -extfile $site.ext
+done
+"#;
+    run_ok(tool("openssl", "openssl").args(["version"]));
+    run_ok(Command::new("bash").arg("-c").arg(script).current_dir(&certs));
+    let (p_port, s_port) = (free_udp_port(), free_udp_port());
+    let secondary = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", s_port, p_port, ""));
+    let primary = Site::from_config(Path::new(BIN), &site_config(dir, "dc1", "dc2", "primary", p_port, s_port, ""));
+    write_mib(primary.url("vol0"), 0, 8, 0x5a);
+    stop_and_compare(dir, primary, secondary);
 }

@@ -354,6 +354,7 @@ impl Connection {
                     continue;
                 }
             };
+            tracing::trace!(peer = %self.peer, cookie = header.cookie, ?command, "request");
             let cost = |len: u32| len.max(MIN_REQUEST_COST);
             match command {
                 Command::Disconnect => return Ok(End::Clean),
