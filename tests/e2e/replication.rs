@@ -320,3 +320,51 @@ done
     write_mib(primary.url("vol0"), 0, 8, 0x5a);
     stop_and_compare(dir, primary, secondary);
 }
+
+/// A primary presenting the wrong certificate is refused by the secondary during the TLS
+/// handshake, with the reason logged; nothing it sends is processed, so a write that needs
+/// the record fails after the deadline instead of being recorded.
+#[test]
+fn the_secondary_refuses_a_primary_with_the_wrong_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = dir.join("certs");
+    run_ok(
+        Command::new(BIN).args(["certs", "--dir"]).arg(&certs).args(["--site", "dc1", "--site", "dc2", "--site", "dc3", "--admin", "ops"]),
+    );
+    run_ok(Command::new(BIN).args(["certs", "--dir"]).arg(dir.join("other")).args(["--site", "dc1"]));
+    let (good_cert, good_key) = (std::fs::read(certs.join("dc1.pem")).unwrap(), std::fs::read(certs.join("dc1.key")).unwrap());
+    let policy = "[replication]\nrecord_update_timeout_ms = 300\nlink_loss_deadline_ms = 1500\n";
+    let (p_port, s_port) = (free_udp_port(), free_udp_port());
+    let mut secondary = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", s_port, p_port, policy));
+    let primary_config = site_config(dir, "dc1", "dc2", "primary", p_port, s_port, policy);
+    let cases = [
+        ("unknown_ca", dir.join("other/dc1.pem"), dir.join("other/dc1.key")),
+        ("wrong_identity", certs.join("dc3.pem"), certs.join("dc3.key")),
+        ("admin_certificate", certs.join("admin-ops.pem"), certs.join("admin-ops.key")),
+    ];
+    for (reason, cert, key) in &cases {
+        let (c, k) = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+        std::fs::write(certs.join("dc1.pem"), c).unwrap();
+        std::fs::write(certs.join("dc1.key"), k).unwrap();
+        let mut primary = Site::from_config(Path::new(BIN), &primary_config);
+        let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", primary.url("vol0"), "-c", "write -P 0x66 0 64k"]).output().unwrap();
+        assert!(!out.status.success(), "{reason}: a write was recorded through a refused link");
+        primary.kill();
+    }
+    let (status, log) = secondary.stop();
+    assert!(status.success());
+    for (reason, _, _) in &cases {
+        assert!(log.contains(&format!("reason=\"{reason}\"")), "the secondary did not log a {reason} refusal:\n{log}");
+    }
+    assert!(!log.contains("replication session up"), "a refused primary got a session:\n{log}");
+    let image = std::fs::read(dir.join("dc2.img")).unwrap();
+    assert!(image.iter().all(|b| *b == 0), "the secondary's image changed");
+    // With its own certificate back, the primary gets through and replicates.
+    std::fs::write(certs.join("dc1.pem"), good_cert).unwrap();
+    std::fs::write(certs.join("dc1.key"), good_key).unwrap();
+    secondary.start_again();
+    let primary = Site::from_config(Path::new(BIN), &primary_config);
+    write_mib(primary.url("vol0"), 0, 2, 0x67);
+    stop_and_compare(dir, primary, secondary);
+}
