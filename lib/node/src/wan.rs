@@ -26,6 +26,9 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+/// Most client addresses relayed at once; datagrams from further ones are dropped (each
+/// client costs a socket and a task).
+const MAX_FLOWS: usize = 1024;
 /// Largest datagram relayed (QUIC uses at most 1500-byte packets on this path; this leaves
 /// room for jumbo frames).
 const MAX_DATAGRAM: usize = 65_535;
@@ -225,6 +228,10 @@ async fn relay(socket: Arc<UdpSocket>, forward: SocketAddr, cut: Arc<AtomicBool>
         let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
         let upstream = match flows.get(&from) {
             Some(u) => u.clone(),
+            None if flows.len() >= MAX_FLOWS => {
+                tracing::warn!(%from, max = MAX_FLOWS, "too many client addresses; datagram dropped");
+                continue;
+            }
             None => {
                 let bind: SocketAddr =
                     if forward.is_ipv4() { "0.0.0.0:0".parse().expect("valid") } else { "[::]:0".parse().expect("valid") };
