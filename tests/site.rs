@@ -20,6 +20,8 @@ pub struct Site {
     pub urls: BTreeMap<String, String>,
     /// host:port of the NBD server.
     pub addr: String,
+    /// The replication port the site bound (with a peer).
+    pub replication: Option<std::net::SocketAddr>,
     stderr: mpsc::Receiver<String>,
     bin: PathBuf,
     config: PathBuf,
@@ -43,6 +45,7 @@ impl Site {
             _tmp: Some(dir),
             urls: BTreeMap::new(),
             addr: String::new(),
+            replication: None,
             stderr: mpsc::channel().1,
             bin: bin.to_owned(),
             config: path,
@@ -60,6 +63,7 @@ impl Site {
             _tmp: None,
             urls: BTreeMap::new(),
             addr: String::new(),
+            replication: None,
             stderr: mpsc::channel().1,
             bin: bin.to_owned(),
             config: config.to_owned(),
@@ -98,6 +102,9 @@ impl Site {
         self.urls.clear();
         while self.urls.len() < volumes {
             match rx.recv_timeout(START_DEADLINE) {
+                Ok(line) if line.contains("replication at udp ") => {
+                    self.replication = line.rsplit(' ').next().and_then(|a| a.parse().ok());
+                }
                 Ok(line) => {
                     let url =
                         line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap_or_else(|| panic!("unexpected line {line:?}"));

@@ -284,6 +284,9 @@ fn run_site(a: RunArgs) -> Result<()> {
             geomirror_core::Role::Primary => "primary",
             geomirror_core::Role::Secondary => "secondary",
         };
+        if let Some(a) = site.link_addr {
+            writeln!(out, "site {} ({role}): replication at udp {a}", site.name)?;
+        }
         for v in &site.volumes {
             writeln!(
                 out,

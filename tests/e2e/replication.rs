@@ -5,16 +5,10 @@
 
 use geomirror_tests::site::{run_ok, tool, Site};
 use std::io::{BufRead, BufReader};
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
-
-/// A UDP port free now (the sites bind it a moment later).
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct WanEmu {
     child: Child,
@@ -64,6 +58,18 @@ impl Drop for WanEmu {
     }
 }
 
+/// Starts dc2 on a free port (port 0), then pins that port in its config, so that a
+/// restart comes back where the emulator or the primary expects it.
+fn start_secondary(dir: &Path, replication: &str) -> Site {
+    let site = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", 0, 9, replication));
+    site_config(dir, "dc2", "dc1", "secondary", replication_port(&site), 9, replication);
+    site
+}
+
+fn replication_port(site: &Site) -> u16 {
+    site.replication.expect("a site with a peer prints its replication port").port()
+}
+
 fn site_config(dir: &Path, me: &str, peer: &str, role: &str, listen: u16, peer_address: u16, replication: &str) -> PathBuf {
     let text = format!(
         r#"[site]
@@ -103,10 +109,9 @@ fn two_sites(dir: &Path) -> (Site, Site, WanEmu) {
 /// As `two_sites`, with a `[replication]` section (or none) for both sites.
 fn two_sites_with(dir: &Path, replication: &str) -> (Site, Site, WanEmu) {
     run_ok(Command::new(BIN).args(["certs", "--dir"]).arg(dir.join("certs")).args(["--site", "dc1", "--site", "dc2"]));
-    let (p_port, s_port) = (free_udp_port(), free_udp_port());
-    let secondary = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", s_port, p_port, replication));
-    let emu = WanEmu::start(s_port, 10);
-    let primary = Site::from_config(Path::new(BIN), &site_config(dir, "dc1", "dc2", "primary", p_port, emu.port, replication));
+    let secondary = start_secondary(dir, replication);
+    let emu = WanEmu::start(replication_port(&secondary), 10);
+    let primary = Site::from_config(Path::new(BIN), &site_config(dir, "dc1", "dc2", "primary", 0, emu.port, replication));
     (primary, secondary, emu)
 }
 
@@ -314,9 +319,8 @@ done
 "#;
     run_ok(tool("openssl", "openssl").args(["version"]));
     run_ok(Command::new("bash").arg("-c").arg(script).current_dir(&certs));
-    let (p_port, s_port) = (free_udp_port(), free_udp_port());
-    let secondary = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", s_port, p_port, ""));
-    let primary = Site::from_config(Path::new(BIN), &site_config(dir, "dc1", "dc2", "primary", p_port, s_port, ""));
+    let secondary = start_secondary(dir, "");
+    let primary = Site::from_config(Path::new(BIN), &site_config(dir, "dc1", "dc2", "primary", 0, replication_port(&secondary), ""));
     write_mib(primary.url("vol0"), 0, 8, 0x5a);
     stop_and_compare(dir, primary, secondary);
 }
@@ -335,9 +339,8 @@ fn the_secondary_refuses_a_primary_with_the_wrong_certificate() {
     run_ok(Command::new(BIN).args(["certs", "--dir"]).arg(dir.join("other")).args(["--site", "dc1"]));
     let (good_cert, good_key) = (std::fs::read(certs.join("dc1.pem")).unwrap(), std::fs::read(certs.join("dc1.key")).unwrap());
     let policy = "[replication]\nrecord_update_timeout_ms = 300\nlink_loss_deadline_ms = 1500\n";
-    let (p_port, s_port) = (free_udp_port(), free_udp_port());
-    let mut secondary = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", s_port, p_port, policy));
-    let primary_config = site_config(dir, "dc1", "dc2", "primary", p_port, s_port, policy);
+    let mut secondary = start_secondary(dir, policy);
+    let primary_config = site_config(dir, "dc1", "dc2", "primary", 0, replication_port(&secondary), policy);
     let cases = [
         ("unknown_ca", dir.join("other/dc1.pem"), dir.join("other/dc1.key")),
         ("wrong_identity", certs.join("dc3.pem"), certs.join("dc3.key")),

@@ -33,6 +33,8 @@ pub struct RunningSite {
     pub refusals: Arc<Refusals>,
     /// The site's role at start (standalone sites are primaries).
     pub role: Role,
+    /// The replication port actually bound (with a peer).
+    pub link_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
     link_shutdown: watch::Sender<bool>,
@@ -81,12 +83,14 @@ impl RunningSite {
 
         let refusals = Arc::new(Refusals::default());
         let (link_shutdown, link_rx) = watch::channel(false);
+        let mut link_addr = None;
         let link = match &cfg.peer {
             None => None,
             Some(p) => {
                 let tls = SiteTls::load(&p.cert, &p.key, &p.ca).context("loading the site's certificates")?;
                 let endpoint = crate::transport::endpoint(p.listen, &tls, &p.name, &p.tuning, refusals.clone())
                     .with_context(|| format!("cannot listen for the peer on {}", p.listen))?;
+                link_addr = Some(endpoint.local_addr()?);
                 let lv: Vec<LinkVolume> =
                     volumes.iter().cloned().zip(link_volumes).map(|(volume, outbox)| LinkVolume { volume, outbox }).collect();
                 tracing::info!(site = cfg.name, ?role, peer = p.name, listen = %p.listen, peer_address = %p.address, "starting the replication link");
@@ -104,7 +108,20 @@ impl RunningSite {
         let nbd_counters = server.counters();
         let (shutdown, rx) = watch::channel(false);
         let server = tokio::spawn(server.serve(rx));
-        Ok(RunningSite { name: cfg.name, nbd_addr, volumes, nbd_counters, refusals, role, shutdown, server, link_shutdown, link, drivers })
+        Ok(RunningSite {
+            name: cfg.name,
+            nbd_addr,
+            volumes,
+            nbd_counters,
+            refusals,
+            role,
+            link_addr,
+            shutdown,
+            server,
+            link_shutdown,
+            link,
+            drivers,
+        })
     }
 
     /// The URL a client uses for a volume.
