@@ -66,21 +66,31 @@ enum Input {
     Stop,
 }
 
-/// What the link tells a volume.
+/// What the link tells a volume. Each event names the link session it belongs to; the
+/// volume ignores events of any session but its current one, so nothing of a dead
+/// connection reaches the core after the next one started.
 #[derive(Debug)]
 pub enum LinkEvent {
     /// An authenticated connection to the peer exists (its certificate was checked).
-    Connected,
-    Disconnected,
-    Frame(Frame),
+    Connected(u64),
+    Disconnected(u64),
+    Frame(u64, Frame),
 }
 
-/// What a volume asks of the link, in order.
+/// What a volume asks of the link, in order, stamped with the session the volume was in
+/// when it asked: the link drops anything stamped with another session.
 #[derive(Debug, PartialEq)]
 pub enum Outbound {
-    Send(Stream, Frame),
+    Send {
+        session: u64,
+        stream: Stream,
+        frame: Frame,
+    },
     /// Close the connection (a refusal or a protocol error); the link reconnects later.
-    Disconnect(String),
+    Disconnect {
+        session: u64,
+        reason: String,
+    },
 }
 
 /// A snapshot of a volume for status, tests and (later) metrics.
@@ -141,14 +151,22 @@ impl Machine {
             Machine::Secondary(s) => s.handle_media_synced(now, token),
         }
     }
-    fn handle_link(&mut self, now: Time, event: LinkEvent) {
-        match (self, event) {
-            (Machine::Primary(p), LinkEvent::Connected) => p.handle_connected(now),
-            (Machine::Primary(p), LinkEvent::Disconnected) => p.handle_disconnected(now),
-            (Machine::Primary(p), LinkEvent::Frame(f)) => p.handle_frame(now, f),
-            (Machine::Secondary(s), LinkEvent::Connected) => s.handle_connected(now),
-            (Machine::Secondary(s), LinkEvent::Disconnected) => s.handle_disconnected(now),
-            (Machine::Secondary(s), LinkEvent::Frame(f)) => s.handle_frame(now, f),
+    fn handle_connected(&mut self, now: Time) {
+        match self {
+            Machine::Primary(p) => p.handle_connected(now),
+            Machine::Secondary(s) => s.handle_connected(now),
+        }
+    }
+    fn handle_disconnected(&mut self, now: Time) {
+        match self {
+            Machine::Primary(p) => p.handle_disconnected(now),
+            Machine::Secondary(s) => s.handle_disconnected(now),
+        }
+    }
+    fn handle_frame(&mut self, now: Time, f: Frame) {
+        match self {
+            Machine::Primary(p) => p.handle_frame(now, f),
+            Machine::Secondary(s) => s.handle_frame(now, f),
         }
     }
     fn status(&self, failed: bool) -> VolumeStatus {
@@ -236,6 +254,7 @@ impl Volume {
 
         let driver = Driver {
             core,
+            link_session: None,
             cfg: cfg.core.clone(),
             geo: cfg.geometry,
             outbox,
@@ -340,6 +359,8 @@ impl Volume {
 
 struct Driver {
     core: Machine,
+    /// The link session the core is connected through, if any.
+    link_session: Option<u64>,
     serving: Arc<AtomicBool>,
     cfg: CoreConfig,
     geo: Geometry,
@@ -444,7 +465,7 @@ impl Driver {
             }
             Input::Link(event) => {
                 if !self.failed.load(Ordering::Acquire) {
-                    self.core.handle_link(now, event);
+                    self.link_event(now, event);
                 }
             }
             Input::Status(f) => f(self.core.status(self.failed.load(Ordering::Acquire))),
@@ -464,6 +485,26 @@ impl Driver {
             Some(HostError::NotServing)
         } else {
             None
+        }
+    }
+
+    fn link_event(&mut self, now: Time, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected(session) => {
+                if self.link_session.is_some() {
+                    // The end of the previous session was not reported before this one.
+                    self.core.handle_disconnected(now);
+                }
+                self.link_session = Some(session);
+                self.core.handle_connected(now);
+            }
+            LinkEvent::Disconnected(session) if self.link_session == Some(session) => {
+                self.link_session = None;
+                self.core.handle_disconnected(now);
+            }
+            LinkEvent::Frame(session, f) if self.link_session == Some(session) => self.core.handle_frame(now, f),
+            // Of a session already replaced: ignored.
+            LinkEvent::Disconnected(_) | LinkEvent::Frame(..) => {}
         }
     }
 
@@ -528,10 +569,14 @@ impl Driver {
                     Err(e) => self.fail(&format!("store write failed: {e}")),
                 },
                 Action::Ack { request, result } => self.answer(request, result),
-                Action::Send { stream, frame } => self.outbound(Outbound::Send(stream, frame)),
+                Action::Send { stream, frame } => {
+                    let session = self.link_session.unwrap_or(0);
+                    self.outbound(Outbound::Send { session, stream, frame })
+                }
                 Action::Disconnect { reason } => {
                     tracing::warn!(volume = %self.name, reason, "closing the link to the peer");
-                    self.outbound(Outbound::Disconnect(reason));
+                    let session = self.link_session.unwrap_or(0);
+                    self.outbound(Outbound::Disconnect { session, reason });
                 }
                 Action::RoleChanged { role } => {
                     tracing::info!(volume = %self.name, ?role, "role changed; rebuilding the state machine from the store");
@@ -543,6 +588,8 @@ impl Driver {
                     let state = self.store.load();
                     self.serving.store(state.role == Role::Primary, Ordering::Release);
                     self.core = Machine::build(&self.cfg, self.geo, &state, now);
+                    // The new machine starts disconnected; the link reconnects it.
+                    self.link_session = None;
                 }
             }
         }

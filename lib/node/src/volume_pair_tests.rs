@@ -53,20 +53,20 @@ fn link(
 ) -> mpsc::UnboundedReceiver<()> {
     let (tick_tx, tick_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        secondary.link(LinkEvent::Connected);
-        primary.link(LinkEvent::Connected);
+        secondary.link(LinkEvent::Connected(1));
+        primary.link(LinkEvent::Connected(1));
         loop {
             tokio::select! {
                 Some(o) = from_p.recv() => match o {
-                    Outbound::Send(_, f) => secondary.link(LinkEvent::Frame(f)),
-                    Outbound::Disconnect(why) => panic!("primary disconnected: {why}"),
+                    Outbound::Send { frame, .. } => secondary.link(LinkEvent::Frame(1, frame)),
+                    Outbound::Disconnect { reason, .. } => panic!("primary disconnected: {reason}"),
                 },
                 Some(o) = from_s.recv() => match o {
-                    Outbound::Send(_, f) => {
-                        primary.link(LinkEvent::Frame(f));
+                    Outbound::Send { frame, .. } => {
+                        primary.link(LinkEvent::Frame(1, frame));
                         let _ = tick_tx.send(());
                     }
-                    Outbound::Disconnect(why) => panic!("secondary disconnected: {why}"),
+                    Outbound::Disconnect { reason, .. } => panic!("secondary disconnected: {reason}"),
                 },
                 else => return,
             }

@@ -75,7 +75,7 @@ pub async fn run_primary(
         if s.connected {
             backoff = BACKOFF_FIRST;
             for v in &handles {
-                v.link(LinkEvent::Disconnected);
+                v.link(LinkEvent::Disconnected(session));
             }
         }
         if *shutdown.borrow() {
@@ -119,13 +119,13 @@ impl Session<'_> {
             let (send, recv) = control.open_bi().await.map_err(|e| format!("open a control stream: {e}"))?;
             let preamble = Preamble { stream: Stream::Control, session: self.session, volume: v.name().to_owned() };
             control_writers.push(spawn_writer(send, preamble, err_tx.clone()));
-            let (v, err) = (v.clone(), err_tx.clone());
+            let (v, err, session) = (v.clone(), err_tx.clone(), self.session);
             tokio::spawn(async move {
                 let mut recv = recv;
                 let mut buf = Vec::new();
                 let end = loop {
                     match read_frame(&mut recv, &mut buf).await {
-                        Ok(Some(f)) => v.link(LinkEvent::Frame(f)),
+                        Ok(Some(f)) => v.link(LinkEvent::Frame(session, f)),
                         Ok(None) => break "the peer closed a control stream".to_string(),
                         Err(e) => break format!("control stream: {e}"),
                     }
@@ -135,17 +135,19 @@ impl Session<'_> {
         }
         self.connected = true;
         for v in self.volumes {
-            v.link(LinkEvent::Connected);
+            v.link(LinkEvent::Connected(self.session));
         }
         tracing::info!(peer = %self.peer, peer_name = self.peer_name, session = self.session, "replication link up");
         let mut lanes: HashMap<(usize, u8), mpsc::UnboundedSender<Frame>> = HashMap::new();
         loop {
             tokio::select! {
                 Some((i, o)) = merged.recv() => match o {
-                    Outbound::Send(Stream::Control, f) => {
+                    // Asked for in another session (before the volume learned of this one).
+                    Outbound::Send { session, .. } | Outbound::Disconnect { session, .. } if session != self.session => {}
+                    Outbound::Send { stream: Stream::Control, frame: f, .. } => {
                         let _ = control_writers[i].send(f);
                     }
-                    Outbound::Send(Stream::Data(lane), f) => {
+                    Outbound::Send { stream: Stream::Data(lane), frame: f, .. } => {
                         let tx = match lanes.get(&(i, lane)) {
                             Some(tx) => tx.clone(),
                             None => {
@@ -158,7 +160,7 @@ impl Session<'_> {
                         };
                         let _ = tx.send(f);
                     }
-                    Outbound::Disconnect(reason) => {
+                    Outbound::Disconnect { reason, .. } => {
                         control.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
                         data.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
                         return Err(format!("closed by this site: {reason}"));
@@ -225,14 +227,15 @@ pub async fn run_secondary(endpoint: Endpoint, volumes: Vec<LinkVolume>, mut shu
                 let guard = sessions.lock().expect("not poisoned");
                 let current = &guard[&name].1;
                 match o {
-                    // Frames while no session is current are dropped: the primary's next
-                    // hello starts over.
-                    Outbound::Send(_, f) => {
+                    // Frames of another session than the current one are dropped: the
+                    // primary's next hello starts over.
+                    Outbound::Send { session, .. } | Outbound::Disconnect { session, .. } if current.session != Some(session) => {}
+                    Outbound::Send { frame: f, .. } => {
                         if let Some(w) = &current.writer {
                             let _ = w.send(f);
                         }
                     }
-                    Outbound::Disconnect(reason) => {
+                    Outbound::Disconnect { reason, .. } => {
                         if let Some(c) = &current.conn {
                             tracing::warn!(volume = name, reason, "closing the link to the primary");
                             c.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
@@ -310,19 +313,17 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
     {
         let mut guard = sessions.lock().expect("not poisoned");
         let current = &mut guard.get_mut(&p.volume).expect("attached").1;
-        if current.session.is_some() {
-            // A newer session replaces one whose end was not seen yet.
-            volume.link(LinkEvent::Disconnected);
-        }
+        // A newer session replaces one whose end was not seen yet; the volume handles that
+        // when it learns of the new one.
         *current = Current { session: Some(p.session), writer: Some(writer), conn: Some(conn.clone()) };
-        volume.link(LinkEvent::Connected);
+        volume.link(LinkEvent::Connected(p.session));
     }
     tracing::info!(volume = p.volume, session = p.session, remote = %conn.remote_address(), "replication session up");
     let mut buf = Vec::new();
     loop {
         tokio::select! {
             r = read_frame(&mut recv, &mut buf) => match r {
-                Ok(Some(f)) if is_current(&sessions, &p.volume, p.session) => volume.link(LinkEvent::Frame(f)),
+                Ok(Some(f)) if is_current(&sessions, &p.volume, p.session) => volume.link(LinkEvent::Frame(p.session, f)),
                 Ok(Some(_)) => break,
                 Ok(None) => break,
                 Err(e) => {
@@ -341,7 +342,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
     let current = &mut guard.get_mut(&p.volume).expect("attached").1;
     if current.session == Some(p.session) {
         *current = Current { session: None, writer: None, conn: None };
-        volume.link(LinkEvent::Disconnected);
+        volume.link(LinkEvent::Disconnected(p.session));
         tracing::info!(volume = p.volume, session = p.session, "replication session down");
     }
 }
@@ -355,7 +356,7 @@ async fn data_stream(conn: Connection, mut recv: quinn::RecvStream, sessions: Se
     let mut buf = Vec::new();
     loop {
         match read_frame(&mut recv, &mut buf).await {
-            Ok(Some(f)) if is_current(&sessions, &p.volume, p.session) => volume.link(LinkEvent::Frame(f)),
+            Ok(Some(f)) if is_current(&sessions, &p.volume, p.session) => volume.link(LinkEvent::Frame(p.session, f)),
             // A stream of a replaced session: nothing more from it is applied.
             Ok(Some(_)) | Ok(None) => return,
             Err(e) => {
