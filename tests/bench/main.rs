@@ -3,7 +3,14 @@
 //! `geomirror-bench nbd` runs the same fio jobs (ioengine=nbd) against qemu-nbd serving a
 //! file and against `geomirror run` with no peer serving an identical file, interleaved
 //! round by round so that both see the same machine, and prints throughput ratios and
-//! p50/p99 latency side by side. Timings live here, never in pass/fail tests.
+//! p50/p99 latency side by side.
+//!
+//! `geomirror-bench record-rtt` measures the record-update round trip on an emulated WAN,
+//! idle and under saturating bulk writes (see `record_rtt`).
+//!
+//! Timings live here, never in pass/fail tests.
+
+mod record_rtt;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -47,6 +54,38 @@ enum Bench {
         #[arg(long)]
         only: Vec<String>,
     },
+    /// The record-update round trip, idle and under saturating bulk writes.
+    ///
+    /// Two sites in predictive mode over `geomirror wan-emu` with a rate cap. A probe writes
+    /// 4 KiB at queue depth 1 to a new extent each time, far from the last (every probe is a
+    /// miss, so its latency is a record-update round trip plus the local write), first alone,
+    /// then while fio writes 1 MiB sequentially at queue depth 8 at the link's full rate, so
+    /// bulk data waits to cross the whole time. Rounds alternate the two phases. BENCHMARKS.md's target: p99 under load at most 1.3x
+    /// the idle round trip (the idle probes' median).
+    RecordRtt {
+        /// The emulated round-trip time.
+        #[arg(long, default_value_t = 50)]
+        rtt_ms: u64,
+        /// The emulated link's rate, and the sites' `[link] bandwidth_mbps`.
+        #[arg(long, default_value_t = 100)]
+        rate_mbps: u64,
+        /// Probes per phase and round (at --probe-iops).
+        #[arg(long, default_value_t = 150)]
+        probes: u64,
+        /// Probes per second (each is one 4 KiB write at queue depth 1).
+        #[arg(long, default_value_t = 10)]
+        probe_iops: u64,
+        /// Rounds of one idle and one loaded phase each.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// The sites' `[link] bulk_pace_percent`: 100 shows what happens without headroom.
+        #[arg(long, default_value_t = 92)]
+        pace_percent: u64,
+        #[arg(long)]
+        geomirror: Option<PathBuf>,
+        #[arg(long)]
+        markdown: bool,
+    },
 }
 
 struct Job {
@@ -71,20 +110,31 @@ struct Figures {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Bench::Nbd { runtime, rounds, size, geomirror, markdown, only } => {
-            let bin = match geomirror {
-                Some(b) => b,
-                None => std::env::current_exe()?.with_file_name("geomirror"),
-            };
-            if !bin.is_file() {
-                bail!("{} not found: build it with `cargo build --release -p geomirror` (tests/bench does)", bin.display());
-            }
+            let bin = geomirror_bin(geomirror)?;
             let jobs: Vec<&Job> = JOBS.iter().filter(|j| only.is_empty() || only.iter().any(|o| j.name.contains(o.as_str()))).collect();
             if jobs.is_empty() {
                 bail!("no job matches {only:?}; the jobs are: {}", JOBS.iter().map(|j| j.name).collect::<Vec<_>>().join(", "));
             }
             nbd(&bin, &jobs, runtime, rounds.max(1), &size, markdown)
         }
+        Bench::RecordRtt { rtt_ms, rate_mbps, probes, probe_iops, rounds, pace_percent, geomirror, markdown } => {
+            let bin = geomirror_bin(geomirror)?;
+            let o = record_rtt::Options { rtt_ms, rate_mbps, probes, probe_iops: probe_iops.max(1), rounds: rounds.max(1), pace_percent };
+            record_rtt::run(&bin, &o, markdown)
+        }
     }
+}
+
+/// The geomirror binary: given, or next to this one.
+fn geomirror_bin(given: Option<PathBuf>) -> Result<PathBuf> {
+    let bin = match given {
+        Some(b) => b,
+        None => std::env::current_exe()?.with_file_name("geomirror"),
+    };
+    if !bin.is_file() {
+        bail!("{} not found: build it with `cargo build --release -p geomirror` (tests/bench does)", bin.display());
+    }
+    Ok(bin)
 }
 
 fn nbd(bin: &Path, jobs: &[&Job], runtime: u64, rounds: usize, size: &str, markdown: bool) -> Result<()> {

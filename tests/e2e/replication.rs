@@ -3,116 +3,67 @@
 //! by real NBD clients. After the primary stops (which drains it to the secondary), the
 //! two media files must be identical.
 
+use geomirror_node::certs::{Ca, Validity};
+use geomirror_tests::pair::{self, replication_port, PairOptions, WanEmu};
 use geomirror_tests::site::{run_ok, tool, Site};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
 
-struct WanEmu {
-    child: Child,
-    port: u16,
-    control: std::net::SocketAddr,
-}
-
-impl WanEmu {
-    fn start(forward: u16, rtt_ms: u32) -> WanEmu {
-        let mut child = Command::new(BIN)
-            .args(["wan-emu", "--listen", "127.0.0.1:0", "--forward", &format!("127.0.0.1:{forward}"), "--rtt-ms", &rtt_ms.to_string()])
-            .args(["--control", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let (mut first, mut second) = (String::new(), String::new());
-        out.read_line(&mut first).unwrap();
-        out.read_line(&mut second).unwrap();
-        // "wan-emu: udp 127.0.0.1:PORT -> ..." then "wan-emu: control at tcp ADDR (...)"
-        let port = first.split_whitespace().nth(2).and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
-        let control = second.split_whitespace().nth(4).and_then(|a| a.parse().ok());
-        WanEmu {
-            port: port.unwrap_or_else(|| panic!("no address in {first:?}")),
-            control: control.unwrap_or_else(|| panic!("no control in {second:?}")),
-            child,
+/// Connects to a replication port as a client that presents no certificate, opens a stream
+/// and sends a frame's worth of bytes; returns once the connection has ended.
+fn connect_without_certificate(ca: &Path, to: std::net::SocketAddr) {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![geomirror_node::transport::tls::ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = client.connect_with(quinn::ClientConfig::new(std::sync::Arc::new(quic)), to, "dc2").unwrap().await;
+        if let Ok(conn) = conn {
+            if let Ok(mut s) = conn.open_uni().await {
+                let _ = s.write_all(b"GS\x01\x01\x00 this never reaches a volume").await;
+                let _ = s.finish();
+            }
+            let reason = conn.closed().await;
+            assert!(reason.to_string().to_lowercase().contains("certificate"), "{reason}");
         }
-    }
-
-    /// Cuts or restores the link; returns once the emulator has applied it.
-    fn set_cut(&self, cut: bool) {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(self.control).unwrap();
-        s.write_all(if cut { b"cut\n" } else { b"restore\n" }).unwrap();
-        let mut reply = String::new();
-        BufReader::new(s).read_line(&mut reply).unwrap();
-        let want = if cut { "ok link=cut" } else { "ok link=up" };
-        assert!(reply.starts_with(want), "{reply}");
-    }
+    });
 }
 
-impl Drop for WanEmu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn bin() -> &'static Path {
+    Path::new(BIN)
 }
 
-/// Starts dc2 on a free port (port 0), then pins that port in its config, so that a
-/// restart comes back where the emulator or the primary expects it.
-fn start_secondary(dir: &Path, replication: &str) -> Site {
-    let site = Site::from_config(Path::new(BIN), &site_config(dir, "dc2", "dc1", "secondary", 0, 9, replication));
-    site_config(dir, "dc2", "dc1", "secondary", replication_port(&site), 9, replication);
-    site
+fn with_replication(replication: &str) -> PairOptions {
+    PairOptions { replication: replication.to_owned(), ..PairOptions::default() }
 }
 
-fn replication_port(site: &Site) -> u16 {
-    site.replication.expect("a site with a peer prints its replication port").port()
-}
-
-fn site_config(dir: &Path, me: &str, peer: &str, role: &str, listen: u16, peer_address: u16, replication: &str) -> PathBuf {
-    let text = format!(
-        r#"[site]
-name = "{me}"
-state_dir = "{me}-state"
-[nbd]
-listen = "127.0.0.1:0"
-[peer]
-name = "{peer}"
-address = "127.0.0.1:{peer_address}"
-listen = "127.0.0.1:{listen}"
-initial_role = "{role}"
-[tls]
-ca = "certs/ca.pem"
-cert = "certs/{me}.pem"
-key = "certs/{me}.key"
-[link]
-rtt_ms = 10
-idle_timeout_ms = 3000
-{replication}
-[[volume]]
-name = "vol0"
-media = "{me}.img"
-size = "64M"
-"#
-    );
-    let path = dir.join(format!("{me}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Certificates, a secondary, a WAN emulator in front of it and a primary, in `dir`.
+/// Certificates, a secondary, a WAN emulator (10 ms) in front of it and a primary, in `dir`.
 fn two_sites(dir: &Path) -> (Site, Site, WanEmu) {
     two_sites_with(dir, "")
 }
 
 /// As `two_sites`, with a `[replication]` section (or none) for both sites.
 fn two_sites_with(dir: &Path, replication: &str) -> (Site, Site, WanEmu) {
-    run_ok(Command::new(BIN).args(["certs", "--dir"]).arg(dir.join("certs")).args(["--site", "dc1", "--site", "dc2"]));
-    let secondary = start_secondary(dir, replication);
-    let emu = WanEmu::start(replication_port(&secondary), 10);
-    let primary = Site::from_config(Path::new(BIN), &site_config(dir, "dc1", "dc2", "primary", 0, emu.port, replication));
-    (primary, secondary, emu)
+    pair::two_sites(bin(), dir, &with_replication(replication))
+}
+
+fn start_secondary(dir: &Path, replication: &str) -> Site {
+    pair::start_secondary(bin(), dir, &with_replication(replication))
+}
+
+fn site_config(dir: &Path, me: &str, peer: &str, role: &str, listen: u16, peer_address: u16, replication: &str) -> PathBuf {
+    pair::site_config(dir, me, peer, role, listen, peer_address, &with_replication(replication))
 }
 
 /// Stops the primary (which drains it), then the secondary, and compares their media.
@@ -325,9 +276,11 @@ done
     stop_and_compare(dir, primary, secondary);
 }
 
-/// A primary presenting the wrong certificate is refused by the secondary during the TLS
-/// handshake, with the reason logged; nothing it sends is processed, so a write that needs
-/// the record fails after the deadline instead of being recorded.
+/// A primary presenting the wrong certificate (another CA's, another site's, an admin's, an
+/// expired one, one not valid yet, a self-signed one made by openssl) is refused by the
+/// secondary during the TLS handshake, with the reason logged; nothing it sends is processed,
+/// so a write that needs the record fails after the deadline instead of being recorded. A
+/// client with no certificate at all is refused too, and counted as such.
 #[test]
 fn the_secondary_refuses_a_primary_with_the_wrong_certificate() {
     let tmp = tempfile::tempdir().unwrap();
@@ -337,6 +290,23 @@ fn the_secondary_refuses_a_primary_with_the_wrong_certificate() {
         Command::new(BIN).args(["certs", "--dir"]).arg(&certs).args(["--site", "dc1", "--site", "dc2", "--site", "dc3", "--admin", "ops"]),
     );
     run_ok(Command::new(BIN).args(["certs", "--dir"]).arg(dir.join("other")).args(["--site", "dc1"]));
+    // dc1 certificates from the right CA with the wrong dates, and a self-signed one with
+    // dc1's identity, made by openssl.
+    let ca = Ca::load(&std::fs::read_to_string(certs.join("ca.pem")).unwrap(), &std::fs::read_to_string(certs.join("ca.key")).unwrap())
+        .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let dated = |name: &str, from: i64, to: i64| {
+        let issued = ca.issue_site("dc1", Validity { not_before: now + time::Duration::days(from), not_after: now + time::Duration::days(to) });
+        let issued = issued.unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), issued.cert_pem).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), issued.key_pem).unwrap();
+    };
+    dated("expired", -30, -1);
+    dated("future", 1, 30);
+    run_ok(tool("openssl", "openssl").current_dir(dir).args([
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", "/CN=dc1",
+        "-addext", "subjectAltName=DNS:dc1,URI:geomirror:site:dc1", "-keyout", "self.key", "-out", "self.pem",
+    ]));
     let (good_cert, good_key) = (std::fs::read(certs.join("dc1.pem")).unwrap(), std::fs::read(certs.join("dc1.key")).unwrap());
     let policy = "[replication]\nrecord_update_timeout_ms = 300\nlink_loss_deadline_ms = 1500\n";
     let mut secondary = start_secondary(dir, policy);
@@ -345,6 +315,9 @@ fn the_secondary_refuses_a_primary_with_the_wrong_certificate() {
         ("unknown_ca", dir.join("other/dc1.pem"), dir.join("other/dc1.key")),
         ("wrong_identity", certs.join("dc3.pem"), certs.join("dc3.key")),
         ("admin_certificate", certs.join("admin-ops.pem"), certs.join("admin-ops.key")),
+        ("expired", dir.join("expired.pem"), dir.join("expired.key")),
+        ("not_yet_valid", dir.join("future.pem"), dir.join("future.key")),
+        ("self_signed", dir.join("self.pem"), dir.join("self.key")),
     ];
     for (reason, cert, key) in &cases {
         let (c, k) = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
@@ -355,9 +328,12 @@ fn the_secondary_refuses_a_primary_with_the_wrong_certificate() {
         assert!(!out.status.success(), "{reason}: a write was recorded through a refused link");
         primary.kill();
     }
+    // A client with no certificate at all: its connect may look successful, but the
+    // secondary ends the handshake before any stream is read.
+    connect_without_certificate(&certs.join("ca.pem"), secondary.replication.unwrap());
     let (status, log) = secondary.stop();
     assert!(status.success());
-    for (reason, _, _) in &cases {
+    for reason in cases.iter().map(|c| c.0).chain(["no_certificate"]) {
         assert!(log.contains(&format!("reason=\"{reason}\"")), "the secondary did not log a {reason} refusal:\n{log}");
     }
     assert!(!log.contains("replication session up"), "a refused primary got a session:\n{log}");

@@ -135,11 +135,14 @@ pub struct LinkSection {
     pub keep_alive_ms: u64,
     /// A link silent this long is down.
     pub idle_timeout_ms: u64,
+    /// Bulk data is paced at this share of `bandwidth_mbps`, so that it never fills the
+    /// path's queue and record updates cross in one round trip.
+    pub bulk_pace_percent: u64,
 }
 
 impl Default for LinkSection {
     fn default() -> Self {
-        LinkSection { bandwidth_mbps: 1000, rtt_ms: 50, keep_alive_ms: 1000, idle_timeout_ms: 10_000 }
+        LinkSection { bandwidth_mbps: 1000, rtt_ms: 50, keep_alive_ms: 1000, idle_timeout_ms: 10_000, bulk_pace_percent: 92 }
     }
 }
 
@@ -452,6 +455,9 @@ impl SiteConfig {
                 if l.keep_alive_ms == 0 || l.keep_alive_ms >= l.idle_timeout_ms {
                     return Err(invalid("link.keep_alive_ms", "must be above 0 and below link.idle_timeout_ms".into()));
                 }
+                if !(10..=100).contains(&l.bulk_pace_percent) {
+                    return Err(invalid("link.bulk_pace_percent", format!("must be between 10 and 100, got {}", l.bulk_pace_percent)));
+                }
                 if l.idle_timeout_ms > 600_000 {
                     return Err(invalid("link.idle_timeout_ms", format!("must be at most 600000, got {}", l.idle_timeout_ms)));
                 }
@@ -472,6 +478,7 @@ impl SiteConfig {
                         rtt: Duration::from_millis(l.rtt_ms),
                         keep_alive: Duration::from_millis(l.keep_alive_ms),
                         idle_timeout: Duration::from_millis(l.idle_timeout_ms),
+                        bulk_bytes_per_sec: Some(l.bandwidth_mbps * 1_000_000 / 8 * l.bulk_pace_percent / 100),
                     },
                 })
             }
@@ -611,6 +618,9 @@ mod tests {
         let degrade = format!("{state}{peer}{tls}[replication]\non_link_loss = \"degrade\"\nlink_loss_deadline_ms = 5000\n");
         assert!(err(&degrade).contains("idle_timeout_ms"), "{}", err(&degrade));
         assert_eq!(c.volumes[0].core.link_loss_detection_skew, Duration::from_secs(10), "the skew is the idle timeout");
+        assert_eq!(p.tuning.bulk_bytes_per_sec, Some(125_000_000 * 92 / 100), "bulk is paced at 92% of 1000 Mbit/s");
+        let pace = format!("{state}{peer}{tls}[link]\nbulk_pace_percent = 101\n");
+        assert!(err(&pace).contains("link.bulk_pace_percent"), "{}", err(&pace));
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //! rest (handshake, resend, resync).
 
 use super::framing::{read_frame, write_frame, FramingError, Preamble};
+use super::pace::{write_paced, Pacer};
+use super::tls::Refusals;
 use crate::volume::{LinkEvent, Outbound, Volume};
 use geomirror_core::{Frame, Stream};
 use quinn::{Connection, Endpoint, VarInt};
@@ -33,6 +35,8 @@ const BACKOFF_LAST: Duration = Duration::from_secs(5);
 /// QUIC application close code for a close the core asked for.
 const CLOSE_REFUSED: u32 = 1;
 const CLOSE_SHUTDOWN: u32 = 2;
+/// TLS 1.3's certificate_required alert (RFC 8446), sent to a client that presents none.
+const CERTIFICATE_REQUIRED: u8 = 116;
 
 /// A volume as the link sees it: its handle and the frames it wants sent.
 pub struct LinkVolume {
@@ -41,14 +45,17 @@ pub struct LinkVolume {
 }
 
 /// Runs the primary's side until `shutdown`: connects to the peer, serves sessions, and
-/// reconnects with backoff when one ends.
+/// reconnects with backoff when one ends. Data streams are paced at `bulk_bytes_per_sec`
+/// (all of them together), so that bulk never queues ahead of control on the path.
 pub async fn run_primary(
     endpoint: Endpoint,
     peer: SocketAddr,
     peer_name: String,
+    bulk_bytes_per_sec: Option<u64>,
     volumes: Vec<LinkVolume>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let pacer = bulk_bytes_per_sec.map(|r| Arc::new(Pacer::new(r)));
     let (merged_tx, mut merged) = mpsc::unbounded_channel::<(usize, Outbound)>();
     let mut handles = Vec::new();
     for (i, lv) in volumes.into_iter().enumerate() {
@@ -67,7 +74,7 @@ pub async fn run_primary(
     let mut session: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
     loop {
         session = session.wrapping_add(1);
-        let mut s = Session { endpoint: &endpoint, peer, peer_name: &peer_name, volumes: &handles, session, connected: false };
+        let mut s = Session { endpoint: &endpoint, peer, peer_name: &peer_name, volumes: &handles, session, pacer: pacer.clone(), connected: false };
         let result = tokio::select! {
             r = s.run(&mut merged) => r,
             _ = shutdown.changed() => Err("shutting down".into()),
@@ -101,6 +108,7 @@ struct Session<'a> {
     peer_name: &'a str,
     volumes: &'a [Volume],
     session: u64,
+    pacer: Option<Arc<Pacer>>,
     connected: bool,
 }
 
@@ -118,7 +126,7 @@ impl Session<'_> {
         for v in self.volumes {
             let (send, recv) = control.open_bi().await.map_err(|e| format!("open a control stream: {e}"))?;
             let preamble = Preamble { stream: Stream::Control, session: self.session, volume: v.name().to_owned() };
-            control_writers.push(spawn_writer(send, preamble, err_tx.clone()));
+            control_writers.push(spawn_writer(send, preamble, None, err_tx.clone()));
             let (v, err, session) = (v.clone(), err_tx.clone(), self.session);
             tokio::spawn(async move {
                 let mut recv = recv;
@@ -153,7 +161,7 @@ impl Session<'_> {
                             None => {
                                 let send = data.open_uni().await.map_err(|e| format!("open a data stream: {e}"))?;
                                 let preamble = Preamble { stream: Stream::Data(lane), session: self.session, volume: self.volumes[i].name().to_owned() };
-                                let tx = spawn_writer(send, preamble, err_tx.clone());
+                                let tx = spawn_writer(send, preamble, self.pacer.clone(), err_tx.clone());
                                 lanes.insert((i, lane), tx.clone());
                                 tx
                             }
@@ -185,9 +193,15 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// A task that writes the preamble, then every frame it is given, in order, to one stream.
-/// Each stream has its own task, so a full data stream never holds a control frame back.
-fn spawn_writer(mut send: quinn::SendStream, preamble: Preamble, err: mpsc::UnboundedSender<String>) -> mpsc::UnboundedSender<Frame> {
+/// A task that writes the preamble, then every frame it is given, in order, to one stream,
+/// paced by `pacer` if given. Each stream has its own task, so a full data stream never
+/// holds a control frame back.
+fn spawn_writer(
+    mut send: quinn::SendStream,
+    preamble: Preamble,
+    pacer: Option<Arc<Pacer>>,
+    err: mpsc::UnboundedSender<String>,
+) -> mpsc::UnboundedSender<Frame> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
         if let Err(e) = send.write_all(&preamble.encode()).await {
@@ -195,7 +209,11 @@ fn spawn_writer(mut send: quinn::SendStream, preamble: Preamble, err: mpsc::Unbo
             return;
         }
         while let Some(f) = rx.recv().await {
-            if let Err(e) = write_frame(&mut send, &f).await {
+            let written = match &pacer {
+                Some(p) => write_paced(&mut send, &f, p).await,
+                None => write_frame(&mut send, &f).await,
+            };
+            if let Err(e) = written {
                 let _ = err.send(format!("{:?} stream of {}: {e}", preamble.stream, preamble.volume));
                 return;
             }
@@ -216,7 +234,7 @@ type Sessions = Arc<Mutex<HashMap<String, (Volume, Current)>>>;
 
 /// Runs the secondary's side until `shutdown`: accepts authenticated connections and
 /// attaches their streams to volumes by name.
-pub async fn run_secondary(endpoint: Endpoint, volumes: Vec<LinkVolume>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_secondary(endpoint: Endpoint, volumes: Vec<LinkVolume>, refusals: Arc<Refusals>, mut shutdown: watch::Receiver<bool>) {
     let sessions: Sessions = Arc::new(Mutex::new(HashMap::new()));
     for lv in volumes {
         let name = lv.volume.name().to_owned();
@@ -249,7 +267,7 @@ pub async fn run_secondary(endpoint: Endpoint, volumes: Vec<LinkVolume>, mut shu
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return };
-                tokio::spawn(serve_connection(incoming, sessions.clone()));
+                tokio::spawn(serve_connection(incoming, sessions.clone(), refusals.clone()));
             }
             _ = shutdown.changed() => {
                 endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
@@ -259,11 +277,17 @@ pub async fn run_secondary(endpoint: Endpoint, volumes: Vec<LinkVolume>, mut shu
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, sessions: Sessions) {
+async fn serve_connection(incoming: quinn::Incoming, sessions: Sessions, refusals: Arc<Refusals>) {
     let remote = incoming.remote_address();
-    // The certificate was checked during the handshake; a refusal is counted there.
+    // The certificate was checked during the handshake, and a bad one counted there. A
+    // client that sent none never reaches the verifier: rustls ends the handshake with the
+    // certificate_required alert, which is counted here.
     let conn = match incoming.await {
         Ok(c) => c,
+        Err(quinn::ConnectionError::TransportError(t)) if t.code == quinn::TransportErrorCode::crypto(CERTIFICATE_REQUIRED) => {
+            refusals.record("no_certificate", &format!("{remote} presented no client certificate"));
+            return;
+        }
         Err(e) => {
             tracing::info!(%remote, error = %e, "replication connection not established");
             return;

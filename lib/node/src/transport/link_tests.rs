@@ -65,11 +65,18 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
     let store = RocksStore::open(&dir.path().join("s.store"), Role::Secondary).unwrap();
     let (secondary, s_thread) = Volume::start(&cfg("s.img"), Box::new(store), Some(s_out)).unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let s_task = tokio::spawn(run_secondary(secondary_ep, vec![LinkVolume { volume: secondary.clone(), outbox: s_rx }], stop_rx.clone()));
+    let s_task = tokio::spawn(run_secondary(
+        secondary_ep,
+        vec![LinkVolume { volume: secondary.clone(), outbox: s_rx }],
+        Arc::new(Refusals::default()),
+        stop_rx.clone(),
+    ));
     let p_task = tokio::spawn(run_primary(
         primary_ep,
         emu.listen,
         "dc2".into(),
+        // Paced, so that the chunked writer carries the bulk here.
+        Some(20_000_000),
         vec![LinkVolume { volume: primary.clone(), outbox: p_rx }],
         stop_rx,
     ));

@@ -8,6 +8,7 @@
 
 pub mod framing;
 pub mod link;
+pub mod pace;
 pub mod tls;
 
 use quinn::{ClientConfig, Endpoint, IdleTimeout, ServerConfig, TransportConfig, VarInt};
@@ -26,6 +27,9 @@ pub struct LinkTuning {
     pub keep_alive: Duration,
     /// A connection silent this long is dead.
     pub idle_timeout: Duration,
+    /// The rate at which bulk data (shipping, resync) is handed to QUIC, below the
+    /// bandwidth, so that it never queues ahead of control on the path (see `pace`).
+    pub bulk_bytes_per_sec: Option<u64>,
 }
 
 impl Default for LinkTuning {
@@ -35,16 +39,21 @@ impl Default for LinkTuning {
             rtt: Duration::from_millis(50),
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(10),
+            bulk_bytes_per_sec: None,
         }
     }
 }
 
 impl LinkTuning {
+    /// The bandwidth-delay product: what the path holds in flight.
+    pub fn bdp_bytes(&self) -> u64 {
+        (self.bandwidth_bytes_per_sec as f64 * self.rtt.as_secs_f64()) as u64
+    }
+
     /// Twice the bandwidth-delay product, at least 4 MiB: quinn's defaults assume 100 Mbit/s
     /// at 100 ms and cap one stream near 160 Mbit/s on a 50 ms path.
     pub fn window_bytes(&self) -> u64 {
-        let bdp = self.bandwidth_bytes_per_sec as f64 * self.rtt.as_secs_f64();
-        ((2.0 * bdp) as u64).clamp(4 << 20, 1 << 30)
+        (2 * self.bdp_bytes()).clamp(4 << 20, 1 << 30)
     }
 
     pub fn transport(&self) -> TransportConfig {
@@ -56,6 +65,13 @@ impl LinkTuning {
         t.initial_rtt(self.rtt.max(Duration::from_millis(1)));
         t.keep_alive_interval(Some(self.keep_alive));
         t.max_idle_timeout(Some(IdleTimeout::try_from(self.idle_timeout).expect("idle timeout within QUIC's range")));
+        // CUBIC starts from one bandwidth-delay product rather than ten datagrams. Bulk is
+        // paced below the bandwidth by us (`pace`), so this never bursts; with the default,
+        // slow start would hold paced data back in quinn's buffer for a few round trips and
+        // then release it at the congestion window's rate, overflowing the path's queue.
+        let mut cubic = quinn::congestion::CubicConfig::default();
+        cubic.initial_window(self.bdp_bytes().max(14_720));
+        t.congestion_controller_factory(Arc::new(cubic));
         t.max_concurrent_bidi_streams(VarInt::from_u32(4));
         t.max_concurrent_uni_streams(VarInt::from_u32(64));
         t

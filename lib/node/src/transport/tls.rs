@@ -114,8 +114,10 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// The label of a certificate error, and whether the certificate was self-signed.
 fn reason_of(e: &rustls::Error, end_entity: &CertificateDer<'_>) -> &'static str {
     match e {
+        // Whatever else is wrong with a self-signed certificate (openssl's `req -x509` makes
+        // one with CA:TRUE, refused as a CA used as an end entity), that is the root cause.
+        rustls::Error::InvalidCertificate(_) if self_signed(end_entity) => "self_signed",
         rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer | CertificateError::BadSignature if self_signed(end_entity) => "self_signed",
             CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not_yet_valid",

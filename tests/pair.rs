@@ -1,0 +1,147 @@
+//! Two real sites and the WAN between them, for end-to-end tests and the benchmarks: a
+//! `geomirror wan-emu` process in front of the secondary, and site configs written into one
+//! directory with certificates from `geomirror certs`.
+
+use crate::site::{run_ok, Site};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A `geomirror wan-emu` process.
+pub struct WanEmu {
+    child: Child,
+    /// The UDP port the primary connects to.
+    pub port: u16,
+    /// The control socket.
+    pub control: SocketAddr,
+}
+
+impl WanEmu {
+    /// Relays to `forward` with the given extra options (`--rtt-ms 10`, `--rate-mbps 200`...).
+    pub fn start(bin: &Path, forward: u16, options: &[String]) -> WanEmu {
+        let mut child = Command::new(bin)
+            .args(["wan-emu", "--listen", "127.0.0.1:0", "--forward", &format!("127.0.0.1:{forward}")])
+            .args(["--control", "127.0.0.1:0"])
+            .args(options)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start geomirror wan-emu");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let (mut first, mut second) = (String::new(), String::new());
+        out.read_line(&mut first).expect("wan-emu's first line");
+        out.read_line(&mut second).expect("wan-emu's second line");
+        // "wan-emu: udp 127.0.0.1:PORT -> ..." then "wan-emu: control at tcp ADDR (...)"
+        let port = first.split_whitespace().nth(2).and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
+        let control = second.split_whitespace().nth(4).and_then(|a| a.parse().ok());
+        WanEmu {
+            port: port.unwrap_or_else(|| panic!("no address in {first:?}")),
+            control: control.unwrap_or_else(|| panic!("no control in {second:?}")),
+            child,
+        }
+    }
+
+    /// Sends one control command and returns the emulator's one-line reply.
+    pub fn command(&self, command: &str) -> String {
+        let mut s = std::net::TcpStream::connect(self.control).expect("wan-emu control socket");
+        s.write_all(format!("{command}\n").as_bytes()).expect("send a control command");
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).expect("a control reply");
+        reply
+    }
+
+    /// Cuts or restores the link; returns once the emulator has applied it.
+    pub fn set_cut(&self, cut: bool) {
+        let reply = self.command(if cut { "cut" } else { "restore" });
+        let want = if cut { "ok link=cut" } else { "ok link=up" };
+        assert!(reply.starts_with(want), "{reply}");
+    }
+}
+
+impl Drop for WanEmu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the two sites' configs hold besides names, ports and paths.
+#[derive(Clone, Debug)]
+pub struct PairOptions {
+    /// The `[link]` section's body.
+    pub link: String,
+    /// A `[replication]` section (or nothing).
+    pub replication: String,
+    /// The volume's size.
+    pub size: String,
+    /// Options for wan-emu.
+    pub wan: Vec<String>,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            link: "rtt_ms = 10\nidle_timeout_ms = 3000\n".into(),
+            replication: String::new(),
+            size: "64M".into(),
+            wan: vec!["--rtt-ms".into(), "10".into()],
+        }
+    }
+}
+
+/// Writes `dir/<me>.toml`: site `me`, volume `vol0` on `dir/<me>.img`, NBD on a free
+/// port, replication on `listen` (0: a free one), the peer at `peer_address`.
+pub fn site_config(dir: &Path, me: &str, peer: &str, role: &str, listen: u16, peer_address: u16, o: &PairOptions) -> PathBuf {
+    let PairOptions { link, replication, size, .. } = o;
+    let text = format!(
+        r#"[site]
+name = "{me}"
+state_dir = "{me}-state"
+[nbd]
+listen = "127.0.0.1:0"
+[peer]
+name = "{peer}"
+address = "127.0.0.1:{peer_address}"
+listen = "127.0.0.1:{listen}"
+initial_role = "{role}"
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/{me}.pem"
+key = "certs/{me}.key"
+[link]
+{link}
+{replication}
+[[volume]]
+name = "vol0"
+media = "{me}.img"
+size = "{size}"
+"#
+    );
+    let path = dir.join(format!("{me}.toml"));
+    std::fs::write(&path, text).expect("write a site config");
+    path
+}
+
+/// The replication port a site bound.
+pub fn replication_port(site: &Site) -> u16 {
+    site.replication.expect("a site with a peer prints its replication port").port()
+}
+
+/// Starts dc2 as secondary on a free port (port 0), then pins that port in its config, so
+/// that a restart comes back where the emulator expects it.
+pub fn start_secondary(bin: &Path, dir: &Path, o: &PairOptions) -> Site {
+    let site = Site::from_config(bin, &site_config(dir, "dc2", "dc1", "secondary", 0, 9, o));
+    site_config(dir, "dc2", "dc1", "secondary", replication_port(&site), 9, o);
+    site
+}
+
+/// Certificates, a secondary (dc2), a WAN emulator in front of it and a primary (dc1), all
+/// in `dir`.
+pub fn two_sites(bin: &Path, dir: &Path, o: &PairOptions) -> (Site, Site, WanEmu) {
+    run_ok(Command::new(bin).args(["certs", "--dir"]).arg(dir.join("certs")).args(["--site", "dc1", "--site", "dc2"]));
+    let secondary = start_secondary(bin, dir, o);
+    let emu = WanEmu::start(bin, replication_port(&secondary), &o.wan);
+    let primary = Site::from_config(bin, &site_config(dir, "dc1", "dc2", "primary", 0, emu.port, o));
+    (primary, secondary, emu)
+}
