@@ -81,6 +81,9 @@ enum Bench {
         /// The sites' `[link] bulk_pace_percent`: 100 shows what happens without headroom.
         #[arg(long, default_value_t = 92)]
         pace_percent: u64,
+        /// Disk layouts to run, each with its own pair of sites (default: both).
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [record_rtt::Layout::Shared, record_rtt::Layout::Separate])]
+        layout: Vec<record_rtt::Layout>,
         #[arg(long)]
         geomirror: Option<PathBuf>,
         #[arg(long)]
@@ -117,10 +120,10 @@ fn main() -> Result<()> {
             }
             nbd(&bin, &jobs, runtime, rounds.max(1), &size, markdown)
         }
-        Bench::RecordRtt { rtt_ms, rate_mbps, probes, probe_iops, rounds, pace_percent, geomirror, markdown } => {
+        Bench::RecordRtt { rtt_ms, rate_mbps, probes, probe_iops, rounds, pace_percent, layout, geomirror, markdown } => {
             let bin = geomirror_bin(geomirror)?;
             let o = record_rtt::Options { rtt_ms, rate_mbps, probes, probe_iops: probe_iops.max(1), rounds: rounds.max(1), pace_percent };
-            record_rtt::run(&bin, &o, markdown)
+            record_rtt::run(&bin, &o, &layout, markdown)
         }
     }
 }

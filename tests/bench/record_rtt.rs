@@ -45,25 +45,37 @@ struct Phase {
     bulk_mib_s: Vec<f64>,
 }
 
-pub fn run(bin: &Path, o: &Options, markdown: bool) -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    let runs = 2 * o.rounds as u64;
-    let region = o.probes * PROBE_STRIDE;
-    let size = (BULK_REGION + runs * region).div_ceil(GIB) * GIB;
-    // A queue of one bandwidth-delay product at the emulated bottleneck (at least 256 KiB),
-    // as a well-configured router's would be.
-    let bdp = (o.rate_mbps * 1_000_000 / 8 * o.rtt_ms / 1000).max(256 << 10);
-    let options = PairOptions {
-        link: format!("bandwidth_mbps = {}\nrtt_ms = {}\nbulk_pace_percent = {}\n", o.rate_mbps, o.rtt_ms, o.pace_percent),
-        replication: "[replication]\nmode = \"predictive\"\nmax_lag_bytes = \"256M\"\n".into(),
-        size: size.to_string(),
-        wan: ["--rtt-ms", &o.rtt_ms.to_string(), "--rate-mbps", &o.rate_mbps.to_string(), "--queue-bytes", &bdp.to_string()]
-            .map(String::from)
-            .to_vec(),
-    };
-    let (primary, _secondary, emu) = two_sites(bin, dir, &options);
-    let url = primary.url("vol0").to_owned();
+/// Where the two sites' files live. On one machine both sites share a disk, and the
+/// primary's writeback then stalls the secondary's synced RocksDB writes: on ext4 with
+/// `data=ordered` an fsync commits the filesystem's journal, which first writes out every
+/// file's newly allocated dirty data, the other site's included. Two datacenters do not
+/// share a disk, so the second layout gives the primary its own (tmpfs stands in for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// Both sites' media and stores on the same disk.
+    Shared,
+    /// The primary's media on tmpfs; the secondary's media and store on the disk.
+    Separate,
+}
+
+impl Layout {
+    fn describe(self) -> &'static str {
+        match self {
+            Layout::Shared => "one disk for both sites",
+            Layout::Separate => "primary's media on its own (tmpfs)",
+        }
+    }
+}
+
+struct Outcome {
+    layout: Layout,
+    idle: Phase,
+    loaded: Phase,
+    wan: String,
+}
+
+pub fn run(bin: &Path, o: &Options, layouts: &[Layout], markdown: bool) -> Result<()> {
+    let bdp = queue_bytes(o);
     eprintln!(
         "record-rtt: predictive mode, {} ms RTT, {} Mbit/s with a {} KiB queue, bulk paced at {}%; {} round(s) of {} probes at {}/s, idle and loaded",
         o.rtt_ms,
@@ -74,6 +86,46 @@ pub fn run(bin: &Path, o: &Options, markdown: bool) -> Result<()> {
         o.probes,
         o.probe_iops
     );
+    let mut outcomes = Vec::new();
+    for layout in layouts {
+        eprintln!("{}:", layout.describe());
+        outcomes.push(run_layout(bin, o, *layout)?);
+    }
+    print(o, &outcomes, markdown);
+    Ok(())
+}
+
+/// A queue of one bandwidth-delay product at the emulated bottleneck (at least 256 KiB), as
+/// a well-configured router's would be.
+fn queue_bytes(o: &Options) -> u64 {
+    (o.rate_mbps * 1_000_000 / 8 * o.rtt_ms / 1000).max(256 << 10)
+}
+
+fn run_layout(bin: &Path, o: &Options, layout: Layout) -> Result<Outcome> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let runs = 2 * o.rounds as u64;
+    let region = o.probes * PROBE_STRIDE;
+    let size = (BULK_REGION + runs * region).div_ceil(GIB) * GIB;
+    let options = PairOptions {
+        link: format!("bandwidth_mbps = {}\nrtt_ms = {}\nbulk_pace_percent = {}\n", o.rate_mbps, o.rtt_ms, o.pace_percent),
+        replication: "[replication]\nmode = \"predictive\"\nmax_lag_bytes = \"256M\"\n".into(),
+        size: size.to_string(),
+        wan: ["--rtt-ms", &o.rtt_ms.to_string(), "--rate-mbps", &o.rate_mbps.to_string(), "--queue-bytes", &queue_bytes(o).to_string()]
+            .map(String::from)
+            .to_vec(),
+    };
+    // The primary's media path is a link to a file on tmpfs, created by the site.
+    let shm = match layout {
+        Layout::Shared => None,
+        Layout::Separate => {
+            let shm = tempfile::Builder::new().prefix("geomirror-bench").tempdir_in("/dev/shm").context("a directory on /dev/shm")?;
+            std::os::unix::fs::symlink(shm.path().join("dc1.img"), dir.join("dc1.img"))?;
+            Some(shm)
+        }
+    };
+    let (primary, secondary, emu) = two_sites(bin, dir, &options);
+    let url = primary.url("vol0").to_owned();
 
     let mut idle = Phase::default();
     let mut loaded = Phase::default();
@@ -101,8 +153,9 @@ pub fn run(bin: &Path, o: &Options, markdown: bool) -> Result<()> {
         }
     }
     let wan = emu_status(&emu);
-    print(o, &idle, &loaded, &wan, markdown);
-    Ok(())
+    drop((primary, secondary, emu));
+    drop(shm);
+    Ok(Outcome { layout, idle, loaded, wan })
 }
 
 /// Runs the probe (and, loaded, the bulk job) as one fio invocation; returns the probes'
@@ -162,31 +215,38 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[rank.clamp(1, s.len()) - 1]
 }
 
-fn print(o: &Options, idle: &Phase, loaded: &Phase, wan: &str, markdown: bool) {
-    let base = percentile(&idle.probe_us, 50.0);
-    let ratio = percentile(&loaded.probe_us, 99.0) / base;
+fn print(o: &Options, outcomes: &[Outcome], markdown: bool) {
     let link_mib_s = o.rate_mbps as f64 * 1e6 / 8.0 / MIB as f64;
-    let bulk = loaded.bulk_mib_s.iter().sum::<f64>() / loaded.bulk_mib_s.len().max(1) as f64;
     let ms = |v: f64| format!("{:.1}", v / 1000.0);
-    let rows = [
-        ("idle", idle, String::from("-")),
-        ("saturating sequential writes", loaded, format!("{bulk:.1} MiB/s ({:.0}% of the link)", 100.0 * bulk / link_mib_s)),
-    ];
-    let header = ["phase", "probes", "p50 ms", "p99 ms", "max ms", "bulk writes"];
-    let lines: Vec<[String; 6]> = rows
-        .iter()
-        .map(|(name, p, bulk)| {
-            [
+    let header = ["layout", "phase", "probes", "p50 ms", "p99 ms", "max ms", "bulk writes", "p99 / idle p50"];
+    let mut lines: Vec<[String; 8]> = Vec::new();
+    let mut verdicts = Vec::new();
+    for out in outcomes {
+        let base = percentile(&out.idle.probe_us, 50.0);
+        let bulk = out.loaded.bulk_mib_s.iter().sum::<f64>() / out.loaded.bulk_mib_s.len().max(1) as f64;
+        let rows = [
+            ("idle", &out.idle, String::from("-")),
+            ("saturating sequential writes", &out.loaded, format!("{bulk:.1} MiB/s ({:.0}% of the link)", 100.0 * bulk / link_mib_s)),
+        ];
+        for (name, p, bulk) in rows {
+            lines.push([
+                out.layout.describe().to_string(),
                 name.to_string(),
                 p.probe_us.len().to_string(),
                 ms(percentile(&p.probe_us, 50.0)),
                 ms(percentile(&p.probe_us, 99.0)),
                 ms(percentile(&p.probe_us, 100.0)),
-                bulk.clone(),
-            ]
-        })
-        .collect();
-    let verdict = if ratio <= 1.3 { "met" } else { "not met" };
+                bulk,
+                format!("{:.2}x", percentile(&p.probe_us, 99.0) / base),
+            ]);
+        }
+        let ratio = percentile(&out.loaded.probe_us, 99.0) / base;
+        verdicts.push(format!(
+            "{}: loaded p99 / idle p50 = {ratio:.2}x (target at most 1.3x: {})",
+            out.layout.describe(),
+            if ratio <= 1.3 { "met" } else { "not met" }
+        ));
+    }
     if markdown {
         println!("| {} |", header.join(" | "));
         println!("|{}", "---|".repeat(header.len()));
@@ -194,12 +254,15 @@ fn print(o: &Options, idle: &Phase, loaded: &Phase, wan: &str, markdown: bool) {
             println!("| {} |", l.join(" | "));
         }
         println!();
-        println!(
-            "Loaded p99 / idle p50: **{ratio:.2}x** (target at most 1.3x: {verdict}). {} ms RTT, {} Mbit/s, bulk paced at {}%.",
-            o.rtt_ms, o.rate_mbps, o.pace_percent
-        );
+        for v in &verdicts {
+            println!("- {v}");
+        }
         println!();
-        println!("wan-emu at the end: `{wan}`");
+        println!("{} ms RTT, {} Mbit/s, bulk paced at {}%. wan-emu at the end of each layout:", o.rtt_ms, o.rate_mbps, o.pace_percent);
+        println!();
+        for out in outcomes {
+            println!("- {}: `{}`", out.layout.describe(), out.wan);
+        }
     } else {
         let widths: Vec<usize> =
             (0..header.len()).map(|i| lines.iter().map(|l| l[i].len()).chain([header[i].len()]).max().unwrap_or(0)).collect();
@@ -208,7 +271,11 @@ fn print(o: &Options, idle: &Phase, loaded: &Phase, wan: &str, markdown: bool) {
         for l in &lines {
             println!("{}", row(l.iter().map(String::as_str).collect()));
         }
-        println!("loaded p99 / idle p50: {ratio:.2}x (target at most 1.3x: {verdict})");
-        println!("wan-emu: {wan}");
+        for v in &verdicts {
+            println!("{v}");
+        }
+        for out in outcomes {
+            println!("wan-emu, {}: {}", out.layout.describe(), out.wan);
+        }
     }
 }
