@@ -192,7 +192,8 @@ fn fio_phase(dir: &Path, url: &str, o: &Options, offset: u64, with_bulk: bool) -
     let bulk = bulk.map(|b| b.context("no bulk figures from fio")).transpose()?.map(|b| b / MIB as f64);
     // write_lat_log: one line per I/O, "msec, latency_ns, direction, bs, offset, ...".
     let log = std::fs::read_to_string(dir.join("probe_lat.1.log")).context("fio's probe latency log")?;
-    let lat: Vec<f64> = log.lines().filter_map(|l| l.split(',').nth(1)).filter_map(|v| v.trim().parse::<f64>().ok()).map(|ns| ns / 1000.0).collect();
+    let lat: Vec<f64> =
+        log.lines().filter_map(|l| l.split(',').nth(1)).filter_map(|v| v.trim().parse::<f64>().ok()).map(|ns| ns / 1000.0).collect();
     anyhow::ensure!(lat.len() as u64 == o.probes, "{} probe latencies logged, {} expected", lat.len(), o.probes);
     Ok((lat, bulk))
 }

@@ -313,7 +313,8 @@ fn assert_invariant_r(dir: &Path) {
     drop(store);
     let (a, b) = (std::fs::read(dir.join("dc1.img")).unwrap(), std::fs::read(dir.join("dc2.img")).unwrap());
     assert_eq!(a.len(), b.len());
-    let differing: Vec<u64> = (0..a.len() / MIB).filter(|e| a[e * MIB..(e + 1) * MIB] != b[e * MIB..(e + 1) * MIB]).map(|e| e as u64).collect();
+    let differing: Vec<u64> =
+        (0..a.len() / MIB).filter(|e| a[e * MIB..(e + 1) * MIB] != b[e * MIB..(e + 1) * MIB]).map(|e| e as u64).collect();
     let uncovered: Vec<&u64> = differing.iter().filter(|e| !record.contains_key(&ExtentId(**e))).collect();
     assert!(uncovered.is_empty(), "extents differ but are not in the secondary's durable record: {uncovered:?} (differing: {differing:?})");
     eprintln!("invariant R: {} extent(s) differ, all in the record of {} extent(s)", differing.len(), record.len());
@@ -379,11 +380,12 @@ fn the_secondary_refuses_a_primary_with_the_wrong_certificate() {
     run_ok(Command::new(BIN).args(["certs", "--dir"]).arg(dir.join("other")).args(["--site", "dc1"]));
     // dc1 certificates from the right CA with the wrong dates, and a self-signed one with
     // dc1's identity, made by openssl.
-    let ca = Ca::load(&std::fs::read_to_string(certs.join("ca.pem")).unwrap(), &std::fs::read_to_string(certs.join("ca.key")).unwrap())
-        .unwrap();
+    let ca =
+        Ca::load(&std::fs::read_to_string(certs.join("ca.pem")).unwrap(), &std::fs::read_to_string(certs.join("ca.key")).unwrap()).unwrap();
     let now = time::OffsetDateTime::now_utc();
     let dated = |name: &str, from: i64, to: i64| {
-        let issued = ca.issue_site("dc1", Validity { not_before: now + time::Duration::days(from), not_after: now + time::Duration::days(to) });
+        let issued =
+            ca.issue_site("dc1", Validity { not_before: now + time::Duration::days(from), not_after: now + time::Duration::days(to) });
         let issued = issued.unwrap();
         std::fs::write(dir.join(format!("{name}.pem")), issued.cert_pem).unwrap();
         std::fs::write(dir.join(format!("{name}.key")), issued.key_pem).unwrap();
@@ -391,8 +393,23 @@ fn the_secondary_refuses_a_primary_with_the_wrong_certificate() {
     dated("expired", -30, -1);
     dated("future", 1, 30);
     run_ok(tool("openssl", "openssl").current_dir(dir).args([
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", "/CN=dc1",
-        "-addext", "subjectAltName=DNS:dc1,URI:geomirror:site:dc1", "-keyout", "self.key", "-out", "self.pem",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=dc1",
+        "-addext",
+        "subjectAltName=DNS:dc1,URI:geomirror:site:dc1",
+        "-keyout",
+        "self.key",
+        "-out",
+        "self.pem",
     ]));
     let (good_cert, good_key) = (std::fs::read(certs.join("dc1.pem")).unwrap(), std::fs::read(certs.join("dc1.key")).unwrap());
     let policy = "[replication]\nrecord_update_timeout_ms = 300\nlink_loss_deadline_ms = 1500\n";

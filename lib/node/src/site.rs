@@ -95,7 +95,9 @@ impl RunningSite {
                     volumes.iter().cloned().zip(link_volumes).map(|(volume, outbox)| LinkVolume { volume, outbox }).collect();
                 tracing::info!(site = cfg.name, ?role, peer = p.name, listen = %p.listen, peer_address = %p.address, "starting the replication link");
                 Some(match role {
-                    Role::Primary => tokio::spawn(run_primary(endpoint, p.address, p.name.clone(), p.tuning.bulk_bytes_per_sec, lv, link_rx)),
+                    Role::Primary => {
+                        tokio::spawn(run_primary(endpoint, p.address, p.name.clone(), p.tuning.bulk_bytes_per_sec, lv, link_rx))
+                    }
                     Role::Secondary => tokio::spawn(run_secondary(endpoint, lv, refusals.clone(), link_rx)),
                 })
             }

@@ -74,7 +74,15 @@ pub async fn run_primary(
     let mut session: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
     loop {
         session = session.wrapping_add(1);
-        let mut s = Session { endpoint: &endpoint, peer, peer_name: &peer_name, volumes: &handles, session, pacer: pacer.clone(), connected: false };
+        let mut s = Session {
+            endpoint: &endpoint,
+            peer,
+            peer_name: &peer_name,
+            volumes: &handles,
+            session,
+            pacer: pacer.clone(),
+            connected: false,
+        };
         let result = tokio::select! {
             r = s.run(&mut merged) => r,
             _ = shutdown.changed() => Err("shutting down".into()),
