@@ -10,7 +10,7 @@
 use crate::config::SiteConfig;
 use crate::nbd::server::{NbdCounters, NbdServer};
 use crate::store::{MemoryStore, RocksStore, Store};
-use crate::transport::link::{run_primary, run_secondary, LinkVolume};
+use crate::transport::link::{self, LinkVolume, Peer};
 use crate::transport::tls::{Refusals, SiteTls};
 use crate::volume::Volume;
 use anyhow::{bail, Context};
@@ -94,12 +94,8 @@ impl RunningSite {
                 let lv: Vec<LinkVolume> =
                     volumes.iter().cloned().zip(link_volumes).map(|(volume, outbox)| LinkVolume { volume, outbox }).collect();
                 tracing::info!(site = cfg.name, ?role, peer = p.name, listen = %p.listen, peer_address = %p.address, "starting the replication link");
-                Some(match role {
-                    Role::Primary => {
-                        tokio::spawn(run_primary(endpoint, p.address, p.name.clone(), p.tuning.bulk_bytes_per_sec, lv, link_rx))
-                    }
-                    Role::Secondary => tokio::spawn(run_secondary(endpoint, lv, refusals.clone(), link_rx)),
-                })
+                let peer = Peer { address: p.address, name: p.name.clone(), bulk_bytes_per_sec: p.tuning.bulk_bytes_per_sec };
+                Some(tokio::spawn(link::run(endpoint, peer, lv, refusals.clone(), link_rx)))
             }
         };
 

@@ -214,6 +214,8 @@ pub struct Volume {
     failed: Arc<AtomicBool>,
     /// True while the volume is a primary: only then do hosts read or write it.
     serving: Arc<AtomicBool>,
+    /// The volume's role, for the link (a primary connects to its peer).
+    role: Arc<tokio::sync::watch::Sender<Role>>,
     counters: Arc<VolumeCounters>,
 }
 
@@ -236,6 +238,7 @@ impl Volume {
         let state: SiteState = store.load();
         let core = Machine::build(&cfg.core, cfg.geometry, &state, Time(0));
         let serving = Arc::new(AtomicBool::new(state.role == Role::Primary));
+        let role = Arc::new(tokio::sync::watch::Sender::new(state.role));
         let name: Arc<str> = cfg.name.as_str().into();
 
         let sync_media = media.clone();
@@ -267,13 +270,14 @@ impl Volume {
             started,
             failed: failed.clone(),
             serving: serving.clone(),
+            role: role.clone(),
             counters: counters.clone(),
             name: name.clone(),
             stopping: false,
             drain_waiters: Vec::new(),
         };
         let handle = std::thread::Builder::new().name(format!("volume-{}", cfg.name)).spawn(move || driver.run(rx)).expect("spawn");
-        let volume = Volume { tx, media, name, description: cfg.description.as_str().into(), failed, serving, counters };
+        let volume = Volume { tx, media, name, description: cfg.description.as_str().into(), failed, serving, role, counters };
         Ok((volume, handle))
     }
 
@@ -288,6 +292,11 @@ impl Volume {
     }
     pub fn counters(&self) -> &VolumeCounters {
         &self.counters
+    }
+
+    /// The volume's role now, and each change of it.
+    pub fn watch_role(&self) -> tokio::sync::watch::Receiver<Role> {
+        self.role.subscribe()
     }
 
     /// Submits a write; `done` is called when the core acknowledges or fails it.
@@ -362,6 +371,7 @@ struct Driver {
     /// The link session the core is connected through, if any.
     link_session: Option<u64>,
     serving: Arc<AtomicBool>,
+    role: Arc<tokio::sync::watch::Sender<Role>>,
     cfg: CoreConfig,
     geo: Geometry,
     outbox: Option<tokio::sync::mpsc::UnboundedSender<Outbound>>,
@@ -491,9 +501,13 @@ impl Driver {
     fn link_event(&mut self, now: Time, event: LinkEvent) {
         match event {
             LinkEvent::Connected(session) => {
-                if self.link_session.is_some() {
-                    // The end of the previous session was not reported before this one.
+                if let Some(old) = self.link_session {
+                    // A newer session replaces one whose end was not reported: the peer
+                    // reconnected, or both sites connected to each other (two primaries of
+                    // different epochs). The old one is closed, so that its side reconnects
+                    // and learns what this session decides.
                     self.core.handle_disconnected(now);
+                    self.outbound(Outbound::Disconnect { session: old, reason: "replaced by a newer session".into() });
                 }
                 self.link_session = Some(session);
                 self.core.handle_connected(now);
@@ -587,6 +601,7 @@ impl Driver {
                     }
                     let state = self.store.load();
                     self.serving.store(state.role == Role::Primary, Ordering::Release);
+                    self.role.send_replace(state.role);
                     self.core = Machine::build(&self.cfg, self.geo, &state, now);
                     // The new machine starts disconnected; the link reconnects it.
                     self.link_session = None;

@@ -1,17 +1,25 @@
 //! The link between two sites: sessions of QUIC streams that carry the volumes' frames.
 //!
-//! Owns: connecting (the primary) and accepting (the secondary), reconnecting with backoff,
-//! and the stream layout of a session:
+//! Owns: accepting (always) and connecting (while the site is primary), reconnecting with
+//! backoff, routing each volume's outbound frames to the session they belong to, and the
+//! stream layout of a session:
 //! - two QUIC connections, so that control never waits behind bulk: quinn's send window is
 //!   shared by every stream of a connection, so bulk data on the same connection would hold
 //!   record updates back;
 //! - on the control connection, one bidirectional stream per volume: record updates,
 //!   evictions and hellos one way; answers, welcomes and return messages the other;
-//! - on the data connection, one unidirectional stream per volume and data lane.
+//! - on the data connection, one unidirectional stream per volume and data lane, from the
+//!   site that connected.
 //!
-//! Every stream opens with a `Preamble` naming its volume and session. The secondary keeps
-//! the current session per volume and drops frames of any other, so nothing of a dead
-//! connection reaches a volume after the next one started.
+//! Who connects: a primary. Every site accepts, whatever its role, because roles change
+//! under the link: a promoted secondary starts connecting to the old primary's address, and
+//! an old primary coming back still believes it is primary and connects too. Its peer
+//! accepts, the cores exchange hellos, and the stale one fences itself and becomes a
+//! secondary, which stops connecting and waits for the new primary's connection.
+//!
+//! Every stream opens with a `Preamble` naming its volume and session. An accepting site
+//! keeps the current incoming session per volume and drops frames of any other, so nothing
+//! of a dead connection reaches a volume after the next one started.
 //!
 //! Must not: decide anything about frames. A volume learns `Connected` only once a stream
 //! of an authenticated connection exists, and `Disconnected` when it ends; the core does the
@@ -21,7 +29,7 @@ use super::framing::{read_frame, write_frame, FramingError, Preamble};
 use super::pace::{write_paced, Pacer};
 use super::tls::Refusals;
 use crate::volume::{LinkEvent, Outbound, Volume};
-use geomirror_core::{Frame, Stream};
+use geomirror_core::{Frame, Role, Stream};
 use quinn::{Connection, Endpoint, VarInt};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,64 +52,147 @@ pub struct LinkVolume {
     pub outbox: mpsc::UnboundedReceiver<Outbound>,
 }
 
-/// Runs the primary's side until `shutdown`: connects to the peer, serves sessions, and
-/// reconnects with backoff when one ends. Data streams are paced at `bulk_bytes_per_sec`
-/// (all of them together), so that bulk never queues ahead of control on the path.
-pub async fn run_primary(
-    endpoint: Endpoint,
-    peer: SocketAddr,
-    peer_name: String,
-    bulk_bytes_per_sec: Option<u64>,
-    volumes: Vec<LinkVolume>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let pacer = bulk_bytes_per_sec.map(|r| Arc::new(Pacer::new(r)));
-    let (merged_tx, mut merged) = mpsc::unbounded_channel::<(usize, Outbound)>();
+/// Where the link connects to, and how it paces bulk data.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub address: SocketAddr,
+    /// The peer's site name: its certificate must name it.
+    pub name: String,
+    /// The rate at which every data stream of a session together is paced.
+    pub bulk_bytes_per_sec: Option<u64>,
+}
+
+/// Where one volume's frames of one session go, and the connections to close on a
+/// `Disconnect`.
+struct Route {
+    tx: mpsc::UnboundedSender<(Stream, Frame)>,
+    conns: Vec<Connection>,
+}
+
+/// Routes by volume index and session.
+type Routes = Arc<Mutex<HashMap<(usize, u64), Route>>>;
+
+/// The accepting side's view of one volume: its current incoming session.
+struct Current {
+    session: Option<u64>,
+}
+
+/// Runs the link until `shutdown`: accepts authenticated connections and attaches their
+/// streams to volumes by name, and while the volumes are primaries, connects to the peer
+/// and reconnects with backoff when a session ends.
+pub async fn run(endpoint: Endpoint, peer: Peer, volumes: Vec<LinkVolume>, refusals: Arc<Refusals>, shutdown: watch::Receiver<bool>) {
+    let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
     let mut handles = Vec::new();
     for (i, lv) in volumes.into_iter().enumerate() {
-        let tx = merged_tx.clone();
-        let mut outbox = lv.outbox;
-        tokio::spawn(async move {
-            while let Some(o) = outbox.recv().await {
-                if tx.send((i, o)).is_err() {
-                    return;
-                }
-            }
-        });
+        tokio::spawn(route_outbox(i, lv.volume.name().to_owned(), lv.outbox, routes.clone()));
         handles.push(lv.volume);
     }
-    let mut backoff = BACKOFF_FIRST;
-    let mut session: u64 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    loop {
-        session = session.wrapping_add(1);
-        let mut s = Session {
-            endpoint: &endpoint,
-            peer,
-            peer_name: &peer_name,
-            volumes: &handles,
-            session,
-            pacer: pacer.clone(),
-            connected: false,
-        };
-        let result = tokio::select! {
-            r = s.run(&mut merged) => r,
-            _ = shutdown.changed() => Err("shutting down".into()),
-        };
-        if s.connected {
-            backoff = BACKOFF_FIRST;
-            for v in &handles {
-                v.link(LinkEvent::Disconnected(session));
+    let accept = tokio::spawn(accept_loop(endpoint.clone(), handles.clone(), routes.clone(), refusals, shutdown.clone()));
+    connect_loop(&endpoint, &peer, &handles, &routes, shutdown).await;
+    endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
+    let _ = accept.await;
+}
+
+/// Hands each frame a volume asks to send to the session it was stamped with; frames of a
+/// session that has ended are dropped (the core resends what matters).
+async fn route_outbox(i: usize, name: String, mut outbox: mpsc::UnboundedReceiver<Outbound>, routes: Routes) {
+    while let Some(o) = outbox.recv().await {
+        let routes = routes.lock().expect("not poisoned");
+        match o {
+            Outbound::Send { session, stream, frame } => {
+                if let Some(r) = routes.get(&(i, session)) {
+                    let _ = r.tx.send((stream, frame));
+                }
+            }
+            Outbound::Disconnect { session, reason } => {
+                if let Some(r) = routes.get(&(i, session)) {
+                    tracing::warn!(volume = name, session, reason, "closing the link to the peer");
+                    for c in &r.conns {
+                        c.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
+                    }
+                }
             }
         }
+    }
+}
+
+/// A new session id: unique across both sites' sessions in practice (the clock in
+/// nanoseconds, mixed with the process id).
+fn new_session_id() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    nanos ^ ((std::process::id() as u64) << 40)
+}
+
+fn is_primary(volumes: &[Volume]) -> bool {
+    volumes.iter().any(|v| *v.watch_role().borrow() == Role::Primary)
+}
+
+/// Waits until some volume is primary (or shutdown: false).
+async fn until_primary(volumes: &[Volume], shutdown: &mut watch::Receiver<bool>) -> bool {
+    let mut watches: Vec<watch::Receiver<Role>> = volumes.iter().map(Volume::watch_role).collect();
+    loop {
         if *shutdown.borrow() {
-            endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
+            return false;
+        }
+        if watches.iter_mut().any(|w| *w.borrow_and_update() == Role::Primary) {
+            return true;
+        }
+        let changed = futures_any(&mut watches);
+        tokio::select! {
+            _ = changed => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Resolves when any of the watches changes.
+async fn futures_any(watches: &mut [watch::Receiver<Role>]) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let tasks: Vec<_> = watches
+        .iter()
+        .map(|w| {
+            let mut w = w.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if w.changed().await.is_ok() {
+                    let _ = tx.send(()).await;
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let _ = rx.recv().await;
+    for t in tasks {
+        t.abort();
+    }
+}
+
+async fn connect_loop(endpoint: &Endpoint, peer: &Peer, volumes: &[Volume], routes: &Routes, mut shutdown: watch::Receiver<bool>) {
+    let pacer = peer.bulk_bytes_per_sec.map(|r| Arc::new(Pacer::new(r)));
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        if !until_primary(volumes, &mut shutdown).await {
+            return;
+        }
+        let session = new_session_id();
+        let mut s = Session { endpoint, peer, volumes, routes, session, pacer: pacer.clone(), connected: false };
+        let mut roles: Vec<watch::Receiver<Role>> = volumes.iter().map(Volume::watch_role).collect();
+        let result = tokio::select! {
+            r = s.run() => r,
+            _ = shutdown.changed() => Err("shutting down".into()),
+            // A primary that fences itself stops connecting: it waits for the new primary.
+            _ = async { loop { futures_any(&mut roles).await; if !is_primary(volumes) { break } } } => Err("this site is no longer primary".into()),
+        };
+        s.end();
+        if s.connected {
+            backoff = BACKOFF_FIRST;
+        }
+        if *shutdown.borrow() {
             return;
         }
         if let Err(why) = &result {
-            tracing::warn!(peer = %peer, peer_name, why, retry_in = ?backoff, "replication link down");
+            tracing::warn!(peer = %peer.address, peer_name = peer.name, why, retry_in = ?backoff, "replication link down");
         }
-        // Frames queued for a dead session are not sent: the core resends what matters.
-        while merged.try_recv().is_ok() {}
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => return,
@@ -110,31 +201,33 @@ pub async fn run_primary(
     }
 }
 
+/// One outgoing session: two connections and the streams of every volume.
 struct Session<'a> {
     endpoint: &'a Endpoint,
-    peer: SocketAddr,
-    peer_name: &'a str,
+    peer: &'a Peer,
     volumes: &'a [Volume],
+    routes: &'a Routes,
     session: u64,
     pacer: Option<Arc<Pacer>>,
     connected: bool,
 }
 
 impl Session<'_> {
-    async fn run(&mut self, merged: &mut mpsc::UnboundedReceiver<(usize, Outbound)>) -> Result<(), String> {
+    async fn run(&mut self) -> Result<(), String> {
         let connect = |what: &'static str| {
-            let c = self.endpoint.connect(self.peer, self.peer_name);
+            let c = self.endpoint.connect(self.peer.address, &self.peer.name);
             async move { c.map_err(|e| format!("{what}: {e}"))?.await.map_err(|e| format!("{what}: {e}")) }
         };
         let control = connect("control connection").await?;
         let data = connect("data connection").await?;
         let _close = CloseOnDrop(vec![control.clone(), data.clone()]);
         let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
+        let (merged_tx, mut merged) = mpsc::unbounded_channel::<(usize, Stream, Frame)>();
         let mut control_writers = Vec::new();
-        for v in self.volumes {
+        for (i, v) in self.volumes.iter().enumerate() {
             let (send, recv) = control.open_bi().await.map_err(|e| format!("open a control stream: {e}"))?;
             let preamble = Preamble { stream: Stream::Control, session: self.session, volume: v.name().to_owned() };
-            control_writers.push(spawn_writer(send, preamble, None, err_tx.clone()));
+            control_writers.push(spawn_writer(send, Some(preamble), None, err_tx.clone()));
             let (v, err, session) = (v.clone(), err_tx.clone(), self.session);
             tokio::spawn(async move {
                 let mut recv = recv;
@@ -148,43 +241,60 @@ impl Session<'_> {
                 };
                 let _ = err.send(end);
             });
+            let (tx, mut rx) = mpsc::unbounded_channel::<(Stream, Frame)>();
+            let merged_tx = merged_tx.clone();
+            tokio::spawn(async move {
+                while let Some((stream, f)) = rx.recv().await {
+                    if merged_tx.send((i, stream, f)).is_err() {
+                        return;
+                    }
+                }
+            });
+            self.routes.lock().expect("not poisoned").insert((i, self.session), Route { tx, conns: vec![control.clone(), data.clone()] });
         }
         self.connected = true;
         for v in self.volumes {
             v.link(LinkEvent::Connected(self.session));
         }
-        tracing::info!(peer = %self.peer, peer_name = self.peer_name, session = self.session, "replication link up");
+        tracing::info!(peer = %self.peer.address, peer_name = self.peer.name, session = self.session, "replication link up");
         let mut lanes: HashMap<(usize, u8), mpsc::UnboundedSender<Frame>> = HashMap::new();
         loop {
             tokio::select! {
-                Some((i, o)) = merged.recv() => match o {
-                    // Asked for in another session (before the volume learned of this one).
-                    Outbound::Send { session, .. } | Outbound::Disconnect { session, .. } if session != self.session => {}
-                    Outbound::Send { stream: Stream::Control, frame: f, .. } => {
+                Some((i, stream, f)) = merged.recv() => match stream {
+                    Stream::Control => {
                         let _ = control_writers[i].send(f);
                     }
-                    Outbound::Send { stream: Stream::Data(lane), frame: f, .. } => {
+                    Stream::Data(lane) => {
                         let tx = match lanes.get(&(i, lane)) {
                             Some(tx) => tx.clone(),
                             None => {
                                 let send = data.open_uni().await.map_err(|e| format!("open a data stream: {e}"))?;
                                 let preamble = Preamble { stream: Stream::Data(lane), session: self.session, volume: self.volumes[i].name().to_owned() };
-                                let tx = spawn_writer(send, preamble, self.pacer.clone(), err_tx.clone());
+                                let tx = spawn_writer(send, Some(preamble), self.pacer.clone(), err_tx.clone());
                                 lanes.insert((i, lane), tx.clone());
                                 tx
                             }
                         };
                         let _ = tx.send(f);
                     }
-                    Outbound::Disconnect { reason, .. } => {
-                        control.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
-                        data.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
-                        return Err(format!("closed by this site: {reason}"));
-                    }
                 },
                 Some(e) = err_rx.recv() => return Err(e),
                 e = control.closed() => return Err(format!("control connection: {e}")),
                 e = data.closed() => return Err(format!("data connection: {e}")),
+            }
+        }
+    }
+
+    /// Forgets the session's routes and tells the volumes it ended.
+    fn end(&mut self) {
+        let mut routes = self.routes.lock().expect("not poisoned");
+        for i in 0..self.volumes.len() {
+            routes.remove(&(i, self.session));
+        }
+        drop(routes);
+        if self.connected {
+            for v in self.volumes {
+                v.link(LinkEvent::Disconnected(self.session));
             }
         }
     }
@@ -201,20 +311,23 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// A task that writes the preamble, then every frame it is given, in order, to one stream,
-/// paced by `pacer` if given. Each stream has its own task, so a full data stream never
-/// holds a control frame back.
+/// A task that writes the preamble (for a stream this site opened), then every frame it is
+/// given, in order, to one stream, paced by `pacer` if given. Each stream has its own task,
+/// so a full data stream never holds a control frame back.
 fn spawn_writer(
     mut send: quinn::SendStream,
-    preamble: Preamble,
+    preamble: Option<Preamble>,
     pacer: Option<Arc<Pacer>>,
     err: mpsc::UnboundedSender<String>,
 ) -> mpsc::UnboundedSender<Frame> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
-        if let Err(e) = send.write_all(&preamble.encode()).await {
-            let _ = err.send(format!("stream preamble: {e}"));
-            return;
+        let what = preamble.as_ref().map_or("reply stream".to_string(), |p| format!("{:?} stream of {}", p.stream, p.volume));
+        if let Some(p) = &preamble {
+            if let Err(e) = send.write_all(&p.encode()).await {
+                let _ = err.send(format!("stream preamble: {e}"));
+                return;
+            }
         }
         while let Some(f) = rx.recv().await {
             let written = match &pacer {
@@ -222,7 +335,7 @@ fn spawn_writer(
                 None => write_frame(&mut send, &f).await,
             };
             if let Err(e) = written {
-                let _ = err.send(format!("{:?} stream of {}: {e}", preamble.stream, preamble.volume));
+                let _ = err.send(format!("{what}: {e}"));
                 return;
             }
         }
@@ -231,61 +344,39 @@ fn spawn_writer(
     tx
 }
 
-/// The secondary's view of one volume's link.
-struct Current {
-    session: Option<u64>,
-    writer: Option<mpsc::UnboundedSender<Frame>>,
-    conn: Option<Connection>,
+/// The accepting side: the volumes by name, with their current incoming session.
+struct Accepting {
+    volumes: HashMap<String, (usize, Volume)>,
+    current: Mutex<HashMap<usize, Current>>,
+    routes: Routes,
+    refusals: Arc<Refusals>,
 }
 
-type Sessions = Arc<Mutex<HashMap<String, (Volume, Current)>>>;
-
-/// Runs the secondary's side until `shutdown`: accepts authenticated connections and
-/// attaches their streams to volumes by name.
-pub async fn run_secondary(endpoint: Endpoint, volumes: Vec<LinkVolume>, refusals: Arc<Refusals>, mut shutdown: watch::Receiver<bool>) {
-    let sessions: Sessions = Arc::new(Mutex::new(HashMap::new()));
-    for lv in volumes {
-        let name = lv.volume.name().to_owned();
-        sessions.lock().expect("not poisoned").insert(name.clone(), (lv.volume, Current { session: None, writer: None, conn: None }));
-        let (sessions, mut outbox) = (sessions.clone(), lv.outbox);
-        tokio::spawn(async move {
-            while let Some(o) = outbox.recv().await {
-                let guard = sessions.lock().expect("not poisoned");
-                let current = &guard[&name].1;
-                match o {
-                    // Frames of another session than the current one are dropped: the
-                    // primary's next hello starts over.
-                    Outbound::Send { session, .. } | Outbound::Disconnect { session, .. } if current.session != Some(session) => {}
-                    Outbound::Send { frame: f, .. } => {
-                        if let Some(w) = &current.writer {
-                            let _ = w.send(f);
-                        }
-                    }
-                    Outbound::Disconnect { reason, .. } => {
-                        if let Some(c) = &current.conn {
-                            tracing::warn!(volume = name, reason, "closing the link to the primary");
-                            c.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
-                        }
-                    }
-                }
-            }
-        });
-    }
+async fn accept_loop(
+    endpoint: Endpoint,
+    volumes: Vec<Volume>,
+    routes: Routes,
+    refusals: Arc<Refusals>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let accepting = Arc::new(Accepting {
+        volumes: volumes.iter().enumerate().map(|(i, v)| (v.name().to_owned(), (i, v.clone()))).collect(),
+        current: Mutex::new((0..volumes.len()).map(|i| (i, Current { session: None })).collect()),
+        routes,
+        refusals,
+    });
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return };
-                tokio::spawn(serve_connection(incoming, sessions.clone(), refusals.clone()));
+                tokio::spawn(serve_connection(incoming, accepting.clone()));
             }
-            _ = shutdown.changed() => {
-                endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
-                return;
-            }
+            _ = shutdown.changed() => return,
         }
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, sessions: Sessions, refusals: Arc<Refusals>) {
+async fn serve_connection(incoming: quinn::Incoming, a: Arc<Accepting>) {
     let remote = incoming.remote_address();
     // The certificate was checked during the handshake, and a bad one counted there. A
     // client that sent none never reaches the verifier: rustls ends the handshake with the
@@ -293,7 +384,7 @@ async fn serve_connection(incoming: quinn::Incoming, sessions: Sessions, refusal
     let conn = match incoming.await {
         Ok(c) => c,
         Err(quinn::ConnectionError::TransportError(t)) if t.code == quinn::TransportErrorCode::crypto(CERTIFICATE_REQUIRED) => {
-            refusals.record("no_certificate", &format!("{remote} presented no client certificate"));
+            a.refusals.record("no_certificate", &format!("{remote} presented no client certificate"));
             return;
         }
         Err(e) => {
@@ -304,11 +395,11 @@ async fn serve_connection(incoming: quinn::Incoming, sessions: Sessions, refusal
     loop {
         tokio::select! {
             bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => { tokio::spawn(control_stream(conn.clone(), send, recv, sessions.clone())); }
+                Ok((send, recv)) => { tokio::spawn(control_stream(conn.clone(), send, recv, a.clone())); }
                 Err(_) => return,
             },
             uni = conn.accept_uni() => match uni {
-                Ok(recv) => { tokio::spawn(data_stream(conn.clone(), recv, sessions.clone())); }
+                Ok(recv) => { tokio::spawn(data_stream(conn.clone(), recv, a.clone())); }
                 Err(_) => return,
             },
         }
@@ -317,11 +408,10 @@ async fn serve_connection(incoming: quinn::Incoming, sessions: Sessions, refusal
 
 /// Reads a stream's preamble and finds its volume; a stream naming no volume of this site
 /// closes the connection.
-async fn attach(conn: &Connection, recv: &mut quinn::RecvStream, sessions: &Sessions) -> Result<(Preamble, Volume), FramingError> {
+async fn attach(conn: &Connection, recv: &mut quinn::RecvStream, a: &Accepting) -> Result<(Preamble, usize, Volume), FramingError> {
     let p = Preamble::read(recv).await?;
-    let volume = sessions.lock().expect("not poisoned").get(&p.volume).map(|(v, _)| v.clone());
-    match volume {
-        Some(v) => Ok((p, v)),
+    match a.volumes.get(&p.volume) {
+        Some((i, v)) => Ok((p, *i, v.clone())),
         None => {
             tracing::warn!(volume = p.volume, "the peer opened a stream for a volume this site does not have; closing");
             conn.close(VarInt::from_u32(CLOSE_REFUSED), b"unknown volume");
@@ -330,24 +420,38 @@ async fn attach(conn: &Connection, recv: &mut quinn::RecvStream, sessions: &Sess
     }
 }
 
-fn is_current(sessions: &Sessions, volume: &str, session: u64) -> bool {
-    sessions.lock().expect("not poisoned").get(volume).is_some_and(|(_, c)| c.session == Some(session))
+fn is_current(a: &Accepting, i: usize, session: u64) -> bool {
+    a.current.lock().expect("not poisoned").get(&i).is_some_and(|c| c.session == Some(session))
 }
 
-async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: quinn::RecvStream, sessions: Sessions) {
-    let Ok((p, volume)) = attach(&conn, &mut recv, &sessions).await else { return };
+async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: quinn::RecvStream, a: Arc<Accepting>) {
+    let Ok((p, i, volume)) = attach(&conn, &mut recv, &a).await else { return };
     if p.stream != Stream::Control {
         conn.close(VarInt::from_u32(CLOSE_REFUSED), b"a bidirectional stream must be a control stream");
         return;
     }
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
-    let writer = spawn_raw_writer(send, err_tx);
+    let writer = spawn_writer(send, None, None, err_tx);
+    // The accepting side answers on the control stream only: data streams belong to the
+    // side that connected. A data frame asked for here is dropped (the core resends).
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Stream, Frame)>();
+    let volume_name = p.volume.clone();
+    tokio::spawn(async move {
+        while let Some((stream, f)) = rx.recv().await {
+            match stream {
+                Stream::Control => {
+                    let _ = writer.send(f);
+                }
+                Stream::Data(_) => tracing::debug!(volume = volume_name, "a data frame for an accepted session; dropped"),
+            }
+        }
+    });
     {
-        let mut guard = sessions.lock().expect("not poisoned");
-        let current = &mut guard.get_mut(&p.volume).expect("attached").1;
         // A newer session replaces one whose end was not seen yet; the volume handles that
         // when it learns of the new one.
-        *current = Current { session: Some(p.session), writer: Some(writer), conn: Some(conn.clone()) };
+        let mut current = a.current.lock().expect("not poisoned");
+        current.insert(i, Current { session: Some(p.session) });
+        a.routes.lock().expect("not poisoned").insert((i, p.session), Route { tx, conns: vec![conn.clone()] });
         volume.link(LinkEvent::Connected(p.session));
     }
     tracing::info!(volume = p.volume, session = p.session, remote = %conn.remote_address(), "replication session up");
@@ -355,7 +459,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
     loop {
         tokio::select! {
             r = read_frame(&mut recv, &mut buf) => match r {
-                Ok(Some(f)) if is_current(&sessions, &p.volume, p.session) => volume.link(LinkEvent::Frame(p.session, f)),
+                Ok(Some(f)) if is_current(&a, i, p.session) => volume.link(LinkEvent::Frame(p.session, f)),
                 Ok(Some(_)) => break,
                 Ok(None) => break,
                 Err(e) => {
@@ -370,17 +474,17 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
             }
         }
     }
-    let mut guard = sessions.lock().expect("not poisoned");
-    let current = &mut guard.get_mut(&p.volume).expect("attached").1;
-    if current.session == Some(p.session) {
-        *current = Current { session: None, writer: None, conn: None };
+    a.routes.lock().expect("not poisoned").remove(&(i, p.session));
+    let mut current = a.current.lock().expect("not poisoned");
+    if current.get(&i).is_some_and(|c| c.session == Some(p.session)) {
+        current.insert(i, Current { session: None });
         volume.link(LinkEvent::Disconnected(p.session));
         tracing::info!(volume = p.volume, session = p.session, "replication session down");
     }
 }
 
-async fn data_stream(conn: Connection, mut recv: quinn::RecvStream, sessions: Sessions) {
-    let Ok((p, volume)) = attach(&conn, &mut recv, &sessions).await else { return };
+async fn data_stream(conn: Connection, mut recv: quinn::RecvStream, a: Arc<Accepting>) {
+    let Ok((p, i, volume)) = attach(&conn, &mut recv, &a).await else { return };
     if !matches!(p.stream, Stream::Data(_)) {
         conn.close(VarInt::from_u32(CLOSE_REFUSED), b"a unidirectional stream must be a data stream");
         return;
@@ -388,7 +492,7 @@ async fn data_stream(conn: Connection, mut recv: quinn::RecvStream, sessions: Se
     let mut buf = Vec::new();
     loop {
         match read_frame(&mut recv, &mut buf).await {
-            Ok(Some(f)) if is_current(&sessions, &p.volume, p.session) => volume.link(LinkEvent::Frame(p.session, f)),
+            Ok(Some(f)) if is_current(&a, i, p.session) => volume.link(LinkEvent::Frame(p.session, f)),
             // A stream of a replaced session: nothing more from it is applied.
             Ok(Some(_)) | Ok(None) => return,
             Err(e) => {
@@ -398,19 +502,4 @@ async fn data_stream(conn: Connection, mut recv: quinn::RecvStream, sessions: Se
             }
         }
     }
-}
-
-/// Like `spawn_writer`, for a stream the peer opened (no preamble to send).
-fn spawn_raw_writer(mut send: quinn::SendStream, err: mpsc::UnboundedSender<String>) -> mpsc::UnboundedSender<Frame> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
-    tokio::spawn(async move {
-        while let Some(f) = rx.recv().await {
-            if let Err(e) = write_frame(&mut send, &f).await {
-                let _ = err.send(e.to_string());
-                return;
-            }
-        }
-        let _ = send.finish();
-    });
-    tx
 }

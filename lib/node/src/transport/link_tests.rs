@@ -1,7 +1,7 @@
 //! Two real volumes replicating over QUIC with mutual TLS, through the WAN emulator: the
 //! link of `link.rs` in place of the in-process channel of `volume_pair_tests.rs`.
 
-use super::link::{run_primary, run_secondary, LinkVolume};
+use super::link::{self, LinkVolume, Peer};
 use super::tls::{Refusals, SiteTls};
 use super::{client_endpoint, endpoint, LinkTuning};
 use crate::certs::{Ca, Validity};
@@ -65,19 +65,22 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
     let store = RocksStore::open(&dir.path().join("s.store"), Role::Secondary).unwrap();
     let (secondary, s_thread) = Volume::start(&cfg("s.img"), Box::new(store), Some(s_out)).unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let s_task = tokio::spawn(run_secondary(
+    // The secondary never connects (it is no primary), so its peer address is never used.
+    let nowhere = Peer { address: "127.0.0.1:9".parse().unwrap(), name: "dc1".into(), bulk_bytes_per_sec: None };
+    let s_task = tokio::spawn(link::run(
         secondary_ep,
+        nowhere,
         vec![LinkVolume { volume: secondary.clone(), outbox: s_rx }],
         Arc::new(Refusals::default()),
         stop_rx.clone(),
     ));
-    let p_task = tokio::spawn(run_primary(
+    // Paced, so that the chunked writer carries the bulk here.
+    let dc2 = Peer { address: emu.listen, name: "dc2".into(), bulk_bytes_per_sec: Some(20_000_000) };
+    let p_task = tokio::spawn(link::run(
         primary_ep,
-        emu.listen,
-        "dc2".into(),
-        // Paced, so that the chunked writer carries the bulk here.
-        Some(20_000_000),
+        dc2,
         vec![LinkVolume { volume: primary.clone(), outbox: p_rx }],
+        Arc::new(Refusals::default()),
         stop_rx,
     ));
 
