@@ -109,6 +109,8 @@ initial_role = "{role}"
 ca = "certs/ca.pem"
 cert = "certs/{me}.pem"
 key = "certs/{me}.key"
+[admin]
+listen = "127.0.0.1:0"
 [link]
 {link}
 {replication}

@@ -22,6 +22,8 @@ pub struct Site {
     pub addr: String,
     /// The replication port the site bound (with a peer).
     pub replication: Option<std::net::SocketAddr>,
+    /// The admin API's address (with a peer).
+    pub admin: Option<std::net::SocketAddr>,
     stderr: mpsc::Receiver<String>,
     bin: PathBuf,
     config: PathBuf,
@@ -46,6 +48,7 @@ impl Site {
             urls: BTreeMap::new(),
             addr: String::new(),
             replication: None,
+            admin: None,
             stderr: mpsc::channel().1,
             bin: bin.to_owned(),
             config: path,
@@ -64,6 +67,7 @@ impl Site {
             urls: BTreeMap::new(),
             addr: String::new(),
             replication: None,
+            admin: None,
             stderr: mpsc::channel().1,
             bin: bin.to_owned(),
             config: config.to_owned(),
@@ -104,6 +108,9 @@ impl Site {
             match rx.recv_timeout(START_DEADLINE) {
                 Ok(line) if line.contains("replication at udp ") => {
                     self.replication = line.rsplit(' ').next().and_then(|a| a.parse().ok());
+                }
+                Ok(line) if line.contains("admin API at https://") => {
+                    self.admin = line.rsplit("https://").next().and_then(|a| a.parse().ok());
                 }
                 Ok(line) => {
                     let url =

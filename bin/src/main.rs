@@ -3,6 +3,8 @@
 //! Owns: argument parsing, help text and human-readable output. Must not: hold replication
 //! logic; every command here calls into `geomirror-core` or `geomirror-sim`.
 
+mod admin_cmd;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use geomirror_sim::replay::{compare, format_bytes, markdown_table, ReplaySettings, Source};
@@ -93,6 +95,46 @@ enum Command {
     /// oracles O1-O6 of TESTING.md after every event. A failing seed prints the command that
     /// replays it; `--seed N --trace` prints every event of one seed to stderr.
     Simulate(SimulateArgs),
+    /// Show a site's role, epoch, link, hit and miss counts, record, lag and failback debt.
+    ///
+    /// Asks the site's admin API (HTTPS). With --config the address, CA and site name come
+    /// from the site's config file; credentials are an admin certificate (--cert, --key,
+    /// made by `geomirror certs --admin NAME`) or --token-file.
+    Status(admin_cmd::AdminArgs),
+    /// Promote a secondary to primary: it bumps the epoch, stops taking the old primary's
+    /// traffic and serves its NBD exports.
+    ///
+    /// Idempotent: a site that is already primary says so and changes nothing. Refused while
+    /// the primary of the current epoch is connected and alive, since that would make two
+    /// writers: stop or lose it first, or pass --force. After a degrade (the primary wrote
+    /// without the record) the promotion warns loudly that the record is not authoritative.
+    /// The site logs who asked and why.
+    Promote {
+        #[command(flatten)]
+        admin: admin_cmd::AdminArgs,
+        /// Promote although the primary of this epoch is connected (two writers: a split
+        /// brain that an operator must then resolve).
+        #[arg(long)]
+        force: bool,
+        /// Why, for the site's log (e.g. "dc1 lost power, ticket 4711").
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Demote a primary to secondary, for a planned switchover: it stops taking writes, waits
+    /// until its peer has applied every one, and becomes a secondary of the same epoch. Then
+    /// promote the peer.
+    ///
+    /// If the peer has not applied everything within --drain-timeout, the demotion is
+    /// abandoned and the site serves again.
+    Demote {
+        #[command(flatten)]
+        admin: admin_cmd::AdminArgs,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Seconds to wait for the peer to apply every write.
+        #[arg(long, default_value_t = 60)]
+        drain_timeout: u64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -269,6 +311,9 @@ fn main() -> Result<()> {
         Command::WanEmu(a) => wan_emu(a),
         Command::Replay(a) => replay(a),
         Command::Simulate(a) => simulate(a),
+        Command::Status(a) => admin_cmd::status(a),
+        Command::Promote { admin, force, reason } => admin_cmd::promote(admin, force, reason),
+        Command::Demote { admin, reason, drain_timeout } => admin_cmd::demote(admin, reason, drain_timeout),
     }
 }
 
@@ -286,6 +331,9 @@ fn run_site(a: RunArgs) -> Result<()> {
         };
         if let Some(a) = site.link_addr {
             writeln!(out, "site {} ({role}): replication at udp {a}", site.name)?;
+        }
+        if let Some(a) = site.admin_addr {
+            writeln!(out, "site {} ({role}): admin API at https://{a}", site.name)?;
         }
         for v in &site.volumes {
             writeln!(

@@ -205,6 +205,10 @@ impl Secondary {
     pub fn is_authoritative(&self) -> bool {
         self.authoritative
     }
+    /// A primary is connected (its hello may still be on the way).
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
     pub fn stats(&self) -> &SecondaryStats {
         &self.stats
     }

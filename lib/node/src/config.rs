@@ -89,9 +89,28 @@ pub struct SiteFile {
     /// How volumes are replicated (with a peer).
     #[serde(default)]
     pub replication: ReplicationSection,
+    /// The admin API (with a peer): status, promote, demote.
+    #[serde(default)]
+    pub admin: AdminSection,
     /// The volumes this site serves, one `[[volume]]` table each.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeSection>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// HTTPS, with the site's certificate. Keep it on localhost or a management network.
+    pub listen: String,
+    /// A file holding a bearer token that callers may present instead of an admin
+    /// certificate. Without it only admin certificates are accepted.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection { listen: "127.0.0.1:7300".into(), token_file: None }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -303,6 +322,14 @@ pub struct SiteConfig {
     pub volumes: Vec<VolumeConfig>,
     /// None: standalone.
     pub peer: Option<PeerConfig>,
+    /// The admin API (sites with a peer).
+    pub admin: Option<AdminSettings>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -427,6 +454,12 @@ impl SiteConfig {
                 if file.replication != ReplicationSection::default() {
                     return Err(invalid("replication", "replication settings need a [peer]".into()));
                 }
+                if file.admin != AdminSection::default() {
+                    return Err(invalid(
+                        "admin",
+                        "the admin API needs a [peer] and [tls] (it serves HTTPS with the site's certificate)".into(),
+                    ));
+                }
                 None
             }
             (None, Some(_)) => return Err(invalid("tls", "TLS settings need a [peer] to talk to".into())),
@@ -483,8 +516,20 @@ impl SiteConfig {
                 })
             }
         };
+        let admin = match &peer {
+            None => None,
+            Some(_) => Some(AdminSettings {
+                listen: file
+                    .admin
+                    .listen
+                    .parse()
+                    .map_err(|_| invalid("admin.listen", format!("{:?} is not an address like 127.0.0.1:7300", file.admin.listen)))?,
+                token_file: file.admin.token_file.as_ref().map(|t| if t.is_absolute() { t.clone() } else { base.join(t) }),
+            }),
+        };
         Ok(SiteConfig {
             peer,
+            admin,
             name: file.site.name,
             nbd: NbdConfig {
                 listen,

@@ -2,13 +2,15 @@
 //!
 //! Owns: the NBD server (`nbd`), local media (`media`), the site configuration (`config`),
 //! the store behind the core's `Persist` actions (`store`), the per-volume driver that runs
-//! a core state machine and executes its actions (`volume`), and the wiring of a whole site
-//! (`site`).
+//! a core state machine and executes its actions (`volume`), the replication link
+//! (`transport`), the admin API (`admin`), and the wiring of a whole site (`site`).
 //!
 //! Must not: make replication decisions. Whether a write may be acknowledged, what is
 //! recorded, shipped or evicted is decided by `geomirror-core`; the shells only carry out
 //! its actions in the order and with the durability its contract requires.
 
+pub mod admin;
+pub mod admin_client;
 pub mod aside;
 pub mod certs;
 pub mod config;

@@ -7,6 +7,7 @@
 //!
 //! Must not: hold policy. It wires the parts the config describes.
 
+use crate::admin::{self, AdminConfig, SiteControl};
 use crate::config::SiteConfig;
 use crate::nbd::server::{NbdCounters, NbdServer};
 use crate::store::{MemoryStore, RocksStore, Store};
@@ -35,6 +36,8 @@ pub struct RunningSite {
     pub role: Role,
     /// The replication port actually bound (with a peer).
     pub link_addr: Option<SocketAddr>,
+    /// The admin API's address (with a peer).
+    pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
     link_shutdown: watch::Sender<bool>,
@@ -84,10 +87,31 @@ impl RunningSite {
         let refusals = Arc::new(Refusals::default());
         let (link_shutdown, link_rx) = watch::channel(false);
         let mut link_addr = None;
+        let mut admin_addr = None;
         let link = match &cfg.peer {
             None => None,
             Some(p) => {
                 let tls = SiteTls::load(&p.cert, &p.key, &p.ca).context("loading the site's certificates")?;
+                if let Some(a) = &cfg.admin {
+                    let token = match &a.token_file {
+                        None => None,
+                        Some(path) => {
+                            let t =
+                                std::fs::read_to_string(path).with_context(|| format!("reading admin.token_file {}", path.display()))?;
+                            let t = t.trim().to_owned();
+                            if t.len() < 16 {
+                                bail!(
+                                    "admin.token_file {} holds a token of {} characters; use at least 16 (e.g. `openssl rand -hex 32`)",
+                                    path.display(),
+                                    t.len()
+                                );
+                            }
+                            Some(t)
+                        }
+                    };
+                    let control = Arc::new(SiteControl { site: cfg.name.clone(), peer: Some(p.name.clone()), volumes: volumes.clone() });
+                    admin_addr = Some(admin::start(AdminConfig { listen: a.listen, token }, &tls, control, link_rx.clone()).await?);
+                }
                 let endpoint = crate::transport::endpoint(p.listen, &tls, &p.name, &p.tuning, refusals.clone())
                     .with_context(|| format!("cannot listen for the peer on {}", p.listen))?;
                 link_addr = Some(endpoint.local_addr()?);
@@ -114,6 +138,7 @@ impl RunningSite {
             refusals,
             role,
             link_addr,
+            admin_addr,
             shutdown,
             server,
             link_shutdown,

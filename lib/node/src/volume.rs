@@ -45,6 +45,18 @@ const SPIN: Duration = Duration::from_micros(50);
 /// Called once with the result of a host request.
 pub type Completion = Box<dyn FnOnce(Result<(), HostError>) + Send>;
 
+/// Called once with the result of an operator's request.
+pub type Reply<T> = Box<dyn FnOnce(Result<T, String>) + Send>;
+
+/// What a promotion did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PromoteOutcome {
+    /// This request promoted the volume; durable before this is reported.
+    Promoted(geomirror_core::PromoteReport),
+    /// The volume was already primary (of this epoch), or a concurrent request promoted it.
+    AlreadyPrimary { epoch: Epoch },
+}
+
 enum Input {
     Write {
         op: WriteOp,
@@ -62,6 +74,14 @@ enum Input {
     Status(Box<dyn FnOnce(VolumeStatus) + Send>),
     /// Call this once the primary is drained (now, if it is).
     WhenDrained(Box<dyn FnOnce() + Send>),
+    Promote {
+        force: bool,
+        reply: Reply<PromoteOutcome>,
+    },
+    Demote {
+        deadline: Duration,
+        reply: Reply<Epoch>,
+    },
     /// Finish what was accepted, sync, and end the thread.
     Stop,
 }
@@ -93,18 +113,43 @@ pub enum Outbound {
     },
 }
 
-/// A snapshot of a volume for status, tests and (later) metrics.
+/// A snapshot of a volume for status, tests and metrics.
 #[derive(Clone, Debug)]
 pub struct VolumeStatus {
     pub role: Role,
     pub epoch: Epoch,
-    /// Primary: the link has finished its handshake.
+    /// Primary: serving, draining (for a demotion), starting or fenced.
+    pub phase: &'static str,
+    /// Primary: the link has finished its handshake. Secondary: a primary is connected.
     pub link_up: bool,
     /// Primary: nothing waits, is in flight or unapplied; both images hold the same data.
     pub drained: bool,
     /// Primary: highest sequence the peer has durably applied. Secondary: its own.
     pub durable_applied: Seq,
+    /// Extents in the record (the primary's copy, or the secondary's durable record).
     pub record_extents: u64,
+    pub extent_bytes: u64,
+    /// Secondary: the record covers every difference (no degrade since the last resync).
+    /// Primary: no local dirty map outside the peer's record.
+    pub authoritative: bool,
+    /// Secondary: its image is a prefix of the primary's history (not mid-resync).
+    pub consistent: bool,
+    pub split_brain: bool,
+    /// Primary: bytes written and not yet durably applied on the peer.
+    pub lag_bytes: u64,
+    /// Primary: what a failover now would copy back to this site afterwards.
+    pub failback_debt_bytes: u64,
+    /// Primary: what a resync onto the peer still has to copy (failback progress).
+    pub resync_remaining_bytes: u64,
+    pub resync_in_progress: bool,
+    pub resync_bytes_copied: u64,
+    pub writes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub record_updates: u64,
+    pub record_rtt_avg_us: u64,
+    /// Secondary: extents saved aside before a resync overwrote them.
+    pub extents_saved_aside: u64,
     pub failed: bool,
 }
 
@@ -169,26 +214,69 @@ impl Machine {
             Machine::Secondary(s) => s.handle_frame(now, f),
         }
     }
-    fn status(&self, failed: bool) -> VolumeStatus {
+    fn status(&self, failed: bool, extent_bytes: u64) -> VolumeStatus {
         match self {
-            Machine::Primary(p) => VolumeStatus {
-                role: Role::Primary,
-                epoch: p.epoch(),
-                link_up: p.link() == LinkState::Up,
-                drained: p.is_drained(),
-                durable_applied: p.applied_ack(),
-                record_extents: p.record_copy().len() as u64,
-                failed,
-            },
-            Machine::Secondary(s) => VolumeStatus {
-                role: Role::Secondary,
-                epoch: s.epoch(),
-                link_up: false,
-                drained: false,
-                durable_applied: s.durable_applied(),
-                record_extents: s.record().len() as u64,
-                failed,
-            },
+            Machine::Primary(p) => {
+                let st = p.stats();
+                VolumeStatus {
+                    role: Role::Primary,
+                    epoch: p.epoch(),
+                    phase: match p.phase() {
+                        geomirror_core::Phase::Starting => "starting",
+                        geomirror_core::Phase::Serving => "serving",
+                        geomirror_core::Phase::Draining => "draining",
+                        geomirror_core::Phase::Fenced => "fenced",
+                    },
+                    link_up: p.link() == LinkState::Up,
+                    drained: p.is_drained(),
+                    durable_applied: p.applied_ack(),
+                    record_extents: p.record_copy().len() as u64,
+                    extent_bytes,
+                    authoritative: p.local_dirty().is_empty(),
+                    consistent: true,
+                    split_brain: p.split_brain(),
+                    lag_bytes: st.lag_bytes,
+                    failback_debt_bytes: p.failback_debt().bytes,
+                    resync_remaining_bytes: p.resync_plan().bytes,
+                    resync_in_progress: p.resync_in_progress(),
+                    resync_bytes_copied: st.resync_bytes_copied,
+                    writes: st.writes,
+                    hits: st.hits,
+                    misses: st.misses,
+                    record_updates: st.record_updates_sent,
+                    record_rtt_avg_us: st.record_rtt_us_total.checked_div(st.record_rtt_count).unwrap_or(0),
+                    extents_saved_aside: 0,
+                    failed,
+                }
+            }
+            Machine::Secondary(s) => {
+                let st = s.stats();
+                VolumeStatus {
+                    role: Role::Secondary,
+                    epoch: s.epoch(),
+                    phase: "secondary",
+                    link_up: s.is_connected(),
+                    drained: false,
+                    durable_applied: s.durable_applied(),
+                    record_extents: s.record().len() as u64,
+                    extent_bytes,
+                    authoritative: s.is_authoritative(),
+                    consistent: s.is_consistent(),
+                    split_brain: s.split_brain_evidence(),
+                    lag_bytes: 0,
+                    failback_debt_bytes: 0,
+                    resync_remaining_bytes: 0,
+                    resync_in_progress: false,
+                    resync_bytes_copied: 0,
+                    writes: 0,
+                    hits: 0,
+                    misses: 0,
+                    record_updates: st.record_updates,
+                    record_rtt_avg_us: 0,
+                    extents_saved_aside: st.extents_saved_aside,
+                    failed,
+                }
+            }
         }
     }
 }
@@ -275,6 +363,8 @@ impl Volume {
             name: name.clone(),
             stopping: false,
             drain_waiters: Vec::new(),
+            promote_waiters: Vec::new(),
+            demotion: None,
         };
         let handle = std::thread::Builder::new().name(format!("volume-{}", cfg.name)).spawn(move || driver.run(rx)).expect("spawn");
         let volume = Volume { tx, media, name, description: cfg.description.as_str().into(), failed, serving, role, counters };
@@ -322,6 +412,19 @@ impl Volume {
         let _ = self.tx.send(Input::WhenDrained(Box::new(f)));
     }
 
+    /// Promotes a secondary (see `Secondary::promote`); `reply` gets the outcome once the
+    /// new role is durable and serving. Idempotent: a primary answers `AlreadyPrimary`.
+    pub fn promote(&self, force: bool, reply: Reply<PromoteOutcome>) {
+        self.submit(Input::Promote { force, reply });
+    }
+
+    /// Planned demotion of a primary: stops accepting writes, waits (up to `deadline`) until
+    /// the peer has applied everything, then becomes a secondary of the same epoch. On
+    /// timeout the drain ends and the volume serves again.
+    pub fn demote(&self, deadline: Duration, reply: Reply<Epoch>) {
+        self.submit(Input::Demote { deadline, reply });
+    }
+
     pub fn flush(&self, done: Completion) {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.submit(Input::Flush { done });
@@ -332,6 +435,8 @@ impl Volume {
             // The driver has stopped: the request is answered, never dropped.
             match input {
                 Input::Write { done, .. } | Input::Flush { done } => done(Err(HostError::NotServing)),
+                Input::Promote { reply, .. } => reply(Err("the volume has stopped".into())),
+                Input::Demote { reply, .. } => reply(Err("the volume has stopped".into())),
                 Input::Synced { .. } | Input::Stop | Input::Link(_) | Input::Status(_) | Input::WhenDrained(_) => {}
             }
         }
@@ -387,6 +492,18 @@ struct Driver {
     name: Arc<str>,
     stopping: bool,
     drain_waiters: Vec<Box<dyn FnOnce() + Send>>,
+    /// Promotions waiting for the new role to be durable: the report of the one that
+    /// promoted, none for requests that found a promotion under way.
+    promote_waiters: Vec<(Option<geomirror_core::PromoteReport>, Reply<PromoteOutcome>)>,
+    /// A planned demotion: drains until the deadline, then demotes; answered once the role
+    /// changed.
+    demotion: Option<Demotion>,
+}
+
+struct Demotion {
+    deadline: Instant,
+    demoted: bool,
+    reply: Reply<Epoch>,
 }
 
 impl Driver {
@@ -408,8 +525,10 @@ impl Driver {
                 Err(TryRecvError::Disconnected) => return Err(RecvError),
             }
         }
-        match self.core.poll_timeout() {
-            Some(at) => match rx.recv_timeout(Duration::from_micros(at.0.saturating_sub(self.now().0))) {
+        let core_due = self.core.poll_timeout().map(|at| Duration::from_micros(at.0.saturating_sub(self.now().0)));
+        let demotion_due = self.demotion.as_ref().filter(|d| !d.demoted).map(|d| d.deadline.saturating_duration_since(Instant::now()));
+        match core_due.into_iter().chain(demotion_due).min() {
+            Some(wait) => match rx.recv_timeout(wait) {
                 Ok(i) => Ok(Some(i)),
                 Err(RecvTimeoutError::Timeout) => Ok(None),
                 Err(RecvTimeoutError::Disconnected) => Err(RecvError),
@@ -430,6 +549,7 @@ impl Driver {
                 }
             }
             self.execute();
+            self.progress_demotion();
             if !self.drain_waiters.is_empty() && matches!(&self.core, Machine::Primary(p) if p.is_drained()) {
                 for f in std::mem::take(&mut self.drain_waiters) {
                     f();
@@ -478,13 +598,61 @@ impl Driver {
                     self.link_event(now, event);
                 }
             }
-            Input::Status(f) => f(self.core.status(self.failed.load(Ordering::Acquire))),
+            Input::Status(f) => f(self.core.status(self.failed.load(Ordering::Acquire), self.geo.extent_bytes())),
             Input::WhenDrained(f) => self.drain_waiters.push(f),
+            Input::Promote { force, reply } => match &mut self.core {
+                Machine::Primary(p) => reply(Ok(PromoteOutcome::AlreadyPrimary { epoch: p.epoch() })),
+                Machine::Secondary(s) => match s.promote(force) {
+                    Ok(report) => {
+                        tracing::warn!(volume = %self.name, epoch = report.new_epoch.0, record_extents = report.record_extents, authoritative = report.authoritative, consistent = report.consistent, "promoting to primary");
+                        self.promote_waiters.push((Some(report), reply));
+                    }
+                    Err(geomirror_core::PromoteError::InProgress) => self.promote_waiters.push((None, reply)),
+                    Err(e) => reply(Err(e.to_string())),
+                },
+            },
+            Input::Demote { deadline, reply } => match &mut self.core {
+                Machine::Secondary(s) => reply(Ok(s.epoch())),
+                Machine::Primary(_) if self.demotion.is_some() => reply(Err("a demotion is already under way".into())),
+                Machine::Primary(p) => match p.begin_drain() {
+                    Ok(()) => {
+                        tracing::warn!(volume = %self.name, ?deadline, "draining for a demotion: new writes wait until it ends");
+                        self.demotion = Some(Demotion { deadline: Instant::now() + deadline, demoted: false, reply });
+                    }
+                    Err(e) => reply(Err(format!("cannot drain now ({e:?}): the primary is not serving"))),
+                },
+            },
             Input::Synced { token, result } => match result {
                 Ok(()) => self.core.handle_media_synced(now, token),
                 Err(e) => self.fail(&format!("media sync failed: {e}")),
             },
             Input::Stop => self.stopping = true,
+        }
+    }
+
+    /// Demotes once drained; gives up at the deadline.
+    fn progress_demotion(&mut self) {
+        let now = self.now();
+        let Some(d) = &mut self.demotion else { return };
+        if d.demoted {
+            return;
+        }
+        let Machine::Primary(p) = &mut self.core else { return };
+        if p.is_drained() {
+            match p.demote() {
+                Ok(()) => d.demoted = true,
+                Err(e) => {
+                    let d = self.demotion.take().expect("present");
+                    (d.reply)(Err(format!("demotion refused: {e:?}")));
+                }
+            }
+            self.execute();
+        } else if Instant::now() >= d.deadline {
+            p.end_drain(now);
+            let d = self.demotion.take().expect("present");
+            tracing::warn!(volume = %self.name, "the peer did not apply everything before the deadline; demotion abandoned, serving again");
+            (d.reply)(Err("the peer did not apply every write before the deadline (is the link up?); the volume serves again".into()));
+            self.execute();
         }
     }
 
@@ -603,8 +771,24 @@ impl Driver {
                     self.serving.store(state.role == Role::Primary, Ordering::Release);
                     self.role.send_replace(state.role);
                     self.core = Machine::build(&self.cfg, self.geo, &state, now);
-                    // The new machine starts disconnected; the link reconnects it.
-                    self.link_session = None;
+                    // The new machine starts disconnected; the link reconnects it. The old
+                    // session is closed so that the peer starts over too.
+                    if let Some(old) = self.link_session.take() {
+                        self.outbound(Outbound::Disconnect { session: old, reason: format!("this site is now {:?}", state.role) });
+                    }
+                    for (report, reply) in std::mem::take(&mut self.promote_waiters) {
+                        reply(match (state.role, report) {
+                            (Role::Primary, Some(r)) => Ok(PromoteOutcome::Promoted(r)),
+                            (Role::Primary, None) => Ok(PromoteOutcome::AlreadyPrimary { epoch: state.epoch }),
+                            (role, _) => Err(format!("the volume became {role:?} instead")),
+                        });
+                    }
+                    if let Some(d) = self.demotion.take() {
+                        (d.reply)(match state.role {
+                            Role::Secondary => Ok(state.epoch),
+                            Role::Primary => Err("the volume is still primary".into()),
+                        });
+                    }
                 }
             }
         }

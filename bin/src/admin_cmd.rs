@@ -1,0 +1,173 @@
+//! `geomirror status|promote|demote`: the admin API from the command line.
+//!
+//! Owns: finding the site (from its config file or from flags), the credentials, and the
+//! human-readable rendering of the API's JSON (`--json` prints it as is).
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use geomirror_node::admin::{StatusReport, TransitionReport};
+use geomirror_node::admin_client::{AdminClient, Credentials};
+use geomirror_sim::replay::format_bytes;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Which site to talk to, and as whom.
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    /// The site's config file: the admin address ([admin] listen), the CA ([tls] ca) and the
+    /// site's name come from it. Without it, give --address, --site and --ca.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The admin API's address, host:port (default: [admin] listen of --config).
+    #[arg(long)]
+    address: Option<SocketAddr>,
+    /// The site's name, which its certificate carries (default: [site] name of --config).
+    #[arg(long)]
+    site: Option<String>,
+    /// The deployment's CA certificate (default: [tls] ca of --config).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// An admin certificate (from `geomirror certs --admin NAME`), with --key.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The admin certificate's private key.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// A file holding the bearer token of the site's [admin] token_file, instead of a
+    /// certificate.
+    #[arg(long, conflicts_with = "cert")]
+    token_file: Option<PathBuf>,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl AdminArgs {
+    fn client(&self) -> Result<AdminClient> {
+        let cfg = match &self.config {
+            Some(path) => Some(geomirror_node::config::SiteConfig::load(path)?),
+            None => None,
+        };
+        let address = match (self.address, cfg.as_ref().and_then(|c| c.admin.as_ref())) {
+            (Some(a), _) => a,
+            (None, Some(a)) => a.listen,
+            (None, None) => bail!("which site? give --config (a site with a [peer] has an admin API) or --address"),
+        };
+        let site = match (&self.site, &cfg) {
+            (Some(s), _) => s.clone(),
+            (None, Some(c)) => c.name.clone(),
+            (None, None) => bail!("give --site: the name the site's certificate carries"),
+        };
+        let ca = match (&self.ca, cfg.as_ref().and_then(|c| c.peer.as_ref())) {
+            (Some(c), _) => c.clone(),
+            (None, Some(p)) => p.ca.clone(),
+            (None, None) => bail!("give --ca: the deployment's CA certificate"),
+        };
+        let credentials = match (&self.cert, &self.key, &self.token_file) {
+            (Some(cert), Some(key), _) => Credentials::Certificate { cert, key },
+            (_, _, Some(t)) => {
+                let token = std::fs::read_to_string(t).with_context(|| format!("reading {}", t.display()))?;
+                Credentials::Token(token.trim().to_owned())
+            }
+            _ => bail!("who are you? give --cert and --key (an admin certificate) or --token-file"),
+        };
+        AdminClient::new(address, &site, &ca, credentials)
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
+}
+
+/// Makes the call; an error answer becomes an error with the API's sentence.
+fn call(a: &AdminArgs, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value> {
+    let client = a.client()?;
+    let (status, json) = runtime()?.block_on(client.call(method, path, body))?;
+    if !(200..300).contains(&status) {
+        let why = json.get("error").and_then(|e| e.as_str()).map_or_else(|| json.to_string(), str::to_owned);
+        bail!("the site refused ({status}): {why}");
+    }
+    Ok(json)
+}
+
+pub fn status(a: AdminArgs) -> Result<()> {
+    let json = call(&a, "GET", "/v1/status", None)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    let s: StatusReport = serde_json::from_value(json)?;
+    println!("site {}{}", s.site, s.peer.map_or(String::new(), |p| format!(" (peer {p})")));
+    for v in &s.volumes {
+        println!("volume {}: {} of epoch {}, {}", v.name, v.role, v.epoch, v.phase);
+        if v.role == "primary" {
+            println!("  link: {}", if v.link_up { "up" } else { "DOWN" });
+            let sync = if v.writes > 0 { 100.0 * v.misses as f64 / v.writes as f64 } else { 0.0 };
+            println!("  writes: {} ({} hits, {} misses: {sync:.1}% waited for a record update)", v.writes, v.hits, v.misses);
+            println!(
+                "  record: {} extents ({}), round trip {:.1} ms on average",
+                v.record_extents,
+                format_bytes(v.record_bytes),
+                v.record_rtt_avg_ms
+            );
+            println!("  lag: {} not yet applied on the peer{}", format_bytes(v.lag_bytes), if v.drained { " (drained)" } else { "" });
+            println!("  failback debt: {} would be copied back after a failover now", format_bytes(v.failback_debt_bytes));
+            if v.resync_in_progress {
+                println!("  resync: {} copied, {} to go", format_bytes(v.resync_bytes_copied), format_bytes(v.resync_remaining_bytes));
+            }
+        } else {
+            println!("  link: {}", if v.link_up { "a primary is connected" } else { "no primary connected" });
+            println!("  record: {} extents ({}), applied through {}", v.record_extents, format_bytes(v.record_bytes), v.applied);
+            if !v.authoritative {
+                println!("  THE RECORD IS NOT AUTHORITATIVE: the primary degraded since the last resync");
+            }
+            if !v.consistent {
+                println!("  the image is mid-resync: not a prefix of the primary's history");
+            }
+            if v.extents_saved_aside > 0 {
+                println!("  {} extent(s) saved aside before a resync overwrote them", v.extents_saved_aside);
+            }
+        }
+        if v.split_brain {
+            println!("  SPLIT BRAIN: both sites accepted writes under different epochs; see docs/operations.md");
+        }
+        if v.failed {
+            println!("  FAILED: a media or store error stopped this volume; restart the site");
+        }
+    }
+    Ok(())
+}
+
+fn print_transition(a: &AdminArgs, json: serde_json::Value, verb: &str) -> Result<()> {
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    let r: TransitionReport = serde_json::from_value(json)?;
+    for v in &r.volumes {
+        if v.changed {
+            println!("site {} volume {}: {verb}: now {} of epoch {}", r.site, v.name, v.role, v.epoch);
+        } else {
+            println!("site {} volume {}: already {} of epoch {}; nothing changed", r.site, v.name, v.role, v.epoch);
+        }
+        if let Some(n) = v.record_extents {
+            println!("  the failback set starts as the record: {n} extent(s)");
+        }
+        if let Some(w) = &v.warning {
+            eprintln!("  WARNING: {w}");
+        }
+    }
+    Ok(())
+}
+
+pub fn promote(a: AdminArgs, force: bool, reason: String) -> Result<()> {
+    let body = serde_json::json!({ "force": force, "reason": reason });
+    let json = call(&a, "POST", "/v1/promote", Some(body))?;
+    print_transition(&a, json, "promoted")
+}
+
+pub fn demote(a: AdminArgs, reason: String, drain_timeout_secs: u64) -> Result<()> {
+    let body = serde_json::json!({ "reason": reason, "drain_timeout_secs": drain_timeout_secs });
+    let json = call(&a, "POST", "/v1/demote", Some(body))?;
+    print_transition(&a, json, "demoted")
+}

@@ -1,0 +1,457 @@
+//! The admin API: status, promote and demote over HTTPS, for operators and the CLI.
+//!
+//! Owns: the HTTPS listener (TLS 1.3 with the site's certificate, ring only), who a caller
+//! is, and the JSON of each operation. A caller is either an admin certificate from the
+//! deployment's CA (`geomirror:admin:<name>`, made by `geomirror certs --admin`) or a
+//! bearer token read from `[admin] token_file`. Anonymous calls are refused (401), and so is
+//! a site certificate (403): replication identities are not admin identities. Every
+//! transition is logged with who asked and why.
+//!
+//! Must not: decide anything a core decides. Promotion and demotion are requests to the
+//! volumes' state machines, which refuse what is unsafe (two writers, an undrained demote).
+
+use crate::certs::{ADMIN_URI_PREFIX, SITE_URI_PREFIX};
+use crate::transport::tls::{identities, provider, SiteTls, TlsError};
+use crate::volume::{PromoteOutcome, Volume, VolumeStatus};
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use geomirror_core::Role;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a promotion or status request waits for the volumes' answers.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most admin connections at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Where the admin API listens and which bearer token it accepts.
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+/// Who made a call, as far as the TLS handshake tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PeerCert {
+    None,
+    Admin(String),
+    /// A replication identity (or a certificate naming no geomirror identity).
+    Other(Vec<String>),
+}
+
+/// An authenticated caller, for the logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    Admin(String),
+    Token,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Admin(name) => write!(f, "admin:{name}"),
+            Caller::Token => write!(f, "token"),
+        }
+    }
+}
+
+/// What the API acts on: the site's name and volumes.
+pub struct SiteControl {
+    pub site: String,
+    pub peer: Option<String>,
+    pub volumes: Vec<Volume>,
+}
+
+struct AppState {
+    site: Arc<SiteControl>,
+    token: Option<String>,
+}
+
+/// An error as the API returns it: a status and a sentence for the operator.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// Binds the admin listener and serves until `shutdown`. Returns the bound address.
+pub async fn start(
+    cfg: AdminConfig,
+    tls: &SiteTls,
+    site: Arc<SiteControl>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(tls)?));
+    let listener =
+        TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen for the admin API on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(AppState { site, token: cfg.token });
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/promote", post(promote))
+        .route("/v1/demote", post(demote))
+        .with_state(state);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("never closed"),
+                _ = shutdown.changed() => return,
+            };
+            let (tcp, remote) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "admin TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "admin TLS handshake timed out");
+                        return;
+                    }
+                };
+                let peer = peer_cert(stream.get_ref().1.peer_certificates());
+                let service = hyper_util::service::TowerToHyperService::new(app.layer(Extension(peer)));
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                    tracing::debug!(%remote, error = %e, "admin connection ended");
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// HTTPS with the site's certificate. Client certificates are optional at the TLS level
+/// (a token caller has none) but, when present, must chain to the deployment's CA.
+fn server_config(tls: &SiteTls) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(tls.roots.clone(), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(tls.chain.clone(), tls.key.clone_key())?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+fn peer_cert(certs: Option<&[rustls::pki_types::CertificateDer<'static>]>) -> PeerCert {
+    let Some(first) = certs.and_then(|c| c.first()) else { return PeerCert::None };
+    let ids = identities(first);
+    match ids.iter().find_map(|i| i.strip_prefix(ADMIN_URI_PREFIX)) {
+        Some(name) => PeerCert::Admin(name.to_owned()),
+        None => PeerCert::Other(ids),
+    }
+}
+
+/// Who is calling: an admin certificate, or the right bearer token; anyone else is refused.
+fn authorize(peer: &PeerCert, headers: &HeaderMap, token: Option<&str>) -> Result<Caller, ApiError> {
+    if let PeerCert::Admin(name) = peer {
+        return Ok(Caller::Admin(name.clone()));
+    }
+    if let PeerCert::Other(ids) = peer {
+        let what = if ids.iter().any(|i| i.starts_with(SITE_URI_PREFIX)) {
+            "a site (replication) certificate"
+        } else {
+            "a certificate naming no admin"
+        };
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("{what} is not an admin identity ({ids:?}); use an admin certificate from `geomirror certs --admin NAME`"),
+        ));
+    }
+    let bearer = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match (bearer, token) {
+        (Some(given), Some(want)) if constant_time_eq(given.trim().as_bytes(), want.as_bytes()) => Ok(Caller::Token),
+        (Some(_), _) => Err(ApiError(StatusCode::UNAUTHORIZED, "invalid token".into())),
+        (None, _) => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "anonymous calls are refused: present an admin client certificate or a bearer token".into(),
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One volume in a status answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VolumeReport {
+    pub name: String,
+    pub role: String,
+    pub epoch: u64,
+    pub phase: String,
+    pub link_up: bool,
+    pub drained: bool,
+    pub applied: u64,
+    pub record_extents: u64,
+    pub record_bytes: u64,
+    pub authoritative: bool,
+    pub consistent: bool,
+    pub split_brain: bool,
+    pub lag_bytes: u64,
+    pub failback_debt_bytes: u64,
+    pub resync_in_progress: bool,
+    pub resync_remaining_bytes: u64,
+    pub resync_bytes_copied: u64,
+    pub writes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub record_updates: u64,
+    pub record_rtt_avg_ms: f64,
+    pub extents_saved_aside: u64,
+    pub failed: bool,
+}
+
+impl VolumeReport {
+    fn new(name: &str, s: &VolumeStatus) -> VolumeReport {
+        VolumeReport {
+            name: name.to_owned(),
+            role: role_name(s.role).into(),
+            epoch: s.epoch.0,
+            phase: s.phase.into(),
+            link_up: s.link_up,
+            drained: s.drained,
+            applied: s.durable_applied.0,
+            record_extents: s.record_extents,
+            record_bytes: s.record_extents * s.extent_bytes,
+            authoritative: s.authoritative,
+            consistent: s.consistent,
+            split_brain: s.split_brain,
+            lag_bytes: s.lag_bytes,
+            failback_debt_bytes: s.failback_debt_bytes,
+            resync_in_progress: s.resync_in_progress,
+            resync_remaining_bytes: s.resync_remaining_bytes,
+            resync_bytes_copied: s.resync_bytes_copied,
+            writes: s.writes,
+            hits: s.hits,
+            misses: s.misses,
+            record_updates: s.record_updates,
+            record_rtt_avg_ms: s.record_rtt_avg_us as f64 / 1000.0,
+            extents_saved_aside: s.extents_saved_aside,
+            failed: s.failed,
+        }
+    }
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Primary => "primary",
+        Role::Secondary => "secondary",
+    }
+}
+
+/// The answer of `GET /v1/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub site: String,
+    pub peer: Option<String>,
+    pub volumes: Vec<VolumeReport>,
+}
+
+async fn volume_status(v: &Volume) -> Result<VolumeStatus, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    v.status(move |s| {
+        let _ = tx.send(s);
+    });
+    match tokio::time::timeout(OPERATION_TIMEOUT, rx).await {
+        Ok(Ok(s)) => Ok(s),
+        _ => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
+    }
+}
+
+async fn status(
+    State(st): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+) -> Result<Json<StatusReport>, ApiError> {
+    authorize(&peer, &headers, st.token.as_deref())?;
+    let mut volumes = Vec::new();
+    for v in &st.site.volumes {
+        volumes.push(VolumeReport::new(v.name(), &volume_status(v).await?));
+    }
+    Ok(Json(StatusReport { site: st.site.site.clone(), peer: st.site.peer.clone(), volumes }))
+}
+
+/// The body of `POST /v1/promote` and `POST /v1/demote`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionRequest {
+    /// Why: written to the log with the caller's identity.
+    #[serde(default)]
+    pub reason: String,
+    /// Promote even though the primary is connected and alive (two writers).
+    #[serde(default)]
+    pub force: bool,
+    /// Demote: how long to wait for the peer to apply everything (default 60 s).
+    #[serde(default)]
+    pub drain_timeout_secs: Option<u64>,
+}
+
+/// What a transition did, per volume.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TransitionReport {
+    pub site: String,
+    /// True when this request changed a role; false when it was already done.
+    pub changed: bool,
+    pub volumes: Vec<VolumeTransition>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VolumeTransition {
+    pub name: String,
+    pub role: String,
+    pub epoch: u64,
+    pub changed: bool,
+    /// Promote: extents in the record at promotion (the failback set starts as these).
+    pub record_extents: Option<u64>,
+    /// Promote: false if a degrade happened since the last resync: differences outside the
+    /// record may exist, and data written during it may be missing here.
+    pub authoritative: Option<bool>,
+    /// Promote: false if the image was mid-resync (not a prefix of the old primary's history).
+    pub consistent: Option<bool>,
+    pub warning: Option<String>,
+}
+
+async fn promote(
+    State(st): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    body: Option<Json<TransitionRequest>>,
+) -> Result<Json<TransitionReport>, ApiError> {
+    let caller = authorize(&peer, &headers, st.token.as_deref())?;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    tracing::warn!(site = st.site.site, who = %caller, why = req.reason, force = req.force, "promote requested");
+    let mut volumes = Vec::new();
+    for v in &st.site.volumes {
+        let (tx, rx) = oneshot::channel();
+        v.promote(
+            req.force,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        let outcome = match tokio::time::timeout(OPERATION_TIMEOUT, rx).await {
+            Ok(Ok(Ok(o))) => o,
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, error = e, "promote refused");
+                return Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name())));
+            }
+            _ => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
+        };
+        volumes.push(match outcome {
+            PromoteOutcome::Promoted(r) => {
+                let warning = (!r.authoritative || !r.consistent).then(|| {
+                    let mut w = Vec::new();
+                    if !r.authoritative {
+                        w.push("THE RECORD IS NOT AUTHORITATIVE: the old primary degraded (wrote without the record) since the last resync; writes it acknowledged meanwhile may be missing here, and extents outside the record may differ");
+                    }
+                    if !r.consistent {
+                        w.push("THE IMAGE IS INCONSISTENT: a resync was under way, so it is not a prefix of the old primary's history");
+                    }
+                    w.join("; ")
+                });
+                if let Some(w) = &warning {
+                    tracing::error!(site = st.site.site, volume = v.name(), warning = w, "promoted with a warning");
+                }
+                tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, why = req.reason, epoch = r.new_epoch.0, "promoted to primary");
+                VolumeTransition {
+                    name: v.name().into(),
+                    role: "primary".into(),
+                    epoch: r.new_epoch.0,
+                    changed: true,
+                    record_extents: Some(r.record_extents),
+                    authoritative: Some(r.authoritative),
+                    consistent: Some(r.consistent),
+                    warning,
+                }
+            }
+            PromoteOutcome::AlreadyPrimary { epoch } => VolumeTransition {
+                name: v.name().into(),
+                role: "primary".into(),
+                epoch: epoch.0,
+                changed: false,
+                record_extents: None,
+                authoritative: None,
+                consistent: None,
+                warning: None,
+            },
+        });
+    }
+    let changed = volumes.iter().any(|v| v.changed);
+    Ok(Json(TransitionReport { site: st.site.site.clone(), changed, volumes }))
+}
+
+async fn demote(
+    State(st): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    body: Option<Json<TransitionRequest>>,
+) -> Result<Json<TransitionReport>, ApiError> {
+    let caller = authorize(&peer, &headers, st.token.as_deref())?;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let drain = Duration::from_secs(req.drain_timeout_secs.unwrap_or(60).clamp(1, 3600));
+    tracing::warn!(site = st.site.site, who = %caller, why = req.reason, ?drain, "demote requested");
+    let mut volumes = Vec::new();
+    for v in &st.site.volumes {
+        let was_primary = volume_status(v).await?.role == Role::Primary;
+        let (tx, rx) = oneshot::channel();
+        v.demote(
+            drain,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        let epoch = match tokio::time::timeout(drain + OPERATION_TIMEOUT, rx).await {
+            Ok(Ok(Ok(e))) => e,
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, error = e, "demote failed");
+                return Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name())));
+            }
+            _ => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
+        };
+        if was_primary {
+            tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, why = req.reason, epoch = epoch.0, "demoted to secondary");
+        }
+        volumes.push(VolumeTransition {
+            name: v.name().into(),
+            role: "secondary".into(),
+            epoch: epoch.0,
+            changed: was_primary,
+            record_extents: None,
+            authoritative: None,
+            consistent: None,
+            warning: None,
+        });
+    }
+    let changed = volumes.iter().any(|v| v.changed);
+    Ok(Json(TransitionReport { site: st.site.site.clone(), changed, volumes }))
+}
