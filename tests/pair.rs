@@ -77,6 +77,8 @@ pub struct PairOptions {
     pub size: String,
     /// Options for wan-emu.
     pub wan: Vec<String>,
+    /// The `[admin]` section's body.
+    pub admin: String,
 }
 
 impl Default for PairOptions {
@@ -86,6 +88,7 @@ impl Default for PairOptions {
             replication: String::new(),
             size: "64M".into(),
             wan: vec!["--rtt-ms".into(), "10".into()],
+            admin: "listen = \"127.0.0.1:0\"\n".into(),
         }
     }
 }
@@ -93,7 +96,7 @@ impl Default for PairOptions {
 /// Writes `dir/<me>.toml`: site `me`, volume `vol0` on `dir/<me>.img`, NBD on a free
 /// port, replication on `listen` (0: a free one), the peer at `peer_address`.
 pub fn site_config(dir: &Path, me: &str, peer: &str, role: &str, listen: u16, peer_address: u16, o: &PairOptions) -> PathBuf {
-    let PairOptions { link, replication, size, .. } = o;
+    let PairOptions { link, replication, size, admin, .. } = o;
     let text = format!(
         r#"[site]
 name = "{me}"
@@ -110,7 +113,7 @@ ca = "certs/ca.pem"
 cert = "certs/{me}.pem"
 key = "certs/{me}.key"
 [admin]
-listen = "127.0.0.1:0"
+{admin}
 [link]
 {link}
 {replication}
@@ -146,4 +149,20 @@ pub fn two_sites(bin: &Path, dir: &Path, o: &PairOptions) -> (Site, Site, WanEmu
     let emu = WanEmu::start(bin, replication_port(&secondary), &o.wan);
     let primary = Site::from_config(bin, &site_config(dir, "dc1", "dc2", "primary", 0, emu.port, o));
     (primary, secondary, emu)
+}
+
+/// Two sites that can reach each other both ways, as a failover needs: dc1 (primary) reaches
+/// dc2 through one emulator and dc2 reaches dc1 through another. Both sites pin the ports
+/// they bound, so restarts come back where the emulators expect them; dc2 is restarted once
+/// at set-up to learn dc1's address. Returns (dc1, dc2, towards dc2, towards dc1).
+pub fn two_sites_both_ways(bin: &Path, dir: &Path, o: &PairOptions) -> (Site, Site, WanEmu, WanEmu) {
+    run_ok(Command::new(bin).args(["certs", "--dir"]).arg(dir.join("certs")).args(["--site", "dc1", "--site", "dc2", "--admin", "ops"]));
+    let mut dc2 = start_secondary(bin, dir, o);
+    let to_dc2 = WanEmu::start(bin, replication_port(&dc2), &o.wan);
+    let dc1 = Site::from_config(bin, &site_config(dir, "dc1", "dc2", "primary", 0, to_dc2.port, o));
+    site_config(dir, "dc1", "dc2", "primary", replication_port(&dc1), to_dc2.port, o);
+    let to_dc1 = WanEmu::start(bin, replication_port(&dc1), &o.wan);
+    site_config(dir, "dc2", "dc1", "secondary", replication_port(&dc2), to_dc1.port, o);
+    dc2.restart();
+    (dc1, dc2, to_dc2, to_dc1)
 }

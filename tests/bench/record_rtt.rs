@@ -114,6 +114,7 @@ fn run_layout(bin: &Path, o: &Options, layout: Layout) -> Result<Outcome> {
         wan: ["--rtt-ms", &o.rtt_ms.to_string(), "--rate-mbps", &o.rate_mbps.to_string(), "--queue-bytes", &queue_bytes(o).to_string()]
             .map(String::from)
             .to_vec(),
+        ..PairOptions::default()
     };
     // The primary's media path is a link to a file on tmpfs, created by the site.
     let shm = match layout {

@@ -224,3 +224,63 @@ fn a_stale_epoch_frame_is_refused_and_never_applied() {
     assert!(disconnected, "the stale peer is refused");
     assert_eq!(p.secondary.applied(), applied_before);
 }
+
+/// Drives a lone primary (no peer connected) until `until`: completes its stores and local
+/// writes at once, fires its timers, and returns the acknowledgements it gave.
+fn run_alone(primary: &mut Primary, store: &mut MemStore, from: Time, until: Time) -> Vec<(RequestId, Result<(), HostError>)> {
+    let mut acks = Vec::new();
+    let mut now = from;
+    loop {
+        while let Some(a) = primary.poll_action() {
+            match a {
+                Action::Persist { token, batch } => {
+                    let n = store.stage(batch);
+                    store.sync_through(n);
+                    primary.handle_persisted(now, token);
+                }
+                Action::LocalWrite { token, .. } => primary.handle_local_write_done(now, token, true),
+                Action::SyncMedia { token } => primary.handle_media_synced(now, token),
+                Action::Ack { request, result } => acks.push((request, result)),
+                _ => {}
+            }
+        }
+        match primary.poll_timeout() {
+            Some(t) if t <= until => {
+                now = t.max(now);
+                primary.handle_timeout(now);
+            }
+            _ => return acks,
+        }
+    }
+}
+
+#[test]
+fn a_promoted_primary_writes_alone_under_block_while_its_failback_is_pending() {
+    // After a disaster the promoted site has no peer. Under `block` an ordinary primary holds
+    // a miss and fails it at the deadline; a promoted one whose failback is pending tracks it
+    // in its dirty map (the failback set) and acknowledges it: there is no secondary record
+    // to protect, and refusing writes would make the promotion useless.
+    let geo = Geometry::new(64 * MIB, MIB).unwrap();
+    let cfg = CoreConfig::default();
+    assert_eq!(cfg.on_link_loss, geomirror_core::LinkLossPolicy::Block);
+    for promoted in [false, true] {
+        let mut state = SiteState::fresh(Role::Primary);
+        state.epoch = geomirror_core::Epoch(2);
+        state.failback_pending = promoted;
+        let mut store = MemStore::new(state.clone());
+        let mut primary = Primary::new(cfg.clone(), geo, &state, Time(1));
+        run_alone(&mut primary, &mut store, Time(1), Time(1));
+        assert_eq!(primary.phase(), Phase::Serving);
+        primary.handle_host_write(Time(2), RequestId(1), WriteOp::data(10 * MIB, Bytes::from(vec![1u8; 4096])), false);
+        let end = Time(2 + cfg.link_loss_deadline.as_micros() as u64 + 1);
+        let acks = run_alone(&mut primary, &mut store, Time(2), end);
+        if promoted {
+            assert_eq!(acks, vec![(RequestId(1), Ok(()))], "a promoted primary acknowledges alone");
+            assert!(primary.local_dirty().contains(&geomirror_core::ExtentId(10)), "and tracks the extent for the failback");
+            assert!(store.durable().dirty.contains(&geomirror_core::ExtentId(10)), "durably");
+        } else {
+            assert_eq!(acks, vec![(RequestId(1), Err(HostError::LinkDown))], "an ordinary primary under block fails the miss");
+            assert!(primary.local_dirty().is_empty());
+        }
+    }
+}

@@ -102,6 +102,7 @@ enum PersistKind {
     Dirty,
     Undirty,
     WroteAlone(bool),
+    FailbackDone,
     Demote,
 }
 
@@ -178,6 +179,8 @@ pub struct Primary {
     flushes: Vec<Flush>,
     wrote_alone: bool,
     wrote_alone_persisting: bool,
+    /// Promoted, failback not yet complete (see `writes_alone_on_link_loss`).
+    failback_pending: bool,
     /// Highest sequence dispatched when the link last came up; once applied, the peer has
     /// everything this site wrote alone.
     up_seq: Seq,
@@ -245,6 +248,7 @@ impl Primary {
             predicted: BTreeSet::new(),
             flushes: Vec::new(),
             wrote_alone: state.wrote_alone,
+            failback_pending: state.failback_pending,
             wrote_alone_persisting: false,
             up_seq: first_seq,
             persists: BTreeMap::new(),
@@ -340,7 +344,7 @@ impl Primary {
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t: Option<Time> = None;
         let mut at = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
-        let degrade = self.cfg.mode == Mode::Predictive && self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link == LinkState::Down;
+        let degrade = self.cfg.mode == Mode::Predictive && self.writes_alone_on_link_loss() && self.link == LinkState::Down;
         let degrade_from = self.link_changed + self.cfg.record_update_timeout;
         for w in self.waiting.values() {
             if degrade && !w.degraded {
@@ -353,7 +357,7 @@ impl Primary {
             at(f.arrived + self.cfg.link_loss_deadline);
         }
         let remote_flush = self.cfg.flush_policy == FlushPolicy::Remote;
-        let degrade_any = self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.link == LinkState::Down;
+        let degrade_any = self.writes_alone_on_link_loss() && self.link == LinkState::Down;
         for d in self.dispatched.values() {
             if self.cfg.mode == Mode::Sync || (d.fua && remote_flush) {
                 at(if degrade_any {
@@ -457,6 +461,7 @@ impl Primary {
             StoreWrite::Meta(Meta::Consistent(true)),
             StoreWrite::Meta(Meta::Authoritative(true)),
             StoreWrite::Meta(Meta::WroteAlone(false)),
+            StoreWrite::Meta(Meta::FailbackPending(false)),
             StoreWrite::Meta(Meta::Applied(self.last_dispatched())),
             StoreWrite::Meta(Meta::ApplyHighWater(self.last_dispatched())),
         ];
@@ -558,6 +563,7 @@ impl Primary {
                 self.wrote_alone = v;
                 self.wrote_alone_persisting = false;
             }
+            PersistKind::FailbackDone => self.failback_pending = false,
             PersistKind::Demote => {
                 self.actions.push_back(Action::RoleChanged { role: Role::Secondary });
                 return;
@@ -579,7 +585,8 @@ impl Primary {
             role: Role::Primary,
             volume_bytes: self.geo.volume_bytes(),
             extent_bytes: self.geo.extent_bytes(),
-            on_link_loss: self.cfg.on_link_loss,
+            // A primary that writes alone when the link is lost says so, whatever its policy.
+            on_link_loss: if self.writes_alone_on_link_loss() { LinkLossPolicy::Degrade } else { self.cfg.on_link_loss },
             authoritative: self.cfg.mode == Mode::Predictive && self.local_dirty.is_empty() && self.dirty_persisting.is_empty(),
             wrote_alone: self.wrote_alone,
         };
@@ -738,6 +745,7 @@ impl Primary {
         self.finish_flushes();
         self.undirty();
         self.maybe_clear_wrote_alone();
+        self.maybe_end_failback();
         self.maybe_authoritative();
         self.refresh_stats();
     }
@@ -1093,8 +1101,7 @@ impl Primary {
     /// over would never finish if the host outpaces the link.
     fn maybe_lag_resync(&mut self) {
         let full = self.buffer_bytes > self.cfg.max_lag_bytes;
-        let policy =
-            self.cfg.on_lag_full == LagPolicy::Resync || (self.link != LinkState::Up && self.cfg.on_link_loss == LinkLossPolicy::Degrade);
+        let policy = self.cfg.on_lag_full == LagPolicy::Resync || (self.link != LinkState::Up && self.writes_alone_on_link_loss());
         let resyncing_live = self.resync_running && self.link == LinkState::Up;
         if full && policy && !resyncing_live {
             self.abandon_buffer();
@@ -1324,6 +1331,27 @@ impl Primary {
         self.persist(PersistKind::Undirty, clean, batch);
     }
 
+    /// With the link down, misses are tracked in the dirty map rather than held: under
+    /// `degrade`, and on a promoted primary whose failback has not completed (no secondary
+    /// holds a record worth protecting; the dirty map is the failback set).
+    fn writes_alone_on_link_loss(&self) -> bool {
+        self.cfg.on_link_loss == LinkLossPolicy::Degrade || self.failback_pending
+    }
+
+    /// The failback is complete once the peer has applied everything, no resync runs and
+    /// the dirty map is empty: from then on `on_link_loss` applies as configured.
+    fn maybe_end_failback(&mut self) {
+        if self.failback_pending
+            && !self.persists.values().any(|(k, _)| *k == PersistKind::FailbackDone)
+            && self.link == LinkState::Up
+            && self.applied_ack >= self.up_seq
+            && !self.resync_in_progress()
+            && self.local_dirty.is_empty()
+        {
+            self.persist(PersistKind::FailbackDone, Vec::new(), vec![StoreWrite::Meta(Meta::FailbackPending(false))]);
+        }
+    }
+
     fn maybe_clear_wrote_alone(&mut self) {
         if self.wrote_alone
             && !self.wrote_alone_persisting
@@ -1443,6 +1471,7 @@ impl Primary {
             StoreWrite::ClearRecord,
             StoreWrite::Meta(Meta::Epoch(newer)),
             StoreWrite::Meta(Meta::Role(Role::Secondary)),
+            StoreWrite::Meta(Meta::FailbackPending(false)),
             StoreWrite::Meta(Meta::Consistent(false)),
             StoreWrite::Meta(Meta::Authoritative(false)),
             StoreWrite::Meta(Meta::Applied(Seq(0))),
@@ -1479,9 +1508,7 @@ impl Primary {
     /// While connected (even mid-handshake or split-brain hold) the secondary believes itself
     /// in contact and keeps its record's authority, so degrading would leave it unaware.
     fn may_degrade_now(&self, now: Time) -> bool {
-        self.cfg.on_link_loss == LinkLossPolicy::Degrade
-            && self.link == LinkState::Down
-            && now.since(self.link_changed) >= self.cfg.record_update_timeout
+        self.writes_alone_on_link_loss() && self.link == LinkState::Down && now.since(self.link_changed) >= self.cfg.record_update_timeout
     }
 
     // ----- small helpers -----

@@ -452,6 +452,7 @@ impl Secondary {
             StoreWrite::Meta(Meta::Epoch(new_epoch)),
             StoreWrite::Meta(Meta::Role(Role::Primary)),
             StoreWrite::Meta(Meta::WroteAlone(false)),
+            StoreWrite::Meta(Meta::FailbackPending(true)),
         ];
         batch.extend(self.record.iter().map(|(e, _)| StoreWrite::PutDirty(e)));
         batch.push(StoreWrite::ClearRecord);

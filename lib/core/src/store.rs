@@ -50,6 +50,11 @@ pub enum Meta {
     /// Secondary: its primary's link-loss policy is `degrade`, so a lost link may mean
     /// writes outside the record.
     PeerMayDegrade(bool),
+    /// Primary: promoted, and the failback onto the old primary has not completed. While
+    /// the link is down such a primary writes alone, tracking every miss in its dirty map
+    /// (the failback set), whatever `on_link_loss` says: no secondary holds a record that
+    /// could be relied on, so there is nothing for `block` to protect.
+    FailbackPending(bool),
     /// Primary: bumped at every start, so sequence numbers of a new incarnation
     /// (`incarnation << 40` onwards) never collide with those of an earlier one.
     Incarnation(u64),
@@ -68,6 +73,7 @@ pub struct SiteState {
     pub wrote_alone: bool,
     pub incarnation: u64,
     pub peer_may_degrade: bool,
+    pub failback_pending: bool,
     pub record: BTreeMap<ExtentId, Generation>,
     pub dirty: BTreeSet<ExtentId>,
 }
@@ -89,6 +95,7 @@ impl SiteState {
             wrote_alone: false,
             incarnation: 0,
             peer_may_degrade: false,
+            failback_pending: false,
             record: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
@@ -122,6 +129,7 @@ impl SiteState {
                     Meta::WroteAlone(v) => self.wrote_alone = v,
                     Meta::Incarnation(v) => self.incarnation = v,
                     Meta::PeerMayDegrade(v) => self.peer_may_degrade = v,
+                    Meta::FailbackPending(v) => self.failback_pending = v,
                 },
             }
         }

@@ -77,6 +77,7 @@ fn encode_meta(m: Meta) -> (Vec<u8>, Vec<u8>) {
         Meta::Authoritative(b) => ("authoritative", vec![b as u8]),
         Meta::WroteAlone(b) => ("wrote_alone", vec![b as u8]),
         Meta::PeerMayDegrade(b) => ("peer_may_degrade", vec![b as u8]),
+        Meta::FailbackPending(b) => ("failback_pending", vec![b as u8]),
         Meta::Incarnation(v) => ("incarnation", v.to_be_bytes().to_vec()),
     };
     (keys::meta_key(name), value)
@@ -101,6 +102,7 @@ fn all_meta(s: &SiteState) -> Vec<StoreWrite> {
         Meta::Authoritative(s.authoritative),
         Meta::WroteAlone(s.wrote_alone),
         Meta::PeerMayDegrade(s.peer_may_degrade),
+        Meta::FailbackPending(s.failback_pending),
         Meta::Incarnation(s.incarnation),
     ]
     .into_iter()
@@ -195,6 +197,8 @@ impl RocksStore {
                 "authoritative" => s.authoritative = bool_of(name, &v)?,
                 "wrote_alone" => s.wrote_alone = bool_of(name, &v)?,
                 "peer_may_degrade" => s.peer_may_degrade = bool_of(name, &v)?,
+                // Absent in stores made before it existed: false.
+                "failback_pending" => s.failback_pending = bool_of(name, &v)?,
                 "incarnation" => s.incarnation = u64_of(name, &v)?,
                 other => return Err(self.corrupt(format!("unknown meta key {other:?}"))),
             }

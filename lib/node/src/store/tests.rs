@@ -32,6 +32,7 @@ fn batch(seed: u64, i: u64) -> Vec<StoreWrite> {
                 91 => StoreWrite::Meta(Meta::Authoritative(rng.gen())),
                 92 => StoreWrite::Meta(Meta::WroteAlone(rng.gen())),
                 93 => StoreWrite::Meta(Meta::PeerMayDegrade(rng.gen())),
+                94 => StoreWrite::Meta(Meta::FailbackPending(rng.gen())),
                 _ => StoreWrite::Meta(Meta::Incarnation(i)),
             }
         })

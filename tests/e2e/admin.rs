@@ -1,0 +1,186 @@
+//! The admin API and the disaster-recovery path on real processes: two `geomirror run`
+//! sites reaching each other through `geomirror wan-emu` both ways, driven by the
+//! `geomirror` CLI and by a raw HTTPS client.
+
+use geomirror_node::admin_client::{AdminClient, Credentials};
+use geomirror_tests::pair::{two_sites_both_ways, PairOptions};
+use geomirror_tests::site::{run_ok, tool, Site};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+fn options() -> PairOptions {
+    PairOptions { admin: "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n".into(), ..PairOptions::default() }
+}
+
+fn setup(dir: &Path) -> (Site, Site, geomirror_tests::pair::WanEmu, geomirror_tests::pair::WanEmu) {
+    std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+    let (dc1, dc2, a, b) = two_sites_both_ways(Path::new(BIN), dir, &options());
+    remember(dir, "dc1", &dc1);
+    remember(dir, "dc2", &dc2);
+    (dc1, dc2, a, b)
+}
+
+/// Notes where a site's admin API listens (port 0 in the config), for `cli`.
+fn remember(dir: &Path, name: &str, site: &Site) {
+    std::fs::write(dir.join(format!("{name}.admin")), site.admin.unwrap().to_string()).unwrap();
+}
+
+/// `geomirror <command> --config <site>.toml` as the admin `ops`, plus `extra`, at the
+/// admin address `remember` noted.
+fn cli(dir: &Path, command: &str, site: &str, extra: &[&str]) -> Output {
+    let certs = dir.join("certs");
+    let address = std::fs::read_to_string(dir.join(format!("{site}.admin"))).unwrap();
+    Command::new(BIN)
+        .arg(command)
+        .arg("--config")
+        .arg(dir.join(format!("{site}.toml")))
+        .args(["--address", address.trim()])
+        .arg("--cert")
+        .arg(certs.join("admin-ops.pem"))
+        .arg("--key")
+        .arg(certs.join("admin-ops.key"))
+        .args(extra)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+fn status_json(dir: &Path, site: &str) -> serde_json::Value {
+    let out = cli(dir, "status", site, &["--json"]);
+    assert!(out.status.success(), "status of {site}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Polls `site`'s status until `done` holds for its volume, for at most a minute.
+fn wait_for(dir: &Path, site: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status_json(dir, site);
+        if done(&s["volumes"][0]) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{site} never became {what}: {s:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Raw calls with each kind of caller, against the secondary.
+fn raw(site: &Site, dir: &Path, credentials: Credentials<'_>, method: &str, path: &str) -> u16 {
+    let client = AdminClient::new(site.admin.unwrap(), "dc2", &dir.join("certs/ca.pem"), credentials).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let body = (method == "POST").then(|| serde_json::json!({ "reason": "test" }));
+    rt.block_on(client.call(method, path, body)).unwrap().0
+}
+
+/// Anonymous callers, a wrong token and a site's certificate are refused; an admin
+/// certificate and the right token are served. A promotion while the primary is alive is
+/// refused as two writers.
+#[test]
+fn the_admin_api_refuses_anonymous_and_wrong_role_calls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (primary, secondary, _to_dc2, _to_dc1) = setup(dir);
+    let certs = dir.join("certs");
+    for (method, path) in [("GET", "/v1/status"), ("POST", "/v1/promote"), ("POST", "/v1/demote")] {
+        assert_eq!(raw(&secondary, dir, Credentials::Anonymous, method, path), 401, "anonymous {method} {path}");
+        assert_eq!(raw(&secondary, dir, Credentials::Token("wrong-token-wrong-token".into()), method, path), 401, "wrong token");
+        let site_cert = Credentials::Certificate { cert: &certs.join("dc1.pem"), key: &certs.join("dc1.key") };
+        assert_eq!(raw(&secondary, dir, site_cert, method, path), 403, "a site certificate for {method} {path}");
+    }
+    assert_eq!(raw(&secondary, dir, Credentials::Token(TOKEN.into()), "GET", "/v1/status"), 200);
+    let admin = Credentials::Certificate { cert: &certs.join("admin-ops.pem"), key: &certs.join("admin-ops.key") };
+    assert_eq!(raw(&secondary, dir, admin, "GET", "/v1/status"), 200);
+
+    // Nothing above changed a role.
+    let s = wait_for(dir, "dc2", "connected", |v| v["link_up"] == true);
+    assert_eq!(s["volumes"][0]["role"], "secondary", "{s:#}");
+    let p = wait_for(dir, "dc1", "linked", |v| v["link_up"] == true);
+    assert_eq!(p["volumes"][0]["role"], "primary");
+
+    // The primary is connected and alive: promoting would make two writers.
+    let out = cli(dir, "promote", "dc2", &["--reason", "test"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("two writers"), "{err}");
+    assert_eq!(status_json(dir, "dc2")["volumes"][0]["role"], "secondary");
+
+    // The text form teaches what it shows.
+    let text = String::from_utf8_lossy(&cli(dir, "status", "dc1", &[]).stdout).into_owned();
+    assert!(text.contains("primary of epoch 1") && text.contains("failback debt"), "{text}");
+    drop((primary, secondary));
+}
+
+/// Failover and failback: the primary dies, twenty concurrent promotes of the secondary
+/// make exactly one transition, the promoted site serves the data the old one wrote, the old
+/// primary comes back, fences itself and joins as secondary, and the failback copies only
+/// the failback set: the images end identical.
+#[test]
+fn failover_then_the_old_primary_fences_and_fails_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut dc1, mut dc2, _to_dc2, _to_dc1) = setup(dir);
+    let qemu_io = |url: &str, cmd: &str| tool("qemu-io", "qemu-utils").args(["-f", "raw", url, "-c", cmd]).output().unwrap();
+    let out = qemu_io(dc1.url("vol0"), "write -P 0x5a 0 8M");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    wait_for(dir, "dc1", "drained", |v| v["drained"] == true);
+    dc1.kill();
+    // The secondary notices after the link's idle timeout; until then a promotion is refused
+    // as two writers (tested above).
+    wait_for(dir, "dc2", "disconnected", |v| v["link_up"] == false);
+
+    // Twenty promotes at once: one promotes, the others find it done.
+    let outputs: Vec<Output> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..20).map(|i| s.spawn(move || cli(dir, "promote", "dc2", &["--json", "--reason", &format!("drill {i}")]))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut changed = 0;
+    let mut record_extents = 0;
+    for out in &outputs {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if r["changed"] == true {
+            changed += 1;
+            record_extents = r["volumes"][0]["record_extents"].as_u64().unwrap();
+        }
+        assert_eq!(r["volumes"][0]["epoch"], 2, "{r:#}");
+    }
+    assert_eq!(changed, 1, "twenty promotes made {changed} transitions");
+
+    // The promoted site serves what the old primary wrote, and takes new writes.
+    let out = qemu_io(dc2.url("vol0"), "read -P 0x5a 0 8M");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = qemu_io(dc2.url("vol0"), "write -P 0x6b 16M 4M");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // The old primary returns, finds epoch 2, fences itself and joins as secondary: its
+    // hosts are refused, and the new primary copies it the failback set.
+    dc1.start_again();
+    remember(dir, "dc1", &dc1);
+    wait_for(dir, "dc1", "a secondary of epoch 2", |v| v["role"] == "secondary" && v["epoch"] == 2);
+    let refused = qemu_io(dc1.url("vol0"), "write -P 0x77 0 4k");
+    assert!(!refused.status.success(), "a fenced site took a host write");
+    let s = wait_for(dir, "dc2", "drained onto dc1", |v| v["drained"] == true && v["link_up"] == true);
+    let copied = s["volumes"][0]["resync_bytes_copied"].as_u64().unwrap();
+    let volume = 64 << 20;
+    // The failback set: the record at promotion, plus the 4 MiB written since.
+    let bound = (record_extents + 4) << 20;
+    assert!(copied <= bound, "failback copied {copied} bytes, more than the failback set's {bound}");
+    assert!(copied < volume / 2, "failback copied {copied} of a {volume}-byte volume");
+    eprintln!("failback copied {copied} bytes of a {volume}-byte volume (record at promotion: {record_extents} extents)");
+
+    let (status, log2) = dc2.stop();
+    assert!(status.success(), "{log2}");
+    assert_eq!(log2.matches("promoted to primary").count(), 1, "{log2}");
+    assert!(log2.contains("who=admin:ops"), "the log names who asked:\n{log2}");
+    let (status, log1) = dc1.stop();
+    assert!(status.success(), "{log1}");
+    let out = run_ok(
+        tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw"]).arg(dir.join("dc1.img")).arg(dir.join("dc2.img")),
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+}
