@@ -128,6 +128,9 @@ pub fn status(a: AdminArgs) -> Result<()> {
                 println!("  {} extent(s) saved aside before a resync overwrote them", v.extents_saved_aside);
             }
         }
+        for f in &v.aside_files {
+            println!("  saved aside: {} extent(s) in {}", f.extents, f.path);
+        }
         if v.split_brain {
             println!("  SPLIT BRAIN: both sites accepted writes under different epochs; see docs/operations.md");
         }
@@ -170,4 +173,149 @@ pub fn demote(a: AdminArgs, reason: String, drain_timeout_secs: u64) -> Result<(
     let body = serde_json::json!({ "reason": reason, "drain_timeout_secs": drain_timeout_secs });
     let json = call(&a, "POST", "/v1/demote", Some(body))?;
     print_transition(&a, json, "demoted")
+}
+
+pub fn failback(a: AdminArgs, dry_run: bool) -> Result<()> {
+    let client = a.client()?;
+    let rt = runtime()?;
+    let status = |c: &AdminClient| -> Result<StatusReport> {
+        let (code, json) = rt.block_on(c.call("GET", "/v1/status", None))?;
+        if code != 200 {
+            bail!("the site refused ({code}): {json}");
+        }
+        Ok(serde_json::from_value(json)?)
+    };
+    let s = status(&client)?;
+    if s.volumes.iter().any(|v| v.role != "primary") {
+        bail!("{} is not the primary: run failback against the site that was promoted (the old primary rejoins as its secondary)", s.site);
+    }
+    if dry_run {
+        if a.json {
+            let plan: Vec<_> = s
+                .volumes
+                .iter()
+                .map(|v| serde_json::json!({ "volume": v.name, "bytes": v.resync_remaining_bytes, "estimated_seconds": v.resync_estimated_seconds }))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "site": s.site, "failback": plan }))?);
+            return Ok(());
+        }
+        for v in &s.volumes {
+            let eta = v.resync_estimated_seconds.map_or(String::new(), |t| format!(", about {t:.0} s at the paced link rate"));
+            println!("volume {}: a failback now copies {}{eta}", v.name, format_bytes(v.resync_remaining_bytes));
+        }
+        return Ok(());
+    }
+    // The failback itself runs in the site as soon as the old primary is connected as a
+    // secondary; this follows it until every volume is drained onto the peer.
+    let total: u64 = s.volumes.iter().map(|v| v.resync_remaining_bytes + v.resync_bytes_copied).sum::<u64>().max(1);
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let start: u64 = s.volumes.iter().map(|v| v.resync_bytes_copied).sum();
+    loop {
+        let s = status(&client)?;
+        let copied: u64 = s.volumes.iter().map(|v| v.resync_bytes_copied).sum::<u64>() - start;
+        let remaining: u64 = s.volumes.iter().map(|v| v.resync_remaining_bytes).sum();
+        bar.set_length((copied + remaining).max(1));
+        bar.set_position(copied);
+        let linked = s.volumes.iter().all(|v| v.link_up);
+        bar.set_message(if linked { "failing back" } else { "waiting for the old primary to connect" });
+        if linked && s.volumes.iter().all(|v| v.drained && !v.resync_in_progress) {
+            bar.finish_and_clear();
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "site": s.site, "copied_bytes": copied, "done": true }))?);
+            } else {
+                println!("failback done: {} copied; both sites hold the same data", format_bytes(copied));
+            }
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// The peer of a switchover: its config file (for its admin address, name and CA).
+#[derive(Args, Debug)]
+pub struct PeerArgs {
+    /// The other site's config file (the one to become primary).
+    #[arg(long)]
+    peer_config: Option<PathBuf>,
+    /// The other site's admin address (default: [admin] listen of --peer-config).
+    #[arg(long)]
+    peer_address: Option<SocketAddr>,
+    /// The other site's name (default: [site] name of --peer-config).
+    #[arg(long)]
+    peer_site: Option<String>,
+}
+
+pub fn switchover(a: AdminArgs, peer: PeerArgs, reason: String, drain_timeout: u64) -> Result<()> {
+    let primary = a.client()?;
+    let peer_args = AdminArgs {
+        config: peer.peer_config,
+        address: peer.peer_address,
+        site: peer.peer_site,
+        ca: a.ca.clone(),
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+        token_file: a.token_file.clone(),
+        json: a.json,
+    };
+    let secondary = peer_args.client()?;
+    let rt = runtime()?;
+    let call = |c: &AdminClient, method: &str, path: &str, body: Option<serde_json::Value>| -> Result<serde_json::Value> {
+        let (code, json) = rt.block_on(c.call(method, path, body))?;
+        if !(200..300).contains(&code) {
+            let why = json.get("error").and_then(|e| e.as_str()).map_or_else(|| json.to_string(), str::to_owned);
+            bail!("refused ({code}): {why}");
+        }
+        Ok(json)
+    };
+    let body = serde_json::json!({ "reason": reason, "drain_timeout_secs": drain_timeout });
+    eprintln!("1/4 draining the primary (writes wait) until its peer holds every write");
+    let drained: geomirror_node::admin::DrainReport =
+        serde_json::from_value(call(&primary, "POST", "/v1/drain", Some(body.clone())).context("drain")?)?;
+    eprintln!("2/4 comparing the recorded extents on both sites");
+    for v in &drained.volumes {
+        let mut differ = Vec::new();
+        for chunk in v.record.chunks(4096) {
+            let req = serde_json::json!({ "volume": v.name, "extents": chunk });
+            let here = call(&primary, "POST", "/v1/checksums", Some(req.clone()))?;
+            let there = call(&secondary, "POST", "/v1/checksums", Some(req))?;
+            for (i, (x, y)) in
+                here["crc32c"].as_array().into_iter().flatten().zip(there["crc32c"].as_array().into_iter().flatten()).enumerate()
+            {
+                if x != y {
+                    differ.push(chunk[i]);
+                }
+            }
+        }
+        if !differ.is_empty() {
+            let _ = call(&primary, "POST", "/v1/resume", Some(body.clone()));
+            bail!(
+                "volume {}: {} recorded extent(s) differ between the sites ({:?}...); switchover abandoned, the primary serves again",
+                v.name,
+                differ.len(),
+                &differ[..differ.len().min(8)]
+            );
+        }
+        eprintln!("    volume {}: {} recorded extent(s) equal", v.name, v.record.len());
+    }
+    eprintln!("3/4 demoting the primary");
+    call(&primary, "POST", "/v1/demote", Some(body.clone())).context("demote")?;
+    eprintln!("4/4 promoting its peer");
+    // The old primary was just demoted by this command, so its session may still look alive
+    // to the peer for a moment: that is not two writers.
+    let promote = serde_json::json!({ "reason": reason, "force": true });
+    let json = call(&secondary, "POST", "/v1/promote", Some(promote)).context("promote")?;
+    let r: TransitionReport = serde_json::from_value(json.clone())?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        for v in &r.volumes {
+            println!("switchover done: site {} volume {} is primary of epoch {}", r.site, v.name, v.epoch);
+        }
+    }
+    Ok(())
 }

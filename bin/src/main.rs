@@ -135,6 +135,37 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         drain_timeout: u64,
     },
+    /// Follow the failback onto the returning old primary, or estimate it (--dry-run).
+    ///
+    /// Run it against the promoted site. Once the old primary is back, it finds the newer
+    /// epoch, fences itself and joins as a secondary; the promoted site then copies it the
+    /// failback set only: the record at promotion plus every extent written since. Whatever
+    /// the old primary held there is saved aside first. --dry-run prints the bytes a failback
+    /// would copy now and how long that takes at the paced link rate; otherwise a progress
+    /// bar follows the copy until both sites hold the same data.
+    Failback {
+        #[command(flatten)]
+        admin: admin_cmd::AdminArgs,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Swap roles with zero data loss: drain the primary, check that both sites hold the same
+    /// data on every recorded extent, demote it, promote its peer.
+    ///
+    /// --config names the current primary and --peer-config the site to become primary; the
+    /// credentials serve both. If the recorded extents differ, nothing is swapped and the
+    /// primary serves again. Writes wait (and may time out at the host) while it drains.
+    Switchover {
+        #[command(flatten)]
+        admin: admin_cmd::AdminArgs,
+        #[command(flatten)]
+        peer: admin_cmd::PeerArgs,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Seconds to wait for the peer to apply every write.
+        #[arg(long, default_value_t = 60)]
+        drain_timeout: u64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -314,6 +345,8 @@ fn main() -> Result<()> {
         Command::Status(a) => admin_cmd::status(a),
         Command::Promote { admin, force, reason } => admin_cmd::promote(admin, force, reason),
         Command::Demote { admin, reason, drain_timeout } => admin_cmd::demote(admin, reason, drain_timeout),
+        Command::Failback { admin, dry_run } => admin_cmd::failback(admin, dry_run),
+        Command::Switchover { admin, peer, reason, drain_timeout } => admin_cmd::switchover(admin, peer, reason, drain_timeout),
     }
 }
 

@@ -1472,6 +1472,11 @@ impl Primary {
             StoreWrite::Meta(Meta::Epoch(newer)),
             StoreWrite::Meta(Meta::Role(Role::Secondary)),
             StoreWrite::Meta(Meta::FailbackPending(false)),
+            // This incarnation never learned its record (it was superseded before its first
+            // snapshot, e.g. when it came back after a crash): it cannot name the extents
+            // where it may hold acknowledged writes the new primary lacks, so the failback
+            // saves aside everything it overwrites.
+            StoreWrite::Meta(Meta::SaveAsideOnResync(self.resend_record_on_snapshot)),
             StoreWrite::Meta(Meta::Consistent(false)),
             StoreWrite::Meta(Meta::Authoritative(false)),
             StoreWrite::Meta(Meta::Applied(Seq(0))),

@@ -95,6 +95,8 @@ pub struct Secondary {
     /// This site's own persisted dirty map, from a time it was primary: extents it may hold
     /// that a new primary lacks.
     divergent: BTreeSet<ExtentId>,
+    /// Durable: save aside everything the next resync overwrites (see `Meta`).
+    save_aside_on_resync: bool,
     connected: bool,
     /// Peer's hello processed and welcome sent.
     welcomed: bool,
@@ -145,6 +147,7 @@ impl Secondary {
             authoritative: state.authoritative,
             wrote_alone: state.wrote_alone,
             divergent: state.dirty.clone(),
+            save_aside_on_resync: state.save_aside_on_resync,
             connected: false,
             welcomed: false,
             welcome_due: false,
@@ -395,6 +398,7 @@ impl Secondary {
                     self.wrote_alone = false;
                     self.divergent.clear();
                     self.save_aside = false;
+                    self.save_aside_on_resync = false;
                     self.saved.clear();
                 }
                 if self.connected && self.welcomed {
@@ -428,6 +432,7 @@ impl Secondary {
                 if resynced {
                     self.resync_end = None;
                     batch.push(StoreWrite::Meta(Meta::WroteAlone(false)));
+                    batch.push(StoreWrite::Meta(Meta::SaveAsideOnResync(false)));
                     batch.extend(self.divergent.iter().map(|e| StoreWrite::DelDirty(*e)));
                 }
                 let token = self.persist(PersistKind::Applied { through, consistent, resynced }, batch);
@@ -679,7 +684,7 @@ impl Secondary {
     /// site's own split-brain evidence and divergent extents) so that it survives a restart
     /// in the middle of a failback, plus the primary's request for this resync.
     fn must_save_aside(&self) -> bool {
-        self.save_aside || self.wrote_alone || !self.divergent.is_empty()
+        self.save_aside || self.wrote_alone || self.save_aside_on_resync || !self.divergent.is_empty()
     }
 
     fn refuse(&mut self, reason: Option<Refusal>, text: &str) {

@@ -55,6 +55,10 @@ pub enum Meta {
     /// (the failback set), whatever `on_link_loss` says: no secondary holds a record that
     /// could be relied on, so there is nothing for `block` to protect.
     FailbackPending(bool),
+    /// Secondary: fenced before it could name the extents where it may differ from the new
+    /// primary (a primary restarted and superseded before it learned its record), so the
+    /// next resync saves aside everything it overwrites.
+    SaveAsideOnResync(bool),
     /// Primary: bumped at every start, so sequence numbers of a new incarnation
     /// (`incarnation << 40` onwards) never collide with those of an earlier one.
     Incarnation(u64),
@@ -74,6 +78,7 @@ pub struct SiteState {
     pub incarnation: u64,
     pub peer_may_degrade: bool,
     pub failback_pending: bool,
+    pub save_aside_on_resync: bool,
     pub record: BTreeMap<ExtentId, Generation>,
     pub dirty: BTreeSet<ExtentId>,
 }
@@ -96,6 +101,7 @@ impl SiteState {
             incarnation: 0,
             peer_may_degrade: false,
             failback_pending: false,
+            save_aside_on_resync: false,
             record: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
@@ -130,6 +136,7 @@ impl SiteState {
                     Meta::Incarnation(v) => self.incarnation = v,
                     Meta::PeerMayDegrade(v) => self.peer_may_degrade = v,
                     Meta::FailbackPending(v) => self.failback_pending = v,
+                    Meta::SaveAsideOnResync(v) => self.save_aside_on_resync = v,
                 },
             }
         }

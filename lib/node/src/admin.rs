@@ -70,6 +70,8 @@ pub struct SiteControl {
     pub site: String,
     pub peer: Option<String>,
     pub volumes: Vec<Volume>,
+    /// The paced bulk rate, for estimates of how long a failback takes.
+    pub bulk_bytes_per_sec: Option<u64>,
 }
 
 struct AppState {
@@ -102,6 +104,9 @@ pub async fn start(
         .route("/v1/status", get(status))
         .route("/v1/promote", post(promote))
         .route("/v1/demote", post(demote))
+        .route("/v1/drain", post(drain))
+        .route("/v1/resume", post(resume))
+        .route("/v1/checksums", post(checksums))
         .with_state(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
@@ -222,17 +227,27 @@ pub struct VolumeReport {
     pub resync_in_progress: bool,
     pub resync_remaining_bytes: u64,
     pub resync_bytes_copied: u64,
+    /// Seconds a failback of `resync_remaining_bytes` takes at the paced bulk rate.
+    pub resync_estimated_seconds: Option<f64>,
     pub writes: u64,
     pub hits: u64,
     pub misses: u64,
     pub record_updates: u64,
     pub record_rtt_avg_ms: f64,
     pub extents_saved_aside: u64,
+    /// Side files of failbacks: what this site held before a resync overwrote it.
+    pub aside_files: Vec<AsideFile>,
     pub failed: bool,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AsideFile {
+    pub path: String,
+    pub extents: u64,
+}
+
 impl VolumeReport {
-    fn new(name: &str, s: &VolumeStatus) -> VolumeReport {
+    fn new(name: &str, s: &VolumeStatus, bulk_bytes_per_sec: Option<u64>) -> VolumeReport {
         VolumeReport {
             name: name.to_owned(),
             role: role_name(s.role).into(),
@@ -251,12 +266,14 @@ impl VolumeReport {
             resync_in_progress: s.resync_in_progress,
             resync_remaining_bytes: s.resync_remaining_bytes,
             resync_bytes_copied: s.resync_bytes_copied,
+            resync_estimated_seconds: bulk_bytes_per_sec.map(|r| s.resync_remaining_bytes as f64 / r.max(1) as f64),
             writes: s.writes,
             hits: s.hits,
             misses: s.misses,
             record_updates: s.record_updates,
             record_rtt_avg_ms: s.record_rtt_avg_us as f64 / 1000.0,
             extents_saved_aside: s.extents_saved_aside,
+            aside_files: Vec::new(),
             failed: s.failed,
         }
     }
@@ -296,7 +313,9 @@ async fn status(
     authorize(&peer, &headers, st.token.as_deref())?;
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
-        volumes.push(VolumeReport::new(v.name(), &volume_status(v).await?));
+        let mut report = VolumeReport::new(v.name(), &volume_status(v).await?, st.site.bulk_bytes_per_sec);
+        report.aside_files = v.aside_files().into_iter().map(|(p, extents)| AsideFile { path: p.display().to_string(), extents }).collect();
+        volumes.push(report);
     }
     Ok(Json(StatusReport { site: st.site.site.clone(), peer: st.site.peer.clone(), volumes }))
 }
@@ -431,7 +450,7 @@ async fn demote(
             }),
         );
         let epoch = match tokio::time::timeout(drain + OPERATION_TIMEOUT, rx).await {
-            Ok(Ok(Ok(e))) => e,
+            Ok(Ok(Ok(d))) => d.epoch,
             Ok(Ok(Err(e))) => {
                 tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, error = e, "demote failed");
                 return Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name())));
@@ -454,4 +473,104 @@ async fn demote(
     }
     let changed = volumes.iter().any(|v| v.changed);
     Ok(Json(TransitionReport { site: st.site.site.clone(), changed, volumes }))
+}
+
+/// What `POST /v1/drain` found: per volume, the extents of the record.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DrainReport {
+    pub site: String,
+    pub volumes: Vec<DrainedVolume>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DrainedVolume {
+    pub name: String,
+    pub epoch: u64,
+    pub record: Vec<u64>,
+}
+
+/// Stops taking writes on every volume and waits until the peer applied everything; the
+/// site stays drained until `POST /v1/resume` or `POST /v1/demote`. The first step of a
+/// switchover.
+async fn drain(
+    State(st): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    body: Option<Json<TransitionRequest>>,
+) -> Result<Json<DrainReport>, ApiError> {
+    let caller = authorize(&peer, &headers, st.token.as_deref())?;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let timeout = Duration::from_secs(req.drain_timeout_secs.unwrap_or(60).clamp(1, 3600));
+    tracing::warn!(site = st.site.site, who = %caller, why = req.reason, ?timeout, "drain requested");
+    let mut volumes = Vec::new();
+    for v in &st.site.volumes {
+        let (tx, rx) = oneshot::channel();
+        v.drain(
+            timeout,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        match tokio::time::timeout(timeout + OPERATION_TIMEOUT, rx).await {
+            Ok(Ok(Ok(d))) => volumes.push(DrainedVolume { name: v.name().into(), epoch: d.epoch.0, record: d.record }),
+            Ok(Ok(Err(e))) => {
+                for v in &st.site.volumes {
+                    v.resume();
+                }
+                return Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name())));
+            }
+            _ => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
+        }
+    }
+    Ok(Json(DrainReport { site: st.site.site.clone(), volumes }))
+}
+
+/// Ends a drain: the site takes writes again.
+async fn resume(
+    State(st): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    body: Option<Json<TransitionRequest>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authorize(&peer, &headers, st.token.as_deref())?;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    tracing::warn!(site = st.site.site, who = %caller, why = req.reason, "resume requested");
+    for v in &st.site.volumes {
+        v.resume();
+    }
+    Ok(Json(serde_json::json!({ "site": st.site.site })))
+}
+
+/// The body of `POST /v1/checksums`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksumRequest {
+    pub volume: String,
+    pub extents: Vec<u64>,
+}
+
+/// Most extents one checksum request may name.
+const MAX_CHECKSUM_EXTENTS: usize = 1 << 20;
+
+/// CRC-32C of extents of a volume's media, on either role: a switchover compares the
+/// record's extents on both sites while the primary is drained.
+async fn checksums(
+    State(st): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    Json(req): Json<ChecksumRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&peer, &headers, st.token.as_deref())?;
+    let Some(v) = st.site.volumes.iter().find(|v| v.name() == req.volume).cloned() else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no volume {:?} on this site", req.volume)));
+    };
+    if req.extents.len() > MAX_CHECKSUM_EXTENTS {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("at most {MAX_CHECKSUM_EXTENTS} extents per request")));
+    }
+    let extent_bytes = volume_status(&v).await?.extent_bytes;
+    let sums = tokio::task::spawn_blocking(move || v.checksums(&req.extents, extent_bytes))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("cannot read those extents: {e:?}")))?;
+    Ok(Json(serde_json::json!({ "volume": req.volume, "crc32c": sums })))
 }

@@ -27,12 +27,43 @@ pub struct Aside {
 
 impl Aside {
     pub fn new(media: &Path, geo: Geometry) -> Aside {
+        Aside::named(media, ".aside", geo)
+    }
+
+    /// The side file of one failback: the one that brought this site into `epoch`
+    /// (`<media>.aside.e<epoch>`), so that each failback keeps its own copies.
+    pub fn for_epoch(media: &Path, epoch: u64, geo: Geometry) -> Aside {
+        Aside::named(media, &format!(".aside.e{epoch}"), geo)
+    }
+
+    fn named(media: &Path, suffix: &str, geo: Geometry) -> Aside {
         let with = |suffix: &str| {
             let mut p = media.as_os_str().to_owned();
             p.push(suffix);
             PathBuf::from(p)
         };
-        Aside { data_path: with(".aside"), index_path: with(".aside.idx"), geo, open: None }
+        Aside { data_path: with(suffix), index_path: with(&format!("{suffix}.idx")), geo, open: None }
+    }
+
+    /// The side files next to `media` with how many extents each holds, oldest epoch first.
+    pub fn list(media: &Path) -> Vec<(PathBuf, u64)> {
+        let Some(dir) = media.parent() else { return Vec::new() };
+        let Some(name) = media.file_name().and_then(|n| n.to_str()) else { return Vec::new() };
+        let prefix = format!("{name}.aside.e");
+        let mut out: Vec<(u64, PathBuf, u64)> = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let file = e.file_name().into_string().ok()?;
+                let epoch: u64 = file.strip_prefix(&prefix)?.parse().ok()?;
+                let idx = e.path().with_file_name(format!("{file}.idx"));
+                let extents = std::fs::metadata(idx).map_or(0, |m| m.len() / 8);
+                Some((epoch, e.path(), extents))
+            })
+            .collect();
+        out.sort();
+        out.into_iter().map(|(_, p, n)| (p, n)).collect()
     }
 
     pub fn data_path(&self) -> &Path {

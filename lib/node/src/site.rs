@@ -109,7 +109,12 @@ impl RunningSite {
                             Some(t)
                         }
                     };
-                    let control = Arc::new(SiteControl { site: cfg.name.clone(), peer: Some(p.name.clone()), volumes: volumes.clone() });
+                    let control = Arc::new(SiteControl {
+                        site: cfg.name.clone(),
+                        peer: Some(p.name.clone()),
+                        volumes: volumes.clone(),
+                        bulk_bytes_per_sec: p.tuning.bulk_bytes_per_sec,
+                    });
                     admin_addr = Some(admin::start(AdminConfig { listen: a.listen, token }, &tls, control, link_rx.clone()).await?);
                 }
                 let endpoint = crate::transport::endpoint(p.listen, &tls, &p.name, &p.tuning, refusals.clone())

@@ -48,6 +48,14 @@ pub type Completion = Box<dyn FnOnce(Result<(), HostError>) + Send>;
 /// Called once with the result of an operator's request.
 pub type Reply<T> = Box<dyn FnOnce(Result<T, String>) + Send>;
 
+/// A primary drained for a switchover: its peer holds every write. `record` lists the
+/// extents of the record, which a switchover compares on both sites before swapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drained {
+    pub epoch: Epoch,
+    pub record: Vec<u64>,
+}
+
 /// What a promotion did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PromoteOutcome {
@@ -78,10 +86,13 @@ enum Input {
         force: bool,
         reply: Reply<PromoteOutcome>,
     },
-    Demote {
+    Drain {
         deadline: Duration,
-        reply: Reply<Epoch>,
+        /// Demote once drained; otherwise stay drained (writes wait) until `Resume`.
+        demote: bool,
+        reply: Reply<Drained>,
     },
+    Resume,
     /// Finish what was accepted, sync, and end the thread.
     Stop,
 }
@@ -305,6 +316,7 @@ pub struct Volume {
     /// The volume's role, for the link (a primary connects to its peer).
     role: Arc<tokio::sync::watch::Sender<Role>>,
     counters: Arc<VolumeCounters>,
+    media_path: Arc<std::path::Path>,
 }
 
 impl Volume {
@@ -350,6 +362,8 @@ impl Volume {
             geo: cfg.geometry,
             outbox,
             aside,
+            aside_epoch: 0,
+            media_path: cfg.media.clone(),
             media: media.clone(),
             store,
             pending: BTreeMap::new(),
@@ -367,7 +381,17 @@ impl Volume {
             demotion: None,
         };
         let handle = std::thread::Builder::new().name(format!("volume-{}", cfg.name)).spawn(move || driver.run(rx)).expect("spawn");
-        let volume = Volume { tx, media, name, description: cfg.description.as_str().into(), failed, serving, role, counters };
+        let volume = Volume {
+            tx,
+            media,
+            name,
+            description: cfg.description.as_str().into(),
+            failed,
+            serving,
+            role,
+            counters,
+            media_path: cfg.media.as_path().into(),
+        };
         Ok((volume, handle))
     }
 
@@ -382,6 +406,11 @@ impl Volume {
     }
     pub fn counters(&self) -> &VolumeCounters {
         &self.counters
+    }
+
+    /// The side files of past failbacks (`<media>.aside.e<epoch>`) and their extent counts.
+    pub fn aside_files(&self) -> Vec<(std::path::PathBuf, u64)> {
+        crate::aside::Aside::list(&self.media_path)
     }
 
     /// The volume's role now, and each change of it.
@@ -421,8 +450,36 @@ impl Volume {
     /// Planned demotion of a primary: stops accepting writes, waits (up to `deadline`) until
     /// the peer has applied everything, then becomes a secondary of the same epoch. On
     /// timeout the drain ends and the volume serves again.
-    pub fn demote(&self, deadline: Duration, reply: Reply<Epoch>) {
-        self.submit(Input::Demote { deadline, reply });
+    pub fn demote(&self, deadline: Duration, reply: Reply<Drained>) {
+        self.submit(Input::Drain { deadline, demote: true, reply });
+    }
+
+    /// Stops accepting writes and waits (up to `deadline`) until the peer has applied
+    /// everything; the volume stays drained until `resume` or a demotion.
+    pub fn drain(&self, deadline: Duration, reply: Reply<Drained>) {
+        self.submit(Input::Drain { deadline, demote: false, reply });
+    }
+
+    /// Ends a drain: the volume takes writes again.
+    pub fn resume(&self) {
+        self.submit(Input::Resume);
+    }
+
+    /// CRC-32C of each extent's content on this site's media (blocking; off the async
+    /// threads). With the volume drained, both sites' answers must agree.
+    pub fn checksums(&self, extents: &[u64], extent_bytes: u64) -> Result<Vec<u32>, HostError> {
+        let mut buf = vec![0u8; extent_bytes as usize];
+        let mut out = Vec::with_capacity(extents.len());
+        for e in extents {
+            let start = e * extent_bytes;
+            let len = extent_bytes.min(self.media.size_bytes().saturating_sub(start)) as usize;
+            if len == 0 {
+                return Err(HostError::OutOfRange);
+            }
+            self.media.read_at(&mut buf[..len], start).map_err(|_| HostError::Media)?;
+            out.push(crc32c::crc32c(&buf[..len]));
+        }
+        Ok(out)
     }
 
     pub fn flush(&self, done: Completion) {
@@ -436,8 +493,8 @@ impl Volume {
             match input {
                 Input::Write { done, .. } | Input::Flush { done } => done(Err(HostError::NotServing)),
                 Input::Promote { reply, .. } => reply(Err("the volume has stopped".into())),
-                Input::Demote { reply, .. } => reply(Err("the volume has stopped".into())),
-                Input::Synced { .. } | Input::Stop | Input::Link(_) | Input::Status(_) | Input::WhenDrained(_) => {}
+                Input::Drain { reply, .. } => reply(Err("the volume has stopped".into())),
+                Input::Synced { .. } | Input::Stop | Input::Link(_) | Input::Status(_) | Input::WhenDrained(_) | Input::Resume => {}
             }
         }
     }
@@ -480,7 +537,10 @@ struct Driver {
     cfg: CoreConfig,
     geo: Geometry,
     outbox: Option<tokio::sync::mpsc::UnboundedSender<Outbound>>,
+    /// The side file of the current failback (its epoch), opened on first use.
     aside: Aside,
+    aside_epoch: u64,
+    media_path: std::path::PathBuf,
     media: Arc<Media>,
     store: Box<dyn Store>,
     pending: BTreeMap<RequestId, Completion>,
@@ -502,8 +562,9 @@ struct Driver {
 
 struct Demotion {
     deadline: Instant,
+    demote: bool,
     demoted: bool,
-    reply: Reply<Epoch>,
+    reply: Reply<Drained>,
 }
 
 impl Driver {
@@ -611,13 +672,22 @@ impl Driver {
                     Err(e) => reply(Err(e.to_string())),
                 },
             },
-            Input::Demote { deadline, reply } => match &mut self.core {
-                Machine::Secondary(s) => reply(Ok(s.epoch())),
+            Input::Resume => {
+                if let Machine::Primary(p) = &mut self.core {
+                    if self.demotion.is_none() && p.phase() == geomirror_core::Phase::Draining {
+                        tracing::warn!(volume = %self.name, "drain ended: taking writes again");
+                        p.end_drain(now);
+                    }
+                }
+            }
+            Input::Drain { deadline, demote, reply } => match &mut self.core {
+                Machine::Secondary(s) if demote => reply(Ok(Drained { epoch: s.epoch(), record: Vec::new() })),
+                Machine::Secondary(_) => reply(Err("a secondary has nothing to drain".into())),
                 Machine::Primary(_) if self.demotion.is_some() => reply(Err("a demotion is already under way".into())),
                 Machine::Primary(p) => match p.begin_drain() {
                     Ok(()) => {
-                        tracing::warn!(volume = %self.name, ?deadline, "draining for a demotion: new writes wait until it ends");
-                        self.demotion = Some(Demotion { deadline: Instant::now() + deadline, demoted: false, reply });
+                        tracing::warn!(volume = %self.name, ?deadline, demote, "draining: new writes wait until it ends");
+                        self.demotion = Some(Demotion { deadline: Instant::now() + deadline, demote, demoted: false, reply });
                     }
                     Err(e) => reply(Err(format!("cannot drain now ({e:?}): the primary is not serving"))),
                 },
@@ -638,7 +708,11 @@ impl Driver {
             return;
         }
         let Machine::Primary(p) = &mut self.core else { return };
-        if p.is_drained() {
+        if p.is_drained() && !d.demote {
+            let record = p.record_copy().iter().map(|(e, _)| e.0).collect();
+            let d = self.demotion.take().expect("present");
+            (d.reply)(Ok(Drained { epoch: p.epoch(), record }));
+        } else if p.is_drained() {
             match p.demote() {
                 Ok(()) => d.demoted = true,
                 Err(e) => {
@@ -725,6 +799,14 @@ impl Driver {
                     }
                 }
                 Action::SaveAside { extent } => {
+                    let epoch = match &self.core {
+                        Machine::Secondary(s) => s.epoch().0,
+                        Machine::Primary(p) => p.epoch().0,
+                    };
+                    if self.aside_epoch != epoch {
+                        self.aside = Aside::for_epoch(&self.media_path, epoch, self.geo);
+                        self.aside_epoch = epoch;
+                    }
                     if let Err(e) = self.aside.save(&self.media, extent) {
                         self.fail(&format!("saving extent {} aside failed: {e}", extent.0));
                     }
@@ -785,7 +867,7 @@ impl Driver {
                     }
                     if let Some(d) = self.demotion.take() {
                         (d.reply)(match state.role {
-                            Role::Secondary => Ok(state.epoch),
+                            Role::Secondary => Ok(Drained { epoch: state.epoch, record: Vec::new() }),
                             Role::Primary => Err("the volume is still primary".into()),
                         });
                     }

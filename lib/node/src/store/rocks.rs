@@ -78,6 +78,7 @@ fn encode_meta(m: Meta) -> (Vec<u8>, Vec<u8>) {
         Meta::WroteAlone(b) => ("wrote_alone", vec![b as u8]),
         Meta::PeerMayDegrade(b) => ("peer_may_degrade", vec![b as u8]),
         Meta::FailbackPending(b) => ("failback_pending", vec![b as u8]),
+        Meta::SaveAsideOnResync(b) => ("save_aside_on_resync", vec![b as u8]),
         Meta::Incarnation(v) => ("incarnation", v.to_be_bytes().to_vec()),
     };
     (keys::meta_key(name), value)
@@ -103,6 +104,7 @@ fn all_meta(s: &SiteState) -> Vec<StoreWrite> {
         Meta::WroteAlone(s.wrote_alone),
         Meta::PeerMayDegrade(s.peer_may_degrade),
         Meta::FailbackPending(s.failback_pending),
+        Meta::SaveAsideOnResync(s.save_aside_on_resync),
         Meta::Incarnation(s.incarnation),
     ]
     .into_iter()
@@ -199,6 +201,7 @@ impl RocksStore {
                 "peer_may_degrade" => s.peer_may_degrade = bool_of(name, &v)?,
                 // Absent in stores made before it existed: false.
                 "failback_pending" => s.failback_pending = bool_of(name, &v)?,
+                "save_aside_on_resync" => s.save_aside_on_resync = bool_of(name, &v)?,
                 "incarnation" => s.incarnation = u64_of(name, &v)?,
                 other => return Err(self.corrupt(format!("unknown meta key {other:?}"))),
             }

@@ -33,6 +33,7 @@ fn batch(seed: u64, i: u64) -> Vec<StoreWrite> {
                 92 => StoreWrite::Meta(Meta::WroteAlone(rng.gen())),
                 93 => StoreWrite::Meta(Meta::PeerMayDegrade(rng.gen())),
                 94 => StoreWrite::Meta(Meta::FailbackPending(rng.gen())),
+                95 => StoreWrite::Meta(Meta::SaveAsideOnResync(rng.gen())),
                 _ => StoreWrite::Meta(Meta::Incarnation(i)),
             }
         })
