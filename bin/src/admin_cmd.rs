@@ -169,6 +169,19 @@ pub fn promote(a: AdminArgs, force: bool, reason: String) -> Result<()> {
     print_transition(&a, json, "promoted")
 }
 
+pub fn resolve_split_brain(a: AdminArgs, reason: String) -> Result<()> {
+    let json = call(&a, "POST", "/v1/resolve-split-brain", Some(serde_json::json!({ "reason": reason })))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!(
+            "split brain resolved: {} keeps its data; its peer saves its own aside and is resynced",
+            json["site"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
 pub fn demote(a: AdminArgs, reason: String, drain_timeout_secs: u64) -> Result<()> {
     let body = serde_json::json!({ "reason": reason, "drain_timeout_secs": drain_timeout_secs });
     let json = call(&a, "POST", "/v1/demote", Some(body))?;

@@ -135,6 +135,19 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         drain_timeout: u64,
     },
+    /// After a split brain, keep this site's data: the other site saves its own divergent
+    /// extents aside (listed in its status) and is resynced from this one.
+    ///
+    /// A split brain (both sites took writes under different epochs) is reported by both
+    /// sites' status and never resolved on its own. Run this against the site whose data
+    /// wins: the primary of the newer epoch.
+    #[command(name = "resolve-split-brain")]
+    ResolveSplitBrain {
+        #[command(flatten)]
+        admin: admin_cmd::AdminArgs,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Follow the failback onto the returning old primary, or estimate it (--dry-run).
     ///
     /// Run it against the promoted site. Once the old primary is back, it finds the newer
@@ -346,6 +359,7 @@ fn main() -> Result<()> {
         Command::Promote { admin, force, reason } => admin_cmd::promote(admin, force, reason),
         Command::Demote { admin, reason, drain_timeout } => admin_cmd::demote(admin, reason, drain_timeout),
         Command::Failback { admin, dry_run } => admin_cmd::failback(admin, dry_run),
+        Command::ResolveSplitBrain { admin, reason } => admin_cmd::resolve_split_brain(admin, reason),
         Command::Switchover { admin, peer, reason, drain_timeout } => admin_cmd::switchover(admin, peer, reason, drain_timeout),
     }
 }

@@ -107,6 +107,7 @@ pub async fn start(
         .route("/v1/drain", post(drain))
         .route("/v1/resume", post(resume))
         .route("/v1/checksums", post(checksums))
+        .route("/v1/resolve-split-brain", post(resolve_split_brain))
         .with_state(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
@@ -573,4 +574,29 @@ async fn checksums(
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("cannot read those extents: {e:?}")))?;
     Ok(Json(serde_json::json!({ "volume": req.volume, "crc32c": sums })))
+}
+
+/// After a split brain, keeps this site's data: the peer saves its divergent extents aside
+/// and is resynced from here. Nothing is resolved until an operator calls this.
+async fn resolve_split_brain(
+    State(st): State<Arc<AppState>>,
+    Extension(peer): Extension<PeerCert>,
+    headers: HeaderMap,
+    body: Option<Json<TransitionRequest>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = authorize(&peer, &headers, st.token.as_deref())?;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    tracing::warn!(site = st.site.site, who = %caller, why = req.reason, "split-brain resolution requested: keep this site's data");
+    for v in &st.site.volumes {
+        let (tx, rx) = oneshot::channel();
+        v.resolve_split_brain(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        match tokio::time::timeout(OPERATION_TIMEOUT, rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name()))),
+            _ => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
+        }
+    }
+    Ok(Json(serde_json::json!({ "site": st.site.site, "kept": true })))
 }

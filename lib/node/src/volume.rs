@@ -93,6 +93,11 @@ enum Input {
         reply: Reply<Drained>,
     },
     Resume,
+    /// Keep this primary's data after a split brain: the peer saves its own aside and is
+    /// resynced from here.
+    ResolveSplitBrain {
+        reply: Reply<()>,
+    },
     /// Finish what was accepted, sync, and end the thread.
     Stop,
 }
@@ -460,6 +465,11 @@ impl Volume {
         self.submit(Input::Drain { deadline, demote: false, reply });
     }
 
+    /// After a split brain, keeps this (primary) site's data: see `Primary::resolve_split_brain`.
+    pub fn resolve_split_brain(&self, reply: Reply<()>) {
+        self.submit(Input::ResolveSplitBrain { reply });
+    }
+
     /// Ends a drain: the volume takes writes again.
     pub fn resume(&self) {
         self.submit(Input::Resume);
@@ -494,6 +504,7 @@ impl Volume {
                 Input::Write { done, .. } | Input::Flush { done } => done(Err(HostError::NotServing)),
                 Input::Promote { reply, .. } => reply(Err("the volume has stopped".into())),
                 Input::Drain { reply, .. } => reply(Err("the volume has stopped".into())),
+                Input::ResolveSplitBrain { reply } => reply(Err("the volume has stopped".into())),
                 Input::Synced { .. } | Input::Stop | Input::Link(_) | Input::Status(_) | Input::WhenDrained(_) | Input::Resume => {}
             }
         }
@@ -671,6 +682,15 @@ impl Driver {
                     Err(geomirror_core::PromoteError::InProgress) => self.promote_waiters.push((None, reply)),
                     Err(e) => reply(Err(e.to_string())),
                 },
+            },
+            Input::ResolveSplitBrain { reply } => match &mut self.core {
+                Machine::Primary(p) if p.split_brain() => {
+                    tracing::warn!(volume = %self.name, "split brain resolved in favour of this site: the peer saves its own data aside and is resynced from here");
+                    p.resolve_split_brain(now);
+                    reply(Ok(()));
+                }
+                Machine::Primary(_) => reply(Err("no split brain is being held on this site (is the peer connected?)".into())),
+                Machine::Secondary(_) => reply(Err("run this on the site whose data you keep, the primary of the newer epoch".into())),
             },
             Input::Resume => {
                 if let Machine::Primary(p) = &mut self.core {
