@@ -182,6 +182,16 @@ pub fn resolve_split_brain(a: AdminArgs, reason: String) -> Result<()> {
     Ok(())
 }
 
+pub fn resume(a: AdminArgs, reason: String) -> Result<()> {
+    let json = call(&a, "POST", "/v1/resume", Some(serde_json::json!({ "reason": reason })))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        println!("{} takes writes again", json["site"].as_str().unwrap_or("the site"));
+    }
+    Ok(())
+}
+
 pub fn demote(a: AdminArgs, reason: String, drain_timeout_secs: u64) -> Result<()> {
     let body = serde_json::json!({ "reason": reason, "drain_timeout_secs": drain_timeout_secs });
     let json = call(&a, "POST", "/v1/demote", Some(body))?;

@@ -24,10 +24,12 @@ durable, predictive record of the extents the host is about to write: writes to 
 acknowledged at local-disk speed and shipped asynchronously; a write to an unrecorded extent first updates \
 the record synchronously. So the secondary always knows a superset of what may differ between the sites, \
 and failback copies only that.\n\n\
-Commands: `run` starts a site from its config file and serves its volumes over NBD (a site without a peer \
-for now); `replay` measures prediction on a workload or a block trace; `simulate` runs the deterministic \
-two-site fault simulation.",
-    after_help = "Examples:\n  geomirror run --config /etc/geomirror/site.toml\n  geomirror replay --workload sequential --workload zipf\n  geomirror replay --trace msr.csv --format msr --capacities 256,4096\n  geomirror simulate --seeds 1000\n  geomirror simulate --seed 42 --trace 2> seed42.log"
+Commands: `run` starts a site from its config file and serves its volumes over NBD, mirrored to its peer; \
+`certs` makes the deployment's certificates; `status`, `promote`, `demote`, `failback`, `switchover`, `resume` \
+and `resolve-split-brain` talk to a running site's admin API (docs/operations.md is the runbook); `wan-emu` \
+puts an emulated WAN between two sites on one machine; `replay` measures prediction on a workload or a block \
+trace; `simulate` runs the deterministic two-site fault simulation.",
+    after_help = "Examples:\n  geomirror run --config /etc/geomirror/site.toml\n  geomirror status --config /etc/geomirror/dc2.toml --cert admin-ops.pem --key admin-ops.key\n  geomirror promote --config /etc/geomirror/dc2.toml --cert admin-ops.pem --key admin-ops.key --reason \"dc1 lost\"\n  geomirror replay --workload sequential --workload zipf\n  geomirror replay --trace msr.csv --format msr --capacities 256,4096\n  geomirror simulate --seeds 1000\n  geomirror simulate --seed 42 --trace 2> seed42.log"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,7 +41,8 @@ enum Command {
     /// Start a site from its config file and serve its volumes over NBD until Ctrl-C.
     ///
     /// Opens (or creates, sparse) each volume's media file, then listens for NBD clients and
-    /// prints one `nbd://` URL per volume on standard output. Logs go to standard error; set
+    /// prints one `nbd://` URL per volume on standard output; with a [peer], also the UDP
+    /// replication address and the admin API's https:// address. Logs go to standard error; set
     /// RUST_LOG=debug for every refused request. On Ctrl-C or SIGTERM the site stops
     /// accepting, answers every request it has read, syncs the media and exits 0.
     ///
@@ -143,6 +146,13 @@ enum Command {
     /// wins: the primary of the newer epoch.
     #[command(name = "resolve-split-brain")]
     ResolveSplitBrain {
+        #[command(flatten)]
+        admin: admin_cmd::AdminArgs,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End a drain left behind by an interrupted switchover: the primary takes writes again.
+    Resume {
         #[command(flatten)]
         admin: admin_cmd::AdminArgs,
         #[arg(long, default_value = "")]
@@ -359,6 +369,7 @@ fn main() -> Result<()> {
         Command::Promote { admin, force, reason } => admin_cmd::promote(admin, force, reason),
         Command::Demote { admin, reason, drain_timeout } => admin_cmd::demote(admin, reason, drain_timeout),
         Command::Failback { admin, dry_run } => admin_cmd::failback(admin, dry_run),
+        Command::Resume { admin, reason } => admin_cmd::resume(admin, reason),
         Command::ResolveSplitBrain { admin, reason } => admin_cmd::resolve_split_brain(admin, reason),
         Command::Switchover { admin, peer, reason, drain_timeout } => admin_cmd::switchover(admin, peer, reason, drain_timeout),
     }
