@@ -17,8 +17,12 @@ fn options() -> PairOptions {
 }
 
 fn setup(dir: &Path) -> (Site, Site, geomirror_tests::pair::WanEmu, geomirror_tests::pair::WanEmu) {
+    setup_with(dir, options())
+}
+
+fn setup_with(dir: &Path, o: PairOptions) -> (Site, Site, geomirror_tests::pair::WanEmu, geomirror_tests::pair::WanEmu) {
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
-    let (dc1, dc2, a, b) = two_sites_both_ways(Path::new(BIN), dir, &options());
+    let (dc1, dc2, a, b) = two_sites_both_ways(Path::new(BIN), dir, &o);
     remember(dir, "dc1", &dc1);
     remember(dir, "dc2", &dc2);
     (dc1, dc2, a, b)
@@ -339,6 +343,166 @@ fn a_split_brain_is_reported_on_both_sides_and_nothing_is_destroyed() {
     let aside = std::fs::read(files.last().unwrap()["path"].as_str().unwrap()).unwrap();
     assert!(aside[2 << 20..(2 << 20) + 65536].iter().all(|b| *b == 0x22), "dc1's own write is not in its side file");
     let (mut dc1, mut dc2) = (dc1, dc2);
+    let (status, log) = dc2.stop();
+    assert!(status.success(), "{log}");
+    let (status, log) = dc1.stop();
+    assert!(status.success(), "{log}");
+    let out = run_ok(
+        tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw"]).arg(dir.join("dc1.img")).arg(dir.join("dc2.img")),
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+/// The version of a stamped block (see `stamped_writer.py`) in an image: 0 when never
+/// written; a block that is neither zero nor a valid stamp of itself fails the test.
+fn stamp_version(image: &[u8], block: u64) -> u64 {
+    let b = &image[block as usize * 4096..(block as usize + 1) * 4096];
+    if b.iter().all(|x| *x == 0) {
+        return 0;
+    }
+    let (body, crc) = b.split_at(4092);
+    assert_eq!(crc32fast_ieee(body).to_be_bytes(), crc, "block {block} is torn or foreign");
+    let at = |i: usize| u64::from_be_bytes(body[i * 8..i * 8 + 8].try_into().unwrap());
+    assert_eq!(at(0), block, "block {block} holds another block's data");
+    at(1)
+}
+
+/// CRC-32 (IEEE, as Python's zlib.crc32), bitwise: the checker needs nothing of geomirror.
+fn crc32fast_ieee(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in data {
+        crc ^= *byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// The failover drill of TESTING.md: a host writes stamped blocks while an outside history
+/// records each write before it is sent and after it is acknowledged; `kill -9` hits the
+/// primary after a random number of acknowledged writes; the secondary is promoted. Then:
+/// the promoted image is the history applied up to some write k (prefix consistency, O3),
+/// and every acknowledged write missing from it lies in an extent of the failback set, the
+/// record at promotion (O1). The old primary then fails back and the images end equal.
+#[test]
+fn failover_drill_with_a_stamped_history() {
+    const BLOCKS: u64 = 8192; // 32 MiB: 32 extents of 1 MiB
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // An 80 ms path of 2 Mbit/s, slower than the host writes: acknowledged writes queue up
+    // behind it and are lost with the primary.
+    let o = PairOptions {
+        link: "rtt_ms = 80\nbandwidth_mbps = 2\nidle_timeout_ms = 3000\n".into(),
+        wan: ["--rtt-ms", "80", "--rate-mbps", "2"].map(String::from).to_vec(),
+        ..options()
+    };
+    let (mut dc1, mut dc2, to_dc2, to_dc1) = setup_with(dir, o.clone());
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000;
+    let kill_after = 200 + seed % 600;
+    eprintln!("drill seed {seed}: kill -9 after {kill_after} acknowledged writes");
+    let history = dir.join("history");
+    let writer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/stamped_writer.py");
+    assert!(Path::new("/usr/bin/nbdsh").exists(), "libnbd for Python is not installed: run tests/run (apt-get install python3-libnbd)");
+    let mut host = Command::new("/usr/bin/python3")
+        .arg(&writer)
+        .arg(dc1.url("vol0"))
+        .arg(&history)
+        .arg(seed.to_string())
+        .arg(BLOCKS.to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let acked = |h: &str| h.lines().filter(|l| l.starts_with("A ")).count() as u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked(&std::fs::read_to_string(&history).unwrap_or_default()) < kill_after {
+        if let Some(status) = host.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(host.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the writer ended early ({status}): {err}");
+        }
+        assert!(Instant::now() < deadline, "the host's writes are not being acknowledged");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    dc1.kill();
+    let _ = host.wait();
+    wait_for(dir, "dc2", "disconnected", |v| v["link_up"] == false);
+    let out = cli(dir, "promote", "dc2", &["--reason", "drill"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Stop the promoted site before it takes any write, to read its image and its failback
+    // set (the record at promotion, now its dirty map) from its RocksDB store. The promotion
+    // was durable before it was reported, so `kill -9` loses nothing of it.
+    dc2.kill();
+    let store = geomirror_node::store::RocksStore::open(&dir.join("dc2-state/vol0"), geomirror_core::Role::Primary).unwrap();
+    let failback_set = geomirror_node::store::Store::load(&store).dirty;
+    drop(store);
+    let image = std::fs::read(dir.join("dc2.img")).unwrap();
+
+    // The history: every write in the order sent (one at a time), and which were acknowledged.
+    let text = std::fs::read_to_string(&history).unwrap();
+    let mut order: Vec<(u64, u64)> = Vec::new();
+    let mut acknowledged = std::collections::BTreeSet::new();
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (b, v) = (f[1].parse::<u64>().unwrap(), f[2].parse::<u64>().unwrap());
+        match f[0] {
+            "W" => order.push((b, v)),
+            "A" => {
+                acknowledged.insert((b, v));
+            }
+            _ => {}
+        }
+    }
+    let index: std::collections::BTreeMap<(u64, u64), usize> = order.iter().enumerate().map(|(i, w)| (*w, i)).collect();
+    let versions: Vec<u64> = (0..BLOCKS).map(|b| stamp_version(&image, b)).collect();
+    // The smallest k the image can be a prefix at: the latest write it shows.
+    let mut k: Option<usize> = None;
+    for (b, v) in versions.iter().enumerate() {
+        if *v > 0 {
+            let i = *index.get(&(b as u64, *v)).unwrap_or_else(|| panic!("block {b} version {v} was never written"));
+            k = k.max(Some(i));
+        }
+    }
+    let applied = k.map_or(0, |k| k + 1);
+    let mut expected = vec![0u64; BLOCKS as usize];
+    for (b, v) in &order[..applied] {
+        expected[*b as usize] = *v;
+    }
+    for b in 0..BLOCKS as usize {
+        assert_eq!(versions[b], expected[b], "block {b}: the promoted image is not the history's first {applied} writes (O3)");
+    }
+    // Acknowledged writes the promoted image lacks: all inside the failback set (O1).
+    let mut missing = 0;
+    for (b, v) in &acknowledged {
+        if versions[*b as usize] < *v {
+            missing += 1;
+            let extent = geomirror_core::ExtentId(b * 4096 / (1 << 20));
+            assert!(failback_set.contains(&extent), "acknowledged write {b}/{v} is missing outside the record at promotion (O1)");
+        }
+    }
+    eprintln!(
+        "drill: {} writes sent, {} acknowledged; the promoted image is the first {applied}; {missing} acknowledged write(s) missing, all in the {} extent(s) of the failback set",
+        order.len(),
+        acknowledged.len(),
+        failback_set.len()
+    );
+
+    // Fail back over a faster link (64 MiB at 2 Mbit/s would take minutes): the old primary
+    // returns, fences itself and is resynced.
+    let fast = PairOptions { link: "rtt_ms = 80\nidle_timeout_ms = 3000\n".into(), ..o };
+    let (p1, p2) = (dc1.replication.unwrap().port(), dc2.replication.unwrap().port());
+    geomirror_tests::pair::site_config(dir, "dc1", "dc2", "primary", p1, to_dc2.port, &fast);
+    geomirror_tests::pair::site_config(dir, "dc2", "dc1", "secondary", p2, to_dc1.port, &fast);
+    for emu in [&to_dc2, &to_dc1] {
+        assert!(emu.command("rate-mbps 0").starts_with("ok"));
+    }
+    dc2.start_again();
+    remember(dir, "dc2", &dc2);
+    dc1.start_again();
+    remember(dir, "dc1", &dc1);
+    wait_for(dir, "dc1", "a secondary of epoch 2", |v| v["role"] == "secondary" && v["epoch"] == 2);
+    wait_for(dir, "dc2", "drained onto dc1", |v| v["drained"] == true && v["link_up"] == true);
     let (status, log) = dc2.stop();
     assert!(status.success(), "{log}");
     let (status, log) = dc1.stop();
