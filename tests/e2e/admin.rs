@@ -502,7 +502,11 @@ fn failover_drill_with_a_stamped_history() {
     dc1.start_again();
     remember(dir, "dc1", &dc1);
     wait_for(dir, "dc1", "a secondary of epoch 2", |v| v["role"] == "secondary" && v["epoch"] == 2);
-    wait_for(dir, "dc2", "drained onto dc1", |v| v["drained"] == true && v["link_up"] == true);
+    let s = wait_for(dir, "dc2", "drained onto dc1", |v| v["drained"] == true && v["link_up"] == true);
+    let copied = s["volumes"][0]["resync_bytes_copied"].as_u64().unwrap();
+    let bound = failback_set.len() as u64 * (1 << 20);
+    assert!(copied <= bound, "failback copied {copied} bytes, more than the failback set's {bound}");
+    eprintln!("drill: failback copied {copied} bytes (failback set: {bound} bytes)");
     let (status, log) = dc2.stop();
     assert!(status.success(), "{log}");
     let (status, log) = dc1.stop();
