@@ -120,7 +120,9 @@ pub async fn start(
                 a = listener.accept() => match a {
                     Ok(a) => a,
                     Err(e) => {
+                        // Out of file descriptors, say: back off rather than spin.
                         tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
