@@ -308,6 +308,23 @@ async fn volume_status(v: &Volume) -> Result<VolumeStatus, ApiError> {
     }
 }
 
+/// Asks a volume's driver for an operator's request and waits (up to `wait`) for its reply:
+/// a refusal becomes 409 with the volume's reason, silence 503.
+async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&Volume, crate::volume::Reply<T>)) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    send(
+        v,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(Ok(t))) => Ok(t),
+        Ok(Ok(Err(e))) => Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name()))),
+        _ => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
+    }
+}
+
 async fn status(
     State(st): State<Arc<AppState>>,
     Extension(peer): Extension<PeerCert>,
@@ -374,21 +391,9 @@ async fn promote(
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, force = req.force, "promote requested");
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
-        let (tx, rx) = oneshot::channel();
-        v.promote(
-            req.force,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        let outcome = match tokio::time::timeout(OPERATION_TIMEOUT, rx).await {
-            Ok(Ok(Ok(o))) => o,
-            Ok(Ok(Err(e))) => {
-                tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, error = e, "promote refused");
-                return Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name())));
-            }
-            _ => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
-        };
+        let outcome = ask(v, OPERATION_TIMEOUT, |v, reply| v.promote(req.force, reply))
+            .await
+            .inspect_err(|e| tracing::warn!(site = st.site.site, who = %caller, error = e.1, "promote refused"))?;
         volumes.push(match outcome {
             PromoteOutcome::Promoted(r) => {
                 let warning = (!r.authoritative || !r.consistent).then(|| {
@@ -445,21 +450,10 @@ async fn demote(
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
         let was_primary = volume_status(v).await?.role == Role::Primary;
-        let (tx, rx) = oneshot::channel();
-        v.demote(
-            drain,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        let epoch = match tokio::time::timeout(drain + OPERATION_TIMEOUT, rx).await {
-            Ok(Ok(Ok(d))) => d.epoch,
-            Ok(Ok(Err(e))) => {
-                tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, error = e, "demote failed");
-                return Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name())));
-            }
-            _ => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
-        };
+        let epoch = ask(v, drain + OPERATION_TIMEOUT, |v, reply| v.demote(drain, reply))
+            .await
+            .inspect_err(|e| tracing::warn!(site = st.site.site, who = %caller, error = e.1, "demote failed"))?
+            .epoch;
         if was_primary {
             tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, why = req.reason, epoch = epoch.0, "demoted to secondary");
         }
@@ -507,22 +501,15 @@ async fn drain(
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, ?timeout, "drain requested");
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
-        let (tx, rx) = oneshot::channel();
-        v.drain(
-            timeout,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        match tokio::time::timeout(timeout + OPERATION_TIMEOUT, rx).await {
-            Ok(Ok(Ok(d))) => volumes.push(DrainedVolume { name: v.name().into(), epoch: d.epoch.0, record: d.record }),
-            Ok(Ok(Err(e))) => {
+        match ask(v, timeout + OPERATION_TIMEOUT, |v, reply| v.drain(timeout, reply)).await {
+            Ok(d) => volumes.push(DrainedVolume { name: v.name().into(), epoch: d.epoch.0, record: d.record }),
+            Err(e) => {
+                // Nothing is left half drained: every volume takes writes again.
                 for v in &st.site.volumes {
                     v.resume();
                 }
-                return Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name())));
+                return Err(e);
             }
-            _ => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
         }
     }
     Ok(Json(DrainReport { site: st.site.site.clone(), volumes }))
@@ -590,15 +577,7 @@ async fn resolve_split_brain(
     let req = body.map(|Json(b)| b).unwrap_or_default();
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, "split-brain resolution requested: keep this site's data");
     for v in &st.site.volumes {
-        let (tx, rx) = oneshot::channel();
-        v.resolve_split_brain(Box::new(move |r| {
-            let _ = tx.send(r);
-        }));
-        match tokio::time::timeout(OPERATION_TIMEOUT, rx).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => return Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name()))),
-            _ => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
-        }
+        ask(v, OPERATION_TIMEOUT, Volume::resolve_split_brain).await?;
     }
     Ok(Json(serde_json::json!({ "site": st.site.site, "kept": true })))
 }
