@@ -79,15 +79,35 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
 }
 
-/// Makes the call; an error answer becomes an error with the API's sentence.
-fn call(a: &AdminArgs, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value> {
-    let client = a.client()?;
-    let (status, json) = runtime()?.block_on(client.call(method, path, body))?;
+/// Makes one call with `client`; an error answer becomes an error with the API's sentence.
+fn request(
+    rt: &tokio::runtime::Runtime,
+    client: &AdminClient,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let (status, json) = rt.block_on(client.call(method, path, body))?;
     if !(200..300).contains(&status) {
         let why = json.get("error").and_then(|e| e.as_str()).map_or_else(|| json.to_string(), str::to_owned);
         bail!("the site refused ({status}): {why}");
     }
     Ok(json)
+}
+
+/// One call to the site `a` names.
+fn call(a: &AdminArgs, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value> {
+    request(&runtime()?, &a.client()?, method, path, body)
+}
+
+/// Prints the API's JSON with --json, else the sentence `text` makes of it.
+fn answer(a: &AdminArgs, json: &serde_json::Value, text: impl FnOnce(&serde_json::Value) -> String) -> Result<()> {
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(json)?);
+    } else {
+        println!("{}", text(json));
+    }
+    Ok(())
 }
 
 pub fn status(a: AdminArgs) -> Result<()> {
@@ -171,25 +191,14 @@ pub fn promote(a: AdminArgs, force: bool, reason: String) -> Result<()> {
 
 pub fn resolve_split_brain(a: AdminArgs, reason: String) -> Result<()> {
     let json = call(&a, "POST", "/v1/resolve-split-brain", Some(serde_json::json!({ "reason": reason })))?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
-    } else {
-        println!(
-            "split brain resolved: {} keeps its data; its peer saves its own aside and is resynced",
-            json["site"].as_str().unwrap_or("?")
-        );
-    }
-    Ok(())
+    answer(&a, &json, |j| {
+        format!("split brain resolved: {} keeps its data; its peer saves its own aside and is resynced", j["site"].as_str().unwrap_or("?"))
+    })
 }
 
 pub fn resume(a: AdminArgs, reason: String) -> Result<()> {
     let json = call(&a, "POST", "/v1/resume", Some(serde_json::json!({ "reason": reason })))?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
-    } else {
-        println!("{} takes writes again", json["site"].as_str().unwrap_or("the site"));
-    }
-    Ok(())
+    answer(&a, &json, |j| format!("{} takes writes again", j["site"].as_str().unwrap_or("the site")))
 }
 
 pub fn demote(a: AdminArgs, reason: String, drain_timeout_secs: u64) -> Result<()> {
@@ -201,13 +210,7 @@ pub fn demote(a: AdminArgs, reason: String, drain_timeout_secs: u64) -> Result<(
 pub fn failback(a: AdminArgs, dry_run: bool) -> Result<()> {
     let client = a.client()?;
     let rt = runtime()?;
-    let status = |c: &AdminClient| -> Result<StatusReport> {
-        let (code, json) = rt.block_on(c.call("GET", "/v1/status", None))?;
-        if code != 200 {
-            bail!("the site refused ({code}): {json}");
-        }
-        Ok(serde_json::from_value(json)?)
-    };
+    let status = |c: &AdminClient| -> Result<StatusReport> { Ok(serde_json::from_value(request(&rt, c, "GET", "/v1/status", None)?)?) };
     let s = status(&client)?;
     if s.volumes.iter().any(|v| v.role != "primary") {
         bail!("{} is not the primary: run failback against the site that was promoted (the old primary rejoins as its secondary)", s.site);
@@ -287,14 +290,7 @@ pub fn switchover(a: AdminArgs, peer: PeerArgs, reason: String, drain_timeout: u
     };
     let secondary = peer_args.client()?;
     let rt = runtime()?;
-    let call = |c: &AdminClient, method: &str, path: &str, body: Option<serde_json::Value>| -> Result<serde_json::Value> {
-        let (code, json) = rt.block_on(c.call(method, path, body))?;
-        if !(200..300).contains(&code) {
-            let why = json.get("error").and_then(|e| e.as_str()).map_or_else(|| json.to_string(), str::to_owned);
-            bail!("refused ({code}): {why}");
-        }
-        Ok(json)
-    };
+    let call = |c: &AdminClient, method: &str, path: &str, body: Option<serde_json::Value>| request(&rt, c, method, path, body);
     let body = serde_json::json!({ "reason": reason, "drain_timeout_secs": drain_timeout });
     eprintln!("1/4 draining the primary (writes wait) until its peer holds every write");
     let drained: geomirror_node::admin::DrainReport =
