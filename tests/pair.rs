@@ -2,7 +2,7 @@
 //! `geomirror wan-emu` process in front of the secondary, and site configs written into one
 //! directory with certificates from `geomirror certs`.
 
-use crate::site::{run_ok, Site};
+use crate::site::{run_ok, tool, Site};
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -165,4 +165,18 @@ pub fn two_sites_both_ways(bin: &Path, dir: &Path, o: &PairOptions) -> (Site, Si
     site_config(dir, "dc2", "dc1", "secondary", replication_port(&dc2), to_dc1.port, o);
     dc2.restart();
     (dc1, dc2, to_dc2, to_dc1)
+}
+
+/// Stops `first` (a primary drains to its peer first), then `second`, asserting that both
+/// exit cleanly, and that `dc1.img` and `dc2.img` in `dir` are identical. Returns both logs.
+pub fn stop_both_and_compare(dir: &Path, mut first: Site, mut second: Site) -> (String, String) {
+    let (status, first_log) = first.stop();
+    assert!(status.success(), "{first_log}");
+    let (status, second_log) = second.stop();
+    assert!(status.success(), "{second_log}");
+    let out = run_ok(
+        tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw"]).arg(dir.join("dc1.img")).arg(dir.join("dc2.img")),
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+    (first_log, second_log)
 }

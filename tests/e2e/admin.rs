@@ -3,8 +3,8 @@
 //! `geomirror` CLI and by a raw HTTPS client.
 
 use geomirror_node::admin_client::{AdminClient, Credentials};
-use geomirror_tests::pair::{two_sites_both_ways, PairOptions};
-use geomirror_tests::site::{run_ok, tool, Site};
+use geomirror_tests::pair::{stop_both_and_compare, two_sites_both_ways, PairOptions};
+use geomirror_tests::site::{tool, Site};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -127,7 +127,7 @@ fn the_admin_api_refuses_anonymous_and_wrong_role_calls() {
 fn failover_then_the_old_primary_fences_and_fails_back() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (mut dc1, mut dc2, to_dc2, _to_dc1) = setup(dir);
+    let (mut dc1, dc2, to_dc2, _to_dc1) = setup(dir);
     let qemu_io = |url: &str, cmd: &str| tool("qemu-io", "qemu-utils").args(["-f", "raw", url, "-c", cmd]).output().unwrap();
     let out = qemu_io(dc1.url("vol0"), "write -P 0x5a 0 8M");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
@@ -193,16 +193,9 @@ fn failover_then_the_old_primary_fences_and_fails_back() {
     let aside = std::fs::read(files[0]["path"].as_str().unwrap()).unwrap();
     assert!(aside[1 << 20..(1 << 20) + 65536].iter().all(|b| *b == 0x99), "the side file lacks dc1's last write");
 
-    let (status, log2) = dc2.stop();
-    assert!(status.success(), "{log2}");
+    let (log2, _) = stop_both_and_compare(dir, dc2, dc1);
     assert_eq!(log2.matches("promoted to primary").count(), 1, "{log2}");
     assert!(log2.contains("who=admin:ops"), "the log names who asked:\n{log2}");
-    let (status, log1) = dc1.stop();
-    assert!(status.success(), "{log1}");
-    let out = run_ok(
-        tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw"]).arg(dir.join("dc1.img")).arg(dir.join("dc2.img")),
-    );
-    assert!(out.contains("Images are identical"), "{out}");
 }
 
 /// `geomirror switchover` from `from` to `to`, as the admin `ops`.
@@ -238,8 +231,10 @@ fn a_switchover_round_trip_under_load_loses_nothing() {
     assert!(String::from_utf8_lossy(&dry.stdout).contains("a failback now copies"), "{}", String::from_utf8_lossy(&dry.stdout));
 
     for (from, to, url, epoch) in [("dc1", "dc2", dc1.url("vol0").to_owned(), 2), ("dc2", "dc1", dc2.url("vol0").to_owned(), 3)] {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let (stop, count) = (AtomicBool::new(false), AtomicUsize::new(0));
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = AtomicBool::new(false);
+        // The writer reports each acknowledgement, so the switchover can start under load.
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel::<u64>();
         let (acked, out) = std::thread::scope(|s| {
             let writer = s.spawn(|| {
                 let mut acked = Vec::new();
@@ -248,22 +243,17 @@ fn a_switchover_round_trip_under_load_loses_nothing() {
                 while !stop.load(Ordering::Relaxed) && i < end {
                     if write(&url, i) {
                         acked.push(i);
-                        count.fetch_add(1, Ordering::Relaxed);
+                        let _ = ack_tx.send(i);
                     }
                     i += 1;
                 }
                 acked
             });
             // Let the host get going first: the switchover starts under load.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while count.load(Ordering::Relaxed) < 20 {
-                assert!(
-                    Instant::now() < deadline,
-                    "the host's writes to {from} are not acknowledged: {:#} {:#}",
-                    status_json(dir, from),
-                    status_json(dir, to)
-                );
-                std::thread::sleep(Duration::from_millis(20));
+            for _ in 0..20 {
+                if ack_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                    panic!("the host's writes to {from} are not acknowledged: {:#} {:#}", status_json(dir, from), status_json(dir, to));
+                }
             }
             let out = switchover(dir, from, to);
             stop.store(true, Ordering::Relaxed);
@@ -286,16 +276,8 @@ fn a_switchover_round_trip_under_load_loses_nothing() {
         }
         eprintln!("switchover {from} -> {to}: {} acknowledged writes all present", acked.len());
     }
-    let (mut dc1, mut dc2) = (dc1, dc2);
     wait_for(dir, "dc1", "drained", |v| v["drained"] == true);
-    let (status, log) = dc1.stop();
-    assert!(status.success(), "{log}");
-    let (status, log) = dc2.stop();
-    assert!(status.success(), "{log}");
-    let out = run_ok(
-        tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw"]).arg(dir.join("dc1.img")).arg(dir.join("dc2.img")),
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    stop_both_and_compare(dir, dc1, dc2);
 }
 
 /// Split brain: the link is cut, the secondary is promoted while the old primary keeps
@@ -342,15 +324,7 @@ fn a_split_brain_is_reported_on_both_sides_and_nothing_is_destroyed() {
     assert!(!files.is_empty(), "dc1 saved nothing aside: {s1:#}");
     let aside = std::fs::read(files.last().unwrap()["path"].as_str().unwrap()).unwrap();
     assert!(aside[2 << 20..(2 << 20) + 65536].iter().all(|b| *b == 0x22), "dc1's own write is not in its side file");
-    let (mut dc1, mut dc2) = (dc1, dc2);
-    let (status, log) = dc2.stop();
-    assert!(status.success(), "{log}");
-    let (status, log) = dc1.stop();
-    assert!(status.success(), "{log}");
-    let out = run_ok(
-        tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw"]).arg(dir.join("dc1.img")).arg(dir.join("dc2.img")),
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    stop_both_and_compare(dir, dc2, dc1);
 }
 
 /// The version of a stamped block (see `stamped_writer.py`) in an image: 0 when never
@@ -410,19 +384,28 @@ fn failover_drill_with_a_stamped_history() {
         .arg(&history)
         .arg(seed.to_string())
         .arg(BLOCKS.to_string())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let acked = |h: &str| h.lines().filter(|l| l.starts_with("A ")).count() as u64;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while acked(&std::fs::read_to_string(&history).unwrap_or_default()) < kill_after {
-        if let Some(status) = host.try_wait().unwrap() {
+    // The writer prints each acknowledgement as it logs it; a thread turns the lines into
+    // messages, so the test waits on them with a deadline.
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<String>();
+    let stdout = host.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if ack_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    for _ in 0..kill_after {
+        if ack_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = host.kill();
             let mut err = String::new();
             std::io::Read::read_to_string(host.stderr.as_mut().unwrap(), &mut err).unwrap();
-            panic!("the writer ended early ({status}): {err}");
+            panic!("the host's writes are not being acknowledged (or the writer ended): {err}");
         }
-        assert!(Instant::now() < deadline, "the host's writes are not being acknowledged");
-        std::thread::sleep(Duration::from_millis(10));
     }
     dc1.kill();
     let _ = host.wait();
@@ -507,12 +490,5 @@ fn failover_drill_with_a_stamped_history() {
     let bound = failback_set.len() as u64 * (1 << 20);
     assert!(copied <= bound, "failback copied {copied} bytes, more than the failback set's {bound}");
     eprintln!("drill: failback copied {copied} bytes (failback set: {bound} bytes)");
-    let (status, log) = dc2.stop();
-    assert!(status.success(), "{log}");
-    let (status, log) = dc1.stop();
-    assert!(status.success(), "{log}");
-    let out = run_ok(
-        tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw"]).arg(dir.join("dc1.img")).arg(dir.join("dc2.img")),
-    );
-    assert!(out.contains("Images are identical"), "{out}");
+    stop_both_and_compare(dir, dc2, dc1);
 }

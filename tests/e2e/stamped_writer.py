@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """A host for failover drills: writes stamped 4 KiB blocks through NBD with libnbd, one at a
 time, and keeps the history outside geomirror. Before each write it logs "W block version",
-after the server acknowledged it "A block version". A block holds its number, its version
+after the server acknowledged it "A block version", which it also prints on standard output
+for whoever waits on the progress. A block holds its number, its version
 and the seed, a filler derived from them, and a CRC-32 of all that, so a checker can tell
 every block's version from an image alone.
 
@@ -44,6 +45,7 @@ def main():
                 log.write(f"E {b} {v} {e}\n")
                 return
             log.write(f"A {b} {v}\n")
+            print(f"A {b} {v}", flush=True)
 
 
 if __name__ == "__main__":
