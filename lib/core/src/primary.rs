@@ -402,7 +402,7 @@ impl Primary {
         }
         self.stats.writes += 1;
         let extents = self.geo.extents_of(op.offset, op.len);
-        let mut obs = self.detector.observe(now, extents.start, extents.end - 1);
+        let mut obs = self.detector.observe(now, op.offset..op.offset + op.len, extents.clone());
         if let Some(h) = &mut obs.hint {
             // A miss on a stream asks for what the stream needs, not a fixed window.
             h.want = self.lookahead(obs.stream);
