@@ -130,7 +130,12 @@ pub fn status(a: AdminArgs) -> Result<()> {
                 format_bytes(v.record_bytes),
                 v.record_rtt_avg_ms
             );
-            println!("  lag: {} not yet applied on the peer{}", format_bytes(v.lag_bytes), if v.drained { " (drained)" } else { "" });
+            println!(
+                "  lag: {} not yet applied on the peer, the oldest written {:.1} s ago{}",
+                format_bytes(v.lag_bytes),
+                v.lag_seconds,
+                if v.drained { " (drained)" } else { "" }
+            );
             println!("  failback debt: {} would be copied back after a failover now", format_bytes(v.failback_debt_bytes));
             if v.resync_in_progress {
                 println!("  resync: {} copied, {} to go", format_bytes(v.resync_bytes_copied), format_bytes(v.resync_remaining_bytes));

@@ -131,12 +131,16 @@ fn failover_then_the_old_primary_fences_and_fails_back() {
     let qemu_io = |url: &str, cmd: &str| tool("qemu-io", "qemu-utils").args(["-f", "raw", url, "-c", cmd]).output().unwrap();
     let out = qemu_io(dc1.url("vol0"), "write -P 0x5a 0 8M");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    wait_for(dir, "dc1", "drained", |v| v["drained"] == true);
+    wait_for(dir, "dc1", "drained", |v| v["drained"] == true && v["lag_bytes"] == 0 && v["lag_seconds"] == 0.0);
     // The link fails silently (dc1 notices only after its idle timeout), dc1 acknowledges a
     // write to a recorded extent that never reaches dc2, and dies.
     to_dc2.set_cut(true);
     let out = qemu_io(dc1.url("vol0"), "write -P 0x99 1M 64k");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    // Status shows the write the peer lacks, and its age growing: the RPO of a failover now.
+    wait_for(dir, "dc1", "a lag of one write, growing", |v| {
+        v["lag_bytes"].as_u64().unwrap() >= 65536 && v["lag_seconds"].as_f64().unwrap() >= 0.5
+    });
     dc1.kill();
     to_dc2.set_cut(false);
     // The secondary notices after the link's idle timeout; until then a promotion is refused

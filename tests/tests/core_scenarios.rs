@@ -284,3 +284,45 @@ fn a_promoted_primary_writes_alone_under_block_while_its_failback_is_pending() {
         }
     }
 }
+
+#[test]
+fn the_lag_in_seconds_is_the_age_of_the_oldest_write_the_peer_has_not_applied() {
+    let mut p = started_and_connected();
+    p.write(1, 9 * MIB, 4096);
+    p.finish_local_writes();
+    p.persist_primary();
+    assert_eq!(p.primary.behind_since(), None, "everything applied: no lag");
+    // The next two writes are hits whose data frames are lost on the way.
+    let lose = |p: &mut Pair, id: u64| {
+        let now = p.now;
+        p.primary.handle_host_write(now, RequestId(id), WriteOp::data(9 * MIB + id * 4096, Bytes::from(vec![1u8; 4096])), false);
+        while let Some(a) = p.primary.poll_action() {
+            if !matches!(a, Action::Send { .. }) {
+                p.p_out.push(a);
+            }
+        }
+        p.finish_local_writes();
+    };
+    p.tick();
+    let first_unapplied = p.now;
+    lose(&mut p, 2);
+    for _ in 0..50 {
+        p.tick();
+    }
+    lose(&mut p, 3);
+    assert!(p.acks().contains(&(RequestId(3), Ok(()))), "hits are acknowledged before the peer applies them");
+    assert_eq!(p.primary.behind_since(), Some(first_unapplied), "the lag runs from the older of the two");
+    // A new connection sends them again; once applied, the lag is gone.
+    p.tick();
+    let now = p.now;
+    p.primary.handle_disconnected(now);
+    p.secondary.handle_disconnected(now);
+    p.collect();
+    p.persist_primary();
+    p.connect();
+    p.persist_primary();
+    p.finish_local_writes();
+    p.persist_primary();
+    assert_eq!(p.primary.applied_ack().0, p.primary.stats().dispatched_seq, "the peer caught up");
+    assert_eq!(p.primary.behind_since(), None);
+}

@@ -28,6 +28,7 @@ use crate::time::Time;
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
+use std::time::Duration;
 
 /// Largest resync chunk; an extent larger than this is copied in several data items.
 const RESYNC_CHUNK_BYTES: u64 = 4 << 20;
@@ -141,6 +142,12 @@ pub struct Primary {
     /// Dispatched items not yet durably applied by the peer: the retransmit buffer.
     buffer: BTreeMap<Seq, Apply>,
     buffer_bytes: u64,
+    /// When the host writes the peer has not yet applied were dispatched, oldest first, in
+    /// groups: the replication lag in seconds (the RPO) is the age of the first group.
+    unapplied: VecDeque<UnappliedGroup>,
+    /// Since when the peer has been behind by more than the buffer knows: a dirty map found at
+    /// start, or written while the link was down. Cleared once the dirty map empties.
+    behind_since: Option<Time>,
     ship_next: Seq,
     /// Bytes of the buffer below `ship_next`: sent and not yet applied (the data window).
     shipped_bytes: u64,
@@ -218,6 +225,8 @@ impl Primary {
             tokens: BTreeMap::new(),
             buffer: BTreeMap::new(),
             buffer_bytes: 0,
+            unapplied: VecDeque::new(),
+            behind_since: (!state.dirty.is_empty()).then_some(now),
             ship_next: first_seq.next(),
             shipped_bytes: 0,
             applied_ack: first_seq,
@@ -557,6 +566,7 @@ impl Primary {
                     self.dirty_persisting.remove(&e);
                     self.local_dirty.insert(e);
                 }
+                self.behind_since.get_or_insert(now);
             }
             PersistKind::Undirty => {}
             PersistKind::WroteAlone(v) => {
@@ -819,6 +829,7 @@ impl Primary {
             for e in w.extents.clone() {
                 self.mark_dirty(ExtentId(e), seq);
             }
+            self.note_unapplied(now, seq);
             seq
         };
         let token = self.token();
@@ -827,6 +838,36 @@ impl Primary {
         self.actions.push_back(Action::LocalWrite { token, seq, op: w.op });
         if w.fua {
             self.request_sync(now);
+        }
+    }
+
+    /// Remembers when host write `seq` was dispatched, for the lag in seconds. Writes within a
+    /// millisecond share a group, and the groups are bounded: past the bound, neighbours merge
+    /// under the older time, so the lag is never understated.
+    fn note_unapplied(&mut self, now: Time, seq: Seq) {
+        match self.unapplied.back_mut() {
+            Some(g) if now.since(g.at) < LAG_CLOCK_GRAIN => g.last = seq,
+            _ => self.unapplied.push_back(UnappliedGroup { at: now, last: seq }),
+        }
+        if self.unapplied.len() > LAG_CLOCK_GROUPS {
+            let merged: VecDeque<UnappliedGroup> = self
+                .unapplied
+                .iter()
+                .collect::<Vec<_>>()
+                .chunks(2)
+                .map(|pair| UnappliedGroup { at: pair[0].at, last: pair[pair.len() - 1].last })
+                .collect();
+            self.unapplied = merged;
+        }
+    }
+
+    /// When the oldest write the peer may lack was made: the replication lag is `now` minus
+    /// this. `None` when the peer has applied everything.
+    pub fn behind_since(&self) -> Option<Time> {
+        let buffered = self.unapplied.front().map(|g| g.at);
+        match (buffered, self.behind_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -996,7 +1037,7 @@ impl Primary {
     /// How far ahead a stream must be recorded: as far as it goes in two record round trips,
     /// one for the update in flight and one of margin.
     fn lookahead(&self, stream: usize) -> u32 {
-        let horizon = std::time::Duration::from_micros(2 * self.srtt_us.max(1));
+        let horizon = Duration::from_micros(2 * self.srtt_us.max(1));
         let p = &self.cfg.predictor;
         self.detector.lookahead(stream, horizon, p.pre_extend_within, p.max_ahead)
     }
@@ -1077,6 +1118,9 @@ impl Primary {
             return;
         }
         self.applied_ack = through;
+        while self.unapplied.front().is_some_and(|g| g.last <= through) {
+            self.unapplied.pop_front();
+        }
         let keep = self.buffer.split_off(&through.next());
         for (seq, item) in std::mem::replace(&mut self.buffer, keep) {
             self.buffer_bytes -= item_bytes(&item);
@@ -1327,6 +1371,9 @@ impl Primary {
         for e in &clean {
             self.local_dirty.remove(e);
         }
+        if self.local_dirty.is_empty() {
+            self.behind_since = None;
+        }
         let batch = clean.iter().map(|e| StoreWrite::DelDirty(*e)).collect();
         self.persist(PersistKind::Undirty, clean, batch);
     }
@@ -1567,6 +1614,19 @@ impl Primary {
     fn recount_shipped(&mut self) {
         self.shipped_bytes = self.buffer.range(..self.ship_next).map(|(_, i)| item_bytes(i)).sum();
     }
+}
+
+/// Groups of host writes dispatched within this long of each other share one time.
+const LAG_CLOCK_GRAIN: Duration = Duration::from_millis(1);
+
+/// Most dispatch-time groups kept; beyond, neighbours merge.
+const LAG_CLOCK_GROUPS: usize = 4096;
+
+/// Host writes dispatched from `at` on, through sequence `last`.
+#[derive(Clone, Copy, Debug)]
+struct UnappliedGroup {
+    at: Time,
+    last: Seq,
 }
 
 fn item_bytes(item: &Apply) -> u64 {

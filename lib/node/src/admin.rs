@@ -226,6 +226,8 @@ pub struct VolumeReport {
     pub consistent: bool,
     pub split_brain: bool,
     pub lag_bytes: u64,
+    /// Age of the oldest write the peer may lack: what a failover now would lose (the RPO).
+    pub lag_seconds: f64,
     pub failback_debt_bytes: u64,
     pub resync_in_progress: bool,
     pub resync_remaining_bytes: u64,
@@ -265,6 +267,7 @@ impl VolumeReport {
             consistent: s.consistent,
             split_brain: s.split_brain,
             lag_bytes: s.lag_bytes,
+            lag_seconds: s.lag_ms as f64 / 1000.0,
             failback_debt_bytes: s.failback_debt_bytes,
             resync_in_progress: s.resync_in_progress,
             resync_remaining_bytes: s.resync_remaining_bytes,

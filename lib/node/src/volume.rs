@@ -153,6 +153,8 @@ pub struct VolumeStatus {
     pub split_brain: bool,
     /// Primary: bytes written and not yet durably applied on the peer.
     pub lag_bytes: u64,
+    /// Primary: age of the oldest write the peer may lack (the RPO now), in milliseconds.
+    pub lag_ms: u64,
     /// Primary: what a failover now would copy back to this site afterwards.
     pub failback_debt_bytes: u64,
     /// Primary: what a resync onto the peer still has to copy (failback progress).
@@ -230,7 +232,7 @@ impl Machine {
             Machine::Secondary(s) => s.handle_frame(now, f),
         }
     }
-    fn status(&self, failed: bool, extent_bytes: u64) -> VolumeStatus {
+    fn status(&self, now: Time, failed: bool, extent_bytes: u64) -> VolumeStatus {
         match self {
             Machine::Primary(p) => {
                 let st = p.stats();
@@ -252,6 +254,7 @@ impl Machine {
                     consistent: true,
                     split_brain: p.split_brain(),
                     lag_bytes: st.lag_bytes,
+                    lag_ms: p.behind_since().map_or(0, |t| now.since(t).as_millis() as u64),
                     failback_debt_bytes: p.failback_debt().bytes,
                     resync_remaining_bytes: p.resync_plan().bytes,
                     resync_in_progress: p.resync_in_progress(),
@@ -280,6 +283,7 @@ impl Machine {
                     consistent: s.is_consistent(),
                     split_brain: s.split_brain_evidence(),
                     lag_bytes: 0,
+                    lag_ms: 0,
                     failback_debt_bytes: 0,
                     resync_remaining_bytes: 0,
                     resync_in_progress: false,
@@ -670,7 +674,7 @@ impl Driver {
                     self.link_event(now, event);
                 }
             }
-            Input::Status(f) => f(self.core.status(self.failed.load(Ordering::Acquire), self.geo.extent_bytes())),
+            Input::Status(f) => f(self.core.status(self.now(), self.failed.load(Ordering::Acquire), self.geo.extent_bytes())),
             Input::WhenDrained(f) => self.drain_waiters.push(f),
             Input::Promote { force, reply } => match &mut self.core {
                 Machine::Primary(p) => reply(Ok(PromoteOutcome::AlreadyPrimary { epoch: p.epoch() })),
