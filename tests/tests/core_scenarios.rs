@@ -3,7 +3,7 @@
 //! these pin them down one at a time.
 
 use bytes::Bytes;
-use geomirror_core::frame::Frame;
+use geomirror_core::frame::{Apply, Frame, Stream};
 use geomirror_core::{
     Action, CoreConfig, Geometry, HostError, MemStore, Phase, Primary, RequestId, Role, Secondary, SiteState, Time, Token, WriteOp,
 };
@@ -20,6 +20,8 @@ struct Pair {
     s_store: MemStore,
     /// Primary actions not yet acted on, in order.
     p_out: Vec<Action>,
+    /// The stream of every data frame the primary sent, and whether it was a host write.
+    p_data: Vec<(Stream, bool)>,
 }
 
 impl Pair {
@@ -35,6 +37,7 @@ impl Pair {
             p_store: MemStore::new(p_state),
             s_store: MemStore::new(s_state),
             p_out: Vec::new(),
+            p_data: Vec::new(),
         };
         pair.collect();
         pair
@@ -52,7 +55,10 @@ impl Pair {
             while let Some(a) = self.primary.poll_action() {
                 progressed = true;
                 match a {
-                    Action::Send { frame, .. } => {
+                    Action::Send { stream, frame } => {
+                        if let Frame::Data { apply, .. } = &frame {
+                            self.p_data.push((stream, matches!(apply, Apply::Write(w) if w.offset % MIB != 0)));
+                        }
                         let now = self.now;
                         self.secondary.handle_frame(now, frame);
                     }
@@ -325,4 +331,43 @@ fn the_lag_in_seconds_is_the_age_of_the_oldest_write_the_peer_has_not_applied() 
     p.persist_primary();
     assert_eq!(p.primary.applied_ack().0, p.primary.stats().dispatched_seq, "the peer caught up");
     assert_eq!(p.primary.behind_since(), None);
+}
+
+#[test]
+fn resync_copies_ride_their_own_stream_while_host_writes_keep_theirs() {
+    // A primary that restarts with a dirty map must copy those extents to its peer: a resync.
+    let geo = Geometry::new(64 * MIB, MIB).unwrap();
+    let mut p_state = SiteState::fresh(Role::Primary);
+    p_state.dirty = [geomirror_core::ExtentId(3), geomirror_core::ExtentId(4)].into_iter().collect();
+    let mut p = Pair::new();
+    p.primary = Primary::new(CoreConfig::default(), geo, &p_state, p.now);
+    p.p_store = MemStore::new(p_state);
+    p.collect();
+    p.persist_primary();
+    p.connect();
+    p.persist_primary();
+    let reads: Vec<Token> = take(&mut p.p_out, |a| matches!(a, Action::ReadExtent { .. }))
+        .into_iter()
+        .map(|a| match a {
+            Action::ReadExtent { token, .. } => token,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(reads.len(), 2, "both dirty extents are read back for the resync");
+    // A host write (not extent-aligned, to tell it from the copies) while the copies go.
+    p.write(1, 9 * MIB + 4096, 4096);
+    p.finish_local_writes();
+    for t in reads {
+        let now = p.now;
+        p.primary.handle_read_done(now, t, Bytes::from(vec![5u8; MIB as usize]));
+        p.collect();
+    }
+    p.persist_primary();
+    let host: Vec<Stream> = p.p_data.iter().filter(|(_, host)| *host).map(|(s, _)| *s).collect();
+    let resync: Vec<Stream> = p.p_data.iter().filter(|(_, host)| !*host).map(|(s, _)| *s).collect();
+    assert_eq!(host.len(), 1);
+    assert!(matches!(host[0], Stream::Data(_)), "host writes ship on a data lane: {host:?}");
+    assert!(resync.len() >= 4, "begin, two copies and end: {resync:?}");
+    assert!(resync.iter().all(|s| *s == Stream::Resync), "every resync item ships on the resync stream: {resync:?}");
+    assert!(!p.primary.resync_in_progress(), "and the resync completed");
 }

@@ -28,8 +28,13 @@ pub const MAX_LIST_LEN: usize = 16 * 1024;
 pub enum Stream {
     /// Ordered: hello, record updates and answers, evictions, return messages.
     Control,
-    /// Bulk and resync data, by sequence number, spread over `data_lanes` ordered streams.
+    /// Host writes, by sequence number, spread over `data_lanes` ordered streams.
     Data(u8),
+    /// Resync copies (a failback, a catch-up after an outage) and their markers, by sequence
+    /// number, on a stream of their own: a long copy never sits in the same ordered stream as
+    /// host writes, so neither waits behind the other's lost packets. The receiver orders
+    /// everything by sequence number.
+    Resync,
 }
 
 /// The role a site plays in an epoch.

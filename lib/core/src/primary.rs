@@ -142,6 +142,8 @@ pub struct Primary {
     /// Dispatched items not yet durably applied by the peer: the retransmit buffer.
     buffer: BTreeMap<Seq, Apply>,
     buffer_bytes: u64,
+    /// Buffered items that belong to a resync: they ship on the resync stream.
+    resync_seqs: BTreeSet<Seq>,
     /// When the host writes the peer has not yet applied were dispatched, oldest first, in
     /// groups: the replication lag in seconds (the RPO) is the age of the first group.
     unapplied: VecDeque<UnappliedGroup>,
@@ -225,6 +227,7 @@ impl Primary {
             tokens: BTreeMap::new(),
             buffer: BTreeMap::new(),
             buffer_bytes: 0,
+            resync_seqs: BTreeSet::new(),
             unapplied: VecDeque::new(),
             behind_since: (!state.dirty.is_empty()).then_some(now),
             ship_next: first_seq.next(),
@@ -542,7 +545,7 @@ impl Primary {
             let start = (off - range.start) as usize;
             let chunk = data.slice(start.min(data.len())..(start + len as usize).min(data.len()));
             let op = if chunk.len() as u64 == len { WriteOp::data(off, chunk) } else { WriteOp::zero(off, len) };
-            let seq = self.dispatch_item(Apply::Write(op));
+            let seq = self.dispatch_resync_item(Apply::Write(op));
             self.mark_dirty(e, seq);
             self.stats.resync_bytes_copied += len;
             off += len;
@@ -871,6 +874,13 @@ impl Primary {
         }
     }
 
+    /// Dispatches an item of a resync: it ships on the resync stream.
+    fn dispatch_resync_item(&mut self, item: Apply) -> Seq {
+        let seq = self.dispatch_item(item);
+        self.resync_seqs.insert(seq);
+        seq
+    }
+
     /// Gives an item the next sequence number and puts it in the retransmit buffer.
     fn dispatch_item(&mut self, item: Apply) -> Seq {
         let seq = self.next_seq;
@@ -1121,6 +1131,7 @@ impl Primary {
         while self.unapplied.front().is_some_and(|g| g.last <= through) {
             self.unapplied.pop_front();
         }
+        self.resync_seqs = self.resync_seqs.split_off(&through.next());
         let keep = self.buffer.split_off(&through.next());
         for (seq, item) in std::mem::replace(&mut self.buffer, keep) {
             self.buffer_bytes -= item_bytes(&item);
@@ -1157,6 +1168,7 @@ impl Primary {
     /// keeps counting the bytes on the wire.
     fn abandon_buffer(&mut self) {
         let unsent = self.buffer.split_off(&self.ship_next);
+        self.resync_seqs.split_off(&self.ship_next);
         for item in unsent.values() {
             self.buffer_bytes -= item_bytes(item);
         }
@@ -1168,7 +1180,7 @@ impl Primary {
         self.resync_running = true;
         self.resync_end = None;
         self.stats.resyncs_started += 1;
-        self.dispatch_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: true });
+        self.dispatch_resync_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: true });
         // Seqs that will never be applied must not keep extents dirty forever: the copies
         // shipped by the resync re-mark them.
         self.dirty.clear();
@@ -1184,7 +1196,7 @@ impl Primary {
             self.resync_running = true;
             self.resync_end = None;
             self.stats.resyncs_started += 1;
-            self.dispatch_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: false });
+            self.dispatch_resync_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: false });
         }
         if !self.resync_running {
             return;
@@ -1204,7 +1216,7 @@ impl Primary {
             self.actions.push_back(Action::ReadExtent { token, extent: e });
         }
         if self.needs_copy.is_empty() && self.reading.is_empty() && self.resync_end.is_none() {
-            let end = self.dispatch_item(Apply::ResyncEnd);
+            let end = self.dispatch_resync_item(Apply::ResyncEnd);
             self.resync_end = Some(end);
         }
     }
@@ -1224,7 +1236,8 @@ impl Primary {
             let (seq, apply) = (*seq, item.clone());
             self.ship_next = seq.next();
             self.shipped_bytes += bytes;
-            self.send(Stream::Data((seq.0 % lanes) as u8), Frame::Data { epoch: self.epoch, seq, apply });
+            let stream = if self.resync_seqs.contains(&seq) { Stream::Resync } else { Stream::Data((seq.0 % lanes) as u8) };
+            self.send(stream, Frame::Data { epoch: self.epoch, seq, apply });
         }
     }
 

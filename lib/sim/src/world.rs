@@ -1316,7 +1316,7 @@ impl World {
         // Bulk data serialises on the link at its bandwidth; control frames use their own
         // connection and never queue behind it.
         let mut leave = self.now;
-        if let (Stream::Data(_), Some(rate)) = (stream, self.cfg.link_bytes_per_sec) {
+        if let (Stream::Data(_) | Stream::Resync, Some(rate)) = (stream, self.cfg.link_bytes_per_sec) {
             let busy = self.link_busy_until[from].max(self.now);
             leave = busy + Duration::from_micros((bytes.len() as u64 * 1_000_000).div_ceil(rate.max(1)));
             self.link_busy_until[from] = leave;

@@ -44,6 +44,7 @@ impl Preamble {
         let (kind, lane) = match self.stream {
             Stream::Control => (0u8, 0u8),
             Stream::Data(l) => (1, l),
+            Stream::Resync => (2, 0),
         };
         let mut b = Vec::with_capacity(16 + self.volume.len());
         b.extend(PREAMBLE_MAGIC);
@@ -68,6 +69,7 @@ impl Preamble {
         let stream = match h[3] {
             0 => Stream::Control,
             1 => Stream::Data(h[4]),
+            2 => Stream::Resync,
             _ => return Err(FramingError::Preamble("unknown stream kind")),
         };
         let session = u64::from_be_bytes(h[5..13].try_into().expect("8 bytes"));
@@ -120,6 +122,10 @@ mod tests {
     async fn frames_and_preambles_round_trip() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         let p = Preamble { stream: Stream::Data(3), session: 99, volume: "vol0".into() };
+        let resync = Preamble { stream: Stream::Resync, session: 7, volume: "vol1".into() };
+        let mut r = resync.encode();
+        assert_eq!(Preamble::read(&mut r.as_slice()).await.unwrap(), resync);
+        r.clear();
         a.write_all(&p.encode()).await.unwrap();
         write_frame(&mut a, &applied()).await.unwrap();
         write_frame(&mut a, &applied()).await.unwrap();

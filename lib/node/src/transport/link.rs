@@ -257,21 +257,22 @@ impl Session<'_> {
             v.link(LinkEvent::Connected(self.session));
         }
         tracing::info!(peer = %self.peer.address, peer_name = self.peer.name, session = self.session, "replication link up");
-        let mut lanes: HashMap<(usize, u8), mpsc::UnboundedSender<Frame>> = HashMap::new();
+        // One ordered stream per (volume, data lane or resync), opened on first use.
+        let mut lanes: HashMap<(usize, Stream), mpsc::UnboundedSender<Frame>> = HashMap::new();
         loop {
             tokio::select! {
                 Some((i, stream, f)) = merged.recv() => match stream {
                     Stream::Control => {
                         let _ = control_writers[i].send(f);
                     }
-                    Stream::Data(lane) => {
-                        let tx = match lanes.get(&(i, lane)) {
+                    bulk @ (Stream::Data(_) | Stream::Resync) => {
+                        let tx = match lanes.get(&(i, bulk)) {
                             Some(tx) => tx.clone(),
                             None => {
                                 let send = data.open_uni().await.map_err(|e| format!("open a data stream: {e}"))?;
-                                let preamble = Preamble { stream: Stream::Data(lane), session: self.session, volume: self.volumes[i].name().to_owned() };
+                                let preamble = Preamble { stream: bulk, session: self.session, volume: self.volumes[i].name().to_owned() };
                                 let tx = spawn_writer(send, Some(preamble), self.pacer.clone(), err_tx.clone());
-                                lanes.insert((i, lane), tx.clone());
+                                lanes.insert((i, bulk), tx.clone());
                                 tx
                             }
                         };
@@ -442,7 +443,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
                 Stream::Control => {
                     let _ = writer.send(f);
                 }
-                Stream::Data(_) => tracing::debug!(volume = volume_name, "a data frame for an accepted session; dropped"),
+                Stream::Data(_) | Stream::Resync => tracing::debug!(volume = volume_name, "a data frame for an accepted session; dropped"),
             }
         }
     });
@@ -485,8 +486,8 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
 
 async fn data_stream(conn: Connection, mut recv: quinn::RecvStream, a: Arc<Accepting>) {
     let Ok((p, i, volume)) = attach(&conn, &mut recv, &a).await else { return };
-    if !matches!(p.stream, Stream::Data(_)) {
-        conn.close(VarInt::from_u32(CLOSE_REFUSED), b"a unidirectional stream must be a data stream");
+    if !matches!(p.stream, Stream::Data(_) | Stream::Resync) {
+        conn.close(VarInt::from_u32(CLOSE_REFUSED), b"a unidirectional stream must be a data or resync stream");
         return;
     }
     let mut buf = Vec::new();
