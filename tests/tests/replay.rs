@@ -88,21 +88,24 @@ fn random_writes_over_a_small_hot_region_record_only_that_region() {
     // other by chance every few writes; taken for streams, they once stretched the record to
     // 646 extents. The record (and a failback) must stay near the 32 extents written.
     use geomirror_sim::{HostOp, OpKind};
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let ops: Vec<HostOp> = (0..800)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            HostOp { offset: (x % 8192) * 4096, len: 4096, kind: OpKind::Write }
-        })
-        .collect();
-    let source = Source::Trace { name: "random in 32 MiB".into(), ops };
-    let settings = ReplaySettings { volume_bytes: 1 << 30, ..ReplaySettings::default() };
-    for (k, a) in compare(&source, &settings, &[1 << 20], &[4096]) {
-        println!("random in 32 MiB: k-next record {}, adaptive record {}", k.max_record_extents, a.max_record_extents);
-        assert_eq!(k.violations + a.violations, 0);
-        assert!(a.max_record_extents <= 40, "adaptive recorded {} extents for 32 written", a.max_record_extents);
-        assert!(a.failback_debt_bytes <= 40 << 20, "adaptive debt {} for 32 MiB written", a.failback_debt_bytes);
+    // Several seeds: a false stream is a rare coincidence, and one run of 800 writes can miss
+    // it (before the fix, one drill in five drew one and recorded 100 extents more).
+    for seed in [0x2545_F491_4F6C_DD1D_u64, 0x9E37_79B9_7F4A_7C15, 0xD1B5_4A32_D192_ED03, 0xA076_1D64_78BD_642F] {
+        let mut x = seed;
+        let ops: Vec<HostOp> = (0..800)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                HostOp { offset: (x % 8192) * 4096, len: 4096, kind: OpKind::Write }
+            })
+            .collect();
+        let source = Source::Trace { name: format!("random in 32 MiB, seed {seed:#x}"), ops };
+        let settings = ReplaySettings { volume_bytes: 1 << 30, ..ReplaySettings::default() };
+        let a = replay_one(&source, &settings, PredictorKind::Adaptive, 1 << 20, 4096);
+        println!("{}: adaptive record {}", a.workload, a.max_record_extents);
+        assert_eq!(a.violations, 0);
+        assert!(a.max_record_extents <= 40, "{}: adaptive recorded {} extents for 32 written", a.workload, a.max_record_extents);
+        assert!(a.failback_debt_bytes <= 40 << 20, "{}: adaptive debt {} for 32 MiB written", a.workload, a.failback_debt_bytes);
     }
 }

@@ -48,6 +48,9 @@ struct Stream {
     byte_stride: i64,
     /// Extents the last sequential step moved the frontier by.
     skip: i64,
+    /// The stream has advanced by following on from its last write (not only by repeating a
+    /// byte stride first seen between two writes that may have been unrelated).
+    sequential: bool,
 }
 
 impl Stream {
@@ -65,7 +68,15 @@ impl Stream {
             end: bytes.end,
             byte_stride: 0,
             skip: 0,
+            sequential: false,
         }
+    }
+
+    /// Whether the stream is believed: two steps in a row that follow on from the last write,
+    /// or three at an exact byte stride. Random 4 KiB writes over 32 MiB repeat some earlier
+    /// pair's stride to the byte about once in 500 writes, and twice in a row almost never.
+    fn believed(&self) -> bool {
+        self.run >= 2 && (self.sequential || self.run >= 3)
     }
 
     /// How far, in bytes, writes of this stream may arrive out of order.
@@ -156,6 +167,7 @@ impl StreamDetector {
                     let repeated = skip > 1 && skip == s.skip && bytes.start as i64 - s.start as i64 == s.byte_stride;
                     s.stride = if repeated { skip } else { 1 };
                     s.skip = skip;
+                    s.sequential = true;
                     true
                 } else {
                     // A write behind the frontier fills a gap: the gaps were reordering.
@@ -211,8 +223,9 @@ impl StreamDetector {
             }
         };
         let s = &self.streams[idx];
-        // Two writes make a stride by chance; three in step make a stream.
-        let hint = (s.run >= 2).then_some(StreamHint { last: s.last, stride: s.stride, run: s.run, want: 0 });
+        // Two writes make a stride by chance; three in step make a stream, if they follow on
+        // from each other (four at a bare byte stride).
+        let hint = s.believed().then_some(StreamHint { last: s.last, stride: s.stride, run: s.run, want: 0 });
         Observation { hint, stream: idx }
     }
 
@@ -244,7 +257,7 @@ impl StreamDetector {
     /// nothing when it has already asked that far.
     pub fn ahead(&self, stream: usize, within: u32) -> Option<(StreamHint, Vec<u64>)> {
         let s = self.streams.get(stream)?;
-        if s.run < 2 {
+        if !s.believed() {
             return None;
         }
         let mut out = Vec::new();
@@ -455,11 +468,12 @@ mod tests {
         assert_eq!(write(&mut d, 11 * MIB, MIB), None);
         let h = write(&mut d, 12 * MIB, 2 * MIB).unwrap();
         assert_eq!((h.last, h.stride, h.run), (13, 1, 2));
-        // A strided stream alongside.
+        // A strided stream alongside: a bare byte stride needs a fourth write in step.
         write(&mut d, 100 * MIB, 64 << 10);
         write(&mut d, 103 * MIB, 64 << 10);
-        let h = write(&mut d, 106 * MIB, 64 << 10).unwrap();
-        assert_eq!((h.stride, h.run), (3, 2));
+        assert_eq!(write(&mut d, 106 * MIB, 64 << 10), None);
+        let h = write(&mut d, 109 * MIB, 64 << 10).unwrap();
+        assert_eq!((h.stride, h.run), (3, 3));
         // Small writes following on inside the same extent keep the sequential stream alive.
         assert_eq!(write(&mut d, 14 * MIB, 4096).unwrap().stride, 1);
     }
@@ -528,9 +542,10 @@ mod tests {
         let mut d = StreamDetector::new(4);
         write(&mut d, 50 * MIB, MIB);
         write(&mut d, 49 * MIB, MIB);
-        let h = write(&mut d, 48 * MIB, MIB).expect("a backward stream");
-        assert_eq!((h.last, h.stride), (48, -1));
-        assert_eq!(write(&mut d, 47 * MIB, MIB).map(|h| (h.last, h.run)), Some((47, 3)));
+        write(&mut d, 48 * MIB, MIB);
+        let h = write(&mut d, 47 * MIB, MIB).expect("a backward stream");
+        assert_eq!((h.last, h.stride), (47, -1));
+        assert_eq!(write(&mut d, 46 * MIB, MIB).map(|h| (h.last, h.run)), Some((46, 4)));
     }
 
     #[test]
@@ -547,7 +562,7 @@ mod tests {
             let offset = (x % (32 * MIB / 4096)) * 4096;
             hints += usize::from(write(&mut d, offset, 4096).is_some());
         }
-        assert!(hints <= 20, "{hints} of 20000 random writes were taken for a stream");
+        assert_eq!(hints, 0, "{hints} of 20000 random writes were taken for a stream");
     }
 
     #[test]
