@@ -35,11 +35,11 @@ fn remember(dir: &Path, name: &str, site: &Site) {
 
 /// `geomirror <command> --config <site>.toml` as the admin `ops`, plus `extra`, at the
 /// admin address `remember` noted.
-fn cli(dir: &Path, command: &str, site: &str, extra: &[&str]) -> Output {
+fn cli_command(dir: &Path, command: &str, site: &str, extra: &[&str]) -> Command {
     let certs = dir.join("certs");
     let address = std::fs::read_to_string(dir.join(format!("{site}.admin"))).unwrap();
-    Command::new(BIN)
-        .arg(command)
+    let mut c = Command::new(BIN);
+    c.arg(command)
         .arg("--config")
         .arg(dir.join(format!("{site}.toml")))
         .args(["--address", address.trim()])
@@ -48,8 +48,28 @@ fn cli(dir: &Path, command: &str, site: &str, extra: &[&str]) -> Output {
         .arg("--key")
         .arg(certs.join("admin-ops.key"))
         .args(extra)
+        .env("RUST_BACKTRACE", "0");
+    c
+}
+
+fn cli(dir: &Path, command: &str, site: &str, extra: &[&str]) -> Output {
+    cli_command(dir, command, site, extra).output().unwrap()
+}
+
+/// Runs `cmd` on a pseudo-terminal (util-linux `script`), as an operator at a terminal would,
+/// and returns a child whose stdout is the terminal's output.
+fn on_a_terminal(cmd: &Command) -> std::process::Child {
+    let quote = |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', "'\\''"));
+    let line: Vec<String> = std::iter::once(quote(cmd.get_program())).chain(cmd.get_args().map(quote)).collect();
+    tool("script", "bsdutils")
+        .args(["--quiet", "--return", "--command"])
+        .arg(line.join(" "))
+        .arg("/dev/null")
         .env("RUST_BACKTRACE", "0")
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap()
 }
 
@@ -491,12 +511,39 @@ fn failover_drill_with_a_stamped_history() {
     }
     dc2.start_again();
     remember(dir, "dc2", &dc2);
+
+    // The operator's view: a dry run gives the bytes and the time, then the real run follows
+    // the copy with a progress bar until both sites hold the same data.
+    let bound = failback_set.len() as u64 * (1 << 20);
+    let out = cli(dir, "failback", "dc2", &["--dry-run", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let planned = plan["failback"][0]["bytes"].as_u64().unwrap();
+    assert!(planned > 0 && planned <= bound, "the dry run plans {planned} bytes for a failback set of {bound}: {plan:#}");
+    assert!(plan["failback"][0]["estimated_seconds"].as_f64().is_some_and(|t| t > 0.0), "no time estimate: {plan:#}");
+    let mut failback = on_a_terminal(&cli_command(dir, "failback", "dc2", &[]));
+    let terminal = failback.stdout.take().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(terminal), &mut text);
+        let _ = done_tx.send(text);
+    });
     dc1.start_again();
     remember(dir, "dc1", &dc1);
-    wait_for(dir, "dc1", "a secondary of epoch 2", |v| v["role"] == "secondary" && v["epoch"] == 2);
-    let s = wait_for(dir, "dc2", "drained onto dc1", |v| v["drained"] == true && v["link_up"] == true);
+    let Ok(terminal) = done_rx.recv_timeout(Duration::from_secs(120)) else {
+        let _ = failback.kill();
+        panic!("geomirror failback did not finish within two minutes");
+    };
+    let status = failback.wait().unwrap();
+    assert!(status.success(), "geomirror failback failed:\n{terminal}");
+    assert!(terminal.contains("[="), "no progress bar was drawn:\n{terminal}");
+    assert!(terminal.contains("failback done:") && terminal.contains("both sites hold the same data"), "{terminal}");
+    let s1 = status_json(dir, "dc1");
+    assert_eq!((s1["volumes"][0]["role"].as_str(), s1["volumes"][0]["epoch"].as_u64()), (Some("secondary"), Some(2)), "{s1:#}");
+    let s = status_json(dir, "dc2");
+    assert_eq!((s["volumes"][0]["drained"].as_bool(), s["volumes"][0]["link_up"].as_bool()), (Some(true), Some(true)), "{s:#}");
     let copied = s["volumes"][0]["resync_bytes_copied"].as_u64().unwrap();
-    let bound = failback_set.len() as u64 * (1 << 20);
     assert!(copied <= bound, "failback copied {copied} bytes, more than the failback set's {bound}");
     assert!(copied <= VOLUME / 16, "failback copied {copied} bytes of a {VOLUME}-byte volume: not far less than the volume");
     eprintln!("drill: failback copied {copied} bytes of a {VOLUME}-byte volume (failback set: {bound} bytes)");
