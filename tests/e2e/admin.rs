@@ -304,6 +304,52 @@ fn a_switchover_round_trip_under_load_loses_nothing() {
     stop_both_and_compare(dir, dc1, dc2);
 }
 
+/// A promotion after the old primary degraded: under `on_link_loss = "degrade"` it went on
+/// writing to extents the secondary never recorded, so the secondary's record no longer
+/// covers every difference. The promotion still happens (the operator needs a site), but it
+/// says so loudly, in the CLI and in the log, and status keeps saying it.
+#[test]
+fn a_promotion_after_a_degrade_warns_loudly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let o = PairOptions {
+        link: "rtt_ms = 10\nidle_timeout_ms = 1000\nkeep_alive_ms = 300\n".into(),
+        replication: "[replication]\non_link_loss = \"degrade\"\nrecord_update_timeout_ms = 500\nlink_loss_deadline_ms = 5000\n".into(),
+        ..options()
+    };
+    let (mut dc1, mut dc2, to_dc2, to_dc1) = setup_with(dir, o);
+    let qemu_io = |url: &str, cmd: &str| {
+        let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", url, "-c", cmd]).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stdout));
+    };
+    qemu_io(dc1.url("vol0"), "write -P 0x11 0 4M");
+    wait_for(dir, "dc1", "drained", |v| v["drained"] == true);
+    let before = status_json(dir, "dc2");
+    assert_eq!(before["volumes"][0]["authoritative"], true, "{before:#}");
+    // The link fails; a write to an extent nobody recorded is acknowledged anyway, once the
+    // record update has timed out, and kept in dc1's dirty map.
+    to_dc2.set_cut(true);
+    to_dc1.set_cut(true);
+    qemu_io(dc1.url("vol0"), "write -P 0x44 40M 64k");
+    wait_for(dir, "dc1", "degraded", |v| v["authoritative"] == false);
+    dc1.kill();
+    // The secondary knows the primary may degrade (its Hello said so): once the link has
+    // been down longer than a record update may take, its record stops being authoritative.
+    wait_for(dir, "dc2", "no longer authoritative", |v| v["link_up"] == false && v["authoritative"] == false);
+    let out = cli(dir, "promote", "dc2", &["--reason", "dc1 lost after a degrade"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("WARNING: THE RECORD IS NOT AUTHORITATIVE"), "the promotion did not warn:\n{said}");
+    // The warning was warranted: the degraded write is not here, and nothing recorded it.
+    qemu_io(dc2.url("vol0"), "read -P 0x11 0 4M");
+    qemu_io(dc2.url("vol0"), "read -P 0 40M 64k");
+    let text = String::from_utf8_lossy(&cli(dir, "status", "dc2", &[]).stdout).into_owned();
+    assert!(text.contains("primary of epoch 2"), "{text}");
+    let (exit, log) = dc2.stop();
+    assert!(exit.success(), "{log}");
+    assert!(log.contains("promoted with a warning") && log.contains("NOT AUTHORITATIVE"), "the log does not carry the warning:\n{log}");
+}
+
 /// Split brain: the link is cut, the secondary is promoted while the old primary keeps
 /// writing, and both write. When the link heals both sites report it and neither
 /// overwrites the other until an operator chooses; then the loser saves its own data aside
