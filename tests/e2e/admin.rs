@@ -546,14 +546,14 @@ fn failover_drill_with_a_stamped_history() {
         failback_set.len()
     );
 
-    // Fail back over a faster link (tens of MiB at 2 Mbit/s would take minutes): the old
-    // primary returns, fences itself and is resynced.
-    let fast = PairOptions { link: "rtt_ms = 80\nidle_timeout_ms = 3000\n".into(), ..o };
+    // Fail back over a faster link, 32 Mbit/s (tens of MiB at 2 Mbit/s would take minutes):
+    // the old primary returns, fences itself and is resynced.
+    let fast = PairOptions { link: "rtt_ms = 80\nbandwidth_mbps = 32\nidle_timeout_ms = 3000\n".into(), ..o };
     let (p1, p2) = (dc1.replication.unwrap().port(), dc2.replication.unwrap().port());
     geomirror_tests::pair::site_config(dir, "dc1", "dc2", "primary", p1, to_dc2.port, &fast);
     geomirror_tests::pair::site_config(dir, "dc2", "dc1", "secondary", p2, to_dc1.port, &fast);
     for emu in [&to_dc2, &to_dc1] {
-        assert!(emu.command("rate-mbps 0").starts_with("ok"));
+        assert!(emu.command("rate-mbps 32").starts_with("ok"));
     }
     dc2.start_again();
     remember(dir, "dc2", &dc2);
@@ -577,6 +577,17 @@ fn failover_drill_with_a_stamped_history() {
     });
     dc1.start_again();
     remember(dir, "dc1", &dc1);
+    // Host writes on the new primary go on during the failback. The link is cut while the
+    // copy runs, so it cannot have finished when the write is acknowledged.
+    wait_for(dir, "dc2", "failing back", |v| v["resync_in_progress"] == true && v["resync_bytes_copied"].as_u64().unwrap() > 0);
+    to_dc1.set_cut(true);
+    to_dc2.set_cut(true);
+    let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", dc2.url("vol0"), "-c", "write -P 0x5e 8M 1M"]).output().unwrap();
+    assert!(out.status.success(), "a host write during the failback failed: {}", String::from_utf8_lossy(&out.stdout));
+    let during = status_json(dir, "dc2");
+    assert_eq!(during["volumes"][0]["resync_in_progress"], true, "{during:#}");
+    to_dc1.set_cut(false);
+    to_dc2.set_cut(false);
     let Ok(terminal) = done_rx.recv_timeout(Duration::from_secs(120)) else {
         let _ = failback.kill();
         panic!("geomirror failback did not finish within two minutes");
