@@ -94,8 +94,8 @@ impl Stream {
     }
 
     /// Whether a write at `bytes` lands just before this stream's last write: a young stream
-    /// cannot tell a write overtaken by its last one from a backward stream, so it does not
-    /// take such a write as its second.
+    /// cannot tell a write overtaken by its last one from a backward stream, so such a write
+    /// starts a second guess beside it rather than turning it round.
     fn just_behind(&self, bytes: &Range<u64>) -> bool {
         bytes.start < self.start && bytes.start.saturating_add(self.slack(bytes)) >= self.start
     }
