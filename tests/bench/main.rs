@@ -8,8 +8,12 @@
 //! `geomirror-bench record-rtt` measures the record-update round trip on an emulated WAN,
 //! idle and under saturating bulk writes (see `record_rtt`).
 //!
+//! `geomirror-bench modes` compares async, sync and predictive replication over the emulated
+//! WAN at several round-trip times, with forced failovers (see `modes`).
+//!
 //! Timings live here, never in pass/fail tests.
 
+mod modes;
 mod record_rtt;
 
 use anyhow::{bail, Context, Result};
@@ -89,6 +93,36 @@ enum Bench {
         #[arg(long)]
         markdown: bool,
     },
+    /// Async, sync and predictive replication side by side over the emulated WAN.
+    ///
+    /// One fresh pair of sites per row (RTT x job x mode), the same fio job (ioengine=nbd)
+    /// on each; then a forced failover and a failback, whose copied bytes are reported
+    /// against the volume. Prints the table and BENCHMARKS.md's targets, met or not.
+    Modes {
+        /// Round-trip times to emulate, in ms.
+        #[arg(long, value_delimiter = ',', default_values_t = [0, 10, 50])]
+        rtt_ms: Vec<u64>,
+        /// Replication modes to run.
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [modes::Mode::Async, modes::Mode::Sync, modes::Mode::Predictive])]
+        mode: Vec<modes::Mode>,
+        /// Run only the jobs whose name contains this text (e.g. "zipf"); repeatable.
+        #[arg(long)]
+        only: Vec<String>,
+        /// Seconds per fio run.
+        #[arg(long, default_value_t = 10)]
+        runtime: u64,
+        /// The emulated link's rate, and the sites' `[link] bandwidth_mbps`.
+        #[arg(long, default_value_t = 100)]
+        rate_mbps: u64,
+        /// Volume size.
+        #[arg(long, default_value = "1G")]
+        size: String,
+        /// A quick look, under five minutes: RTT 0 and 50 ms, three jobs, 3 s each.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long)]
+        geomirror: Option<PathBuf>,
+    },
 }
 
 struct Job {
@@ -124,6 +158,31 @@ fn main() -> Result<()> {
             let bin = geomirror_bin(geomirror)?;
             let o = record_rtt::Options { rtt_ms, rate_mbps, probes, probe_iops: probe_iops.max(1), rounds: rounds.max(1), pace_percent };
             record_rtt::run(&bin, &o, &layout, markdown)
+        }
+        Bench::Modes { rtt_ms, mode, only, runtime, rate_mbps, size, quick, geomirror } => {
+            let bin = geomirror_bin(geomirror)?;
+            let volume_bytes = geomirror_node::config::parse_size(&size).map_err(anyhow::Error::msg)?;
+            let quick_jobs = ["seq 1M QD32", "zipf 4K QD32", "rand 4K QD1"];
+            let jobs: Vec<&'static modes::Job> = modes::JOBS
+                .iter()
+                .filter(|j| !quick || quick_jobs.contains(&j.name))
+                .filter(|j| only.is_empty() || only.iter().any(|o| j.name.contains(o.as_str())))
+                .collect();
+            if jobs.is_empty() {
+                bail!("no job matches {only:?}; the jobs are: {}", modes::JOBS.iter().map(|j| j.name).collect::<Vec<_>>().join(", "));
+            }
+            let o = modes::Options {
+                rtts_ms: if quick { vec![0, 50] } else { rtt_ms },
+                modes: mode,
+                jobs,
+                runtime_s: if quick { 3 } else { runtime.max(1) },
+                rate_mbps: rate_mbps.max(1),
+                volume_bytes,
+            };
+            let rows = modes::run(&bin, &o)?;
+            println!("{}", modes::markdown(&rows, &o));
+            println!("{}", modes::targets(&rows, &o));
+            Ok(())
         }
     }
 }
@@ -164,7 +223,7 @@ fn nbd(bin: &Path, jobs: &[&Job], runtime: u64, rounds: usize, size: &str, markd
             let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
                 run_ok(&mut Command::new("sync"));
-                let f = fio(&servers[i].1, job, runtime, &site.dir)?;
+                let f = fio(&servers[i].1, job.args, runtime, &site.dir)?;
                 eprintln!(
                     "  {:<30} {:<10} round {}: {:>8.1} MiB/s  p50 {:>7.1} us  p99 {:>7.1} us",
                     job.name,
@@ -225,12 +284,12 @@ fn print_table(rows: &[(&str, Figures, Figures)], markdown: bool) {
     }
 }
 
-fn fio(url: &str, job: &Job, runtime: u64, dir: &Path) -> Result<Figures> {
+fn fio(url: &str, job: &[&str], runtime: u64, dir: &Path) -> Result<Figures> {
     let mut cmd = tool("fio", "fio");
     cmd.current_dir(dir)
         .args(["--name=bench", "--ioengine=nbd", &format!("--uri={url}"), "--output-format=json", "--time_based", "--randrepeat=1"])
         .arg(format!("--runtime={runtime}"))
-        .args(job.args);
+        .args(job);
     let out = run_ok(&mut cmd);
     let json: serde_json::Value = serde_json::from_str(&out[out.find('{').context("no JSON from fio")?..])?;
     let w = &json["jobs"][0]["write"];
