@@ -413,8 +413,12 @@ mod tests {
         .expect("the relay settles");
         let elapsed = t.elapsed();
         let dropped = emu.forward.counters.queue_dropped_packets.load(Ordering::Relaxed);
-        eprintln!("{got} echoed, {dropped} dropped at the queue, in {elapsed:?}");
-        assert_eq!(got + dropped, 60, "every datagram was either carried or dropped at the queue");
+        // An echo can also be dropped on its way back: when a starved machine runs the
+        // forward delivery late, up to a queue's worth of echoes reach the backward queue at
+        // once, and the last of them just overflows it.
+        let dropped_back = emu.backward.counters.queue_dropped_packets.load(Ordering::Relaxed);
+        eprintln!("{got} echoed, {dropped} dropped at the queue ({dropped_back} on the way back), in {elapsed:?}");
+        assert_eq!(got + dropped + dropped_back, 60, "every datagram was either carried or dropped at a queue");
         assert!((25..=35).contains(&got), "about a queue's worth got through: {got}");
         let min = Duration::from_secs_f64((got * 1000) as f64 / rate as f64);
         assert!(elapsed >= min.mul_f64(0.95), "{got} kB crossed a {rate} B/s link in {elapsed:?}, faster than {min:?}");
