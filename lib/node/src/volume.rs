@@ -26,6 +26,7 @@ use crate::config::VolumeConfig;
 use crate::media::{Media, MediaError};
 use crate::store::Store;
 use bytes::Bytes;
+use geomirror_core::StoreWrite;
 use geomirror_core::{
     Action, CoreConfig, Epoch, Frame, Geometry, HostError, LinkState, Primary, RequestId, Role, Secondary, Seq, SiteState, Stream, Time,
     Token, WriteOp,
@@ -78,6 +79,11 @@ enum Input {
         token: Token,
         result: io::Result<()>,
     },
+    /// Store batches made durable together, each with the machine that asked for it.
+    Persisted {
+        done: Vec<(u64, Token)>,
+        result: io::Result<()>,
+    },
     Link(LinkEvent),
     Status(Box<dyn FnOnce(VolumeStatus) + Send>),
     /// Call this once the primary is drained (now, if it is).
@@ -127,6 +133,62 @@ pub enum Outbound {
         session: u64,
         reason: String,
     },
+}
+
+/// Work for the store thread, done in the order sent.
+enum StoreJob {
+    /// A batch of `machine` (see `Driver::machine`), answered with `Input::Persisted`.
+    Write { machine: u64, token: Token, batch: Vec<StoreWrite> },
+    /// The state after every earlier write.
+    Load(mpsc::Sender<SiteState>),
+}
+
+/// Most batches made durable by one synced store write.
+const STORE_GROUP: usize = 256;
+
+/// The store thread: makes batches durable off the volume's driver thread, so that a slow
+/// synced write (on a disk busy with writeback, an fsync can take seconds) holds back only
+/// what waits for it, never hits, flushes or status. Batches queued while one write runs are
+/// made durable together by the next (group commit), in order.
+fn run_store(mut store: Box<dyn Store>, jobs: mpsc::Receiver<StoreJob>, back: mpsc::Sender<Input>) {
+    let mut next = None;
+    loop {
+        let job = match next.take() {
+            Some(j) => j,
+            None => match jobs.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        match job {
+            StoreJob::Load(reply) => {
+                let _ = reply.send(store.load());
+            }
+            StoreJob::Write { machine, token, batch } => {
+                let mut done = vec![(machine, token)];
+                let mut batches = vec![batch];
+                while batches.len() < STORE_GROUP {
+                    match jobs.try_recv() {
+                        Ok(StoreJob::Write { machine, token, batch }) => {
+                            done.push((machine, token));
+                            batches.push(batch);
+                        }
+                        Ok(load) => {
+                            next = Some(load);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let result = store.write_group(&batches);
+                let failed = result.is_err();
+                if back.send(Input::Persisted { done, result }).is_err() || failed {
+                    // After a failed write the volume fails; nothing more is written.
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A snapshot of a volume for status, tests and metrics.
@@ -364,6 +426,13 @@ impl Volume {
             })
             .expect("spawn the sync thread");
 
+        let (store_tx, store_rx) = mpsc::channel::<StoreJob>();
+        let store_back = tx.clone();
+        let store_thread = std::thread::Builder::new()
+            .name(format!("store-{}", cfg.name))
+            .spawn(move || run_store(store, store_rx, store_back))
+            .expect("spawn the store thread");
+
         let driver = Driver {
             core,
             link_session: None,
@@ -374,7 +443,9 @@ impl Volume {
             aside_epoch: 0,
             media_path: cfg.media.clone(),
             media: media.clone(),
-            store,
+            store_tx: Some(store_tx),
+            store_thread: Some(store_thread),
+            machine: 0,
             pending: BTreeMap::new(),
             next_request: 1,
             sync_tx,
@@ -509,7 +580,13 @@ impl Volume {
                 Input::Promote { reply, .. } => reply(Err("the volume has stopped".into())),
                 Input::Drain { reply, .. } => reply(Err("the volume has stopped".into())),
                 Input::ResolveSplitBrain { reply } => reply(Err("the volume has stopped".into())),
-                Input::Synced { .. } | Input::Stop | Input::Link(_) | Input::Status(_) | Input::WhenDrained(_) | Input::Resume => {}
+                Input::Synced { .. }
+                | Input::Persisted { .. }
+                | Input::Stop
+                | Input::Link(_)
+                | Input::Status(_)
+                | Input::WhenDrained(_)
+                | Input::Resume => {}
             }
         }
     }
@@ -557,7 +634,12 @@ struct Driver {
     aside_epoch: u64,
     media_path: std::path::PathBuf,
     media: Arc<Media>,
-    store: Box<dyn Store>,
+    /// The store thread's queue (None once the driver has ended), and the thread.
+    store_tx: Option<mpsc::Sender<StoreJob>>,
+    store_thread: Option<JoinHandle<()>>,
+    /// Which state machine this is since the volume started: a store completion asked for by
+    /// an earlier one (before a role change) is not given to the current one.
+    machine: u64,
     pending: BTreeMap<RequestId, Completion>,
     next_request: u64,
     sync_tx: mpsc::Sender<Token>,
@@ -633,6 +715,13 @@ impl Driver {
             }
             if self.stopping && self.pending.is_empty() {
                 break;
+            }
+        }
+        // The store finishes what it was given (its queue ends when the sender goes).
+        self.store_tx = None;
+        if let Some(t) = self.store_thread.take() {
+            if t.join().is_err() {
+                tracing::error!(volume = %self.name, "the store thread panicked");
             }
         }
         // Whatever was acknowledged without FUA becomes durable before the process ends.
@@ -719,6 +808,16 @@ impl Driver {
             Input::Synced { token, result } => match result {
                 Ok(()) => self.core.handle_media_synced(now, token),
                 Err(e) => self.fail(&format!("media sync failed: {e}")),
+            },
+            Input::Persisted { done, result } => match result {
+                Ok(()) => {
+                    for (machine, token) in done {
+                        if machine == self.machine {
+                            self.core.handle_persisted(now, token);
+                        }
+                    }
+                }
+                Err(e) => self.fail(&format!("store write failed: {e}")),
             },
             Input::Stop => self.stopping = true,
         }
@@ -852,10 +951,12 @@ impl Driver {
                         self.fail("the sync thread has ended");
                     }
                 }
-                Action::Persist { token, batch } => match self.store.write(&batch) {
-                    Ok(()) => self.core.handle_persisted(now, token),
-                    Err(e) => self.fail(&format!("store write failed: {e}")),
-                },
+                Action::Persist { token, batch } => {
+                    let job = StoreJob::Write { machine: self.machine, token, batch };
+                    if self.store_tx.as_ref().is_none_or(|tx| tx.send(job).is_err()) {
+                        self.fail("the store thread has ended");
+                    }
+                }
                 Action::Ack { request, result } => self.answer(request, result),
                 Action::Send { stream, frame } => {
                     let session = self.link_session.unwrap_or(0);
@@ -873,7 +974,18 @@ impl Driver {
                     for (_, done) in std::mem::take(&mut self.pending) {
                         done(Err(HostError::NotServing));
                     }
-                    let state = self.store.load();
+                    // Everything queued before the change is durable first: the store runs
+                    // its jobs in order.
+                    let (reply, answer) = mpsc::channel();
+                    let state = match self.store_tx.as_ref().map(|tx| tx.send(StoreJob::Load(reply))) {
+                        Some(Ok(())) => answer.recv().ok(),
+                        _ => None,
+                    };
+                    let Some(state) = state else {
+                        self.fail("the store thread has ended");
+                        return;
+                    };
+                    self.machine += 1;
                     self.serving.store(state.role == Role::Primary, Ordering::Release);
                     self.role.send_replace(state.role);
                     self.core = Machine::build(&self.cfg, self.geo, &state, now);

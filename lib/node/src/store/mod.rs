@@ -24,6 +24,15 @@ pub trait Store: Send {
     fn load(&self) -> SiteState;
     /// Applies a batch atomically; when it returns `Ok`, the batch is durable.
     fn write(&mut self, batch: &[StoreWrite]) -> io::Result<()>;
+    /// Applies batches in order, each atomically; when it returns `Ok`, all are durable. A
+    /// store may make them durable together, with one sync (group commit). After an error
+    /// the store must not be used again.
+    fn write_group(&mut self, batches: &[Vec<StoreWrite>]) -> io::Result<()> {
+        for b in batches {
+            self.write(b)?;
+        }
+        Ok(())
+    }
 }
 
 /// Keeps the state in memory: durable for the life of the process only.

@@ -300,4 +300,17 @@ impl Store for RocksStore {
         self.state.apply(writes);
         Ok(())
     }
+
+    /// One RocksDB write batch and one sync for all: each batch is encoded against the state
+    /// the ones before it leave, and the whole is atomic, which keeps each one atomic.
+    fn write_group(&mut self, batches: &[Vec<StoreWrite>]) -> io::Result<()> {
+        let mut batch = WriteBatch::default();
+        for writes in batches {
+            self.encode(&mut batch, writes);
+            self.state.apply(writes);
+        }
+        // On an error the in-memory state is ahead of the disk; the caller fails the volume
+        // and never uses this store again (see `Store::write_group`).
+        self.commit(batch).map_err(io::Error::other)
+    }
 }
