@@ -307,7 +307,7 @@ fn a_switchover_round_trip_under_load_loses_nothing() {
 /// A promotion after the old primary degraded: under `on_link_loss = "degrade"` it went on
 /// writing to extents the secondary never recorded, so the secondary's record no longer
 /// covers every difference. The promotion still happens (the operator needs a site), but it
-/// says so loudly, in the CLI and in the log, and status keeps saying it.
+/// says so loudly, in the CLI and in the log.
 #[test]
 fn a_promotion_after_a_degrade_warns_loudly() {
     let tmp = tempfile::tempdir().unwrap();
