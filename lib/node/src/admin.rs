@@ -13,7 +13,7 @@
 use crate::certs::{ADMIN_URI_PREFIX, SITE_URI_PREFIX};
 use crate::transport::tls::{identities, provider, SiteTls, TlsError};
 use crate::volume::{PromoteOutcome, Volume, VolumeStatus};
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -180,6 +180,27 @@ fn peer_cert(certs: Option<&[rustls::pki_types::CertificateDer<'static>]>) -> Pe
 }
 
 /// Who is calling: an admin certificate, or the right bearer token; anyone else is refused.
+/// What every transition handler starts with: an authorized caller (checked before the body
+/// is read) and what it asks, the body being optional.
+struct Asked {
+    caller: Caller,
+    req: TransitionRequest,
+}
+
+impl FromRequest<Arc<AppState>> for Asked {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, st: &Arc<AppState>) -> Result<Asked, Response> {
+        let (parts, body) = request.into_parts();
+        let peer = parts.extensions.get::<PeerCert>().cloned().unwrap_or(PeerCert::None);
+        let caller = authorize(&peer, &parts.headers, st.token.as_deref()).map_err(IntoResponse::into_response)?;
+        let body = Option::<Json<TransitionRequest>>::from_request(Request::from_parts(parts, body), st)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Asked { caller, req: body.map(|Json(b)| b).unwrap_or_default() })
+    }
+}
+
 fn authorize(peer: &PeerCert, headers: &HeaderMap, token: Option<&str>) -> Result<Caller, ApiError> {
     if let PeerCert::Admin(name) = peer {
         return Ok(Caller::Admin(name.clone()));
@@ -383,14 +404,7 @@ pub struct VolumeTransition {
     pub warning: Option<String>,
 }
 
-async fn promote(
-    State(st): State<Arc<AppState>>,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
-    body: Option<Json<TransitionRequest>>,
-) -> Result<Json<TransitionReport>, ApiError> {
-    let caller = authorize(&peer, &headers, st.token.as_deref())?;
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+async fn promote(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) -> Result<Json<TransitionReport>, ApiError> {
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, force = req.force, "promote requested");
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
@@ -440,14 +454,7 @@ async fn promote(
     Ok(Json(TransitionReport { site: st.site.site.clone(), changed, volumes }))
 }
 
-async fn demote(
-    State(st): State<Arc<AppState>>,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
-    body: Option<Json<TransitionRequest>>,
-) -> Result<Json<TransitionReport>, ApiError> {
-    let caller = authorize(&peer, &headers, st.token.as_deref())?;
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+async fn demote(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) -> Result<Json<TransitionReport>, ApiError> {
     let drain = Duration::from_secs(req.drain_timeout_secs.unwrap_or(60).clamp(1, 3600));
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, ?drain, "demote requested");
     let mut volumes = Vec::new();
@@ -492,14 +499,7 @@ pub struct DrainedVolume {
 /// Stops taking writes on every volume and waits until the peer applied everything; the
 /// site stays drained until `POST /v1/resume` or `POST /v1/demote`. The first step of a
 /// switchover.
-async fn drain(
-    State(st): State<Arc<AppState>>,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
-    body: Option<Json<TransitionRequest>>,
-) -> Result<Json<DrainReport>, ApiError> {
-    let caller = authorize(&peer, &headers, st.token.as_deref())?;
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+async fn drain(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) -> Result<Json<DrainReport>, ApiError> {
     let timeout = Duration::from_secs(req.drain_timeout_secs.unwrap_or(60).clamp(1, 3600));
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, ?timeout, "drain requested");
     let mut volumes = Vec::new();
@@ -519,14 +519,7 @@ async fn drain(
 }
 
 /// Ends a drain: the site takes writes again.
-async fn resume(
-    State(st): State<Arc<AppState>>,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
-    body: Option<Json<TransitionRequest>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let caller = authorize(&peer, &headers, st.token.as_deref())?;
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+async fn resume(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) -> Result<Json<serde_json::Value>, ApiError> {
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, "resume requested");
     for v in &st.site.volumes {
         v.resume();
@@ -570,14 +563,7 @@ async fn checksums(
 
 /// After a split brain, keeps this site's data: the peer saves its divergent extents aside
 /// and is resynced from here. Nothing is resolved until an operator calls this.
-async fn resolve_split_brain(
-    State(st): State<Arc<AppState>>,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
-    body: Option<Json<TransitionRequest>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let caller = authorize(&peer, &headers, st.token.as_deref())?;
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+async fn resolve_split_brain(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) -> Result<Json<serde_json::Value>, ApiError> {
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, "split-brain resolution requested: keep this site's data");
     for v in &st.site.volumes {
         ask(v, OPERATION_TIMEOUT, Volume::resolve_split_brain).await?;
