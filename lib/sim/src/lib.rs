@@ -14,5 +14,5 @@ pub mod workload;
 pub mod world;
 
 pub use seeds::{describe_failure, run_parallel, SeedTotals};
-pub use workload::{read_trace, Generator, HostOp, OpKind, TraceFormat, Workload};
+pub use workload::{read_trace, write_trace, Generator, HostOp, OpKind, Synthetic, SyntheticSpec, TraceFormat, Workload};
 pub use world::{run, run_seed, Faults, Scenario, SimConfig, SimReport, Violation, World};

@@ -141,6 +141,104 @@ impl Generator {
     }
 }
 
+/// A synthetic trace with a tunable hot set and sequentiality, for workloads between the
+/// pure shapes above: a share of the writes continues a sequential stream (which now and then
+/// starts over somewhere else), the rest are random 4 KiB-aligned writes, most of them into a
+/// hot set of a few regions scattered over the volume and the others anywhere.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticSpec {
+    pub volume_bytes: u64,
+    /// Bytes of the hot set, split into `hot_regions` equal regions.
+    pub hot_bytes: u64,
+    pub hot_regions: u64,
+    /// Share of writes that continue the sequential stream, 0 to 1.
+    pub sequential: f64,
+    /// Share of the random writes that land in the hot set, 0 to 1.
+    pub hot_share: f64,
+    /// Size of a random write and of a sequential one.
+    pub random_bytes: u64,
+    pub sequential_bytes: u64,
+    /// A stream runs this many bytes on average before it starts over elsewhere.
+    pub run_bytes: u64,
+}
+
+impl SyntheticSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        let aligned = |v: u64| v >= 4096 && v.is_multiple_of(4096);
+        if !aligned(self.random_bytes) || !aligned(self.sequential_bytes) {
+            return Err("write sizes must be positive multiples of 4 KiB".into());
+        }
+        if !(0.0..=1.0).contains(&self.sequential) || !(0.0..=1.0).contains(&self.hot_share) {
+            return Err("the sequential and hot shares must lie between 0 and 1".into());
+        }
+        if self.hot_regions == 0 || self.hot_bytes / self.hot_regions < self.random_bytes {
+            return Err("each hot region must hold at least one random write".into());
+        }
+        if self.hot_bytes > self.volume_bytes || self.sequential_bytes > self.volume_bytes || self.random_bytes > self.volume_bytes {
+            return Err("the hot set and the write sizes must fit in the volume".into());
+        }
+        Ok(())
+    }
+}
+
+/// Generates `SyntheticSpec` writes; the hot regions are placed by the seed.
+pub struct Synthetic {
+    spec: SyntheticSpec,
+    hot_starts: Vec<u64>,
+    cursor: u64,
+}
+
+impl Synthetic {
+    pub fn new(spec: SyntheticSpec, rng: &mut ChaCha8Rng) -> Result<Synthetic, String> {
+        spec.validate()?;
+        let region = spec.hot_bytes / spec.hot_regions / 4096 * 4096;
+        let hot_starts = (0..spec.hot_regions).map(|_| rng.gen_range(0..=(spec.volume_bytes - region) / 4096) * 4096).collect();
+        let cursor = rng.gen_range(0..=(spec.volume_bytes - spec.sequential_bytes) / 4096) * 4096;
+        Ok(Synthetic { spec, hot_starts, cursor })
+    }
+
+    pub fn next(&mut self, rng: &mut ChaCha8Rng) -> HostOp {
+        let s = &self.spec;
+        if rng.gen_bool(s.sequential) {
+            let restart = rng.gen_bool((s.sequential_bytes as f64 / s.run_bytes.max(1) as f64).min(1.0));
+            if restart || self.cursor + s.sequential_bytes > s.volume_bytes {
+                self.cursor = rng.gen_range(0..=(s.volume_bytes - s.sequential_bytes) / 4096) * 4096;
+            }
+            let op = HostOp { offset: self.cursor, len: s.sequential_bytes, kind: OpKind::Write };
+            self.cursor += s.sequential_bytes;
+            return op;
+        }
+        let (base, span) = if rng.gen_bool(s.hot_share) {
+            let region = s.hot_bytes / s.hot_regions / 4096 * 4096;
+            (self.hot_starts[rng.gen_range(0..self.hot_starts.len())], region)
+        } else {
+            (0, s.volume_bytes)
+        };
+        let offset = base + rng.gen_range(0..=(span - s.random_bytes) / 4096) * 4096;
+        HostOp { offset, len: s.random_bytes, kind: OpKind::Write }
+    }
+}
+
+/// Writes host writes as a block trace in `format`, one line per write, a millisecond apart,
+/// so that `read_trace` (and the tools that produced real traces) read it back.
+pub fn write_trace<W: std::io::Write>(ops: &[HostOp], format: TraceFormat, mut out: W) -> std::io::Result<()> {
+    match format {
+        TraceFormat::CloudPhysics => writeln!(out, "timestamp,op,size,lba")?,
+        TraceFormat::Msr => writeln!(out, "Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime")?,
+    }
+    for (i, op) in ops.iter().filter(|op| op.kind == OpKind::Write).enumerate() {
+        match format {
+            // Microseconds; the address in 512-byte sectors.
+            TraceFormat::CloudPhysics => writeln!(out, "{},W,{},{}", i as u64 * 1000, op.len, op.offset / 512)?,
+            // Windows file time (100 ns ticks), as MSR Cambridge records it.
+            TraceFormat::Msr => {
+                writeln!(out, "{},synthetic,0,Write,{},{},0", 128_166_372_000_000_000 + i as u64 * 10_000, op.offset, op.len)?
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Error)]
 pub enum TraceError {
     #[error("line {line}: {msg}")]
@@ -247,5 +345,41 @@ mod tests {
             Err(TraceError::Parse { line: 1, .. })
         ));
         assert!(matches!(read_trace("1,R,4096,1\n".as_bytes(), TraceFormat::CloudPhysics, 1 << 30, 10), Err(TraceError::Empty)));
+    }
+    #[test]
+    fn synthetic_traces_have_the_asked_shape_and_read_back_in_both_formats() {
+        let spec = SyntheticSpec {
+            volume_bytes: 1 << 30,
+            hot_bytes: 16 << 20,
+            hot_regions: 4,
+            sequential: 0.5,
+            hot_share: 0.9,
+            random_bytes: 4096,
+            sequential_bytes: 64 << 10,
+            run_bytes: 8 << 20,
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut g = Synthetic::new(spec.clone(), &mut rng).unwrap();
+        let ops: Vec<HostOp> = (0..20_000).map(|_| g.next(&mut rng)).collect();
+        let seq: Vec<&HostOp> = ops.iter().filter(|o| o.len == spec.sequential_bytes).collect();
+        let share = seq.len() as f64 / ops.len() as f64;
+        assert!((0.47..0.53).contains(&share), "sequential share {share}");
+        let continued = ops
+            .windows(2)
+            .filter(|w| w[1].len == spec.sequential_bytes && w[0].len == w[1].len && w[1].offset == w[0].offset + w[0].len)
+            .count();
+        assert!(continued as f64 > 0.2 * ops.len() as f64, "sequential writes follow on from each other: {continued}");
+        let hot = |o: &HostOp| g.hot_starts.iter().any(|&h| o.offset >= h && o.offset + o.len <= h + spec.hot_bytes / spec.hot_regions);
+        let random: Vec<&HostOp> = ops.iter().filter(|o| o.len == spec.random_bytes).collect();
+        let hot_share = random.iter().filter(|o| hot(o)).count() as f64 / random.len() as f64;
+        assert!((0.88..0.93).contains(&hot_share), "hot share {hot_share}");
+        assert!(ops.iter().all(|o| o.offset.is_multiple_of(4096) && o.offset + o.len <= spec.volume_bytes));
+        for format in [TraceFormat::CloudPhysics, TraceFormat::Msr] {
+            let mut csv = Vec::new();
+            write_trace(&ops, format, &mut csv).unwrap();
+            assert_eq!(read_trace(&csv[..], format, spec.volume_bytes, usize::MAX).unwrap(), ops, "{format:?}");
+        }
+        let bad = SyntheticSpec { sequential: 1.5, ..spec };
+        assert!(Synthetic::new(bad, &mut rng).is_err());
     }
 }
