@@ -14,7 +14,9 @@
 //! Timings live here, never in pass/fail tests.
 
 mod modes;
+mod plot;
 mod record_rtt;
+mod report;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -93,22 +95,43 @@ enum Bench {
         #[arg(long)]
         markdown: bool,
     },
-    /// Async, sync and predictive replication side by side over the emulated WAN.
+    /// Every system side by side: qemu-nbd, geomirror with no peer, and geomirror in async,
+    /// sync and predictive modes over the emulated WAN.
     ///
-    /// One fresh pair of sites per row (RTT x job x mode), the same fio job (ioengine=nbd)
-    /// on each; then a forced failover and a failback, whose copied bytes are reported
-    /// against the volume. Prints the table and BENCHMARKS.md's targets, met or not.
+    /// Workloads, each on every system: fio (ioengine=nbd) sequential 1 MiB writes, 4 KiB
+    /// random writes (uniform and zipf:1.2), at queue depth 1 and 32; qemu-img convert of an
+    /// ext4 image built from /usr/share/doc; two synthetic block traces (one written as a
+    /// CloudPhysics CSV, one as an MSR Cambridge CSV, read back and replayed by fio from an
+    /// iolog at queue depth 8), and any trace given with --trace.
+    ///
+    /// Each replicated row gets a fresh pair of sites, runs the workload, reads the primary's
+    /// status (hits, record, failback debt), then forces a failover (kill -9, promote --force)
+    /// and follows the failback to the end; the images must then compare equal. Prints the
+    /// table and BENCHMARKS.md's targets, met or not, and (unless --quick) writes them with
+    /// the machine's description and a plot of p99 latency against RTT into
+    /// docs/benchmarks.md and docs/benchmarks-modes.svg.
+    ///
+    /// Examples:
+    ///   tests/bench/run modes                     the full run (about an hour)
+    ///   tests/bench/run modes --quick             a look in under five minutes
+    ///   tests/bench/run modes --only zipf --rtt-ms 50 --mode async,predictive
+    ///   tests/bench/run modes --trace msr:hm_0.csv --only hm_0
+    #[command(verbatim_doc_comment)]
     Modes {
         /// Round-trip times to emulate, in ms.
         #[arg(long, value_delimiter = ',', default_values_t = [0, 10, 50])]
         rtt_ms: Vec<u64>,
-        /// Replication modes to run.
-        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [modes::Mode::Async, modes::Mode::Sync, modes::Mode::Predictive])]
-        mode: Vec<modes::Mode>,
+        /// Systems to run.
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [modes::System::QemuNbd, modes::System::NoPeer, modes::System::Async, modes::System::Sync, modes::System::Predictive])]
+        mode: Vec<modes::System>,
         /// Run only the jobs whose name contains this text (e.g. "zipf"); repeatable.
         #[arg(long)]
         only: Vec<String>,
-        /// Seconds per fio run.
+        /// Also replay this block trace: cloudphysics:FILE (timestamp,op,size,lba) or msr:FILE
+        /// (MSR Cambridge CSV). Its writes are folded into the volume. Repeatable.
+        #[arg(long, value_parser = modes::parse_trace_arg)]
+        trace: Vec<modes::TraceArg>,
+        /// Seconds per fio run (a trace replay stops there too).
         #[arg(long, default_value_t = 10)]
         runtime: u64,
         /// The emulated link's rate, and the sites' `[link] bandwidth_mbps`.
@@ -117,9 +140,22 @@ enum Bench {
         /// Volume size.
         #[arg(long, default_value = "1G")]
         size: String,
-        /// A quick look, under five minutes: RTT 0 and 50 ms, three jobs, 3 s each.
+        /// The sites' `[replication] max_lag_bytes`: how far shipping may fall behind before
+        /// the host is throttled. A failback copies at least what was unapplied, so the
+        /// default is 1/32 of the volume, under BENCHMARKS.md's 5% failback target.
+        #[arg(long)]
+        max_lag: Option<String>,
+        /// A quick look in under five minutes: RTT 50 ms; async and predictive; sequential
+        /// and Zipf at QD32; 3 s each; a 256 MiB volume. Writes no docs unless --docs is given.
         #[arg(long)]
         quick: bool,
+        /// The page to write the results into (between its BEGIN/END modes markers); the plot
+        /// goes beside it as benchmarks-modes.svg. Default: docs/benchmarks.md, except with --quick.
+        #[arg(long)]
+        docs: Option<PathBuf>,
+        /// Print only; write no docs.
+        #[arg(long, conflicts_with = "docs")]
+        no_docs: bool,
         #[arg(long)]
         geomirror: Option<PathBuf>,
     },
@@ -159,32 +195,73 @@ fn main() -> Result<()> {
             let o = record_rtt::Options { rtt_ms, rate_mbps, probes, probe_iops: probe_iops.max(1), rounds: rounds.max(1), pace_percent };
             record_rtt::run(&bin, &o, &layout, markdown)
         }
-        Bench::Modes { rtt_ms, mode, only, runtime, rate_mbps, size, quick, geomirror } => {
+        Bench::Modes { rtt_ms, mode, only, trace, runtime, rate_mbps, size, max_lag, quick, docs, no_docs, geomirror } => {
             let bin = geomirror_bin(geomirror)?;
+            let size = if quick && size == "1G" { "256M".to_string() } else { size };
             let volume_bytes = geomirror_node::config::parse_size(&size).map_err(anyhow::Error::msg)?;
-            let quick_jobs = ["seq 1M QD32", "zipf 4K QD32", "rand 4K QD1"];
-            let jobs: Vec<&'static modes::Job> = modes::JOBS
-                .iter()
-                .filter(|j| !quick || quick_jobs.contains(&j.name))
-                .filter(|j| only.is_empty() || only.iter().any(|o| j.name.contains(o.as_str())))
-                .collect();
-            if jobs.is_empty() {
-                bail!("no job matches {only:?}; the jobs are: {}", modes::JOBS.iter().map(|j| j.name).collect::<Vec<_>>().join(", "));
-            }
+            let max_lag_bytes = match max_lag {
+                Some(l) => geomirror_node::config::parse_size(&l).map_err(|e| anyhow::anyhow!("--max-lag: {e}"))?,
+                None => (volume_bytes / 32).max(1 << 20),
+            };
+            let quick_modes = [modes::System::Async, modes::System::Predictive];
             let o = modes::Options {
-                rtts_ms: if quick { vec![0, 50] } else { rtt_ms },
-                modes: mode,
-                jobs,
+                rtts_ms: if quick { vec![50] } else { rtt_ms },
+                systems: if quick { mode.into_iter().filter(|m| quick_modes.contains(m)).collect() } else { mode },
+                only,
+                quick,
+                traces: trace,
                 runtime_s: if quick { 3 } else { runtime.max(1) },
                 rate_mbps: rate_mbps.max(1),
                 volume_bytes,
+                max_lag_bytes,
             };
-            let rows = modes::run(&bin, &o)?;
-            println!("{}", modes::markdown(&rows, &o));
-            println!("{}", modes::targets(&rows, &o));
+            let docs = match (docs, no_docs, quick) {
+                (_, true, _) | (None, false, true) => None,
+                (Some(d), false, _) => Some(d),
+                (None, false, false) => Some(PathBuf::from("docs/benchmarks.md")),
+            };
+            if let Some(d) = &docs {
+                // Fail before an hour of measuring, not after.
+                report::write_docs(d, &std::fs::read_to_string(d).ok().and_then(|t| generated(&t)).unwrap_or_default())?;
+            }
+            let scratch = tempfile::tempdir()?;
+            let jobs = modes::jobs(&o, scratch.path())?;
+            let started = std::time::Instant::now();
+            let rows = modes::run(&bin, &o, &jobs)?;
+            let table = modes::markdown(&rows, &jobs, &o);
+            let targets = modes::targets(&rows, &jobs, &o);
+            println!("{table}\n{targets}");
+            eprintln!("{} rows in {:.1} min", rows.len(), started.elapsed().as_secs_f64() / 60.0);
+            if let Some(doc) = docs {
+                let svg = doc.with_file_name("benchmarks-modes.svg");
+                plot::p99_against_rtt(&svg, &rows, &jobs)?;
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                let when = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
+                let body = format!(
+                    "Run of {} (`tests/bench/run {}`, {:.0} min), {} MiB volume, {} Mbit/s link, max_lag_bytes {} MiB, {} s per job:\n\n{}\n{table}\n![p99 write latency against RTT, one line per mode]({})\n\n{targets}",
+                    String::from_utf8_lossy(&when.stdout).trim(),
+                    args.join(" "),
+                    started.elapsed().as_secs_f64() / 60.0,
+                    o.volume_bytes >> 20,
+                    o.rate_mbps,
+                    o.max_lag_bytes >> 20,
+                    o.runtime_s,
+                    report::machine(scratch.path()),
+                    svg.file_name().map_or("benchmarks-modes.svg".into(), |n| n.to_string_lossy()),
+                );
+                report::write_docs(&doc, &body)?;
+                eprintln!("wrote {} and {}", doc.display(), svg.display());
+            }
             Ok(())
         }
     }
+}
+
+/// What a page holds between its modes markers now.
+fn generated(text: &str) -> Option<String> {
+    let begin = text.find(report::BEGIN)? + report::BEGIN.len();
+    let end = text.find(report::END)?;
+    text.get(begin..end).map(str::to_owned)
 }
 
 /// The geomirror binary: given, or next to this one.
@@ -223,7 +300,7 @@ fn nbd(bin: &Path, jobs: &[&Job], runtime: u64, rounds: usize, size: &str, markd
             let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
                 run_ok(&mut Command::new("sync"));
-                let f = fio(&servers[i].1, job.args, runtime, &site.dir)?;
+                let f = fio(&servers[i].1, job.args, runtime, true, &site.dir)?;
                 eprintln!(
                     "  {:<30} {:<10} round {}: {:>8.1} MiB/s  p50 {:>7.1} us  p99 {:>7.1} us",
                     job.name,
@@ -284,12 +361,17 @@ fn print_table(rows: &[(&str, Figures, Figures)], markdown: bool) {
     }
 }
 
-fn fio(url: &str, job: &[&str], runtime: u64, dir: &Path) -> Result<Figures> {
+/// Runs fio against `url`: for `runtime` seconds when `time_based`, else until the job's I/O
+/// is done or `runtime` is up, whichever comes first.
+fn fio(url: &str, job: &[&str], runtime: u64, time_based: bool, dir: &Path) -> Result<Figures> {
     let mut cmd = tool("fio", "fio");
     cmd.current_dir(dir)
-        .args(["--name=bench", "--ioengine=nbd", &format!("--uri={url}"), "--output-format=json", "--time_based", "--randrepeat=1"])
+        .args(["--name=bench", "--ioengine=nbd", &format!("--uri={url}"), "--output-format=json", "--randrepeat=1"])
         .arg(format!("--runtime={runtime}"))
         .args(job);
+    if time_based {
+        cmd.arg("--time_based");
+    }
     let out = run_ok(&mut cmd);
     let json: serde_json::Value = serde_json::from_str(&out[out.find('{').context("no JSON from fio")?..])?;
     let w = &json["jobs"][0]["write"];

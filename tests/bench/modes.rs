@@ -1,82 +1,239 @@
-//! The method against the alternatives: geomirror in async, sync and predictive modes, two
-//! sites over `geomirror wan-emu` at several round-trip times, the same fio jobs on each,
-//! one fresh pair of sites per row so that no row inherits another's record.
+//! The method against the alternatives, side by side in one run: qemu-nbd and geomirror with
+//! no peer on the local machine, then geomirror in async, sync and predictive modes with two
+//! sites over `geomirror wan-emu` at several round-trip times. Every system runs the same
+//! workloads through real clients: fio (`ioengine=nbd`), `qemu-img convert` of a real
+//! filesystem image, and block traces replayed by fio from an iolog. One fresh pair of sites
+//! per row, so that no row inherits another's record.
 //!
-//! Each row reports what BENCHMARKS.md asks: p50 and p99 write latency, throughput (the host's,
-//! and what the emulated link carried towards the secondary meanwhile), the hit ratio (writes acknowledged without a round trip), the record's size and the failback debt
-//! when the job ended, and, after a forced failover (`kill -9` of the primary, `geomirror
-//! promote --force` of the secondary, the old primary back as secondary), the bytes the
-//! failback actually copied against the volume's size. The failback runs over an unpaced link
-//! so that a full copy does not take minutes; what it copies does not depend on the rate.
+//! Each replicated row reports what BENCHMARKS.md asks: p50 and p99 write latency,
+//! throughput (the host's, and what the emulated link carried towards the secondary
+//! meanwhile), the hit ratio (writes acknowledged without a round trip), the record's size and
+//! the failback debt when the job ended, and, after a forced failover (`kill -9` of the
+//! primary, `geomirror promote --force` of the secondary, the old primary back as secondary),
+//! the bytes the failback actually copied against the volume's size. The failback runs over
+//! an unpaced link so that a full copy does not take minutes; what it copies does not depend
+//! on the rate. After it, `qemu-img compare` must find both images equal.
 
 use anyhow::{bail, Context, Result};
+use geomirror_sim::{read_trace, write_trace, Synthetic, SyntheticSpec, TraceFormat};
 use geomirror_tests::pair::{site_config, two_sites_both_ways, PairOptions, WanEmu};
 use geomirror_tests::site::{run_ok, tool, Site};
-use std::path::Path;
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Bearer token of the benchmark's admin calls (sites read it from `token`).
 const TOKEN: &str = "geomirror-bench-admin-token-0001";
 
+/// Writes of a trace replay, at most (a replay also stops at the job's runtime).
+const TRACE_WRITES: usize = 200_000;
+
+/// Queue depth of a trace replay: traces record what hosts issued, not how many at once.
+const TRACE_QD: u32 = 8;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
+pub enum System {
+    /// qemu-nbd serving a raw file: the ceiling of an NBD server on this machine.
+    QemuNbd,
+    /// geomirror with no peer: the NBD front end and local media only.
+    NoPeer,
+    /// No record, like DRBD protocol A.
     Async,
+    /// Every write waits for the secondary, like DRBD protocol C.
     Sync,
+    /// The method.
     Predictive,
 }
 
-impl Mode {
-    fn name(self) -> &'static str {
+impl System {
+    pub fn name(self) -> &'static str {
         match self {
-            Mode::Async => "async",
-            Mode::Sync => "sync",
-            Mode::Predictive => "predictive",
+            System::QemuNbd => "qemu-nbd",
+            System::NoPeer => "no peer",
+            System::Async => "async",
+            System::Sync => "sync",
+            System::Predictive => "predictive",
+        }
+    }
+
+    /// The `[replication] mode`, for the systems that replicate.
+    fn mode(self) -> Option<&'static str> {
+        match self {
+            System::QemuNbd | System::NoPeer => None,
+            System::Async => Some("async"),
+            System::Sync => Some("sync"),
+            System::Predictive => Some("predictive"),
         }
     }
 }
 
+pub enum Work {
+    /// A time-based fio job with these options.
+    Fio(&'static [&'static str]),
+    /// `qemu-img convert` of a filesystem image (`bytes` long) onto the export.
+    Convert { image: PathBuf, bytes: u64 },
+    /// fio replaying the writes of a block trace (converted to an iolog) at `TRACE_QD`.
+    Trace { iolog: PathBuf },
+}
+
 pub struct Job {
-    pub name: &'static str,
+    pub name: String,
     /// Sequential or Zipf: the workloads BENCHMARKS.md's latency targets name.
     pub targeted: bool,
     pub sequential: bool,
-    pub args: &'static [&'static str],
+    pub work: Work,
 }
 
-pub const JOBS: &[Job] = &[
-    Job { name: "seq 1M QD1", targeted: true, sequential: true, args: &["--rw=write", "--bs=1m", "--iodepth=1"] },
-    Job { name: "seq 1M QD32", targeted: true, sequential: true, args: &["--rw=write", "--bs=1m", "--iodepth=32"] },
-    Job { name: "rand 4K QD1", targeted: false, sequential: false, args: &["--rw=randwrite", "--bs=4k", "--iodepth=1"] },
-    Job { name: "rand 4K QD32", targeted: false, sequential: false, args: &["--rw=randwrite", "--bs=4k", "--iodepth=32"] },
-    Job {
-        name: "zipf 4K QD1",
-        targeted: true,
-        sequential: false,
-        args: &["--rw=randwrite", "--bs=4k", "--iodepth=1", "--random_distribution=zipf:1.2"],
-    },
-    Job {
-        name: "zipf 4K QD32",
-        targeted: true,
-        sequential: false,
-        args: &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--random_distribution=zipf:1.2"],
-    },
+/// The fio jobs, by name.
+const FIO_JOBS: &[(&str, bool, bool, &[&str])] = &[
+    ("seq 1M QD1", true, true, &["--rw=write", "--bs=1m", "--iodepth=1"]),
+    ("seq 1M QD32", true, true, &["--rw=write", "--bs=1m", "--iodepth=32"]),
+    ("rand 4K QD1", false, false, &["--rw=randwrite", "--bs=4k", "--iodepth=1"]),
+    ("rand 4K QD32", false, false, &["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
+    ("zipf 4K QD1", true, false, &["--rw=randwrite", "--bs=4k", "--iodepth=1", "--random_distribution=zipf:1.2"]),
+    ("zipf 4K QD32", true, false, &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--random_distribution=zipf:1.2"]),
 ];
+
+/// The jobs a quick look runs: the ones the latency targets name.
+pub const QUICK_JOBS: &[&str] = &["seq 1M QD32", "zipf 4K QD32"];
+
+/// The synthetic traces every full run replays, one in each CSV shape so that both readers
+/// are exercised: (name, hot set, sequential share, format).
+const SYNTHETIC: &[(&str, u64, f64, TraceFormat)] = &[
+    ("trace: synthetic, hot 32 MiB, 30% seq (CloudPhysics CSV)", 32 << 20, 0.3, TraceFormat::CloudPhysics),
+    ("trace: synthetic, hot 8 MiB, 80% seq (MSR CSV)", 8 << 20, 0.8, TraceFormat::Msr),
+];
+
+const CONVERT: &str = "qemu-img convert (ext4 image)";
+
+/// A trace the user asked for: `--trace FORMAT:FILE`.
+#[derive(Clone, Debug)]
+pub struct TraceArg {
+    pub format: TraceFormat,
+    pub path: PathBuf,
+}
+
+pub fn parse_trace_arg(s: &str) -> Result<TraceArg, String> {
+    let (format, path) = s.split_once(':').ok_or_else(|| format!("{s:?}: expected FORMAT:FILE, e.g. msr:hm_0.csv"))?;
+    let format = match format {
+        "cloudphysics" => TraceFormat::CloudPhysics,
+        "msr" => TraceFormat::Msr,
+        other => return Err(format!("unknown trace format {other:?}: cloudphysics or msr")),
+    };
+    Ok(TraceArg { format, path: PathBuf::from(path) })
+}
 
 pub struct Options {
     pub rtts_ms: Vec<u64>,
-    pub modes: Vec<Mode>,
-    pub jobs: Vec<&'static Job>,
+    pub systems: Vec<System>,
+    /// Job names to run; empty: all.
+    pub only: Vec<String>,
+    pub quick: bool,
+    pub traces: Vec<TraceArg>,
     pub runtime_s: u64,
     pub rate_mbps: u64,
     pub volume_bytes: u64,
+    pub max_lag_bytes: u64,
 }
 
-pub struct Row {
-    pub rtt_ms: u64,
-    pub mode: Mode,
-    pub job: &'static Job,
-    pub fio: super::Figures,
+/// Builds the jobs the options select: the fio jobs, and (unless quick) the filesystem image
+/// for `qemu-img convert` and the trace iologs, all in `scratch`.
+pub fn jobs(o: &Options, scratch: &Path) -> Result<Vec<Job>> {
+    let wanted = |name: &str| {
+        (o.only.is_empty() || o.only.iter().any(|w| name.contains(w.as_str()))) && (!o.quick || QUICK_JOBS.contains(&name))
+    };
+    let mut jobs = Vec::new();
+    for &(name, targeted, sequential, args) in FIO_JOBS {
+        if wanted(name) {
+            jobs.push(Job { name: name.into(), targeted, sequential, work: Work::Fio(args) });
+        }
+    }
+    if wanted(CONVERT) {
+        let (image, bytes) = filesystem_image(scratch, o.volume_bytes)?;
+        jobs.push(Job { name: CONVERT.into(), targeted: false, sequential: false, work: Convert { image, bytes } });
+    }
+    for (i, &(name, hot, sequential, format)) in SYNTHETIC.iter().enumerate() {
+        if wanted(name) {
+            let csv = scratch.join(format!("synthetic-{i}.csv"));
+            synthetic_trace(&csv, o.volume_bytes, hot, sequential, format, i as u64)?;
+            jobs.push(trace_job(name.into(), &csv, format, o.volume_bytes, scratch)?);
+        }
+    }
+    for t in &o.traces {
+        let name = format!("trace: {}", t.path.file_name().map_or("?".into(), |n| n.to_string_lossy()));
+        jobs.push(trace_job(name, &t.path, t.format, o.volume_bytes, scratch)?);
+    }
+    if jobs.is_empty() {
+        let mut names: Vec<String> = FIO_JOBS.iter().map(|j| j.0.to_string()).collect();
+        names.push(CONVERT.into());
+        names.extend(SYNTHETIC.iter().map(|s| s.0.to_string()));
+        bail!("no job matches {:?}; the jobs are: {}", o.only, names.join(", "));
+    }
+    Ok(jobs)
+}
+
+use Work::Convert;
+
+/// An ext4 image of half the volume (at most 512 MiB), filled from /usr/share/doc: many small
+/// files and directories, as a real filesystem holds.
+fn filesystem_image(scratch: &Path, volume_bytes: u64) -> Result<(PathBuf, u64)> {
+    let image = scratch.join("fs.img");
+    let bytes = (volume_bytes / 2).min(512 << 20) / (1 << 20) * (1 << 20);
+    let out = tool("mkfs.ext4", "e2fsprogs")
+        .args(["-q", "-F", "-d", "/usr/share/doc", "-E", "root_owner=0:0"])
+        .arg(&image)
+        .arg(format!("{}M", bytes >> 20))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "mkfs.ext4 could not build a {} MiB image from /usr/share/doc (a bigger --size makes a bigger image): {}",
+            bytes >> 20,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((image, bytes))
+}
+
+fn synthetic_trace(csv: &Path, volume_bytes: u64, hot_bytes: u64, sequential: f64, format: TraceFormat, seed: u64) -> Result<()> {
+    let spec = SyntheticSpec {
+        volume_bytes,
+        hot_bytes: hot_bytes.min(volume_bytes / 4),
+        hot_regions: 4,
+        sequential,
+        hot_share: 0.95,
+        random_bytes: 4096,
+        sequential_bytes: 64 << 10,
+        run_bytes: 16 << 20,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut g = Synthetic::new(spec, &mut rng).map_err(anyhow::Error::msg)?;
+    let ops: Vec<_> = (0..TRACE_WRITES).map(|_| g.next(&mut rng)).collect();
+    write_trace(&ops, format, std::io::BufWriter::new(std::fs::File::create(csv)?))?;
+    Ok(())
+}
+
+/// Reads a trace's writes (folded into the volume) and writes them as a fio iolog (version 2).
+fn trace_job(name: String, csv: &Path, format: TraceFormat, volume_bytes: u64, scratch: &Path) -> Result<Job> {
+    use std::io::Write;
+    let file = std::fs::File::open(csv).with_context(|| format!("opening the trace {}", csv.display()))?;
+    let ops = read_trace(std::io::BufReader::new(file), format, volume_bytes, TRACE_WRITES)
+        .with_context(|| format!("reading the trace {}", csv.display()))?;
+    let iolog = scratch.join(format!("{}.iolog", csv.file_stem().map_or("trace".into(), |s| s.to_string_lossy())));
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&iolog)?);
+    writeln!(w, "fio version 2 iolog\nvol0 add\nvol0 open")?;
+    for op in &ops {
+        writeln!(w, "vol0 write {} {}", op.offset, op.len)?;
+    }
+    writeln!(w, "vol0 close")?;
+    w.flush()?;
+    let bytes: u64 = ops.iter().map(|op| op.len).sum();
+    eprintln!("{name}: {} writes, {}, from {}", ops.len(), human(bytes), csv.display());
+    Ok(Job { name, targeted: false, sequential: false, work: Work::Trace { iolog } })
+}
+
+/// What a replicated row adds to the host's figures.
+pub struct Replica {
     /// What the emulated link carried towards the secondary during the job, per second
     /// (QUIC and framing included): the host's own throughput also counts what waits in the
     /// lag buffer.
@@ -88,7 +245,16 @@ pub struct Row {
     pub failback_bytes: u64,
 }
 
-impl Row {
+pub struct Row {
+    /// None for the systems without a peer.
+    pub rtt_ms: Option<u64>,
+    pub system: System,
+    pub job: usize,
+    pub fio: super::Figures,
+    pub replica: Option<Replica>,
+}
+
+impl Replica {
     pub fn hit_ratio(&self) -> f64 {
         if self.writes == 0 {
             return 0.0;
@@ -97,50 +263,114 @@ impl Row {
     }
 }
 
-pub fn run(bin: &Path, o: &Options) -> Result<Vec<Row>> {
-    let total = o.rtts_ms.len() * o.modes.len() * o.jobs.len();
+pub fn run(bin: &Path, o: &Options, jobs: &[Job]) -> Result<Vec<Row>> {
+    let local: Vec<System> = o.systems.iter().copied().filter(|s| s.mode().is_none()).collect();
+    let replicated: Vec<System> = o.systems.iter().copied().filter(|s| s.mode().is_some()).collect();
+    let total = jobs.len() * (local.len() + o.rtts_ms.len() * replicated.len());
     let mut rows = Vec::new();
-    for &rtt_ms in &o.rtts_ms {
-        for job in &o.jobs {
-            for &mode in &o.modes {
-                eprintln!("[{}/{total}] RTT {rtt_ms} ms, {}, {}", rows.len() + 1, mode.name(), job.name);
-                let row = one_row(bin, o, rtt_ms, mode, job).with_context(|| format!("RTT {rtt_ms} ms, {}, {}", mode.name(), job.name))?;
-                eprintln!(
-                    "    {:.1} MiB/s, p50 {:.0} us, p99 {:.0} us, hits {:.1}%, record {}, failback copied {}",
-                    row.fio.mib_s,
-                    row.fio.p50_us,
-                    row.fio.p99_us,
-                    100.0 * row.hit_ratio(),
-                    human(row.record_bytes),
-                    human(row.failback_bytes)
-                );
-                rows.push(row);
-            }
+    let mut plan: Vec<(Option<u64>, System, usize)> = Vec::new();
+    for j in 0..jobs.len() {
+        plan.extend(local.iter().map(|&s| (None, s, j)));
+    }
+    for &rtt in &o.rtts_ms {
+        for j in 0..jobs.len() {
+            plan.extend(replicated.iter().map(|&s| (Some(rtt), s, j)));
         }
+    }
+    for (rtt_ms, system, j) in plan {
+        let job = &jobs[j];
+        let at = rtt_ms.map_or(String::new(), |r| format!("RTT {r} ms, "));
+        eprintln!("[{}/{total}] {at}{}, {}", rows.len() + 1, system.name(), job.name);
+        let (fio, replica) = match rtt_ms {
+            None => (local_row(bin, o, system, job).with_context(|| format!("{}, {}", system.name(), job.name))?, None),
+            Some(rtt) => {
+                let (f, r) = replicated_row(bin, o, rtt, system, job).with_context(|| format!("{at}{}, {}", system.name(), job.name))?;
+                (f, Some(r))
+            }
+        };
+        let mut line = format!("    {:.1} MiB/s, p50 {}, p99 {}", fio.mib_s, ms(fio.p50_us), ms(fio.p99_us));
+        if let Some(r) = &replica {
+            line += &format!(
+                ", hits {:.1}%, record {}, failback copied {}",
+                100.0 * r.hit_ratio(),
+                human(r.record_bytes),
+                human(r.failback_bytes)
+            );
+        }
+        eprintln!("{line}");
+        rows.push(Row { rtt_ms, system, job: j, fio, replica });
     }
     Ok(rows)
 }
 
-fn options(rtt_ms: u64, rate_mbps: Option<u64>, mode: Mode, volume_bytes: u64) -> PairOptions {
+/// Runs a job against `url`.
+fn drive(url: &str, job: &Job, o: &Options, dir: &Path) -> Result<super::Figures> {
+    match &job.work {
+        Work::Fio(args) => super::fio(url, args, o.runtime_s, true, dir),
+        Work::Trace { iolog } => {
+            let args = [format!("--read_iolog={}", iolog.display()), format!("--iodepth={TRACE_QD}")];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            // At most the runtime: a slow system replays a prefix of the trace.
+            super::fio(url, &args, o.runtime_s, false, dir)
+        }
+        Convert { image, bytes } => {
+            let t = Instant::now();
+            run_ok(tool("qemu-img", "qemu-utils").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(image).arg(url));
+            let secs = t.elapsed().as_secs_f64();
+            Ok(super::Figures { mib_s: *bytes as f64 / secs / (1 << 20) as f64, iops: f64::NAN, p50_us: f64::NAN, p99_us: f64::NAN })
+        }
+    }
+}
+
+fn local_row(bin: &Path, o: &Options, system: System, job: &Job) -> Result<super::Figures> {
+    match system {
+        System::QemuNbd => {
+            let tmp = tempfile::tempdir()?;
+            let file = tmp.path().join("qemu.img");
+            std::fs::File::create(&file)?.set_len(o.volume_bytes)?;
+            let qemu = super::QemuNbd::start(&file)?;
+            drive(&qemu.url, job, o, tmp.path())
+        }
+        System::NoPeer => {
+            let mut site = Site::start(bin, &format!("[[volume]]\nname = \"vol0\"\nmedia = \"vol0.img\"\nsize = {}\n", o.volume_bytes));
+            let figures = drive(&site.url("vol0").to_owned(), job, o, &site.dir.clone())?;
+            let (end, log) = site.stop();
+            if !end.success() {
+                bail!("geomirror did not stop cleanly:\n{log}");
+            }
+            Ok(figures)
+        }
+        _ => unreachable!("replicated systems run in replicated_row"),
+    }
+}
+
+fn options(rtt_ms: u64, rate_mbps: Option<u64>, mode: &str, o: &Options) -> PairOptions {
     let bandwidth = rate_mbps.map_or(String::new(), |r| format!("bandwidth_mbps = {r}\n"));
     PairOptions {
         link: format!("rtt_ms = {}\n{bandwidth}idle_timeout_ms = 2000\nkeep_alive_ms = 500\n", rtt_ms.max(1)),
-        replication: format!("[replication]\nmode = \"{}\"\nmax_lag_bytes = \"256M\"\n", mode.name()),
-        size: volume_bytes.to_string(),
+        // The data window may not exceed the lag; 16 MiB is many times this link's
+        // bandwidth-delay product.
+        replication: format!(
+            "[replication]\nmode = \"{mode}\"\nmax_lag_bytes = {}\nmax_inflight_bytes = {}\n",
+            o.max_lag_bytes,
+            o.max_lag_bytes.min(16 << 20)
+        ),
+        size: o.volume_bytes.to_string(),
         wan: vec!["--rtt-ms".into(), rtt_ms.to_string(), "--rate-mbps".into(), rate_mbps.unwrap_or(0).to_string()],
         admin: "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n".into(),
     }
 }
 
-fn one_row(bin: &Path, o: &Options, rtt_ms: u64, mode: Mode, job: &'static Job) -> Result<Row> {
+fn replicated_row(bin: &Path, o: &Options, rtt_ms: u64, system: System, job: &Job) -> Result<(super::Figures, Replica)> {
+    let mode = system.mode().expect("a replicated system");
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     std::fs::write(dir.join("token"), format!("{TOKEN}\n"))?;
-    let paced = options(rtt_ms, Some(o.rate_mbps), mode, o.volume_bytes);
+    let paced = options(rtt_ms, Some(o.rate_mbps), mode, o);
     let (mut dc1, mut dc2, to_dc2, to_dc1) = two_sites_both_ways(bin, dir, &paced);
     let carried_before = forward_bytes(&to_dc2)?;
     let t = Instant::now();
-    let fio = super::fio(dc1.url("vol0"), job.args, o.runtime_s, dir)?;
+    let fio = drive(dc1.url("vol0"), job, o, dir)?;
     let link_mib_s = (forward_bytes(&to_dc2)? - carried_before) as f64 / t.elapsed().as_secs_f64() / (1 << 20) as f64;
     let s = status(bin, dir, "dc1", &dc1)?;
     let v = &s["volumes"][0];
@@ -153,7 +383,7 @@ fn one_row(bin: &Path, o: &Options, rtt_ms: u64, mode: Mode, job: &'static Job) 
     if !out.status.success() {
         bail!("promote failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let fast = options(rtt_ms, None, mode, o.volume_bytes);
+    let fast = options(rtt_ms, None, mode, o);
     let (p1, p2) = (dc1.replication.context("dc1 port")?.port(), dc2.replication.context("dc2 port")?.port());
     site_config(dir, "dc1", "dc2", "primary", p1, to_dc2.port, &fast);
     site_config(dir, "dc2", "dc1", "secondary", p2, to_dc1.port, &fast);
@@ -175,7 +405,7 @@ fn one_row(bin: &Path, o: &Options, rtt_ms: u64, mode: Mode, job: &'static Job) 
     if !compare.status.success() {
         bail!("after the failback the images differ: {}", String::from_utf8_lossy(&compare.stdout));
     }
-    Ok(Row { rtt_ms, mode, job, fio, link_mib_s, writes, hits, record_bytes, debt_bytes, failback_bytes: copied })
+    Ok((fio, Replica { link_mib_s, writes, hits, record_bytes, debt_bytes, failback_bytes: copied }))
 }
 
 /// Bytes the relay has delivered in its forward direction (towards the secondary).
@@ -239,78 +469,107 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// A row's figure against async mode's on the same job and RTT.
-fn async_of<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Row> {
-    rows.iter().find(|a| a.mode == Mode::Async && a.rtt_ms == r.rtt_ms && std::ptr::eq(a.job, r.job))
+/// Microseconds as milliseconds, or "-" when the client does not measure latency.
+fn ms(us: f64) -> String {
+    if us.is_nan() {
+        "-".into()
+    } else if us < 10_000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{:.0} ms", us / 1000.0)
+    }
 }
 
-pub fn markdown(rows: &[Row], o: &Options) -> String {
+/// The row of `system` on the same job and RTT as `r`.
+fn peer_row<'a>(rows: &'a [Row], r: &Row, system: System) -> Option<&'a Row> {
+    let rtt = if system.mode().is_some() { r.rtt_ms } else { None };
+    rows.iter().find(|a| a.system == system && a.rtt_ms == rtt && a.job == r.job)
+}
+
+pub fn markdown(rows: &[Row], jobs: &[Job], o: &Options) -> String {
     let mut t = String::from(
-        "| RTT | job | mode | MiB/s | link MiB/s | IOPS | p50 us | p99 us | vs async p50 / p99 / tput | hits | record | debt | failback copied | of volume |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| RTT | job | system | MiB/s | link MiB/s | IOPS | p50 | p99 | vs async: p50 / p99 / MiB/s | hits | record | debt | failback copied | of volume |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let vs = match async_of(rows, r) {
-            Some(a) if r.mode != Mode::Async => {
-                format!("{:.2}x / {:.2}x / {:.2}x", r.fio.p50_us / a.fio.p50_us, r.fio.p99_us / a.fio.p99_us, r.fio.mib_s / a.fio.mib_s)
+        let vs = match peer_row(rows, r, System::Async) {
+            Some(a) if r.system != System::Async && r.rtt_ms.is_some() => {
+                let ratio = |x: f64, y: f64| if x.is_nan() || y.is_nan() { "-".to_string() } else { format!("{:.2}x", x / y) };
+                format!("{} / {} / {}", ratio(r.fio.p50_us, a.fio.p50_us), ratio(r.fio.p99_us, a.fio.p99_us), ratio(r.fio.mib_s, a.fio.mib_s))
             }
             _ => "-".into(),
         };
+        let rep = match &r.replica {
+            Some(p) => format!(
+                "{:.1} | {:.1}% | {} | {} | {} | {:.2}%",
+                p.link_mib_s,
+                100.0 * p.hit_ratio(),
+                human(p.record_bytes),
+                human(p.debt_bytes),
+                human(p.failback_bytes),
+                100.0 * p.failback_bytes as f64 / o.volume_bytes as f64
+            ),
+            None => "- | - | - | - | - | -".into(),
+        };
+        let (link, rest) = rep.split_once(" | ").expect("two or more cells");
+        let iops = if r.fio.iops.is_nan() { "-".into() } else { format!("{:.0}", r.fio.iops) };
         t += &format!(
-            "| {} ms | {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {vs} | {:.1}% | {} | {} | {} | {:.2}% |\n",
-            r.rtt_ms,
-            r.job.name,
-            r.mode.name(),
+            "| {} | {} | {} | {:.1} | {link} | {iops} | {} | {} | {vs} | {rest} |\n",
+            r.rtt_ms.map_or("-".into(), |r| format!("{r} ms")),
+            jobs[r.job].name,
+            r.system.name(),
             r.fio.mib_s,
-            r.link_mib_s,
-            r.fio.iops,
-            r.fio.p50_us,
-            r.fio.p99_us,
-            100.0 * r.hit_ratio(),
-            human(r.record_bytes),
-            human(r.debt_bytes),
-            human(r.failback_bytes),
-            100.0 * r.failback_bytes as f64 / o.volume_bytes as f64
+            ms(r.fio.p50_us),
+            ms(r.fio.p99_us),
         );
     }
     t
 }
 
 /// BENCHMARKS.md's targets, each marked met or not met from these rows.
-pub fn targets(rows: &[Row], o: &Options) -> String {
+pub fn targets(rows: &[Row], jobs: &[Job], o: &Options) -> String {
     let mut out = String::new();
     let mut line = |what: String, met: bool| out += &format!("- {} **{}**\n", what, if met { "met" } else { "NOT met" });
-    for r in rows.iter().filter(|r| r.mode == Mode::Predictive && r.rtt_ms == 50 && r.job.targeted) {
-        let Some(a) = async_of(rows, r) else { continue };
+    for r in rows.iter().filter(|r| r.system == System::NoPeer) {
+        let Some(q) = peer_row(rows, r, System::QemuNbd) else { continue };
+        let ratio = r.fio.mib_s / q.fio.mib_s;
+        line(format!("{}: no peer {ratio:.2}x qemu-nbd's throughput (target ≥ 1.0x)", jobs[r.job].name), ratio >= 1.0);
+    }
+    for r in rows.iter().filter(|r| r.system == System::Predictive && r.rtt_ms == Some(50) && jobs[r.job].targeted) {
+        let Some(a) = peer_row(rows, r, System::Async) else { continue };
         let (p50, p99, tput) = (r.fio.p50_us / a.fio.p50_us, r.fio.p99_us / a.fio.p99_us, r.fio.mib_s / a.fio.mib_s);
-        line(format!("{}, 50 ms: predictive p50 {p50:.2}x async (target ≤ 1.1x)", r.job.name), p50 <= 1.1);
-        line(format!("{}, 50 ms: predictive p99 {p99:.2}x async (target ≤ 1.5x)", r.job.name), p99 <= 1.5);
-        line(format!("{}, 50 ms: predictive throughput {tput:.2}x async (target ≥ 0.95x)", r.job.name), tput >= 0.95);
+        let name = &jobs[r.job].name;
+        line(format!("{name}, 50 ms: predictive p50 {p50:.2}x async (target ≤ 1.1x)"), p50 <= 1.1);
+        line(format!("{name}, 50 ms: predictive p99 {p99:.2}x async (target ≤ 1.5x)"), p99 <= 1.5);
+        line(format!("{name}, 50 ms: predictive throughput {tput:.2}x async (target ≥ 0.95x)"), tput >= 0.95);
     }
     let cap_mib_s = o.rate_mbps as f64 * 1e6 / 8.0 / (1 << 20) as f64;
-    for r in rows.iter().filter(|r| r.mode == Mode::Async && r.job.sequential && r.rtt_ms > 0) {
-        let share = r.link_mib_s / cap_mib_s;
+    for r in rows.iter().filter(|r| r.system == System::Async && jobs[r.job].sequential && r.rtt_ms.is_some_and(|t| t > 0)) {
+        let Some(p) = &r.replica else { continue };
+        let share = p.link_mib_s / cap_mib_s;
+        let rtt = r.rtt_ms.unwrap_or(0);
         line(
             format!(
-                "async {}, {} ms: the link carried {:.0}% of its {} Mbit/s (target ≥ 90%)",
-                r.job.name,
-                r.rtt_ms,
+                "async {}, {rtt} ms: the link carried {:.0}% of its {} Mbit/s (target ≥ 90%)",
+                jobs[r.job].name,
                 100.0 * share,
                 o.rate_mbps
             ),
             share >= 0.9,
         );
     }
-    for r in rows.iter().filter(|r| r.mode == Mode::Predictive) {
-        let share = r.failback_bytes as f64 / o.volume_bytes as f64;
-        let within_record = r.failback_bytes <= r.record_bytes.max(r.debt_bytes);
+    for r in rows.iter().filter(|r| r.system == System::Predictive) {
+        let Some(p) = &r.replica else { continue };
+        let share = p.failback_bytes as f64 / o.volume_bytes as f64;
+        let within_record = p.failback_bytes <= p.record_bytes.max(p.debt_bytes);
         line(
             format!(
                 "predictive {}, {} ms: failback copied {} = {:.1}% of the volume, record {} (target ≤ record, ≤ 5%)",
-                r.job.name,
-                r.rtt_ms,
-                human(r.failback_bytes),
+                jobs[r.job].name,
+                r.rtt_ms.unwrap_or(0),
+                human(p.failback_bytes),
                 100.0 * share,
-                human(r.record_bytes)
+                human(p.record_bytes)
             ),
             within_record && share <= 0.05,
         );
