@@ -217,7 +217,12 @@ fn failover_then_the_old_primary_fences_and_fails_back() {
     let aside = std::fs::read(files[0]["path"].as_str().unwrap()).unwrap();
     assert!(aside[1 << 20..(1 << 20) + 65536].iter().all(|b| *b == 0x99), "the side file lacks dc1's last write");
 
-    let (log2, _) = stop_both_and_compare(dir, dc2, dc1);
+    let (log2, log1) = stop_both_and_compare(dir, dc2, dc1);
+    // A stop follows each site's present role, not its configured one: the promoted dc2
+    // (configured secondary) drained before it stopped, and the demoted dc1 (configured
+    // primary) had nothing to wait for, though its peer was already gone.
+    assert!(log2.contains("drained: nothing left for the peer to apply"), "{log2}");
+    assert!(!log1.contains("stopping before the peer applied every write"), "{log1}");
     assert_eq!(log2.matches("promoted to primary").count(), 1, "{log2}");
     assert!(log2.contains("who=admin:ops"), "the log names who asked:\n{log2}");
 }

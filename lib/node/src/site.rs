@@ -164,17 +164,17 @@ impl RunningSite {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         if let Some(link) = self.link {
-            if self.role == Role::Primary {
-                for v in &self.volumes {
-                    let (tx, rx) = oneshot::channel();
-                    v.when_drained(move || {
-                        let _ = tx.send(());
-                    });
-                    match tokio::time::timeout(STOP_DRAIN_DEADLINE, rx).await {
-                        Ok(_) => tracing::info!(volume = v.name(), "drained: the peer has applied every write"),
-                        Err(_) => {
-                            tracing::warn!(volume = v.name(), deadline = ?STOP_DRAIN_DEADLINE, "stopping before the peer applied every write; it resumes at the next start")
-                        }
+            // Each volume's present role decides, not the configured one: a promoted
+            // secondary drains, and a fenced old primary has nothing to drain.
+            for v in &self.volumes {
+                let (tx, rx) = oneshot::channel();
+                v.when_drained(move || {
+                    let _ = tx.send(());
+                });
+                match tokio::time::timeout(STOP_DRAIN_DEADLINE, rx).await {
+                    Ok(_) => tracing::info!(volume = v.name(), "drained: nothing left for the peer to apply"),
+                    Err(_) => {
+                        tracing::warn!(volume = v.name(), deadline = ?STOP_DRAIN_DEADLINE, "stopping before the peer applied every write; it resumes at the next start")
                     }
                 }
             }

@@ -516,7 +516,7 @@ impl Volume {
     }
 
     /// Calls `f` once this volume, as primary, has nothing waiting, in flight or unapplied
-    /// on its peer: the two images are equal. Never called on a secondary.
+    /// on its peer: the two images are equal. On a secondary or a fenced primary, at once.
     pub fn when_drained(&self, f: impl FnOnce() + Send + 'static) {
         let _ = self.tx.send(Input::WhenDrained(Box::new(f)));
     }
@@ -665,6 +665,16 @@ struct Demotion {
 }
 
 impl Driver {
+    /// Whether this site holds nothing its peer still lacks: a serving primary once drained;
+    /// a secondary or a fenced old primary always, since a newer primary has its writes'
+    /// say now.
+    fn nothing_to_drain(&self) -> bool {
+        match &self.core {
+            Machine::Primary(p) => p.is_drained() || p.phase() == geomirror_core::Phase::Fenced,
+            Machine::Secondary(_) => true,
+        }
+    }
+
     fn now(&self) -> Time {
         Time(self.started.elapsed().as_micros() as u64)
     }
@@ -708,7 +718,7 @@ impl Driver {
             }
             self.execute();
             self.progress_demotion();
-            if !self.drain_waiters.is_empty() && matches!(&self.core, Machine::Primary(p) if p.is_drained()) {
+            if !self.drain_waiters.is_empty() && self.nothing_to_drain() {
                 for f in std::mem::take(&mut self.drain_waiters) {
                     f();
                 }
@@ -764,6 +774,7 @@ impl Driver {
                 }
             }
             Input::Status(f) => f(self.core.status(self.now(), self.failed.load(Ordering::Acquire), self.geo.extent_bytes())),
+            Input::WhenDrained(f) if self.nothing_to_drain() => f(),
             Input::WhenDrained(f) => self.drain_waiters.push(f),
             Input::Promote { force, reply } => match &mut self.core {
                 Machine::Primary(p) => reply(Ok(PromoteOutcome::AlreadyPrimary { epoch: p.epoch() })),
