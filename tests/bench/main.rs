@@ -153,6 +153,9 @@ enum Bench {
         /// goes beside it as benchmarks-modes.svg. Default: docs/benchmarks.md, except with --quick.
         #[arg(long)]
         docs: Option<PathBuf>,
+        /// Print the primary's whole status (JSON) after each replicated job.
+        #[arg(long)]
+        verbose: bool,
         /// Print only; write no docs.
         #[arg(long, conflicts_with = "docs")]
         no_docs: bool,
@@ -195,7 +198,7 @@ fn main() -> Result<()> {
             let o = record_rtt::Options { rtt_ms, rate_mbps, probes, probe_iops: probe_iops.max(1), rounds: rounds.max(1), pace_percent };
             record_rtt::run(&bin, &o, &layout, markdown)
         }
-        Bench::Modes { rtt_ms, mode, only, trace, runtime, rate_mbps, size, max_lag, quick, docs, no_docs, geomirror } => {
+        Bench::Modes { rtt_ms, mode, only, trace, runtime, rate_mbps, size, max_lag, quick, docs, no_docs, verbose, geomirror } => {
             let bin = geomirror_bin(geomirror)?;
             let size = if quick && size == "1G" { "256M".to_string() } else { size };
             let volume_bytes = geomirror_node::config::parse_size(&size).map_err(anyhow::Error::msg)?;
@@ -214,6 +217,7 @@ fn main() -> Result<()> {
                 rate_mbps: rate_mbps.max(1),
                 volume_bytes,
                 max_lag_bytes,
+                verbose,
             };
             let docs = match (docs, no_docs, quick) {
                 (_, true, _) | (None, false, true) => None,

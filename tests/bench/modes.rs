@@ -135,14 +135,15 @@ pub struct Options {
     pub rate_mbps: u64,
     pub volume_bytes: u64,
     pub max_lag_bytes: u64,
+    /// Print the primary's whole status after each replicated job.
+    pub verbose: bool,
 }
 
 /// Builds the jobs the options select: the fio jobs, and (unless quick) the filesystem image
 /// for `qemu-img convert` and the trace iologs, all in `scratch`.
 pub fn jobs(o: &Options, scratch: &Path) -> Result<Vec<Job>> {
-    let wanted = |name: &str| {
-        (o.only.is_empty() || o.only.iter().any(|w| name.contains(w.as_str()))) && (!o.quick || QUICK_JOBS.contains(&name))
-    };
+    let wanted =
+        |name: &str| (o.only.is_empty() || o.only.iter().any(|w| name.contains(w.as_str()))) && (!o.quick || QUICK_JOBS.contains(&name));
     let mut jobs = Vec::new();
     for &(name, targeted, sequential, args) in FIO_JOBS {
         if wanted(name) {
@@ -367,16 +368,27 @@ fn replicated_row(bin: &Path, o: &Options, rtt_ms: u64, system: System, job: &Jo
     let dir = tmp.path();
     std::fs::write(dir.join("token"), format!("{TOKEN}\n"))?;
     let paced = options(rtt_ms, Some(o.rate_mbps), mode, o);
+    let started = Instant::now();
+    let phase = |what: &str| {
+        if o.verbose {
+            eprintln!("    {:>6.1} s  {what}", started.elapsed().as_secs_f64());
+        }
+    };
     let (mut dc1, mut dc2, to_dc2, to_dc1) = two_sites_both_ways(bin, dir, &paced);
+    phase("both sites up");
     let carried_before = forward_bytes(&to_dc2)?;
     let t = Instant::now();
     let fio = drive(dc1.url("vol0"), job, o, dir)?;
     let link_mib_s = (forward_bytes(&to_dc2)? - carried_before) as f64 / t.elapsed().as_secs_f64() / (1 << 20) as f64;
     let s = status(bin, dir, "dc1", &dc1)?;
+    if o.verbose {
+        eprintln!("    the primary's status after the job: {s}");
+    }
     let v = &s["volumes"][0];
     let num = |k: &str| v[k].as_u64().with_context(|| format!("status has no {k}: {s}"));
     let (writes, hits, record_bytes, debt_bytes) = (num("writes")?, num("hits")?, num("record_bytes")?, num("failback_debt_bytes")?);
 
+    phase("job done");
     // A forced failover, then the failback over an unpaced link.
     dc1.kill();
     let out = admin(bin, dir, "promote", "dc2", &dc2, &["--force", "--reason", "benchmark failover"]).output()?;
@@ -388,11 +400,16 @@ fn replicated_row(bin: &Path, o: &Options, rtt_ms: u64, system: System, job: &Jo
     site_config(dir, "dc1", "dc2", "primary", p1, to_dc2.port, &fast);
     site_config(dir, "dc2", "dc1", "secondary", p2, to_dc1.port, &fast);
     unpace(&[&to_dc2, &to_dc1])?;
+    phase("promoted");
     dc2.restart();
     dc1.start_again();
+    phase("both sites restarted");
     let copied = wait_failback(bin, dir, &dc2)?;
+    phase("failback done");
     let (end2, log2) = dc2.stop();
+    phase("the new primary stopped");
     let (end1, log1) = dc1.stop();
+    phase("the old primary stopped");
     if !end1.success() || !end2.success() {
         bail!("a site did not stop cleanly:\n{log2}\n{log1}");
     }
@@ -405,6 +422,7 @@ fn replicated_row(bin: &Path, o: &Options, rtt_ms: u64, system: System, job: &Jo
     if !compare.status.success() {
         bail!("after the failback the images differ: {}", String::from_utf8_lossy(&compare.stdout));
     }
+    phase("images compared");
     Ok((fio, Replica { link_mib_s, writes, hits, record_bytes, debt_bytes, failback_bytes: copied }))
 }
 
@@ -495,7 +513,12 @@ pub fn markdown(rows: &[Row], jobs: &[Job], o: &Options) -> String {
         let vs = match peer_row(rows, r, System::Async) {
             Some(a) if r.system != System::Async && r.rtt_ms.is_some() => {
                 let ratio = |x: f64, y: f64| if x.is_nan() || y.is_nan() { "-".to_string() } else { format!("{:.2}x", x / y) };
-                format!("{} / {} / {}", ratio(r.fio.p50_us, a.fio.p50_us), ratio(r.fio.p99_us, a.fio.p99_us), ratio(r.fio.mib_s, a.fio.mib_s))
+                format!(
+                    "{} / {} / {}",
+                    ratio(r.fio.p50_us, a.fio.p50_us),
+                    ratio(r.fio.p99_us, a.fio.p99_us),
+                    ratio(r.fio.mib_s, a.fio.mib_s)
+                )
             }
             _ => "-".into(),
         };

@@ -12,9 +12,8 @@ const LOCAL: [(System, RGBColor); 2] = [(System::NoPeer, RGBColor(120, 120, 120)
 
 /// Writes the SVG; jobs with no latency figures (qemu-img convert) get no panel.
 pub fn p99_against_rtt(path: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
-    let panels: Vec<usize> = (0..jobs.len())
-        .filter(|&j| rows.iter().any(|r| r.job == j && r.rtt_ms.is_some() && r.fio.p99_us.is_finite()))
-        .collect();
+    let panels: Vec<usize> =
+        (0..jobs.len()).filter(|&j| rows.iter().any(|r| r.job == j && r.rtt_ms.is_some() && r.fio.p99_us.is_finite())).collect();
     if panels.is_empty() {
         return Err(anyhow!("no replicated row has a latency to plot"));
     }
@@ -30,7 +29,12 @@ pub fn p99_against_rtt(path: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
     Ok(())
 }
 
-fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, rows: &[Row], job: usize, name: &str) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    rows: &[Row],
+    job: usize,
+    name: &str,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let ms = |r: &Row| r.fio.p99_us / 1000.0;
     let mine: Vec<&Row> = rows.iter().filter(|r| r.job == job && r.fio.p99_us.is_finite() && r.fio.p99_us > 0.0).collect();
     let rtts: Vec<f64> = mine.iter().filter_map(|r| r.rtt_ms).map(|r| r as f64).collect();
@@ -65,6 +69,11 @@ fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, row
             .label(format!("{} (no WAN)", system.name()))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(1)));
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).border_style(BLACK).background_style(WHITE.mix(0.85)).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .draw()?;
     Ok(())
 }
