@@ -99,7 +99,9 @@ enum Bench {
     /// sync and predictive modes over the emulated WAN.
     ///
     /// Workloads, each on every system: fio (ioengine=nbd) sequential 1 MiB writes, 4 KiB
-    /// random writes (uniform and zipf:1.2), at queue depth 1 and 32; qemu-img convert of an
+    /// random writes (uniform and zipf:1.2), at queue depth 1 and 32, flat out, and for the
+    /// targeted ones also at half the link's rate (fio's first seconds are ramp, not
+    /// measured); qemu-img convert of an
     /// ext4 image built from /usr/share/doc; two synthetic block traces (one written as a
     /// CloudPhysics CSV, one as an MSR Cambridge CSV, read back and replayed by fio from an
     /// iolog at queue depth 8), and any trace given with --trace.
@@ -146,7 +148,8 @@ enum Bench {
         #[arg(long)]
         max_lag: Option<String>,
         /// A quick look in under five minutes: RTT 50 ms; async and predictive; sequential
-        /// and Zipf at QD32; 3 s each; a 256 MiB volume. Writes no docs unless --docs is given.
+        /// and Zipf at QD32, flat out and at half the link's rate; 3 s each; a 256 MiB
+        /// volume. Writes no docs unless --docs is given.
         #[arg(long)]
         quick: bool,
         /// The page to write the results into (between its BEGIN/END modes markers); the plot

@@ -79,24 +79,39 @@ pub enum Work {
 
 pub struct Job {
     pub name: String,
-    /// Sequential or Zipf: the workloads BENCHMARKS.md's latency targets name.
+    /// Sequential or Zipf: the workloads BENCHMARKS.md's latency and throughput targets name.
     pub targeted: bool,
     pub sequential: bool,
+    /// The host's rate as a share of the link's, or None for as fast as it can.
+    pub link_share: Option<f64>,
     pub work: Work,
 }
 
-/// The fio jobs, by name.
-const FIO_JOBS: &[(&str, bool, bool, &[&str])] = &[
-    ("seq 1M QD1", true, true, &["--rw=write", "--bs=1m", "--iodepth=1"]),
-    ("seq 1M QD32", true, true, &["--rw=write", "--bs=1m", "--iodepth=32"]),
-    ("rand 4K QD1", false, false, &["--rw=randwrite", "--bs=4k", "--iodepth=1"]),
-    ("rand 4K QD32", false, false, &["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
-    ("zipf 4K QD1", true, false, &["--rw=randwrite", "--bs=4k", "--iodepth=1", "--random_distribution=zipf:1.2"]),
-    ("zipf 4K QD32", true, false, &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--random_distribution=zipf:1.2"]),
+/// A fio job: name, targeted, sequential, share of the link, options.
+type FioJob = (&'static str, bool, bool, Option<f64>, &'static [&'static str]);
+
+/// The fio jobs. Flat out, a host outruns any WAN link and every mode ends up throttled
+/// by the lag limit, so latency there is the throttle's queue; at half the link's rate
+/// the lag stays small and latency is the mode's own. Both are measured.
+const FIO_JOBS: &[FioJob] = &[
+    ("seq 1M QD1", true, true, None, &["--rw=write", "--bs=1m", "--iodepth=1"]),
+    ("seq 1M QD32", true, true, None, &["--rw=write", "--bs=1m", "--iodepth=32"]),
+    ("seq 1M QD32 at half the link", true, true, Some(0.5), &["--rw=write", "--bs=1m", "--iodepth=32"]),
+    ("rand 4K QD1", false, false, None, &["--rw=randwrite", "--bs=4k", "--iodepth=1"]),
+    ("rand 4K QD32", false, false, None, &["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
+    ("zipf 4K QD1", true, false, None, &["--rw=randwrite", "--bs=4k", "--iodepth=1", "--random_distribution=zipf:1.2"]),
+    ("zipf 4K QD32", true, false, None, &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--random_distribution=zipf:1.2"]),
+    (
+        "zipf 4K QD32 at half the link",
+        true,
+        false,
+        Some(0.5),
+        &["--rw=randwrite", "--bs=4k", "--iodepth=32", "--random_distribution=zipf:1.2"],
+    ),
 ];
 
-/// The jobs a quick look runs: the ones the latency targets name.
-pub const QUICK_JOBS: &[&str] = &["seq 1M QD32", "zipf 4K QD32"];
+/// The jobs a quick look runs: the ones the targets name, at queue depth 32.
+pub const QUICK_JOBS: &[&str] = &["seq 1M QD32", "seq 1M QD32 at half the link", "zipf 4K QD32", "zipf 4K QD32 at half the link"];
 
 /// The synthetic traces every full run replays, one in each CSV shape so that both readers
 /// are exercised: (name, hot set, sequential share, format).
@@ -145,14 +160,14 @@ pub fn jobs(o: &Options, scratch: &Path) -> Result<Vec<Job>> {
     let wanted =
         |name: &str| (o.only.is_empty() || o.only.iter().any(|w| name.contains(w.as_str()))) && (!o.quick || QUICK_JOBS.contains(&name));
     let mut jobs = Vec::new();
-    for &(name, targeted, sequential, args) in FIO_JOBS {
+    for &(name, targeted, sequential, link_share, args) in FIO_JOBS {
         if wanted(name) {
-            jobs.push(Job { name: name.into(), targeted, sequential, work: Work::Fio(args) });
+            jobs.push(Job { name: name.into(), targeted, sequential, link_share, work: Work::Fio(args) });
         }
     }
     if wanted(CONVERT) {
         let (image, bytes) = filesystem_image(scratch, o.volume_bytes)?;
-        jobs.push(Job { name: CONVERT.into(), targeted: false, sequential: false, work: Convert { image, bytes } });
+        jobs.push(Job { name: CONVERT.into(), targeted: false, sequential: false, link_share: None, work: Convert { image, bytes } });
     }
     for (i, &(name, hot, sequential, format)) in SYNTHETIC.iter().enumerate() {
         if wanted(name) {
@@ -230,7 +245,7 @@ fn trace_job(name: String, csv: &Path, format: TraceFormat, volume_bytes: u64, s
     w.flush()?;
     let bytes: u64 = ops.iter().map(|op| op.len).sum();
     eprintln!("{name}: {} writes, {}, from {}", ops.len(), human(bytes), csv.display());
-    Ok(Job { name, targeted: false, sequential: false, work: Work::Trace { iolog } })
+    Ok(Job { name, targeted: false, sequential: false, link_share: None, work: Work::Trace { iolog } })
 }
 
 /// What a replicated row adds to the host's figures.
@@ -307,7 +322,17 @@ pub fn run(bin: &Path, o: &Options, jobs: &[Job]) -> Result<Vec<Row>> {
 /// Runs a job against `url`.
 fn drive(url: &str, job: &Job, o: &Options, dir: &Path) -> Result<super::Figures> {
     match &job.work {
-        Work::Fio(args) => super::fio(url, args, o.runtime_s, true, dir),
+        Work::Fio(args) => {
+            // The first seconds (a record's warm-up, a lag buffer filling) are run but not
+            // measured, alike for every system.
+            let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            args.push(format!("--ramp_time={}", ramp_s(o.runtime_s)));
+            if let Some(share) = job.link_share {
+                args.push(format!("--rate={}", (o.rate_mbps as f64 * 1e6 / 8.0 * share) as u64));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            super::fio(url, &args, o.runtime_s, true, dir)
+        }
         Work::Trace { iolog } => {
             let args = [format!("--read_iolog={}", iolog.display()), format!("--iodepth={TRACE_QD}")];
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -323,6 +348,11 @@ fn drive(url: &str, job: &Job, o: &Options, dir: &Path) -> Result<super::Figures
     }
 }
 
+/// Seconds of a time-based fio job that are run before measuring starts.
+pub fn ramp_s(runtime_s: u64) -> u64 {
+    (runtime_s / 3).clamp(1, 3)
+}
+
 fn local_row(bin: &Path, o: &Options, system: System, job: &Job) -> Result<super::Figures> {
     match system {
         System::QemuNbd => {
@@ -334,7 +364,7 @@ fn local_row(bin: &Path, o: &Options, system: System, job: &Job) -> Result<super
         }
         System::NoPeer => {
             let mut site = Site::start(bin, &format!("[[volume]]\nname = \"vol0\"\nmedia = \"vol0.img\"\nsize = {}\n", o.volume_bytes));
-            let figures = drive(&site.url("vol0").to_owned(), job, o, &site.dir.clone())?;
+            let figures = drive(site.url("vol0"), job, o, &site.dir)?;
             let (end, log) = site.stop();
             if !end.success() {
                 bail!("geomirror did not stop cleanly:\n{log}");
@@ -389,21 +419,24 @@ fn replicated_row(bin: &Path, o: &Options, rtt_ms: u64, system: System, job: &Jo
     let (writes, hits, record_bytes, debt_bytes) = (num("writes")?, num("hits")?, num("record_bytes")?, num("failback_debt_bytes")?);
 
     phase("job done");
-    // A forced failover, then the failback over an unpaced link.
+    // A forced failover, then the failback over an unpaced link. The secondary is restarted
+    // on the unpaced config before its promotion: a promoted site that stops waits for its
+    // (dead) peer to drain.
     dc1.kill();
-    let out = admin(bin, dir, "promote", "dc2", &dc2, &["--force", "--reason", "benchmark failover"]).output()?;
-    if !out.status.success() {
-        bail!("promote failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
     let fast = options(rtt_ms, None, mode, o);
     let (p1, p2) = (dc1.replication.context("dc1 port")?.port(), dc2.replication.context("dc2 port")?.port());
     site_config(dir, "dc1", "dc2", "primary", p1, to_dc2.port, &fast);
     site_config(dir, "dc2", "dc1", "secondary", p2, to_dc1.port, &fast);
     unpace(&[&to_dc2, &to_dc1])?;
-    phase("promoted");
     dc2.restart();
+    phase("the secondary restarted unpaced");
+    let out = admin(bin, dir, "promote", "dc2", &dc2, &["--force", "--reason", "benchmark failover"]).output()?;
+    if !out.status.success() {
+        bail!("promote failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    phase("promoted");
     dc1.start_again();
-    phase("both sites restarted");
+    phase("the old primary restarted");
     let copied = wait_failback(bin, dir, &dc2)?;
     phase("failback done");
     let (end2, log2) = dc2.stop();
@@ -567,7 +600,9 @@ pub fn targets(rows: &[Row], jobs: &[Job], o: &Options) -> String {
         line(format!("{name}, 50 ms: predictive throughput {tput:.2}x async (target ≥ 0.95x)"), tput >= 0.95);
     }
     let cap_mib_s = o.rate_mbps as f64 * 1e6 / 8.0 / (1 << 20) as f64;
-    for r in rows.iter().filter(|r| r.system == System::Async && jobs[r.job].sequential && r.rtt_ms.is_some_and(|t| t > 0)) {
+    for r in rows.iter().filter(|r| {
+        r.system == System::Async && jobs[r.job].sequential && jobs[r.job].link_share.is_none() && r.rtt_ms.is_some_and(|t| t > 0)
+    }) {
         let Some(p) = &r.replica else { continue };
         let share = p.link_mib_s / cap_mib_s;
         let rtt = r.rtt_ms.unwrap_or(0);
