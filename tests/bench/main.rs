@@ -232,6 +232,8 @@ fn main() -> Result<()> {
                 report::write_docs(d, &std::fs::read_to_string(d).ok().and_then(|t| generated(&t)).unwrap_or_default())?;
             }
             let scratch = tempfile::tempdir()?;
+            // What is measured, taken before measuring: the tree may change during a long run.
+            let machine = report::machine(scratch.path());
             let jobs = modes::jobs(&o, scratch.path())?;
             let started = std::time::Instant::now();
             let rows = modes::run(&bin, &o, &jobs)?;
@@ -253,7 +255,7 @@ fn main() -> Result<()> {
                     o.rate_mbps,
                     o.max_lag_bytes >> 20,
                     o.runtime_s,
-                    report::machine(scratch.path()),
+                    machine,
                     svg.file_name().map_or("benchmarks-modes.svg".into(), |n| n.to_string_lossy()),
                 );
                 report::write_docs(&doc, &body)?;
