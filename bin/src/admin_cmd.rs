@@ -138,7 +138,14 @@ pub fn status(a: AdminArgs) -> Result<()> {
             );
             println!("  failback debt: {} would be copied back after a failover now", format_bytes(v.failback_debt_bytes));
             if v.resync_in_progress {
-                println!("  resync: {} copied, {} to go", format_bytes(v.resync_bytes_copied), format_bytes(v.resync_remaining_bytes));
+                println!(
+                    "  resync: {} copied, {} checked by digest ({} of {} extents found different), {} to go",
+                    format_bytes(v.resync_bytes_copied),
+                    format_bytes(v.resync_bytes_verified),
+                    v.resync_extents_mismatched,
+                    v.resync_extents_verified,
+                    format_bytes(v.resync_remaining_bytes)
+                );
             }
         } else {
             println!("  link: {}", if v.link_up { "a primary is connected" } else { "no primary connected" });
@@ -232,34 +239,53 @@ pub fn failback(a: AdminArgs, dry_run: bool) -> Result<()> {
         }
         for v in &s.volumes {
             let eta = v.resync_estimated_seconds.map_or(String::new(), |t| format!(", about {t:.0} s at the paced link rate"));
-            println!("volume {}: a failback now copies {}{eta}", v.name, format_bytes(v.resync_remaining_bytes));
+            println!(
+                "volume {}: a failback now copies at most {}{eta}; with verify_failback (the default) it reads that much on both sites and copies only the extents that differ",
+                v.name,
+                format_bytes(v.resync_remaining_bytes)
+            );
         }
         return Ok(());
     }
     // The failback itself runs in the site as soon as the old primary is connected as a
     // secondary; this follows it until every volume is drained onto the peer.
-    let total: u64 = s.volumes.iter().map(|v| v.resync_remaining_bytes + v.resync_bytes_copied).sum::<u64>().max(1);
+    // Progress counts extents checked by digest (equal ones cross the WAN as 32 bytes) as
+    // well as those copied.
+    let done = |s: &StatusReport| s.volumes.iter().map(|v| v.resync_bytes_copied + v.resync_bytes_verified).sum::<u64>();
+    let total: u64 = (done(&s) + s.volumes.iter().map(|v| v.resync_remaining_bytes).sum::<u64>()).max(1);
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    let start: u64 = s.volumes.iter().map(|v| v.resync_bytes_copied).sum();
+    let start = done(&s);
+    let start_copied: u64 = s.volumes.iter().map(|v| v.resync_bytes_copied).sum();
     loop {
         let s = status(&client)?;
-        let copied: u64 = s.volumes.iter().map(|v| v.resync_bytes_copied).sum::<u64>() - start;
+        let progressed = done(&s) - start;
+        let copied: u64 = s.volumes.iter().map(|v| v.resync_bytes_copied).sum::<u64>() - start_copied;
         let remaining: u64 = s.volumes.iter().map(|v| v.resync_remaining_bytes).sum();
-        bar.set_length((copied + remaining).max(1));
-        bar.set_position(copied);
+        bar.set_length((progressed + remaining).max(1));
+        bar.set_position(progressed);
         let linked = s.volumes.iter().all(|v| v.link_up);
         bar.set_message(if linked { "failing back" } else { "waiting for the old primary to connect" });
         if linked && s.volumes.iter().all(|v| v.drained && !v.resync_in_progress) {
             bar.finish_and_clear();
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "site": s.site, "copied_bytes": copied, "done": true }))?);
+                let checked = progressed.saturating_sub(copied);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "site": s.site, "copied_bytes": copied, "checked_bytes": checked, "done": true })
+                    )?
+                );
             } else {
-                println!("failback done: {} copied; both sites hold the same data", format_bytes(copied));
+                println!(
+                    "failback done: {} copied, {} checked by digest on both sites; both sites hold the same data",
+                    format_bytes(copied),
+                    format_bytes(progressed.saturating_sub(copied))
+                );
             }
             return Ok(());
         }

@@ -22,6 +22,11 @@ struct Pair {
     p_out: Vec<Action>,
     /// The stream of every data frame the primary sent, and whether it was a host write.
     p_data: Vec<(Stream, bool)>,
+    /// Every data item the primary sent, with its sequence number.
+    p_items: Vec<(u64, Apply)>,
+    /// Extents whose content on the secondary differs from the primary's, for failback
+    /// checks (this harness has no media).
+    s_differs: std::collections::BTreeSet<u64>,
 }
 
 impl Pair {
@@ -38,6 +43,8 @@ impl Pair {
             s_store: MemStore::new(s_state),
             p_out: Vec::new(),
             p_data: Vec::new(),
+            p_items: Vec::new(),
+            s_differs: Default::default(),
         };
         pair.collect();
         pair
@@ -56,8 +63,9 @@ impl Pair {
                 progressed = true;
                 match a {
                     Action::Send { stream, frame } => {
-                        if let Frame::Data { apply, .. } = &frame {
+                        if let Frame::Data { apply, seq, .. } = &frame {
                             self.p_data.push((stream, matches!(apply, Apply::Write(w) if w.offset % MIB != 0)));
+                            self.p_items.push((seq.0, apply.clone()));
                         }
                         let now = self.now;
                         self.secondary.handle_frame(now, frame);
@@ -76,6 +84,10 @@ impl Pair {
                         self.secondary.handle_persisted(now, token);
                     }
                     Action::SyncMedia { token } => self.secondary.handle_media_synced(now, token),
+                    Action::VerifyExtent { token, extent, .. } => {
+                        let equal = !self.s_differs.contains(&extent.0);
+                        self.secondary.handle_verified(now, token, equal)
+                    }
                     _ => {}
                 }
             }
@@ -370,4 +382,55 @@ fn resync_copies_ride_their_own_stream_while_host_writes_keep_theirs() {
     assert!(resync.len() >= 4, "begin, two copies and end: {resync:?}");
     assert!(resync.iter().all(|s| *s == Stream::Resync), "every resync item ships on the resync stream: {resync:?}");
     assert!(!p.primary.resync_in_progress(), "and the resync completed");
+}
+
+#[test]
+fn a_failback_checks_extents_by_digest_and_copies_only_those_that_differ() {
+    // A promoted primary whose failback set is extents 3, 4 and 5; on the returning old
+    // primary only extent 4 differs.
+    let geo = Geometry::new(64 * MIB, MIB).unwrap();
+    let mut p_state = SiteState::fresh(Role::Primary);
+    p_state.failback_pending = true;
+    p_state.dirty = [3, 4, 5].into_iter().map(geomirror_core::ExtentId).collect();
+    let mut p = Pair::new();
+    p.primary = Primary::new(CoreConfig::default(), geo, &p_state, p.now);
+    p.p_store = MemStore::new(p_state);
+    p.s_differs.insert(4);
+    p.collect();
+    p.persist_primary();
+    p.connect();
+    p.persist_primary();
+    let mut read = Vec::new();
+    for _ in 0..10 {
+        let reads = take(&mut p.p_out, |a| matches!(a, Action::ReadExtent { .. }));
+        if reads.is_empty() {
+            break;
+        }
+        for a in reads {
+            if let Action::ReadExtent { token, extent } = a {
+                read.push(extent.0);
+                let now = p.now;
+                p.primary.handle_read_done(now, token, Bytes::from(vec![5u8; MIB as usize]));
+                p.collect();
+            }
+        }
+        p.persist_primary();
+    }
+    assert_eq!(read, vec![3, 4, 5, 4], "each extent read once to be checked, and the different one again to be copied");
+    let verified: Vec<u64> =
+        p.p_items.iter().filter_map(|(_, a)| if let Apply::Verify { extent, .. } = a { Some(extent.0) } else { None }).collect();
+    assert_eq!(verified, vec![3, 4, 5]);
+    let copies: Vec<(u64, u64)> =
+        p.p_items.iter().filter_map(|(seq, a)| if let Apply::Write(w) = a { Some((*seq, w.offset)) } else { None }).collect();
+    assert!(!copies.is_empty() && copies.iter().all(|(_, off)| *off / MIB == 4), "only extent 4 is copied: {copies:?}");
+    let end = p.p_items.iter().find_map(|(seq, a)| matches!(a, Apply::ResyncEnd).then_some(*seq)).expect("the resync ended");
+    let last = p.p_items.iter().filter(|(_, a)| matches!(a, Apply::Write(_) | Apply::Verify { .. })).map(|(s, _)| *s).max().unwrap();
+    assert!(end > last, "the end comes after every check and copy");
+    let st = p.primary.stats();
+    assert_eq!((st.resync_extents_verified, st.resync_extents_mismatched, st.resync_bytes_copied), (3, 1, MIB));
+    assert!(!p.primary.resync_in_progress());
+    let ss = p.secondary.stats();
+    assert_eq!((ss.extents_verified, ss.extents_mismatched), (3, 1));
+    assert!(ss.extents_saved_aside >= 1, "the different extent was saved aside before its copy");
+    assert!(p.s_store.durable().dirty.is_empty(), "the mismatch was durable only until the failback ended");
 }

@@ -48,6 +48,11 @@ fn applying_out_of_order_breaks_prefix_consistency() {
 }
 
 #[test]
+fn a_failback_check_that_finds_everything_equal_breaks_invariant_r() {
+    caught_by(Mutation::VerifyAlwaysEqual, &["O2", "O4"]);
+}
+
+#[test]
 fn without_a_mutation_the_same_seeds_pass() {
     let reports = run_parallel(&(0..50).collect::<Vec<u64>>(), run_seed);
     assert!(reports.iter().all(|r| r.violations.is_empty()));

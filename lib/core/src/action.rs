@@ -45,6 +45,13 @@ pub enum Action {
     SaveAside {
         extent: ExtentId,
     },
+    /// Secondary: read one extent after every media action emitted before this one, and
+    /// compare its `extent_digest` with `digest`; report with `handle_verified`.
+    VerifyExtent {
+        token: Token,
+        extent: ExtentId,
+        digest: [u8; 32],
+    },
     /// Primary: read one extent for resync; report with `handle_read_done`.
     ReadExtent {
         token: Token,

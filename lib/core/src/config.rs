@@ -115,6 +115,9 @@ pub struct CoreConfig {
     pub reorder_buffer_bytes: u64,
     /// Most extents a resync reads at once.
     pub resync_reads_in_flight: usize,
+    /// A failback checks each extent of the failback set by digest and copies only those
+    /// that differ; off, it copies the whole failback set.
+    pub verify_failback: bool,
 }
 
 impl Default for CoreConfig {
@@ -138,6 +141,7 @@ impl Default for CoreConfig {
             local_sync_interval: Duration::from_millis(200),
             reorder_buffer_bytes: 128 << 20,
             resync_reads_in_flight: 8,
+            verify_failback: true,
         }
     }
 }

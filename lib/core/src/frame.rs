@@ -6,7 +6,7 @@
 //! Must not: interpret frames. Epoch checks and state changes belong to the site state
 //! machines; this file only turns bytes into a typed value or a clear error.
 
-use crate::ids::{Epoch, Generation, Seq};
+use crate::ids::{Epoch, ExtentId, Generation, Seq};
 use crate::op::WriteOp;
 use crate::record::ExtentRun;
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,12 @@ pub enum Apply {
     ResyncBegin { save_aside: bool, skip: bool },
     /// The image is a prefix of the history again once everything up to here is durable.
     ResyncEnd,
+    /// A failback's check of one extent instead of its copy: `digest` is `extent_digest` of
+    /// the primary's content after every earlier item. The receiver compares its own content
+    /// at this point of the order; when it differs, it records the extent as divergent
+    /// (durably) and reports it with a `DivergentChunk` before any `Applied` that covers this
+    /// item, and the primary then copies the extent.
+    Verify { extent: ExtentId, digest: [u8; 32] },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,7 +126,8 @@ pub enum Frame {
     Welcome { epoch: Epoch, applied: Seq, consistent: bool, authoritative: bool },
     /// Part of the secondary's durable record, sent after `Welcome`.
     RecordChunk { epoch: Epoch, entries: Vec<RecordEntries> },
-    /// Extents a demoted site may hold that its peer lacks (its persisted local dirty map).
+    /// Extents a demoted site may hold that its peer lacks (its persisted local dirty map):
+    /// in the snapshot, and during a failback for each extent a `Verify` found different.
     DivergentChunk { epoch: Epoch, extents: Vec<ExtentRun> },
     /// End of the snapshot: the primary may now accept writes.
     SnapshotEnd { epoch: Epoch, record_len: u64 },
@@ -333,6 +340,7 @@ mod tests {
             Frame::Data { epoch: e, seq: Seq(4), apply: Apply::Write(WriteOp::zero(0, 1 << 20)) },
             Frame::Data { epoch: e, seq: Seq(5), apply: Apply::ResyncBegin { save_aside: true, skip: true } },
             Frame::Data { epoch: e, seq: Seq(6), apply: Apply::ResyncEnd },
+            Frame::Data { epoch: e, seq: Seq(7), apply: Apply::Verify { extent: ExtentId(9), digest: [7; 32] } },
             Frame::Applied { epoch: e, through: Seq(6) },
             Frame::Authoritative { epoch: e },
             Frame::Refused { epoch: e, reason: Refusal::StaleEpoch },

@@ -11,6 +11,7 @@
 
 pub mod action;
 pub mod config;
+pub mod digest;
 pub mod frame;
 pub mod geometry;
 pub mod ids;
@@ -27,6 +28,7 @@ pub mod time;
 
 pub use action::{Action, HostError};
 pub use config::{CoreConfig, FlushPolicy, LagPolicy, Mode, PredictorConfig, PredictorKind};
+pub use digest::extent_digest;
 pub use frame::{Frame, LinkLossPolicy, Role, Stream};
 pub use geometry::Geometry;
 pub use ids::{Epoch, ExtentId, Generation, RequestId, Seq, Token};

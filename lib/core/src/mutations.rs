@@ -1,6 +1,6 @@
 //! Deliberate bugs for the mutation tests, compiled only with the `mutations` feature.
 //!
-//! Owns: per-thread switches that the state machines consult at the three places where a
+//! Owns: per-thread switches that the state machines consult at the places where a
 //! bug would break invariant R or prefix consistency. Must not: be enabled in any build
 //! that serves hosts; the feature exists so the simulation can prove its oracles can fail.
 
@@ -15,6 +15,8 @@ pub enum Mutation {
     EvictDirty,
     /// The secondary applies data in arrival order instead of sequence order.
     ApplyOutOfOrder,
+    /// A failback check finds every extent equal, whatever the content.
+    VerifyAlwaysEqual,
 }
 
 thread_local! {
@@ -36,4 +38,8 @@ pub(crate) fn evict_dirty() -> bool {
 
 pub(crate) fn apply_out_of_order() -> bool {
     ACTIVE.with(|a| a.get() == Some(Mutation::ApplyOutOfOrder))
+}
+
+pub(crate) fn verify_always_equal() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::VerifyAlwaysEqual))
 }

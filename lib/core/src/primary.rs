@@ -16,6 +16,7 @@
 
 use crate::action::{Action, HostError};
 use crate::config::{CoreConfig, FlushPolicy, LagPolicy, Mode};
+use crate::digest::extent_digest;
 use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, Role, Stream, StreamHint, MAX_LIST_LEN};
 use crate::geometry::Geometry;
 use crate::ids::{Epoch, ExtentId, Generation, RequestId, Seq, Token};
@@ -175,6 +176,13 @@ pub struct Primary {
     resend_record_on_snapshot: bool,
     resync_end: Option<Seq>,
     resync_running: bool,
+    /// The running resync checks extents by digest (a failback) rather than copying them.
+    resync_verifies: bool,
+    /// The last check dispatched: the resync may end only once the peer has applied it, since
+    /// every difference it finds is reported before that.
+    last_verify: Option<Seq>,
+    /// Extents known to differ on the peer (its divergent extents): copied, never checked.
+    must_copy: BTreeSet<ExtentId>,
     reading: BTreeMap<Token, ExtentId>,
     detector: StreamDetector,
     /// Smoothed record-update round trip, µs: how far ahead a stream must be recorded.
@@ -253,6 +261,9 @@ impl Primary {
             resend_record_on_snapshot: true,
             resync_end: None,
             resync_running: false,
+            resync_verifies: false,
+            last_verify: None,
+            must_copy: BTreeSet::new(),
             reading: BTreeMap::new(),
             srtt_us: 0,
             generation_added: BTreeMap::new(),
@@ -539,6 +550,19 @@ impl Primary {
             return;
         };
         let range = self.geo.extent_range(e);
+        if self.resync_verifies && !self.must_copy.contains(&e) {
+            // The peer compares its own content at this point of the order; only a difference
+            // brings the extent back, as must-copy.
+            let digest = extent_digest(&data, range.end - range.start);
+            let seq = self.dispatch_resync_item(Apply::Verify { extent: e, digest });
+            self.mark_dirty(e, seq);
+            self.last_verify = Some(seq);
+            self.stats.resync_extents_verified += 1;
+            self.stats.resync_bytes_verified += range.end - range.start;
+            self.progress(now);
+            return;
+        }
+        self.must_copy.remove(&e);
         let mut off = range.start;
         while off < range.end {
             let len = (range.end - off).min(RESYNC_CHUNK_BYTES);
@@ -656,11 +680,18 @@ impl Primary {
                     self.generation_added.entry(en.generation).or_insert(now);
                 }
             }
-            Frame::DivergentChunk { extents, .. } if self.link == LinkState::Handshake => {
+            // In the snapshot: what a demoted peer may hold of its own. While up: what a
+            // failback check found different. Either way the extents are copied, saved aside
+            // on the peer first, and stay in the dirty map until then.
+            Frame::DivergentChunk { extents, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
                 let list: Vec<ExtentId> = from_runs(&extents).filter(|e| self.geo.contains(*e)).collect();
                 if !list.is_empty() {
+                    if self.link == LinkState::Up {
+                        self.stats.resync_extents_mismatched += list.len() as u64;
+                    }
                     self.peer_save_aside = true;
                     self.needs_copy.extend(list.iter().copied());
+                    self.must_copy.extend(list.iter().copied());
                     self.add_local_dirty(list);
                 }
             }
@@ -1179,12 +1210,22 @@ impl Primary {
         // The marker goes first, so that the peer can bridge the gap at once.
         self.resync_running = true;
         self.resync_end = None;
+        self.begin_checks();
         self.stats.resyncs_started += 1;
         self.dispatch_resync_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: true });
         // Seqs that will never be applied must not keep extents dirty forever: the copies
         // shipped by the resync re-mark them.
         self.dirty.clear();
         self.dirty_by_seq.clear();
+    }
+
+    /// A failback (onto a promoted site's old primary, or a split brain's loser) checks
+    /// extents by digest, when configured: there the peer holds a recent image, and most of
+    /// the failback set is usually equal on both sites. Other resyncs copy: their extents
+    /// are known to differ.
+    fn begin_checks(&mut self) {
+        self.resync_verifies = self.cfg.verify_failback && (self.failback_pending || self.peer_save_aside);
+        self.last_verify = None;
     }
 
     fn drive_resync(&mut self) {
@@ -1195,6 +1236,7 @@ impl Primary {
             self.force_resync = false;
             self.resync_running = true;
             self.resync_end = None;
+            self.begin_checks();
             self.stats.resyncs_started += 1;
             self.dispatch_resync_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: false });
         }
@@ -1215,7 +1257,8 @@ impl Primary {
             self.reading.insert(token, e);
             self.actions.push_back(Action::ReadExtent { token, extent: e });
         }
-        if self.needs_copy.is_empty() && self.reading.is_empty() && self.resync_end.is_none() {
+        let checks_answered = self.last_verify.is_none_or(|v| self.applied_ack >= v);
+        if self.needs_copy.is_empty() && self.reading.is_empty() && self.resync_end.is_none() && checks_answered {
             let end = self.dispatch_resync_item(Apply::ResyncEnd);
             self.resync_end = Some(end);
         }

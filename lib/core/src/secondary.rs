@@ -52,6 +52,12 @@ enum PersistKind {
     },
     Authoritative(bool),
     Promote,
+    /// A failback check found the extent different: durable as divergent before the check
+    /// counts as applied and before the primary is told.
+    Mismatch {
+        seq: Seq,
+        extent: ExtentId,
+    },
 }
 
 /// What a promotion found, for the operator.
@@ -112,6 +118,8 @@ pub struct Secondary {
     reorder: BTreeMap<Seq, Apply>,
     reorder_bytes: u64,
     apply_blocked: Option<Token>,
+    /// A failback check waiting for this site's read: its token, sequence number and extent.
+    verifying: Option<(Token, Seq, ExtentId)>,
     save_aside: bool,
     saved: BTreeSet<ExtentId>,
     /// Between a `ResyncBegin` applied and the durable end of that resync.
@@ -159,6 +167,7 @@ impl Secondary {
             reorder: BTreeMap::new(),
             reorder_bytes: 0,
             apply_blocked: None,
+            verifying: None,
             save_aside: false,
             saved: BTreeSet::new(),
             // Inconsistent at start: only a resync can vouch for the image again. The welcome
@@ -405,11 +414,50 @@ impl Secondary {
                     self.send(Frame::Applied { epoch: self.epoch, through: self.durable_applied });
                 }
             }
+            PersistKind::Mismatch { seq, extent } => {
+                self.applied = self.applied.max(seq);
+                if self.apply_blocked == Some(token) {
+                    self.apply_blocked = None;
+                }
+                // On the control stream, so before any `Applied` that covers the check.
+                if self.connected && self.welcomed {
+                    self.send(Frame::DivergentChunk { epoch: self.epoch, extents: to_runs([extent]) });
+                }
+            }
             PersistKind::Authoritative(_) | PersistKind::CatchUp => {}
             PersistKind::Promote => {
                 self.actions.push_back(Action::RoleChanged { role: Role::Primary });
                 return;
             }
+        }
+        self.progress();
+    }
+
+    /// This site's content of the extent of a failback check, compared with the primary's
+    /// digest. Equal: the check is applied. Different: the extent becomes divergent (durably,
+    /// so it also reaches the primary in the next snapshot), the primary is told, and it
+    /// copies the extent, saved aside here first.
+    pub fn handle_verified(&mut self, _now: Time, token: Token, equal: bool) {
+        let Some((t, seq, extent)) = self.verifying else {
+            return;
+        };
+        if t != token {
+            return;
+        }
+        self.verifying = None;
+        self.stats.extents_verified += 1;
+        #[cfg(feature = "mutations")]
+        let equal = equal || crate::mutations::verify_always_equal();
+        if equal {
+            self.applied = self.applied.max(seq);
+            if self.apply_blocked == Some(token) {
+                self.apply_blocked = None;
+            }
+        } else {
+            self.stats.extents_mismatched += 1;
+            self.divergent.insert(extent);
+            let p = self.persist(PersistKind::Mismatch { seq, extent }, vec![StoreWrite::PutDirty(extent)]);
+            self.apply_blocked = Some(p);
         }
         self.progress();
     }
@@ -640,6 +688,19 @@ impl Secondary {
             }
             let item = self.reorder.remove(&seq).expect("present");
             self.reorder_bytes -= apply_bytes(&item);
+            if let Apply::Verify { extent, digest } = item {
+                if !self.geo.contains(extent) {
+                    self.refuse(None, "a failback check of an extent outside the volume");
+                    return;
+                }
+                // Applied only once this site's content is read and compared, and a difference
+                // is durable: nothing after it applies meanwhile.
+                let token = self.token();
+                self.verifying = Some((token, seq, extent));
+                self.apply_blocked = Some(token);
+                self.actions.push_back(Action::VerifyExtent { token, extent, digest });
+                break;
+            }
             self.applied = self.applied.max(seq);
             match item {
                 Apply::Write(op) => {
@@ -666,6 +727,7 @@ impl Secondary {
                     }
                 }
                 Apply::ResyncEnd => self.resync_end = Some(seq),
+                Apply::Verify { .. } => unreachable!("handled above"),
             }
         }
     }

@@ -30,6 +30,11 @@ pub struct PrimaryStats {
     pub resyncs_started: u64,
     pub resync_extents_copied: u64,
     pub resync_bytes_copied: u64,
+    /// Failback extents checked by digest instead of copied, and of those, the ones the peer
+    /// found different (then copied).
+    pub resync_extents_verified: u64,
+    pub resync_bytes_verified: u64,
+    pub resync_extents_mismatched: u64,
     pub degraded_writes: u64,
     /// Writes held back because unapplied data reached `max_lag_bytes` (each counted once).
     pub throttled_writes: u64,
@@ -56,5 +61,8 @@ pub struct SecondaryStats {
     pub bytes_applied: u64,
     pub reorder_bytes: u64,
     pub extents_saved_aside: u64,
+    /// Failback checks done here, and those that found this site's extent different.
+    pub extents_verified: u64,
+    pub extents_mismatched: u64,
     pub frames_refused: u64,
 }

@@ -253,6 +253,11 @@ pub struct VolumeReport {
     pub resync_in_progress: bool,
     pub resync_remaining_bytes: u64,
     pub resync_bytes_copied: u64,
+    /// Failback extents checked by digest on both sites instead of copied; the mismatched
+    /// ones were copied after all (and count in `resync_bytes_copied`).
+    pub resync_bytes_verified: u64,
+    pub resync_extents_verified: u64,
+    pub resync_extents_mismatched: u64,
     /// Seconds a failback of `resync_remaining_bytes` takes at the paced bulk rate.
     pub resync_estimated_seconds: Option<f64>,
     pub writes: u64,
@@ -293,6 +298,9 @@ impl VolumeReport {
             resync_in_progress: s.resync_in_progress,
             resync_remaining_bytes: s.resync_remaining_bytes,
             resync_bytes_copied: s.resync_bytes_copied,
+            resync_bytes_verified: s.resync_bytes_verified,
+            resync_extents_verified: s.resync_extents_verified,
+            resync_extents_mismatched: s.resync_extents_mismatched,
             resync_estimated_seconds: bulk_bytes_per_sec.map(|r| s.resync_remaining_bytes as f64 / r.max(1) as f64),
             writes: s.writes,
             hits: s.hits,

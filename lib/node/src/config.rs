@@ -190,6 +190,9 @@ pub struct ReplicationSection {
     pub data_lanes: u8,
     /// Clean generations older than this leave the record (0: only under pressure).
     pub clean_generation_max_age_ms: u64,
+    /// A failback compares each extent of the failback set by SHA-256 digest, reading it on
+    /// both sites, and copies over the WAN only those that differ. false copies them all.
+    pub verify_failback: bool,
 }
 
 impl Default for ReplicationSection {
@@ -207,6 +210,7 @@ impl Default for ReplicationSection {
             max_inflight_bytes: Size(c.max_inflight_bytes),
             data_lanes: c.data_lanes,
             clean_generation_max_age_ms: c.clean_generation_max_age.map_or(0, |d| d.as_millis() as u64),
+            verify_failback: c.verify_failback,
         }
     }
 }
@@ -570,6 +574,7 @@ fn replication_core(r: &ReplicationSection) -> CoreConfig {
         reorder_buffer_bytes: d.reorder_buffer_bytes.max(r.max_inflight_bytes.0 + geomirror_core::frame::MAX_FRAME_BYTES as u64),
         data_lanes: r.data_lanes,
         clean_generation_max_age: (r.clean_generation_max_age_ms > 0).then(|| Duration::from_millis(r.clean_generation_max_age_ms)),
+        verify_failback: r.verify_failback,
         ..d
     }
 }

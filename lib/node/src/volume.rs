@@ -223,6 +223,11 @@ pub struct VolumeStatus {
     pub resync_remaining_bytes: u64,
     pub resync_in_progress: bool,
     pub resync_bytes_copied: u64,
+    /// Primary: failback extents checked by digest instead of copied, in bytes and extents,
+    /// and how many of those the peer found different (copied after all).
+    pub resync_bytes_verified: u64,
+    pub resync_extents_verified: u64,
+    pub resync_extents_mismatched: u64,
     pub writes: u64,
     pub hits: u64,
     pub misses: u64,
@@ -321,6 +326,9 @@ impl Machine {
                     resync_remaining_bytes: p.resync_plan().bytes,
                     resync_in_progress: p.resync_in_progress(),
                     resync_bytes_copied: st.resync_bytes_copied,
+                    resync_bytes_verified: st.resync_bytes_verified,
+                    resync_extents_verified: st.resync_extents_verified,
+                    resync_extents_mismatched: st.resync_extents_mismatched,
                     writes: st.writes,
                     hits: st.hits,
                     misses: st.misses,
@@ -350,6 +358,9 @@ impl Machine {
                     resync_remaining_bytes: 0,
                     resync_in_progress: false,
                     resync_bytes_copied: 0,
+                    resync_bytes_verified: 0,
+                    resync_extents_verified: 0,
+                    resync_extents_mismatched: 0,
                     writes: 0,
                     hits: 0,
                     misses: 0,
@@ -943,6 +954,20 @@ impl Driver {
                     }
                     if let Err(e) = self.aside.save(&self.media, extent) {
                         self.fail(&format!("saving extent {} aside failed: {e}", extent.0));
+                    }
+                }
+                Action::VerifyExtent { token, extent, digest } => {
+                    // Inline like every media action, so after each write emitted before it.
+                    let range = self.geo.extent_range(extent);
+                    let mut buf = vec![0u8; (range.end - range.start) as usize];
+                    match self.media.read_at(&mut buf, range.start) {
+                        Ok(()) => {
+                            let equal = geomirror_core::extent_digest(&buf, range.end - range.start) == digest;
+                            if let Machine::Secondary(s) = &mut self.core {
+                                s.handle_verified(now, token, equal);
+                            }
+                        }
+                        Err(e) => self.fail(&format!("reading extent {} for a failback check failed: {e}", extent.0)),
                     }
                 }
                 Action::ReadExtent { token, extent } => {

@@ -83,6 +83,8 @@ pub struct SeedTotals {
     /// Writes failed back to the host (block policy deadlines, fencing, media errors).
     pub writes_failed: u64,
     pub extents_saved_aside: u64,
+    pub extents_verified: u64,
+    pub extents_verified_equal: u64,
     pub lost_acked_blocks_reported: u64,
 }
 
@@ -104,6 +106,8 @@ impl SeedTotals {
             t.degraded_writes += r.degraded_writes;
             t.writes_failed += r.writes_failed;
             t.extents_saved_aside += r.saved_aside_extents;
+            t.extents_verified += r.extents_verified;
+            t.extents_verified_equal += r.extents_verified_equal;
             t.lost_acked_blocks_reported += r.lost_acked_blocks_reported;
         }
         t
@@ -114,7 +118,7 @@ impl std::fmt::Display for SeedTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion)",
+            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion)",
             self.seeds,
             self.writes_acked,
             self.crashes,
@@ -129,6 +133,8 @@ impl std::fmt::Display for SeedTotals {
             self.degraded_writes,
             self.writes_failed,
             self.extents_saved_aside,
+            self.extents_verified,
+            self.extents_verified_equal,
             self.lost_acked_blocks_reported
         )
     }
