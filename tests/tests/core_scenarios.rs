@@ -24,8 +24,8 @@ struct Pair {
     p_data: Vec<(Stream, bool)>,
     /// Every data item the primary sent, with its sequence number.
     p_items: Vec<(u64, Apply)>,
-    /// Extents whose content on the secondary differs from the primary's, for failback
-    /// checks (this harness has no media).
+    /// Extents whose content on the secondary differs from the primary's in their third
+    /// 4 KiB block, for failback checks (this harness has no media).
     s_differs: std::collections::BTreeSet<u64>,
 }
 
@@ -84,9 +84,14 @@ impl Pair {
                         self.secondary.handle_persisted(now, token);
                     }
                     Action::SyncMedia { token } => self.secondary.handle_media_synced(now, token),
-                    Action::VerifyExtent { token, extent, .. } => {
-                        let equal = !self.s_differs.contains(&extent.0);
-                        self.secondary.handle_verified(now, token, equal)
+                    Action::VerifyExtent { token, extent, digests } => {
+                        // Block 2 of each extent named in `s_differs` differs.
+                        let mut mine = digests.clone();
+                        if self.s_differs.contains(&extent.0) {
+                            mine[2][0] ^= 1;
+                        }
+                        let differing = geomirror_core::differing_blocks(&mine, &digests);
+                        self.secondary.handle_verified(now, token, differing)
                     }
                     _ => {}
                 }
@@ -385,9 +390,9 @@ fn resync_copies_ride_their_own_stream_while_host_writes_keep_theirs() {
 }
 
 #[test]
-fn a_failback_checks_extents_by_digest_and_copies_only_those_that_differ() {
+fn a_failback_checks_extents_by_digest_and_copies_only_the_blocks_that_differ() {
     // A promoted primary whose failback set is extents 3, 4 and 5; on the returning old
-    // primary only extent 4 differs.
+    // primary only one 4 KiB block of extent 4 differs.
     let geo = Geometry::new(64 * MIB, MIB).unwrap();
     let mut p_state = SiteState::fresh(Role::Primary);
     p_state.failback_pending = true;
@@ -422,12 +427,12 @@ fn a_failback_checks_extents_by_digest_and_copies_only_those_that_differ() {
     assert_eq!(verified, vec![3, 4, 5]);
     let copies: Vec<(u64, u64)> =
         p.p_items.iter().filter_map(|(seq, a)| if let Apply::Write(w) = a { Some((*seq, w.offset)) } else { None }).collect();
-    assert!(!copies.is_empty() && copies.iter().all(|(_, off)| *off / MIB == 4), "only extent 4 is copied: {copies:?}");
+    assert_eq!(copies.iter().map(|(_, off)| *off).collect::<Vec<_>>(), vec![4 * MIB + 2 * 4096], "only the block that differs is copied");
     let end = p.p_items.iter().find_map(|(seq, a)| matches!(a, Apply::ResyncEnd).then_some(*seq)).expect("the resync ended");
     let last = p.p_items.iter().filter(|(_, a)| matches!(a, Apply::Write(_) | Apply::Verify { .. })).map(|(s, _)| *s).max().unwrap();
     assert!(end > last, "the end comes after every check and copy");
     let st = p.primary.stats();
-    assert_eq!((st.resync_extents_verified, st.resync_extents_mismatched, st.resync_bytes_copied), (3, 1, MIB));
+    assert_eq!((st.resync_extents_verified, st.resync_extents_mismatched, st.resync_bytes_copied), (3, 1, 4096));
     assert!(!p.primary.resync_in_progress());
     let ss = p.secondary.stats();
     assert_eq!((ss.extents_verified, ss.extents_mismatched), (3, 1));

@@ -46,11 +46,12 @@ pub enum Action {
         extent: ExtentId,
     },
     /// Secondary: read one extent after every media action emitted before this one, and
-    /// compare its `extent_digest` with `digest`; report with `handle_verified`.
+    /// compare its `block_digests` with `digests`; report the `differing_blocks` with
+    /// `handle_verified`.
     VerifyExtent {
         token: Token,
         extent: ExtentId,
-        digest: [u8; 32],
+        digests: Vec<crate::digest::BlockDigest>,
     },
     /// Primary: read one extent for resync; report with `handle_read_done`.
     ReadExtent {

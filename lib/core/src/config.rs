@@ -115,8 +115,8 @@ pub struct CoreConfig {
     pub reorder_buffer_bytes: u64,
     /// Most extents a resync reads at once.
     pub resync_reads_in_flight: usize,
-    /// A failback checks each extent of the failback set by digest and copies only those
-    /// that differ; off, it copies the whole failback set.
+    /// A failback checks each extent of the failback set by block digests and copies only
+    /// the blocks that differ; off, it copies the whole failback set.
     pub verify_failback: bool,
 }
 

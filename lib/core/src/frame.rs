@@ -6,6 +6,7 @@
 //! Must not: interpret frames. Epoch checks and state changes belong to the site state
 //! machines; this file only turns bytes into a typed value or a clear error.
 
+use crate::digest::BlockDigest;
 use crate::ids::{Epoch, ExtentId, Generation, Seq};
 use crate::op::WriteOp;
 use crate::record::ExtentRun;
@@ -98,12 +99,12 @@ pub enum Apply {
     ResyncBegin { save_aside: bool, skip: bool },
     /// The image is a prefix of the history again once everything up to here is durable.
     ResyncEnd,
-    /// A failback's check of one extent instead of its copy: `digest` is `extent_digest` of
-    /// the primary's content after every earlier item. The receiver compares its own content
-    /// at this point of the order; when it differs, it records the extent as divergent
-    /// (durably) and reports it with a `DivergentChunk` before any `Applied` that covers this
-    /// item, and the primary then copies the extent.
-    Verify { extent: ExtentId, digest: [u8; 32] },
+    /// A failback's check of one extent instead of its copy: `digests` are `block_digests`
+    /// of the primary's content after every earlier item, one per 4 KiB block. The receiver
+    /// compares its own content at this point of the order; when a block differs, it records
+    /// the extent as divergent (durably) and reports the blocks with `Differs` before any
+    /// `Applied` that covers this item, and the primary then copies those blocks.
+    Verify { extent: ExtentId, digests: Vec<BlockDigest> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +148,9 @@ pub enum Frame {
     Evict { epoch: Epoch, evictions: Vec<Eviction> },
     /// One item of the data streams.
     Data { epoch: Epoch, seq: Seq, apply: Apply },
+    /// Secondary to primary: a failback check found these blocks of the extent different
+    /// (a bitmap, bit `i % 8` of byte `i / 8` for block `i`); the extent is durably divergent.
+    Differs { epoch: Epoch, extent: ExtentId, blocks: Vec<u8> },
     /// Return message (claim 14): everything through `through` is durably applied.
     Applied { epoch: Epoch, through: Seq },
     /// The primary's local dirty map is empty again: the record is authoritative.
@@ -180,6 +184,7 @@ impl Frame {
             | Frame::Evict { epoch, .. }
             | Frame::Data { epoch, .. }
             | Frame::Applied { epoch, .. }
+            | Frame::Differs { epoch, .. }
             | Frame::Authoritative { epoch }
             | Frame::Refused { epoch, .. } => *epoch,
         }
@@ -198,6 +203,7 @@ impl Frame {
             Frame::Evict { .. } => "evict",
             Frame::Data { .. } => "data",
             Frame::Applied { .. } => "applied",
+            Frame::Differs { .. } => "differs",
             Frame::Authoritative { .. } => "authoritative",
             Frame::Refused { .. } => "refused",
         }
@@ -221,6 +227,8 @@ impl Frame {
             Frame::RecordAnswer { added, .. } => runs_ok(added),
             Frame::Evict { evictions, .. } => evictions.len() <= MAX_LIST_LEN && evictions.iter().all(|e| runs_ok(&e.extents)),
             Frame::Data { apply: Apply::Write(op), .. } => op.is_well_formed() && op.offset.checked_add(op.len).is_some(),
+            Frame::Data { apply: Apply::Verify { digests, .. }, .. } => digests.len() <= MAX_LIST_LEN,
+            Frame::Differs { blocks, .. } => blocks.len() <= MAX_LIST_LEN / 8,
             _ => true,
         };
         if ok {
@@ -340,7 +348,8 @@ mod tests {
             Frame::Data { epoch: e, seq: Seq(4), apply: Apply::Write(WriteOp::zero(0, 1 << 20)) },
             Frame::Data { epoch: e, seq: Seq(5), apply: Apply::ResyncBegin { save_aside: true, skip: true } },
             Frame::Data { epoch: e, seq: Seq(6), apply: Apply::ResyncEnd },
-            Frame::Data { epoch: e, seq: Seq(7), apply: Apply::Verify { extent: ExtentId(9), digest: [7; 32] } },
+            Frame::Data { epoch: e, seq: Seq(7), apply: Apply::Verify { extent: ExtentId(9), digests: vec![[7; 16], [8; 16]] } },
+            Frame::Differs { epoch: e, extent: ExtentId(9), blocks: vec![2] },
             Frame::Applied { epoch: e, through: Seq(6) },
             Frame::Authoritative { epoch: e },
             Frame::Refused { epoch: e, reason: Refusal::StaleEpoch },

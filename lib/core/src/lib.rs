@@ -28,7 +28,7 @@ pub mod time;
 
 pub use action::{Action, HostError};
 pub use config::{CoreConfig, FlushPolicy, LagPolicy, Mode, PredictorConfig, PredictorKind};
-pub use digest::extent_digest;
+pub use digest::{block_digests, differing_blocks, BlockDigest, CHECK_BLOCK};
 pub use frame::{Frame, LinkLossPolicy, Role, Stream};
 pub use geometry::Geometry;
 pub use ids::{Epoch, ExtentId, Generation, RequestId, Seq, Token};

@@ -16,7 +16,7 @@
 
 use crate::action::{Action, HostError};
 use crate::config::{CoreConfig, FlushPolicy, LagPolicy, Mode};
-use crate::digest::extent_digest;
+use crate::digest::{block_digests, block_set, check_blocks, CHECK_BLOCK};
 use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, Role, Stream, StreamHint, MAX_LIST_LEN};
 use crate::geometry::Geometry;
 use crate::ids::{Epoch, ExtentId, Generation, RequestId, Seq, Token};
@@ -181,8 +181,12 @@ pub struct Primary {
     /// The last check dispatched: the resync may end only once the peer has applied it, since
     /// every difference it finds is reported before that.
     last_verify: Option<Seq>,
-    /// Extents known to differ on the peer (its divergent extents): copied, never checked.
+    /// Extents known to differ on the peer (its divergent extents): copied whole, never
+    /// checked.
     must_copy: BTreeSet<ExtentId>,
+    /// Extents a check found different in some blocks: copied, those blocks only (bitmaps
+    /// as `differing_blocks` makes them).
+    copy_blocks: BTreeMap<ExtentId, Vec<u8>>,
     reading: BTreeMap<Token, ExtentId>,
     detector: StreamDetector,
     /// Smoothed record-update round trip, µs: how far ahead a stream must be recorded.
@@ -264,6 +268,7 @@ impl Primary {
             resync_verifies: false,
             last_verify: None,
             must_copy: BTreeSet::new(),
+            copy_blocks: BTreeMap::new(),
             reading: BTreeMap::new(),
             srtt_us: 0,
             generation_added: BTreeMap::new(),
@@ -550,11 +555,12 @@ impl Primary {
             return;
         };
         let range = self.geo.extent_range(e);
-        if self.resync_verifies && !self.must_copy.contains(&e) {
+        let blocks = self.copy_blocks.remove(&e);
+        if self.resync_verifies && !self.must_copy.contains(&e) && blocks.is_none() {
             // The peer compares its own content at this point of the order; only a difference
-            // brings the extent back, as must-copy.
-            let digest = extent_digest(&data, range.end - range.start);
-            let seq = self.dispatch_resync_item(Apply::Verify { extent: e, digest });
+            // brings the extent back, with the blocks to copy.
+            let digests = block_digests(&data, range.end - range.start);
+            let seq = self.dispatch_resync_item(Apply::Verify { extent: e, digests });
             self.mark_dirty(e, seq);
             self.last_verify = Some(seq);
             self.stats.resync_extents_verified += 1;
@@ -562,17 +568,33 @@ impl Primary {
             self.progress(now);
             return;
         }
-        self.must_copy.remove(&e);
-        let mut off = range.start;
-        while off < range.end {
-            let len = (range.end - off).min(RESYNC_CHUNK_BYTES);
-            let start = (off - range.start) as usize;
-            let chunk = data.slice(start.min(data.len())..(start + len as usize).min(data.len()));
-            let op = if chunk.len() as u64 == len { WriteOp::data(off, chunk) } else { WriteOp::zero(off, len) };
-            let seq = self.dispatch_resync_item(Apply::Write(op));
-            self.mark_dirty(e, seq);
-            self.stats.resync_bytes_copied += len;
-            off += len;
+        // Whole, unless a check named the blocks that differ (and nothing since made the
+        // whole extent suspect).
+        let whole = self.must_copy.remove(&e) || blocks.is_none();
+        let n = check_blocks(range.end - range.start);
+        let mut i = 0;
+        while i < n {
+            if !whole && !blocks.as_deref().is_some_and(|b| block_set(b, i)) {
+                i += 1;
+                continue;
+            }
+            // A run of blocks to copy, in chunks of at most RESYNC_CHUNK_BYTES.
+            let first = i;
+            while i < n && (whole || blocks.as_deref().is_some_and(|b| block_set(b, i))) {
+                i += 1;
+            }
+            let run_end = (range.start + i as u64 * CHECK_BLOCK).min(range.end);
+            let mut off = range.start + first as u64 * CHECK_BLOCK;
+            while off < run_end {
+                let len = (run_end - off).min(RESYNC_CHUNK_BYTES);
+                let start = (off - range.start) as usize;
+                let chunk = data.slice(start.min(data.len())..(start + len as usize).min(data.len()));
+                let op = if chunk.len() as u64 == len { WriteOp::data(off, chunk) } else { WriteOp::zero(off, len) };
+                let seq = self.dispatch_resync_item(Apply::Write(op));
+                self.mark_dirty(e, seq);
+                self.stats.resync_bytes_copied += len;
+                off += len;
+            }
         }
         self.stats.resync_extents_copied += 1;
         self.progress(now);
@@ -680,15 +702,32 @@ impl Primary {
                     self.generation_added.entry(en.generation).or_insert(now);
                 }
             }
-            // In the snapshot: what a demoted peer may hold of its own. While up: what a
-            // failback check found different. Either way the extents are copied, saved aside
-            // on the peer first, and stay in the dirty map until then.
+            // What a demoted peer may hold of its own (in the snapshot; a failback check's
+            // differences come again this way after a reconnect). Copied whole, saved aside on
+            // the peer first, and in the dirty map until then.
+            Frame::Differs { extent, blocks, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
+                let fits = |g: &Geometry| {
+                    let r = g.extent_range(extent);
+                    blocks.len() == check_blocks(r.end - r.start).div_ceil(8)
+                };
+                if !self.geo.contains(extent) || !fits(&self.geo) {
+                    self.refuse("a failback difference of an extent outside the volume, or of the wrong size");
+                } else {
+                    self.stats.resync_extents_mismatched += 1;
+                    self.peer_save_aside = true;
+                    self.needs_copy.insert(extent);
+                    if !self.must_copy.contains(&extent) {
+                        let mask = self.copy_blocks.entry(extent).or_insert_with(|| vec![0; blocks.len()]);
+                        for (m, b) in mask.iter_mut().zip(&blocks) {
+                            *m |= b;
+                        }
+                    }
+                    self.add_local_dirty(vec![extent]);
+                }
+            }
             Frame::DivergentChunk { extents, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
                 let list: Vec<ExtentId> = from_runs(&extents).filter(|e| self.geo.contains(*e)).collect();
                 if !list.is_empty() {
-                    if self.link == LinkState::Up {
-                        self.stats.resync_extents_mismatched += list.len() as u64;
-                    }
                     self.peer_save_aside = true;
                     self.needs_copy.extend(list.iter().copied());
                     self.must_copy.extend(list.iter().copied());

@@ -15,6 +15,7 @@
 
 use crate::action::Action;
 use crate::config::CoreConfig;
+use crate::digest::check_blocks;
 use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Role, Stream, StreamHint, MAX_LIST_LEN};
 use crate::geometry::Geometry;
 use crate::ids::{Epoch, ExtentId, Generation, Seq, Token};
@@ -32,7 +33,7 @@ enum Queued {
     Evict(Vec<Eviction>),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum PersistKind {
     /// A record batch: on completion the working record becomes the durable one.
     Record,
@@ -52,11 +53,12 @@ enum PersistKind {
     },
     Authoritative(bool),
     Promote,
-    /// A failback check found the extent different: durable as divergent before the check
-    /// counts as applied and before the primary is told.
+    /// A failback check found blocks of the extent different: durable as divergent before
+    /// the check counts as applied and before the primary is told which blocks.
     Mismatch {
         seq: Seq,
         extent: ExtentId,
+        blocks: Vec<u8>,
     },
 }
 
@@ -414,14 +416,14 @@ impl Secondary {
                     self.send(Frame::Applied { epoch: self.epoch, through: self.durable_applied });
                 }
             }
-            PersistKind::Mismatch { seq, extent } => {
+            PersistKind::Mismatch { seq, extent, blocks } => {
                 self.applied = self.applied.max(seq);
                 if self.apply_blocked == Some(token) {
                     self.apply_blocked = None;
                 }
                 // On the control stream, so before any `Applied` that covers the check.
                 if self.connected && self.welcomed {
-                    self.send(Frame::DivergentChunk { epoch: self.epoch, extents: to_runs([extent]) });
+                    self.send(Frame::Differs { epoch: self.epoch, extent, blocks });
                 }
             }
             PersistKind::Authoritative(_) | PersistKind::CatchUp => {}
@@ -434,10 +436,11 @@ impl Secondary {
     }
 
     /// This site's content of the extent of a failback check, compared with the primary's
-    /// digest. Equal: the check is applied. Different: the extent becomes divergent (durably,
-    /// so it also reaches the primary in the next snapshot), the primary is told, and it
-    /// copies the extent, saved aside here first.
-    pub fn handle_verified(&mut self, _now: Time, token: Token, equal: bool) {
+    /// digests: `differing` is the `differing_blocks` bitmap. All equal: the check is
+    /// applied. Otherwise the extent becomes divergent (durably, so that it also reaches the
+    /// primary, whole, in the next snapshot), the primary is told the blocks, and it copies
+    /// them, the extent saved aside here first.
+    pub fn handle_verified(&mut self, _now: Time, token: Token, differing: Vec<u8>) {
         let Some((t, seq, extent)) = self.verifying else {
             return;
         };
@@ -446,6 +449,7 @@ impl Secondary {
         }
         self.verifying = None;
         self.stats.extents_verified += 1;
+        let equal = differing.iter().all(|b| *b == 0);
         #[cfg(feature = "mutations")]
         let equal = equal || crate::mutations::verify_always_equal();
         if equal {
@@ -456,7 +460,7 @@ impl Secondary {
         } else {
             self.stats.extents_mismatched += 1;
             self.divergent.insert(extent);
-            let p = self.persist(PersistKind::Mismatch { seq, extent }, vec![StoreWrite::PutDirty(extent)]);
+            let p = self.persist(PersistKind::Mismatch { seq, extent, blocks: differing }, vec![StoreWrite::PutDirty(extent)]);
             self.apply_blocked = Some(p);
         }
         self.progress();
@@ -688,9 +692,13 @@ impl Secondary {
             }
             let item = self.reorder.remove(&seq).expect("present");
             self.reorder_bytes -= apply_bytes(&item);
-            if let Apply::Verify { extent, digest } = item {
-                if !self.geo.contains(extent) {
-                    self.refuse(None, "a failback check of an extent outside the volume");
+            if let Apply::Verify { extent, digests } = item {
+                let fits = |g: &Geometry| {
+                    let r = g.extent_range(extent);
+                    digests.len() == check_blocks(r.end - r.start)
+                };
+                if !self.geo.contains(extent) || !fits(&self.geo) {
+                    self.refuse(None, "a failback check of an extent outside the volume, or of the wrong size");
                     return;
                 }
                 // Applied only once this site's content is read and compared, and a difference
@@ -698,7 +706,7 @@ impl Secondary {
                 let token = self.token();
                 self.verifying = Some((token, seq, extent));
                 self.apply_blocked = Some(token);
-                self.actions.push_back(Action::VerifyExtent { token, extent, digest });
+                self.actions.push_back(Action::VerifyExtent { token, extent, digests });
                 break;
             }
             self.applied = self.applied.max(seq);

@@ -190,8 +190,9 @@ pub struct ReplicationSection {
     pub data_lanes: u8,
     /// Clean generations older than this leave the record (0: only under pressure).
     pub clean_generation_max_age_ms: u64,
-    /// A failback compares each extent of the failback set by SHA-256 digest, reading it on
-    /// both sites, and copies over the WAN only those that differ. false copies them all.
+    /// A failback compares each extent of the failback set by SHA-256 digests of its 4 KiB
+    /// blocks, reading it on both sites, and copies over the WAN only the blocks that
+    /// differ. false copies the whole set.
     pub verify_failback: bool,
 }
 

@@ -956,15 +956,16 @@ impl Driver {
                         self.fail(&format!("saving extent {} aside failed: {e}", extent.0));
                     }
                 }
-                Action::VerifyExtent { token, extent, digest } => {
+                Action::VerifyExtent { token, extent, digests } => {
                     // Inline like every media action, so after each write emitted before it.
                     let range = self.geo.extent_range(extent);
                     let mut buf = vec![0u8; (range.end - range.start) as usize];
                     match self.media.read_at(&mut buf, range.start) {
                         Ok(()) => {
-                            let equal = geomirror_core::extent_digest(&buf, range.end - range.start) == digest;
+                            let mine = geomirror_core::block_digests(&buf, range.end - range.start);
+                            let differing = geomirror_core::differing_blocks(&mine, &digests);
                             if let Machine::Secondary(s) = &mut self.core {
-                                s.handle_verified(now, token, equal);
+                                s.handle_verified(now, token, differing);
                             }
                         }
                         Err(e) => self.fail(&format!("reading extent {} for a failback check failed: {e}", extent.0)),

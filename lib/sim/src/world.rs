@@ -249,7 +249,7 @@ enum Ev {
     LocalWriteDone { site: SiteId, life: u64, token: Token, ok: bool },
     SyncDone { site: SiteId, life: u64, token: Token, snapshot: Vec<u64>, applied_write: u64 },
     ReadDone { site: SiteId, life: u64, token: Token, data: Bytes },
-    VerifyDone { site: SiteId, life: u64, token: Token, equal: bool },
+    VerifyDone { site: SiteId, life: u64, token: Token, differing: Vec<u8> },
     Timer { site: SiteId, life: u64 },
     Connect { conn: u64 },
     Heal { cut_id: u64 },
@@ -609,11 +609,11 @@ impl World {
                     });
                 }
             }
-            Ev::VerifyDone { site, life, token, equal } => {
+            Ev::VerifyDone { site, life, token, differing } => {
                 if life == self.sites[site].life {
                     self.with_core(site, |c, now| {
                         if let Core::Secondary(x) = c {
-                            x.handle_verified(now, token, equal)
+                            x.handle_verified(now, token, differing)
                         }
                     });
                 }
@@ -1275,16 +1275,16 @@ impl World {
                 self.sites[s].side.entry(extent).or_insert(content);
                 self.report.saved_aside_extents += 1;
             }
-            Action::VerifyExtent { token, extent, digest } => {
+            Action::VerifyExtent { token, extent, digests } => {
                 let r = self.geo.extent_range(extent);
                 let data = encode_stamps(&self.sites[s].media.read(r.start, r.end - r.start));
-                let equal = geomirror_core::extent_digest(&data, r.end - r.start) == digest;
+                let differing = geomirror_core::differing_blocks(&geomirror_core::block_digests(&data, r.end - r.start), &digests);
                 self.report.extents_verified += 1;
-                self.report.extents_verified_equal += u64::from(equal);
+                self.report.extents_verified_equal += u64::from(differing.iter().all(|b| *b == 0));
                 let d = self.us(20, 400);
                 let at = (self.now + d).max(self.sites[s].media_done_at);
                 self.sites[s].media_done_at = at;
-                self.schedule_at(at, Ev::VerifyDone { site: s, life, token, equal });
+                self.schedule_at(at, Ev::VerifyDone { site: s, life, token, differing });
             }
             Action::ReadExtent { token, extent } => {
                 let r = self.geo.extent_range(extent);
