@@ -181,9 +181,6 @@ pub struct Primary {
     /// The last check dispatched: the resync may end only once the peer has applied it, since
     /// every difference it finds is reported before that.
     last_verify: Option<Seq>,
-    /// Extents known to differ on the peer (its divergent extents): copied whole, never
-    /// checked.
-    must_copy: BTreeSet<ExtentId>,
     /// Extents a check found different in some blocks: copied, those blocks only (bitmaps
     /// as `differing_blocks` makes them).
     copy_blocks: BTreeMap<ExtentId, Vec<u8>>,
@@ -267,7 +264,6 @@ impl Primary {
             resync_running: false,
             resync_verifies: false,
             last_verify: None,
-            must_copy: BTreeSet::new(),
             copy_blocks: BTreeMap::new(),
             reading: BTreeMap::new(),
             srtt_us: 0,
@@ -556,7 +552,7 @@ impl Primary {
         };
         let range = self.geo.extent_range(e);
         let blocks = self.copy_blocks.remove(&e);
-        if self.resync_verifies && !self.must_copy.contains(&e) && blocks.is_none() {
+        if self.resync_verifies && blocks.is_none() {
             // The peer compares its own content at this point of the order; only a difference
             // brings the extent back, with the blocks to copy.
             let digests = block_digests(&data, range.end - range.start);
@@ -568,9 +564,8 @@ impl Primary {
             self.progress(now);
             return;
         }
-        // Whole, unless a check named the blocks that differ (and nothing since made the
-        // whole extent suspect).
-        let whole = self.must_copy.remove(&e) || blocks.is_none();
+        // Whole, unless a check named the blocks that differ.
+        let whole = blocks.is_none();
         let n = check_blocks(range.end - range.start);
         let mut i = 0;
         while i < n {
@@ -703,8 +698,9 @@ impl Primary {
                 }
             }
             // What a demoted peer may hold of its own (in the snapshot; a failback check's
-            // differences come again this way after a reconnect). Copied whole, saved aside on
-            // the peer first, and in the dirty map until then.
+            // differences come again this way after a reconnect). Checked by a failback like
+            // the rest of its set, or copied whole by another resync; saved aside on the peer
+            // before any overwrite, and in the dirty map until then.
             Frame::Differs { extent, blocks, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
                 let fits = |g: &Geometry| {
                     let r = g.extent_range(extent);
@@ -716,11 +712,9 @@ impl Primary {
                     self.stats.resync_extents_mismatched += 1;
                     self.peer_save_aside = true;
                     self.needs_copy.insert(extent);
-                    if !self.must_copy.contains(&extent) {
-                        let mask = self.copy_blocks.entry(extent).or_insert_with(|| vec![0; blocks.len()]);
-                        for (m, b) in mask.iter_mut().zip(&blocks) {
-                            *m |= b;
-                        }
+                    let mask = self.copy_blocks.entry(extent).or_insert_with(|| vec![0; blocks.len()]);
+                    for (m, b) in mask.iter_mut().zip(&blocks) {
+                        *m |= b;
                     }
                     self.add_local_dirty(vec![extent]);
                 }
@@ -730,7 +724,6 @@ impl Primary {
                 if !list.is_empty() {
                     self.peer_save_aside = true;
                     self.needs_copy.extend(list.iter().copied());
-                    self.must_copy.extend(list.iter().copied());
                     self.add_local_dirty(list);
                 }
             }
@@ -1265,6 +1258,9 @@ impl Primary {
     fn begin_checks(&mut self) {
         self.resync_verifies = self.cfg.verify_failback && (self.failback_pending || self.peer_save_aside);
         self.last_verify = None;
+        // A check's block list holds only while every later write reaches the peer in order;
+        // a new resync (after an abandoned buffer, say) starts from whole extents again.
+        self.copy_blocks.clear();
     }
 
     fn drive_resync(&mut self) {
