@@ -148,7 +148,7 @@ enum Bench {
         #[arg(long)]
         max_lag: Option<String>,
         /// A quick look in under five minutes: RTT 50 ms; async and predictive; sequential
-        /// and Zipf at QD32, flat out and at half the link's rate; 3 s each; a 256 MiB
+        /// and Zipf at QD32, flat out and at half the link's rate; 6 s each; a 256 MiB
         /// volume. Writes no docs unless --docs is given.
         #[arg(long)]
         quick: bool,
@@ -216,7 +216,7 @@ fn main() -> Result<()> {
                 only,
                 quick,
                 traces: trace,
-                runtime_s: if quick { 3 } else { runtime.max(1) },
+                runtime_s: if quick { 6 } else { runtime.max(1) },
                 rate_mbps: rate_mbps.max(1),
                 volume_bytes,
                 max_lag_bytes,
