@@ -148,9 +148,10 @@ pub enum Frame {
     Evict { epoch: Epoch, evictions: Vec<Eviction> },
     /// One item of the data streams.
     Data { epoch: Epoch, seq: Seq, apply: Apply },
-    /// Secondary to primary: a failback check found these blocks of the extent different
-    /// (a bitmap, bit `i % 8` of byte `i / 8` for block `i`); the extent is durably divergent.
-    Differs { epoch: Epoch, extent: ExtentId, blocks: Vec<u8> },
+    /// Secondary to primary: the failback check at `seq` found these blocks of the extent
+    /// different (a bitmap, bit `i % 8` of byte `i / 8` for block `i`); the extent is durably
+    /// divergent.
+    Differs { epoch: Epoch, seq: Seq, extent: ExtentId, blocks: Vec<u8> },
     /// Return message (claim 14): everything through `through` is durably applied.
     Applied { epoch: Epoch, through: Seq },
     /// The primary's local dirty map is empty again: the record is authoritative.
@@ -349,7 +350,7 @@ mod tests {
             Frame::Data { epoch: e, seq: Seq(5), apply: Apply::ResyncBegin { save_aside: true, skip: true } },
             Frame::Data { epoch: e, seq: Seq(6), apply: Apply::ResyncEnd },
             Frame::Data { epoch: e, seq: Seq(7), apply: Apply::Verify { extent: ExtentId(9), digests: vec![[7; 16], [8; 16]] } },
-            Frame::Differs { epoch: e, extent: ExtentId(9), blocks: vec![2] },
+            Frame::Differs { epoch: e, seq: Seq(7), extent: ExtentId(9), blocks: vec![2] },
             Frame::Applied { epoch: e, through: Seq(6) },
             Frame::Authoritative { epoch: e },
             Frame::Refused { epoch: e, reason: Refusal::StaleEpoch },

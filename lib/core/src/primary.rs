@@ -181,9 +181,12 @@ pub struct Primary {
     /// The last check dispatched: the resync may end only once the peer has applied it, since
     /// every difference it finds is reported before that.
     last_verify: Option<Seq>,
-    /// Extents a check found different in some blocks: copied, those blocks only (bitmaps
-    /// as `differing_blocks` makes them).
+    /// Extents a check of the running resync found different in some blocks: copied, those
+    /// blocks only (bitmaps as `differing_blocks` makes them).
     copy_blocks: BTreeMap<ExtentId, Vec<u8>>,
+    /// The running resync's `ResyncBegin`: a difference found by an earlier check names
+    /// blocks that may no longer be all (its later writes may have been abandoned).
+    resync_begin: Seq,
     reading: BTreeMap<Token, ExtentId>,
     detector: StreamDetector,
     /// Smoothed record-update round trip, µs: how far ahead a stream must be recorded.
@@ -265,6 +268,7 @@ impl Primary {
             resync_verifies: false,
             last_verify: None,
             copy_blocks: BTreeMap::new(),
+            resync_begin: Seq(0),
             reading: BTreeMap::new(),
             srtt_us: 0,
             generation_added: BTreeMap::new(),
@@ -697,11 +701,9 @@ impl Primary {
                     self.generation_added.entry(en.generation).or_insert(now);
                 }
             }
-            // What a demoted peer may hold of its own (in the snapshot; a failback check's
-            // differences come again this way after a reconnect). Checked by a failback like
-            // the rest of its set, or copied whole by another resync; saved aside on the peer
-            // before any overwrite, and in the dirty map until then.
-            Frame::Differs { extent, blocks, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
+            // A check's difference: the extent is copied (saved aside on the peer first), just
+            // the blocks named when the check belongs to the running resync, else whole.
+            Frame::Differs { seq, extent, blocks, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
                 let fits = |g: &Geometry| {
                     let r = g.extent_range(extent);
                     blocks.len() == check_blocks(r.end - r.start).div_ceil(8)
@@ -712,13 +714,21 @@ impl Primary {
                     self.stats.resync_extents_mismatched += 1;
                     self.peer_save_aside = true;
                     self.needs_copy.insert(extent);
-                    let mask = self.copy_blocks.entry(extent).or_insert_with(|| vec![0; blocks.len()]);
-                    for (m, b) in mask.iter_mut().zip(&blocks) {
-                        *m |= b;
+                    if seq > self.resync_begin && self.resync_running {
+                        let mask = self.copy_blocks.entry(extent).or_insert_with(|| vec![0; blocks.len()]);
+                        for (m, b) in mask.iter_mut().zip(&blocks) {
+                            *m |= b;
+                        }
+                    } else {
+                        self.copy_blocks.remove(&extent);
                     }
                     self.add_local_dirty(vec![extent]);
                 }
             }
+            // What a demoted peer may hold of its own (in the snapshot; a failback check's
+            // differences come again this way after a reconnect). Checked by a failback like
+            // the rest of its set, or copied whole by another resync; saved aside on the peer
+            // before any overwrite, and in the dirty map until then.
             Frame::DivergentChunk { extents, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
                 let list: Vec<ExtentId> = from_runs(&extents).filter(|e| self.geo.contains(*e)).collect();
                 if !list.is_empty() {
@@ -1259,8 +1269,11 @@ impl Primary {
         self.resync_verifies = self.cfg.verify_failback && (self.failback_pending || self.peer_save_aside);
         self.last_verify = None;
         // A check's block list holds only while every later write reaches the peer in order;
-        // a new resync (after an abandoned buffer, say) starts from whole extents again.
+        // a new resync (after an abandoned buffer, say) starts from whole extents again, and
+        // ignores the block lists of checks made before it. Called just before the
+        // `ResyncBegin` is dispatched, so that is the next sequence number.
         self.copy_blocks.clear();
+        self.resync_begin = self.next_seq;
     }
 
     fn drive_resync(&mut self) {

@@ -423,7 +423,7 @@ impl Secondary {
                 }
                 // On the control stream, so before any `Applied` that covers the check.
                 if self.connected && self.welcomed {
-                    self.send(Frame::Differs { epoch: self.epoch, extent, blocks });
+                    self.send(Frame::Differs { epoch: self.epoch, seq, extent, blocks });
                 }
             }
             PersistKind::Authoritative(_) | PersistKind::CatchUp => {}
