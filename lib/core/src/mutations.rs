@@ -17,6 +17,8 @@ pub enum Mutation {
     ApplyOutOfOrder,
     /// A failback check finds every extent equal, whatever the content.
     VerifyAlwaysEqual,
+    /// The primary withdraws local dirty-map coverage from extents a waiting write needs.
+    UndirtyWaiting,
 }
 
 thread_local! {
@@ -42,4 +44,8 @@ pub(crate) fn apply_out_of_order() -> bool {
 
 pub(crate) fn verify_always_equal() -> bool {
     ACTIVE.with(|a| a.get() == Some(Mutation::VerifyAlwaysEqual))
+}
+
+pub(crate) fn undirty_waiting() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::UndirtyWaiting))
 }
