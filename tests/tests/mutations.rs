@@ -57,3 +57,8 @@ fn without_a_mutation_the_same_seeds_pass() {
     let reports = run_parallel(&(0..50).collect::<Vec<u64>>(), run_seed);
     assert!(reports.iter().all(|r| r.violations.is_empty()));
 }
+
+#[test]
+fn withdrawing_coverage_a_waiting_write_needs_starves_it() {
+    caught_by(Mutation::UndirtyWaiting, &["liveness"]);
+}

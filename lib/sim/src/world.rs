@@ -266,6 +266,20 @@ struct Outstanding {
     write: Option<(usize, Vec<u64>)>,
     rogue: bool,
     flush_marks: Option<Vec<usize>>,
+    /// For a write issued while the link was up: what must stay unchanged for a `LinkDown`
+    /// failure to be a liveness bug (see `Calm`).
+    calm: Option<Calm>,
+}
+
+/// The state at a write's issue that excuses its failing with `LinkDown` if it changes: the
+/// link went down or came back, writes were throttled (a full lag can hold one past the
+/// deadline), a resync started, or a miss waited for room in a full record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Calm {
+    link_changes: u64,
+    throttled_writes: u64,
+    resyncs_started: u64,
+    record_full_waits: u64,
 }
 
 /// The host's record of what it was told: kept outside the system under test.
@@ -309,6 +323,9 @@ pub struct World {
     active: SiteId,
     conn: u64,
     link_up: bool,
+    /// Counts every connection and disconnection, so a request can tell whether the link
+    /// stayed up for its whole life.
+    link_changes: u64,
     /// Administrative cut (a fault); while set, no connection is made.
     cut: bool,
     /// Generation of the current cut: a heal scheduled for an earlier cut does nothing.
@@ -380,6 +397,7 @@ impl World {
             active: 0,
             conn: 0,
             link_up: false,
+            link_changes: 0,
             cut: false,
             cut_id: 0,
             last_delivery: BTreeMap::new(),
@@ -521,6 +539,7 @@ impl World {
     fn disconnect(&mut self, reconnect: bool) {
         if self.link_up {
             self.link_up = false;
+            self.link_changes += 1;
             for s in 0..2 {
                 let now = self.now;
                 match &mut self.sites[s].core {
@@ -642,6 +661,7 @@ impl World {
                     return;
                 }
                 self.link_up = true;
+                self.link_changes += 1;
                 self.mix(0xC0);
                 for s in 0..2 {
                     self.with_core(s, |c, now| match c {
@@ -760,7 +780,7 @@ impl World {
         self.next_request += 1;
         if self.rng.gen_range(0..1_000_000) < self.cfg.faults.flush_ppm {
             let marks: Vec<usize> = (0..self.host.history.len()).map(|b| self.host.history[b].len() - 1).collect();
-            self.outstanding.insert(request, Outstanding { site, write: None, rogue: false, flush_marks: Some(marks) });
+            self.outstanding.insert(request, Outstanding { site, write: None, rogue: false, flush_marks: Some(marks), calm: None });
             self.with_core(site, |c, now| {
                 if let Core::Primary(p) = c {
                     p.handle_host_flush(now, request)
@@ -813,13 +833,28 @@ impl World {
         for b in first..first + n {
             self.host.busy[b] += 1;
         }
-        self.outstanding.insert(request, Outstanding { site, write: Some((first, stamps)), rogue, flush_marks: None });
+        let calm = self.calm(site);
+        self.outstanding.insert(request, Outstanding { site, write: Some((first, stamps)), rogue, flush_marks: None, calm });
         let fua = self.rng.gen_range(0..50) == 0;
         self.with_core(site, |c, now| {
             if let Core::Primary(p) = c {
                 p.handle_host_write(now, request, wop, fua)
             }
         });
+    }
+
+    /// The state a write's `LinkDown` failure is judged against, when the link is up now.
+    fn calm(&self, s: SiteId) -> Option<Calm> {
+        let Some(Core::Primary(p)) = &self.sites[s].core else { return None };
+        (self.link_up && p.link() == geomirror_core::LinkState::Up).then(|| {
+            let st = p.stats();
+            Calm {
+                link_changes: self.link_changes,
+                throttled_writes: st.throttled_writes,
+                resyncs_started: st.resyncs_started,
+                record_full_waits: st.record_full_waits,
+            }
+        })
     }
 
     fn on_ack(&mut self, s: SiteId, request: RequestId, result: Result<(), HostError>) {
@@ -832,6 +867,15 @@ impl World {
         };
         if o.site != s {
             self.violate("host", format!("request {request:?} sent to site {} acked by site {s}", o.site));
+            return;
+        }
+        // Liveness: a write issued on an up link, which stayed up, fails only for a reason
+        // (throttling, a resync, a full record). Without one, it was starved.
+        if result == Err(HostError::LinkDown) && o.calm.is_some() && o.calm == self.calm(s) {
+            self.violate(
+                "liveness",
+                format!("write {request:?} failed with LinkDown although the link stayed up and nothing held it back"),
+            );
             return;
         }
         match (&o.write, result) {
