@@ -143,6 +143,9 @@ enum StoreJob {
     Load(mpsc::Sender<SiteState>),
 }
 
+/// A synced store write slower than this is logged: every miss waits for one.
+const SLOW_STORE_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Most batches made durable by one synced store write.
 const STORE_GROUP: usize = 256;
 
@@ -180,7 +183,16 @@ fn run_store(mut store: Box<dyn Store>, jobs: mpsc::Receiver<StoreJob>, back: mp
                         Err(_) => break,
                     }
                 }
+                let started = std::time::Instant::now();
                 let result = store.write_group(&batches);
+                let took = started.elapsed();
+                if took >= SLOW_STORE_WRITE {
+                    tracing::warn!(
+                        batches = batches.len(),
+                        took_ms = took.as_millis() as u64,
+                        "a synced store write was slow: misses and other writes waiting for the store wait this long"
+                    );
+                }
                 let failed = result.is_err();
                 if back.send(Input::Persisted { done, result }).is_err() || failed {
                     // After a failed write the volume fails; nothing more is written.
