@@ -90,6 +90,7 @@ enum Bench {
         /// Disk layouts to run, each with its own pair of sites (default: both).
         #[arg(long, value_enum, value_delimiter = ',', default_values_t = [record_rtt::Layout::Shared, record_rtt::Layout::Separate])]
         layout: Vec<record_rtt::Layout>,
+        /// The geomirror binary (default: next to this one).
         #[arg(long)]
         geomirror: Option<PathBuf>,
         #[arg(long)]
@@ -162,6 +163,7 @@ enum Bench {
         /// Print only; write no docs.
         #[arg(long, conflicts_with = "docs")]
         no_docs: bool,
+        /// The geomirror binary (default: next to this one).
         #[arg(long)]
         geomirror: Option<PathBuf>,
     },
