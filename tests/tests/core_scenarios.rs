@@ -141,7 +141,10 @@ impl Pair {
     }
 
     fn acks(&self) -> Vec<(RequestId, Result<(), HostError>)> {
-        self.p_out.iter().filter_map(|a| if let Action::Ack { request, result } = a { Some((*request, *result)) } else { None }).collect()
+        self.p_out
+            .iter()
+            .filter_map(|a| if let Action::Ack { request, result, .. } = a { Some((*request, *result)) } else { None })
+            .collect()
     }
 
     fn finish_local_writes(&mut self) {
@@ -266,7 +269,7 @@ fn run_alone(primary: &mut Primary, store: &mut MemStore, from: Time, until: Tim
                 }
                 Action::LocalWrite { token, .. } => primary.handle_local_write_done(now, token, true),
                 Action::SyncMedia { token } => primary.handle_media_synced(now, token),
-                Action::Ack { request, result } => acks.push((request, result)),
+                Action::Ack { request, result, .. } => acks.push((request, result)),
                 _ => {}
             }
         }

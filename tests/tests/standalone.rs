@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use geomirror_core::config::ConfigError;
 use geomirror_core::{
-    Action, CoreConfig, FlushPolicy, Geometry, HostError, Mode, Primary, RequestId, Role, SiteState, Time, Token, WriteOp,
+    Action, CoreConfig, FlushPolicy, Geometry, HostError, Mode, Primary, RequestId, Role, SiteState, Time, Token, WriteOp, WritePath,
 };
 
 const MIB: u64 = 1 << 20;
@@ -46,7 +46,7 @@ fn a_write_is_acknowledged_after_the_local_write_alone_and_nothing_is_sent() {
     for (id, offset) in [(1, 0), (2, 17 * MIB), (3, 63 * MIB)] {
         let token = local_token(&write(&mut p, id, offset, false));
         p.handle_local_write_done(Time(100), token, true);
-        assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(id), result: Ok(()) }]);
+        assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(id), result: Ok(()), path: Some(WritePath::Hit) }]);
     }
     assert!(p.record_copy().is_empty());
     assert!(p.local_dirty().is_empty());
@@ -62,16 +62,16 @@ fn fua_and_flush_wait_for_a_media_sync() {
     p.handle_local_write_done(Time(20), *w, true);
     assert!(drain(&mut p).is_empty(), "a FUA write waits for the sync");
     p.handle_media_synced(Time(21), *s);
-    assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(1), result: Ok(()) }]);
+    assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(1), result: Ok(()), path: Some(WritePath::Hit) }]);
 
     let token = local_token(&write(&mut p, 2, MIB, false));
     p.handle_local_write_done(Time(22), token, true);
-    assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(2), result: Ok(()) }]);
+    assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(2), result: Ok(()), path: Some(WritePath::Hit) }]);
     p.handle_host_flush(Time(30), RequestId(3));
     let out = drain(&mut p);
     let [Action::SyncMedia { token }] = out.as_slice() else { panic!("a flush after an unsynced write syncs: {out:?}") };
     p.handle_media_synced(Time(31), *token);
-    assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(3), result: Ok(()) }]);
+    assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(3), result: Ok(()), path: None }]);
 }
 
 #[test]
@@ -79,8 +79,11 @@ fn a_media_error_fails_the_write_and_out_of_range_is_refused() {
     let (mut p, _) = standalone();
     let token = local_token(&write(&mut p, 1, 0, false));
     p.handle_local_write_done(Time(20), token, false);
-    assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(1), result: Err(HostError::Media) }]);
-    assert_eq!(write(&mut p, 2, 64 * MIB, false), vec![Action::Ack { request: RequestId(2), result: Err(HostError::OutOfRange) }]);
+    assert_eq!(drain(&mut p), vec![Action::Ack { request: RequestId(1), result: Err(HostError::Media), path: Some(WritePath::Hit) }]);
+    assert_eq!(
+        write(&mut p, 2, 64 * MIB, false),
+        vec![Action::Ack { request: RequestId(2), result: Err(HostError::OutOfRange), path: None }]
+    );
 }
 
 #[test]

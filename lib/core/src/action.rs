@@ -62,10 +62,12 @@ pub enum Action {
     SyncMedia {
         token: Token,
     },
-    /// Answer a host request.
+    /// Answer a host request. `path` says how a completed write got its ack, for the shell's
+    /// latency by path; it is None for flushes and for requests refused before dispatch.
     Ack {
         request: RequestId,
         result: Result<(), HostError>,
+        path: Option<WritePath>,
     },
     /// Close the peer connection (refusal or protocol error); the shell reconnects with backoff.
     Disconnect {
@@ -75,6 +77,25 @@ pub enum Action {
     RoleChanged {
         role: Role,
     },
+}
+
+/// How a dispatched write came to be acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WritePath {
+    /// Its extents were covered when it came: nothing remote (nor any store) was waited for.
+    Hit,
+    /// It waited for coverage: a record update (predictive), or a local dirty-map store.
+    Miss,
+}
+
+impl WritePath {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WritePath::Hit => "hit",
+            WritePath::Miss => "miss",
+        }
+    }
 }
 
 /// Why a host request failed. The NBD shell maps these to NBD error codes.

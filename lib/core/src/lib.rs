@@ -26,7 +26,7 @@ pub mod stats;
 pub mod store;
 pub mod time;
 
-pub use action::{Action, HostError};
+pub use action::{Action, HostError, WritePath};
 pub use config::{CoreConfig, FlushPolicy, LagPolicy, Mode, PredictorConfig, PredictorKind};
 pub use digest::{block_digests, differing_blocks, BlockDigest, CHECK_BLOCK};
 pub use frame::{Frame, LinkLossPolicy, Role, Stream};

@@ -14,7 +14,7 @@
 //! because the copy only grows from record answers, which the secondary sends after its synced
 //! store) or in the durable local dirty map. Coverage is withdrawn only from clean extents.
 
-use crate::action::{Action, HostError};
+use crate::action::{Action, HostError, WritePath};
 use crate::config::{CoreConfig, FlushPolicy, LagPolicy, Mode};
 use crate::digest::{block_digests, block_set, check_blocks, CHECK_BLOCK};
 use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, Role, Stream, StreamHint, MAX_LIST_LEN};
@@ -77,6 +77,7 @@ struct Waiting {
 #[derive(Clone, Debug)]
 struct Dispatched {
     request: RequestId,
+    path: WritePath,
     extents: Range<u64>,
     local_done: bool,
     fua: bool,
@@ -533,7 +534,7 @@ impl Primary {
                 let d = self.dispatched.remove(&seq).expect("present");
                 self.needs_copy.extend(d.extents.clone().map(ExtentId));
                 self.stats.failed_writes += 1;
-                self.ack(d.request, Err(HostError::Media));
+                self.ack_write(d.request, Err(HostError::Media), d.path);
             }
         }
         self.progress(now);
@@ -910,7 +911,17 @@ impl Primary {
         };
         let token = self.token();
         self.tokens.insert(token, seq);
-        self.dispatched.insert(seq, Dispatched { request: w.request, extents: w.extents.clone(), local_done: false, fua: w.fua, at: now });
+        self.dispatched.insert(
+            seq,
+            Dispatched {
+                request: w.request,
+                path: if w.counted_miss { WritePath::Miss } else { WritePath::Hit },
+                extents: w.extents.clone(),
+                local_done: false,
+                fua: w.fua,
+                at: now,
+            },
+        );
         self.actions.push_back(Action::LocalWrite { token, seq, op: w.op });
         if w.fua {
             self.request_sync(now);
@@ -1168,6 +1179,7 @@ impl Primary {
         self.srtt_us = if self.srtt_us == 0 { rtt } else { (7 * self.srtt_us + rtt) / 8 };
         self.stats.record_rtt_us_total += rtt;
         self.stats.record_rtt_count += 1;
+        self.stats.record_rtt_smoothed_us = self.srtt_us;
         let missed: BTreeSet<ExtentId> = u.missed.iter().copied().collect();
         for e in &u.missed {
             self.requested.remove(e);
@@ -1362,7 +1374,7 @@ impl Primary {
             if result.is_err() {
                 self.stats.failed_writes += 1;
             }
-            self.ack(d.request, result);
+            self.ack_write(d.request, result, d.path);
         }
     }
 
@@ -1625,7 +1637,7 @@ impl Primary {
             self.ack(w.request, Err(HostError::Fenced));
         }
         for (_, d) in std::mem::take(&mut self.dispatched) {
-            self.ack(d.request, Err(HostError::Fenced));
+            self.ack_write(d.request, Err(HostError::Fenced), d.path);
         }
         for f in std::mem::take(&mut self.flushes) {
             self.ack(f.request, Err(HostError::Fenced));
@@ -1700,7 +1712,11 @@ impl Primary {
     }
 
     fn ack(&mut self, request: RequestId, result: Result<(), HostError>) {
-        self.actions.push_back(Action::Ack { request, result });
+        self.actions.push_back(Action::Ack { request, result, path: None });
+    }
+
+    fn ack_write(&mut self, request: RequestId, result: Result<(), HostError>, path: WritePath) {
+        self.actions.push_back(Action::Ack { request, result, path: Some(path) });
     }
 
     fn refresh_stats(&mut self) {

@@ -44,6 +44,8 @@ pub struct PrimaryStats {
     /// Sum of record-update round trips, in microseconds, and how many.
     pub record_rtt_us_total: u64,
     pub record_rtt_count: u64,
+    /// The record-update round trip, smoothed (7/8 old, 1/8 new), in microseconds.
+    pub record_rtt_smoothed_us: u64,
 }
 
 /// The secondary's view.

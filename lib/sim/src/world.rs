@@ -1346,7 +1346,7 @@ impl World {
                 self.sites[s].media_done_at = at;
                 self.schedule_at(at, Ev::SyncDone { site: s, life, token, snapshot, applied_write });
             }
-            Action::Ack { request, result } => self.on_ack(s, request, result),
+            Action::Ack { request, result, .. } => self.on_ack(s, request, result),
             Action::Disconnect { reason } => {
                 self.mix(reason.len() as u64);
                 self.disconnect(true);
