@@ -5,7 +5,8 @@
 //! deployment's CA (`geomirror:admin:<name>`, made by `geomirror certs --admin`) or a
 //! bearer token read from `[admin] token_file`. Anonymous calls are refused (401), and so is
 //! a site certificate (403): replication identities are not admin identities. Every
-//! transition is logged with who asked and why.
+//! transition is logged with who asked and why. `GET /metrics` serves Prometheus, to an
+//! admin or to the bearer of `[admin] metrics_token_file`, which opens nothing else.
 //!
 //! Must not: decide anything a core decides. Promotion and demotion are requests to the
 //! volumes' state machines, which refuse what is unsafe (two writers, an undrained demote).
@@ -38,6 +39,8 @@ const MAX_CONNECTIONS: usize = 64;
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: Option<String>,
+    /// A token good for `GET /metrics` only (Prometheus's).
+    pub metrics_token: Option<String>,
 }
 
 /// Who made a call, as far as the TLS handshake tells.
@@ -77,6 +80,7 @@ pub struct SiteControl {
 struct AppState {
     site: Arc<SiteControl>,
     token: Option<String>,
+    metrics_token: Option<String>,
 }
 
 /// An error as the API returns it: a status and a sentence for the operator.
@@ -99,8 +103,9 @@ pub async fn start(
     let listener =
         TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen for the admin API on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(AppState { site, token: cfg.token });
+    let state = Arc::new(AppState { site, token: cfg.token, metrics_token: cfg.metrics_token });
     let app = Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/promote", post(promote))
         .route("/v1/demote", post(demote))
@@ -370,6 +375,19 @@ async fn status(
         volumes.push(report);
     }
     Ok(Json(StatusReport { site: st.site.site.clone(), peer: st.site.peer.clone(), volumes }))
+}
+
+/// `GET /metrics`: Prometheus's text format. An admin (certificate or token) may read it, and
+/// so may the metrics token, which is good for nothing else.
+async fn metrics(State(st): State<Arc<AppState>>, Extension(peer): Extension<PeerCert>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let metrics_token = st.metrics_token.as_deref().map(str::as_bytes);
+    let bearer = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let by_metrics_token = matches!((bearer, metrics_token), (Some(b), Some(t)) if constant_time_eq(b.trim().as_bytes(), t));
+    if !by_metrics_token {
+        authorize(&peer, &headers, st.token.as_deref())?;
+    }
+    let body = crate::metrics::render();
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
 }
 
 /// The body of `POST /v1/promote` and `POST /v1/demote`.

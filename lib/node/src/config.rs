@@ -105,11 +105,15 @@ pub struct AdminSection {
     /// A file holding a bearer token that callers may present instead of an admin
     /// certificate. Without it only admin certificates are accepted.
     pub token_file: Option<PathBuf>,
+    /// A file holding a second bearer token that is good for `GET /metrics` only: give it to
+    /// Prometheus, not an admin's power. Admin certificates and the admin token may read
+    /// the metrics too.
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
-        AdminSection { listen: "127.0.0.1:7300".into(), token_file: None }
+        AdminSection { listen: "127.0.0.1:7300".into(), token_file: None, metrics_token_file: None }
     }
 }
 
@@ -335,6 +339,7 @@ pub struct SiteConfig {
 pub struct AdminSettings {
     pub listen: SocketAddr,
     pub token_file: Option<PathBuf>,
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -529,7 +534,8 @@ impl SiteConfig {
                     .listen
                     .parse()
                     .map_err(|_| invalid("admin.listen", format!("{:?} is not an address like 127.0.0.1:7300", file.admin.listen)))?,
-                token_file: file.admin.token_file.as_ref().map(|t| if t.is_absolute() { t.clone() } else { base.join(t) }),
+                token_file: file.admin.token_file.as_ref().map(|t| base.join(t)),
+                metrics_token_file: file.admin.metrics_token_file.as_ref().map(|t| base.join(t)),
             }),
         };
         Ok(SiteConfig {

@@ -11,7 +11,7 @@ use crate::admin::{self, AdminConfig, SiteControl};
 use crate::config::SiteConfig;
 use crate::nbd::server::{NbdCounters, NbdServer};
 use crate::store::{MemoryStore, RocksStore, Store};
-use crate::transport::link::{self, LinkVolume, Peer};
+use crate::transport::link::{self, LinkConns, LinkVolume, Peer};
 use crate::transport::tls::{Refusals, SiteTls};
 use crate::volume::Volume;
 use anyhow::{bail, Context};
@@ -48,6 +48,8 @@ pub struct RunningSite {
 impl RunningSite {
     /// Opens every volume and starts serving. Must run inside a tokio runtime.
     pub async fn start(cfg: SiteConfig) -> anyhow::Result<RunningSite> {
+        // Before the volumes: their write handles bind to the recorder installed now.
+        crate::metrics::install(&cfg.name)?;
         let mut volumes = Vec::new();
         let mut drivers = Vec::new();
         let mut link_volumes = Vec::new();
@@ -85,6 +87,8 @@ impl RunningSite {
         }
 
         let refusals = Arc::new(Refusals::default());
+        let conns = Arc::new(LinkConns::default());
+        let mut certificates = Vec::new();
         let (link_shutdown, link_rx) = watch::channel(false);
         let mut link_addr = None;
         let mut admin_addr = None;
@@ -92,30 +96,19 @@ impl RunningSite {
             None => None,
             Some(p) => {
                 let tls = SiteTls::load(&p.cert, &p.key, &p.ca).context("loading the site's certificates")?;
+                certificates.extend(tls.not_after().map(|t| ("site", t)));
+                certificates.extend(tls.ca_not_after.map(|t| ("ca", t)));
                 if let Some(a) = &cfg.admin {
-                    let token = match &a.token_file {
-                        None => None,
-                        Some(path) => {
-                            let t =
-                                std::fs::read_to_string(path).with_context(|| format!("reading admin.token_file {}", path.display()))?;
-                            let t = t.trim().to_owned();
-                            if t.len() < 16 {
-                                bail!(
-                                    "admin.token_file {} holds a token of {} characters; use at least 16 (e.g. `openssl rand -hex 32`)",
-                                    path.display(),
-                                    t.len()
-                                );
-                            }
-                            Some(t)
-                        }
-                    };
+                    let token = a.token_file.as_deref().map(|f| read_token(f, "admin.token_file")).transpose()?;
+                    let metrics_token = a.metrics_token_file.as_deref().map(|f| read_token(f, "admin.metrics_token_file")).transpose()?;
                     let control = Arc::new(SiteControl {
                         site: cfg.name.clone(),
                         peer: Some(p.name.clone()),
                         volumes: volumes.clone(),
                         bulk_bytes_per_sec: p.tuning.bulk_bytes_per_sec,
                     });
-                    admin_addr = Some(admin::start(AdminConfig { listen: a.listen, token }, &tls, control, link_rx.clone()).await?);
+                    admin_addr =
+                        Some(admin::start(AdminConfig { listen: a.listen, token, metrics_token }, &tls, control, link_rx.clone()).await?);
                 }
                 let endpoint = crate::transport::endpoint(p.listen, &tls, &p.name, &p.tuning, refusals.clone())
                     .with_context(|| format!("cannot listen for the peer on {}", p.listen))?;
@@ -124,7 +117,7 @@ impl RunningSite {
                     volumes.iter().cloned().zip(link_volumes).map(|(volume, outbox)| LinkVolume { volume, outbox }).collect();
                 tracing::info!(site = cfg.name, ?role, peer = p.name, listen = %p.listen, peer_address = %p.address, "starting the replication link");
                 let peer = Peer { address: p.address, name: p.name.clone(), bulk_bytes_per_sec: p.tuning.bulk_bytes_per_sec };
-                Some(tokio::spawn(link::run(endpoint, peer, lv, refusals.clone(), link_rx)))
+                Some(tokio::spawn(link::run(endpoint, peer, lv, refusals.clone(), conns.clone(), link_rx.clone())))
             }
         };
 
@@ -135,6 +128,15 @@ impl RunningSite {
         let nbd_counters = server.counters();
         let (shutdown, rx) = watch::channel(false);
         let server = tokio::spawn(server.serve(rx));
+        let sources = crate::metrics::Sources {
+            volumes: volumes.clone(),
+            nbd: nbd_counters.clone(),
+            refusals: cfg.peer.is_some().then(|| refusals.clone()),
+            link: cfg.peer.is_some().then(|| conns.clone()),
+            bulk_bytes_per_sec: cfg.peer.as_ref().and_then(|p| p.tuning.bulk_bytes_per_sec),
+            certificates,
+        };
+        crate::metrics::spawn_refresher(sources, link_rx);
         Ok(RunningSite {
             name: cfg.name,
             nbd_addr,
@@ -181,6 +183,8 @@ impl RunningSite {
             let _ = self.link_shutdown.send(true);
             let _ = link.await;
         }
+        // Ends the metrics refresher too (and the link's tasks, if not already).
+        let _ = self.link_shutdown.send(true);
         for v in &self.volumes {
             v.stop();
         }
@@ -192,4 +196,14 @@ impl RunningSite {
         })
         .await;
     }
+}
+
+/// Reads a bearer token from `path` (the config field `field`): at least 16 characters.
+fn read_token(path: &std::path::Path, field: &str) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path).with_context(|| format!("reading {field} {}", path.display()))?;
+    let t = t.trim().to_owned();
+    if t.len() < 16 {
+        bail!("{field} {} holds a token of {} characters; use at least 16 (e.g. `openssl rand -hex 32`)", path.display(), t.len());
+    }
+    Ok(t)
 }

@@ -24,12 +24,13 @@
 use crate::aside::Aside;
 use crate::config::VolumeConfig;
 use crate::media::{Media, MediaError};
+use crate::metrics::VolumeMetrics;
 use crate::store::Store;
 use bytes::Bytes;
 use geomirror_core::StoreWrite;
 use geomirror_core::{
     Action, CoreConfig, Epoch, Frame, Geometry, HostError, LinkState, Primary, RequestId, Role, Secondary, Seq, SiteState, Stream, Time,
-    Token, WriteOp,
+    Token, WriteOp, WritePath,
 };
 use std::collections::BTreeMap;
 use std::io;
@@ -71,6 +72,8 @@ enum Input {
         op: WriteOp,
         fua: bool,
         done: Completion,
+        /// When the host's write reached the volume: its latency runs from here.
+        at: Instant,
     },
     Flush {
         done: Completion,
@@ -248,6 +251,11 @@ pub struct VolumeStatus {
     /// Secondary: extents saved aside before a resync overwrote them.
     pub extents_saved_aside: u64,
     pub failed: bool,
+    /// The record's bound (`record_capacity_extents`).
+    pub record_capacity_extents: u64,
+    /// The state machine's own counters, whole, for metrics.
+    pub primary_stats: Option<geomirror_core::stats::PrimaryStats>,
+    pub secondary_stats: Option<geomirror_core::stats::SecondaryStats>,
 }
 
 /// The state machine of the volume's current role.
@@ -348,6 +356,9 @@ impl Machine {
                     record_rtt_avg_us: st.record_rtt_us_total.checked_div(st.record_rtt_count).unwrap_or(0),
                     extents_saved_aside: 0,
                     failed,
+                    record_capacity_extents: 0,
+                    primary_stats: Some(st.clone()),
+                    secondary_stats: None,
                 }
             }
             Machine::Secondary(s) => {
@@ -380,6 +391,9 @@ impl Machine {
                     record_rtt_avg_us: 0,
                     extents_saved_aside: st.extents_saved_aside,
                     failed,
+                    record_capacity_extents: 0,
+                    primary_stats: None,
+                    secondary_stats: Some(st.clone()),
                 }
             }
         }
@@ -470,6 +484,7 @@ impl Volume {
             store_thread: Some(store_thread),
             machine: 0,
             pending: BTreeMap::new(),
+            metrics: VolumeMetrics::new(&cfg.name),
             next_request: 1,
             sync_tx,
             started,
@@ -525,7 +540,7 @@ impl Volume {
     pub fn write(&self, op: WriteOp, fua: bool, done: Completion) {
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.counters.write_bytes.fetch_add(op.payload_bytes(), Ordering::Relaxed);
-        self.submit(Input::Write { op, fua, done });
+        self.submit(Input::Write { op, fua, done, at: Instant::now() });
     }
 
     /// Hands the volume an event of its link.
@@ -663,7 +678,9 @@ struct Driver {
     /// Which state machine this is since the volume started: a store completion asked for by
     /// an earlier one (before a role change) is not given to the current one.
     machine: u64,
-    pending: BTreeMap<RequestId, Completion>,
+    /// Host requests awaiting their ack, with the arrival time of writes.
+    pending: BTreeMap<RequestId, (Completion, Option<Instant>)>,
+    metrics: VolumeMetrics,
     next_request: u64,
     sync_tx: mpsc::Sender<Token>,
     started: Instant,
@@ -769,11 +786,11 @@ impl Driver {
     fn input(&mut self, input: Input) {
         let now = self.now();
         match input {
-            Input::Write { op, fua, done } => {
+            Input::Write { op, fua, done, at } => {
                 if let Some(refusal) = self.refuse() {
                     return done(Err(refusal));
                 }
-                let request = self.request(done);
+                let request = self.request(done, Some(at));
                 match &mut self.core {
                     Machine::Primary(p) => p.handle_host_write(now, request, op, fua),
                     // Hosts write to the primary only; a secondary serves no writes until
@@ -785,7 +802,7 @@ impl Driver {
                 if let Some(refusal) = self.refuse() {
                     return done(Err(refusal));
                 }
-                let request = self.request(done);
+                let request = self.request(done, None);
                 match &mut self.core {
                     Machine::Primary(p) => p.handle_host_flush(now, request),
                     Machine::Secondary(_) => self.answer(request, Err(HostError::NotServing)),
@@ -796,7 +813,11 @@ impl Driver {
                     self.link_event(now, event);
                 }
             }
-            Input::Status(f) => f(self.core.status(self.now(), self.failed.load(Ordering::Acquire), self.geo.extent_bytes())),
+            Input::Status(f) => {
+                let mut status = self.core.status(self.now(), self.failed.load(Ordering::Acquire), self.geo.extent_bytes());
+                status.record_capacity_extents = self.cfg.record_capacity_extents;
+                f(status)
+            }
             Input::WhenDrained(f) if self.nothing_to_drain() => f(),
             Input::WhenDrained(f) => self.drain_waiters.push(f),
             Input::Promote { force, reply } => match &mut self.core {
@@ -922,15 +943,23 @@ impl Driver {
     }
 
     fn answer(&mut self, request: RequestId, result: Result<(), HostError>) {
-        if let Some(done) = self.pending.remove(&request) {
+        self.answer_path(request, result, None);
+    }
+
+    /// Answers a host request; a write the core acknowledged by `path` is counted and timed.
+    fn answer_path(&mut self, request: RequestId, result: Result<(), HostError>, path: Option<WritePath>) {
+        if let Some((done, at)) = self.pending.remove(&request) {
+            if let (Some(path), Some(at), Ok(())) = (path, at, result) {
+                self.metrics.write_acked(path, at.elapsed());
+            }
             done(result);
         }
     }
 
-    fn request(&mut self, done: Completion) -> RequestId {
+    fn request(&mut self, done: Completion, at: Option<Instant>) -> RequestId {
         let id = RequestId(self.next_request);
         self.next_request += 1;
-        self.pending.insert(id, done);
+        self.pending.insert(id, (done, at));
         id
     }
 
@@ -1006,7 +1035,7 @@ impl Driver {
                         self.fail("the store thread has ended");
                     }
                 }
-                Action::Ack { request, result } => self.answer(request, result),
+                Action::Ack { request, result, path } => self.answer_path(request, result, path),
                 Action::Send { stream, frame } => {
                     let session = self.link_session.unwrap_or(0);
                     self.outbound(Outbound::Send { session, stream, frame })
@@ -1020,7 +1049,7 @@ impl Driver {
                     tracing::info!(volume = %self.name, ?role, "role changed; rebuilding the state machine from the store");
                     // Requests waiting on the old role are answered: the new role decides
                     // afresh what a host may do.
-                    for (_, done) in std::mem::take(&mut self.pending) {
+                    for (_, (done, _)) in std::mem::take(&mut self.pending) {
                         done(Err(HostError::NotServing));
                     }
                     // Everything queued before the change is durable first: the store runs
@@ -1089,7 +1118,7 @@ impl Driver {
     fn fail(&mut self, why: &str) {
         tracing::error!(volume = %self.name, why, "volume failed; every request now fails until the site is restarted");
         self.failed.store(true, Ordering::Release);
-        for (_, done) in std::mem::take(&mut self.pending) {
+        for (_, (done, _)) in std::mem::take(&mut self.pending) {
             done(Err(HostError::Media));
         }
     }

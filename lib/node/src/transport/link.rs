@@ -31,7 +31,7 @@ use super::tls::Refusals;
 use crate::volume::{LinkEvent, Outbound, Volume};
 use geomirror_core::{Frame, Role, Stream};
 use quinn::{Connection, Endpoint, VarInt};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,18 +77,46 @@ struct Current {
     session: Option<u64>,
 }
 
+/// The QUIC connections of the latest session, by kind (`control`, `data`): what the link's
+/// metrics read (round-trip time, congestion window, bytes sent). Either side fills it: the
+/// connecting side with the connections it opened, the accepting side with those it took.
+#[derive(Debug, Default)]
+pub struct LinkConns {
+    conns: Mutex<BTreeMap<&'static str, Connection>>,
+}
+
+impl LinkConns {
+    fn set(&self, kind: &'static str, conn: &Connection) {
+        self.conns.lock().expect("not poisoned").insert(kind, conn.clone());
+    }
+
+    /// The stats of each connection still open, by kind; closed ones are forgotten.
+    pub fn stats(&self) -> Vec<(&'static str, quinn::ConnectionStats)> {
+        let mut conns = self.conns.lock().expect("not poisoned");
+        conns.retain(|_, c| c.close_reason().is_none());
+        conns.iter().map(|(k, c)| (*k, c.stats())).collect()
+    }
+}
+
 /// Runs the link until `shutdown`: accepts authenticated connections and attaches their
 /// streams to volumes by name, and while the volumes are primaries, connects to the peer
 /// and reconnects with backoff when a session ends.
-pub async fn run(endpoint: Endpoint, peer: Peer, volumes: Vec<LinkVolume>, refusals: Arc<Refusals>, shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    endpoint: Endpoint,
+    peer: Peer,
+    volumes: Vec<LinkVolume>,
+    refusals: Arc<Refusals>,
+    conns: Arc<LinkConns>,
+    shutdown: watch::Receiver<bool>,
+) {
     let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
     let mut handles = Vec::new();
     for (i, lv) in volumes.into_iter().enumerate() {
         tokio::spawn(route_outbox(i, lv.volume.name().to_owned(), lv.outbox, routes.clone()));
         handles.push(lv.volume);
     }
-    let accept = tokio::spawn(accept_loop(endpoint.clone(), handles.clone(), routes.clone(), refusals, shutdown.clone()));
-    connect_loop(&endpoint, &peer, &handles, &routes, shutdown).await;
+    let accept = tokio::spawn(accept_loop(endpoint.clone(), handles.clone(), routes.clone(), refusals, conns.clone(), shutdown.clone()));
+    connect_loop(&endpoint, &peer, &handles, &routes, &conns, shutdown).await;
     endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
     let _ = accept.await;
 }
@@ -167,7 +195,14 @@ async fn futures_any(watches: &mut [watch::Receiver<Role>]) {
     }
 }
 
-async fn connect_loop(endpoint: &Endpoint, peer: &Peer, volumes: &[Volume], routes: &Routes, mut shutdown: watch::Receiver<bool>) {
+async fn connect_loop(
+    endpoint: &Endpoint,
+    peer: &Peer,
+    volumes: &[Volume],
+    routes: &Routes,
+    conns: &LinkConns,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let pacer = peer.bulk_bytes_per_sec.map(|r| Arc::new(Pacer::new(r)));
     let mut backoff = BACKOFF_FIRST;
     loop {
@@ -175,7 +210,7 @@ async fn connect_loop(endpoint: &Endpoint, peer: &Peer, volumes: &[Volume], rout
             return;
         }
         let session = new_session_id();
-        let mut s = Session { endpoint, peer, volumes, routes, session, pacer: pacer.clone(), connected: false };
+        let mut s = Session { endpoint, peer, volumes, routes, conns, session, pacer: pacer.clone(), connected: false };
         let mut roles: Vec<watch::Receiver<Role>> = volumes.iter().map(Volume::watch_role).collect();
         let result = tokio::select! {
             r = s.run() => r,
@@ -207,6 +242,7 @@ struct Session<'a> {
     peer: &'a Peer,
     volumes: &'a [Volume],
     routes: &'a Routes,
+    conns: &'a LinkConns,
     session: u64,
     pacer: Option<Arc<Pacer>>,
     connected: bool,
@@ -220,6 +256,8 @@ impl Session<'_> {
         };
         let control = connect("control connection").await?;
         let data = connect("data connection").await?;
+        self.conns.set("control", &control);
+        self.conns.set("data", &data);
         let _close = CloseOnDrop(vec![control.clone(), data.clone()]);
         let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
         let (merged_tx, mut merged) = mpsc::unbounded_channel::<(usize, Stream, Frame)>();
@@ -351,6 +389,7 @@ struct Accepting {
     current: Mutex<HashMap<usize, Current>>,
     routes: Routes,
     refusals: Arc<Refusals>,
+    conns: Arc<LinkConns>,
 }
 
 async fn accept_loop(
@@ -358,6 +397,7 @@ async fn accept_loop(
     volumes: Vec<Volume>,
     routes: Routes,
     refusals: Arc<Refusals>,
+    conns: Arc<LinkConns>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let accepting = Arc::new(Accepting {
@@ -365,6 +405,7 @@ async fn accept_loop(
         current: Mutex::new((0..volumes.len()).map(|i| (i, Current { session: None })).collect()),
         routes,
         refusals,
+        conns,
     });
     loop {
         tokio::select! {
@@ -431,6 +472,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
         conn.close(VarInt::from_u32(CLOSE_REFUSED), b"a bidirectional stream must be a control stream");
         return;
     }
+    a.conns.set("control", &conn);
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
     let writer = spawn_writer(send, None, None, err_tx);
     // The accepting side answers on the control stream only: data streams belong to the
@@ -490,6 +532,7 @@ async fn data_stream(conn: Connection, mut recv: quinn::RecvStream, a: Arc<Accep
         conn.close(VarInt::from_u32(CLOSE_REFUSED), b"a unidirectional stream must be a data or resync stream");
         return;
     }
+    a.conns.set("data", &conn);
     let mut buf = Vec::new();
     loop {
         match read_frame(&mut recv, &mut buf).await {

@@ -1,7 +1,7 @@
 //! Two real volumes replicating over QUIC with mutual TLS, through the WAN emulator: the
 //! link of `link.rs` in place of the in-process channel of `volume_pair_tests.rs`.
 
-use super::link::{self, LinkVolume, Peer};
+use super::link::{self, LinkConns, LinkVolume, Peer};
 use super::tls::{Refusals, SiteTls};
 use super::{client_endpoint, endpoint, LinkTuning};
 use crate::certs::{Ca, Validity};
@@ -67,11 +67,13 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
     let (stop_tx, stop_rx) = watch::channel(false);
     // The secondary never connects (it is no primary), so its peer address is never used.
     let nowhere = Peer { address: "127.0.0.1:9".parse().unwrap(), name: "dc1".into(), bulk_bytes_per_sec: None };
+    let (p_conns, s_conns) = (Arc::new(LinkConns::default()), Arc::new(LinkConns::default()));
     let s_task = tokio::spawn(link::run(
         secondary_ep,
         nowhere,
         vec![LinkVolume { volume: secondary.clone(), outbox: s_rx }],
         Arc::new(Refusals::default()),
+        s_conns.clone(),
         stop_rx.clone(),
     ));
     // Paced, so that the chunked writer carries the bulk here.
@@ -81,6 +83,7 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
         dc2,
         vec![LinkVolume { volume: primary.clone(), outbox: p_rx }],
         Arc::new(Refusals::default()),
+        p_conns.clone(),
         stop_rx,
     ));
 
@@ -96,6 +99,12 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
         let _ = tx.send(());
     });
     rx.await.unwrap();
+    // What the link's metrics read: both connections, on both sides, with the data's bytes.
+    let sent: std::collections::BTreeMap<_, _> = p_conns.stats().into_iter().map(|(k, st)| (k, st.udp_tx.bytes)).collect();
+    assert_eq!(sent.keys().copied().collect::<Vec<_>>(), ["control", "data"], "{sent:?}");
+    assert!(sent["data"] > 40 * MIB, "the primary's data connection sent the 40 MiB written: {sent:?}");
+    let seen: Vec<_> = s_conns.stats().into_iter().map(|(k, st)| (k, st.path.rtt)).collect();
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), ["control", "data"], "{seen:?}");
     let _ = stop_tx.send(true);
     let _ = tokio::join!(p_task, s_task);
     primary.stop();

@@ -48,6 +48,8 @@ pub struct SiteTls {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     pub roots: Arc<RootCertStore>,
+    /// The earliest notAfter of the CA certificates, in Unix seconds (for metrics).
+    pub ca_not_after: Option<i64>,
 }
 
 impl SiteTls {
@@ -57,10 +59,12 @@ impl SiteTls {
             rustls_pemfile_certs(&read(cert)?).ok_or_else(|| TlsError::Empty { path: cert.to_owned(), what: "certificate" })?;
         let key = rustls_pemfile_key(&read(key)?).ok_or_else(|| TlsError::Empty { path: key.to_owned(), what: "private key" })?;
         let mut roots = RootCertStore::empty();
-        for c in rustls_pemfile_certs(&read(ca)?).ok_or_else(|| TlsError::Empty { path: ca.to_owned(), what: "CA certificate" })? {
+        let cas = rustls_pemfile_certs(&read(ca)?).ok_or_else(|| TlsError::Empty { path: ca.to_owned(), what: "CA certificate" })?;
+        let ca_not_after = cas.iter().filter_map(not_after).min();
+        for c in cas {
             roots.add(c).map_err(|source| TlsError::Ca { path: ca.to_owned(), source })?;
         }
-        Ok(SiteTls { chain, key, roots: Arc::new(roots) })
+        Ok(SiteTls { chain, key, roots: Arc::new(roots), ca_not_after })
     }
 
     /// From PEM text (tests and generated deployments).
@@ -68,11 +72,23 @@ impl SiteTls {
         let chain = rustls_pemfile_certs(cert.as_bytes()).ok_or(TlsError::Verifier("no certificate in PEM".into()))?;
         let key = rustls_pemfile_key(key.as_bytes()).ok_or(TlsError::Verifier("no key in PEM".into()))?;
         let mut roots = RootCertStore::empty();
-        for c in rustls_pemfile_certs(ca.as_bytes()).ok_or(TlsError::Verifier("no CA in PEM".into()))? {
+        let cas = rustls_pemfile_certs(ca.as_bytes()).ok_or(TlsError::Verifier("no CA in PEM".into()))?;
+        let ca_not_after = cas.iter().filter_map(not_after).min();
+        for c in cas {
             roots.add(c)?;
         }
-        Ok(SiteTls { chain, key, roots: Arc::new(roots) })
+        Ok(SiteTls { chain, key, roots: Arc::new(roots), ca_not_after })
     }
+
+    /// When the site's certificate expires, in Unix seconds.
+    pub fn not_after(&self) -> Option<i64> {
+        self.chain.first().and_then(not_after)
+    }
+}
+
+/// A certificate's notAfter, in Unix seconds.
+pub fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    x509_parser::parse_x509_certificate(der).ok().map(|(_, c)| c.validity().not_after.timestamp())
 }
 
 fn rustls_pemfile_certs(pem: &[u8]) -> Option<Vec<CertificateDer<'static>>> {
@@ -85,6 +101,19 @@ fn rustls_pemfile_key(pem: &[u8]) -> Option<PrivateKeyDer<'static>> {
     use rustls::pki_types::pem::PemObject;
     PrivateKeyDer::from_pem_slice(pem).ok()
 }
+
+/// Every reason a handshake is refused for: the labels of `Refusals`.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "no_certificate",
+    "self_signed",
+    "unknown_ca",
+    "expired",
+    "not_yet_valid",
+    "wrong_identity",
+    "wrong_purpose",
+    "invalid_certificate",
+    "admin_certificate",
+];
 
 /// Refused handshakes by reason: a bounded set of labels, for logs and metrics.
 #[derive(Debug, Default)]
