@@ -1,6 +1,7 @@
 //! Helpers for the tests in `tests/`: which seeds to run, from the environment; and real
 //! `geomirror` processes for the end-to-end tests in `tests/e2e/`.
 
+pub mod demo;
 pub mod pair;
 pub mod site;
 

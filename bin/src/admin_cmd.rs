@@ -34,7 +34,8 @@ pub struct AdminArgs {
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
     /// A file holding the bearer token of the site's [admin] token_file, instead of a
-    /// certificate.
+    /// certificate. Default with --config and no --cert: that token_file itself, if
+    /// readable.
     #[arg(long, conflicts_with = "cert")]
     token_file: Option<PathBuf>,
     /// Print the API's JSON answer instead of text.
@@ -63,13 +64,17 @@ impl AdminArgs {
             (None, Some(p)) => p.ca.clone(),
             (None, None) => bail!("give --ca: the deployment's CA certificate"),
         };
-        let credentials = match (&self.cert, &self.key, &self.token_file) {
+        // Without credentials, an operator on the site's host may use the site's own token file.
+        let site_token = cfg.as_ref().and_then(|c| c.admin.as_ref()).and_then(|a| a.token_file.clone());
+        let credentials = match (&self.cert, &self.key, self.token_file.as_ref().or(site_token.as_ref())) {
             (Some(cert), Some(key), _) => Credentials::Certificate { cert, key },
             (_, _, Some(t)) => {
-                let token = std::fs::read_to_string(t).with_context(|| format!("reading {}", t.display()))?;
+                let token = std::fs::read_to_string(t).with_context(|| format!("reading the token file {}", t.display()))?;
                 Credentials::Token(token.trim().to_owned())
             }
-            _ => bail!("who are you? give --cert and --key (an admin certificate) or --token-file"),
+            _ => bail!(
+                "who are you? give --cert and --key (an admin certificate) or --token-file (or --config of a site whose [admin] token_file you can read)"
+            ),
         };
         AdminClient::new(address, &site, &ca, credentials)
     }

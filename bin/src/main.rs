@@ -4,6 +4,7 @@
 //! logic; every command here calls into `geomirror-core` or `geomirror-sim`.
 
 mod admin_cmd;
+mod demo;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -24,12 +25,12 @@ durable, predictive record of the extents the host is about to write: writes to 
 acknowledged at local-disk speed and shipped asynchronously; a write to an unrecorded extent first updates \
 the record synchronously. So the secondary always knows a superset of what may differ between the sites, \
 and failback copies only that.\n\n\
-Commands: `run` starts a site from its config file and serves its volumes over NBD, mirrored to its peer; \
+Commands: `demo` starts two sites on this machine, for a first look; `run` starts a site from its config file and serves its volumes over NBD, mirrored to its peer; \
 `certs` makes the deployment's certificates; `status`, `promote`, `demote`, `failback`, `switchover`, `resume` \
 and `resolve-split-brain` talk to a running site's admin API (docs/operations.md is the runbook); `wan-emu` \
 puts an emulated WAN between two sites on one machine; `replay` measures prediction on a workload or a block \
 trace; `simulate` runs the deterministic two-site fault simulation.",
-    after_help = "Examples:\n  geomirror run --config /etc/geomirror/site.toml\n  geomirror status --config /etc/geomirror/dc2.toml --cert admin-ops.pem --key admin-ops.key\n  geomirror promote --config /etc/geomirror/dc2.toml --cert admin-ops.pem --key admin-ops.key --reason \"dc1 lost\"\n  geomirror replay --workload sequential --workload zipf\n  geomirror replay --trace msr.csv --format msr --capacities 256,4096\n  geomirror simulate --seeds 1000\n  geomirror simulate --seed 42 --trace 2> seed42.log"
+    after_help = "Examples:\n  geomirror demo\n  geomirror run --config /etc/geomirror/site.toml\n  geomirror status --config /etc/geomirror/dc2.toml --cert admin-ops.pem --key admin-ops.key\n  geomirror promote --config /etc/geomirror/dc2.toml --cert admin-ops.pem --key admin-ops.key --reason \"dc1 lost\"\n  geomirror replay --workload sequential --workload zipf\n  geomirror replay --trace msr.csv --format msr --capacities 256,4096\n  geomirror simulate --seeds 1000\n  geomirror simulate --seed 42 --trace 2> seed42.log"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,6 +39,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a complete two-site deployment on this machine, to try geomirror in minutes.
+    ///
+    /// Makes a CA, site certificates and tokens, writes two site configs (dc1 primary, dc2
+    /// secondary) and a prometheus.yml into --dir, and starts, as separate processes, a WAN
+    /// emulator each way (--rtt-ms, --rate-mbps) and both sites. Then it prints where to
+    /// connect: each site's NBD URL, admin API and metrics, and a walkthrough (write with
+    /// qemu-io, kill -9 the primary, promote the secondary, bring the old one back, fail
+    /// back). Ctrl-C stops both sites cleanly, the primary first.
+    ///
+    /// The configs are ordinary: start a site by hand afterwards with
+    /// `geomirror run --config DIR/dc1.toml`. A second `geomirror demo` reuses the directory,
+    /// volumes and roles included; delete it to start afresh.
+    #[command(verbatim_doc_comment)]
+    Demo(demo::DemoArgs),
     /// Start a site from its config file and serve its volumes over NBD until Ctrl-C.
     ///
     /// Opens (or creates, sparse) each volume's media file, then listens for NBD clients and
@@ -361,6 +376,7 @@ struct SimulateArgs {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(a) => run_site(a),
+        Command::Demo(a) => demo::demo(a),
         Command::Certs(a) => certs(a),
         Command::WanEmu(a) => wan_emu(a),
         Command::Replay(a) => replay(a),

@@ -1,0 +1,141 @@
+//! `geomirror demo` as a test sees it: started on free ports in a temporary directory,
+//! its printed summary, and a stop by SIGINT (Ctrl-C) that must end every process cleanly.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Demo {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    /// What the demo printed on standard output.
+    pub summary: String,
+    pub port_base: u16,
+    pub nbd_port: u16,
+    stderr: PathBuf,
+}
+
+/// A port base whose demo ports (BASE+1..=BASE+122, TCP and UDP) and two NBD ports are
+/// free now. Another process may still take one before the demo binds it; the demo then
+/// fails loudly with the site's log.
+pub fn free_ports() -> (u16, u16) {
+    let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok();
+    let seed = std::process::id() as u16;
+    for i in 0..200u16 {
+        let base = 20_000 + (seed.wrapping_add(i.wrapping_mul(131)) % 20_000);
+        let nbd = base + 130;
+        let ports = [1, 2, 101, 102, 111, 112, 121, 122].map(|o| base + o);
+        if ports.iter().chain([nbd, nbd + 1].iter()).all(|&p| free(p)) {
+            return (base, nbd);
+        }
+    }
+    panic!("no free ports for a demo");
+}
+
+impl Demo {
+    /// Starts `geomirror demo` in `dir` and waits for its summary (it prints it once both
+    /// sites serve and the link is up).
+    pub fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Demo {
+        let (port_base, nbd_port) = free_ports();
+        let stderr = dir.join("demo.stderr");
+        let mut child = Command::new(bin)
+            .args(["demo", "--dir"])
+            .arg(dir.join("demo"))
+            .args(["--port-base", &port_base.to_string(), "--nbd-port", &nbd_port.to_string()])
+            .args(extra)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("demo stderr file"))
+            .spawn()
+            .expect("start geomirror demo");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut summary = String::new();
+        loop {
+            let mut line = String::new();
+            let n = out.read_line(&mut line).expect("read the demo's output");
+            summary += &line;
+            if n == 0 {
+                let status = child.wait().expect("wait for the demo");
+                panic!(
+                    "geomirror demo ended ({status}) before it was up:\n{summary}\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+            if line.starts_with("Ctrl-C stops both sites") {
+                break;
+            }
+        }
+        // Drain the rest, so the demo never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = out.read_to_string(&mut rest);
+        });
+        Demo { child: Some(child), dir: dir.join("demo"), summary, port_base, nbd_port, stderr }
+    }
+
+    pub fn nbd_url(&self, site: usize) -> String {
+        format!("nbd://127.0.0.1:{}/vol0", self.nbd_port + site as u16)
+    }
+
+    pub fn config(&self, site: &str) -> PathBuf {
+        self.dir.join(format!("{site}.toml"))
+    }
+
+    /// The pid the summary gives for `site`.
+    pub fn pid(&self, site: &str) -> i32 {
+        let line = self.summary.lines().find(|l| l.trim_start().starts_with(&format!("{site} ("))).expect("the site's line");
+        line.split("pid ").nth(1).and_then(|p| p.trim_end_matches(')').parse().ok()).expect("a pid")
+    }
+
+    /// A command to the WAN emulator towards `site` (dc1 or dc2): `cut`, `restore`, `status`.
+    pub fn wan(&self, towards: &str, command: &str) -> String {
+        let port = self.port_base + if towards == "dc2" { 121 } else { 122 };
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("the wan-emu control socket");
+        s.write_all(format!("{command}\n").as_bytes()).expect("send");
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).expect("a reply");
+        reply
+    }
+
+    /// Ctrl-C: the demo stops both sites and the emulators, and must exit 0 with each of
+    /// them stopped cleanly. Returns what it printed on standard error.
+    pub fn interrupt(&mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+        let until = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(Instant::now() < until, "the demo did not stop within 120 s of Ctrl-C");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        assert!(status.success(), "the demo exited with {status} on Ctrl-C:\n{err}");
+        err
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // A failing test: stop everything the demo started, not only the demo.
+            if let Ok(pid) = rustix::process::Pid::from_raw(c.id() as i32).ok_or(()) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+            }
+            let until = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < until {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
