@@ -137,12 +137,23 @@ enum Bench {
         /// Seconds per fio run (a trace replay stops there too).
         #[arg(long, default_value_t = 10)]
         runtime: u64,
+        /// Seconds each fio job runs before measuring starts, on top of --runtime, alike for
+        /// every system (default: a third of the runtime, 1 to 3 s). A record starts empty
+        /// with each row's fresh sites: a long ramp measures a warm record, the steady state
+        /// of a site that has been running, instead of its first seconds.
+        #[arg(long)]
+        ramp: Option<u64>,
         /// The emulated link's rate, and the sites' `[link] bandwidth_mbps`.
         #[arg(long, default_value_t = 100)]
         rate_mbps: u64,
         /// Volume size.
         #[arg(long, default_value = "1G")]
         size: String,
+        /// An extra `[replication]` setting for the replicated systems, as TOML, e.g.
+        /// `--replication clean_generation_max_age_ms=0`; repeatable. For trying a setting,
+        /// not for the published run.
+        #[arg(long, value_name = "KEY=VALUE")]
+        replication: Vec<String>,
         /// The sites' `[replication] max_lag_bytes`: how far shipping may fall behind before
         /// the host is throttled. A failback copies at least what was unapplied, so the
         /// default is 1/32 of the volume, under BENCHMARKS.md's 5% failback target.
@@ -203,7 +214,23 @@ fn main() -> Result<()> {
             let o = record_rtt::Options { rtt_ms, rate_mbps, probes, probe_iops: probe_iops.max(1), rounds: rounds.max(1), pace_percent };
             record_rtt::run(&bin, &o, &layout, markdown)
         }
-        Bench::Modes { rtt_ms, mode, only, trace, runtime, rate_mbps, size, max_lag, quick, docs, no_docs, verbose, geomirror } => {
+        Bench::Modes {
+            rtt_ms,
+            mode,
+            only,
+            trace,
+            runtime,
+            ramp,
+            rate_mbps,
+            size,
+            replication,
+            max_lag,
+            quick,
+            docs,
+            no_docs,
+            verbose,
+            geomirror,
+        } => {
             let bin = geomirror_bin(geomirror)?;
             let size = if quick && size == "1G" { "256M".to_string() } else { size };
             let volume_bytes = geomirror_node::config::parse_size(&size).map_err(anyhow::Error::msg)?;
@@ -219,9 +246,11 @@ fn main() -> Result<()> {
                 quick,
                 traces: trace,
                 runtime_s: if quick { 6 } else { runtime.max(1) },
+                ramp_s: ramp,
                 rate_mbps: rate_mbps.max(1),
                 volume_bytes,
                 max_lag_bytes,
+                replication,
                 verbose,
             };
             let docs = match (docs, no_docs, quick) {
@@ -249,7 +278,7 @@ fn main() -> Result<()> {
                 let args: Vec<String> = std::env::args().skip(1).collect();
                 let when = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
                 let body = format!(
-                    "Run of {} (`tests/bench/run {}`, {:.0} min), {} MiB volume, {} Mbit/s link, max_lag_bytes {} MiB, {} s per job:\n\n{}\n{table}\n![p99 write latency against RTT, one line per mode]({})\n\n{targets}",
+                    "Run of {} (`tests/bench/run {}`, {:.0} min), {} MiB volume, {} Mbit/s link, max_lag_bytes {} MiB, {} s per job after a {} s ramp:\n\n{}\n{table}\n![p99 write latency against RTT, one line per mode]({})\n\n{targets}",
                     String::from_utf8_lossy(&when.stdout).trim(),
                     args.join(" "),
                     started.elapsed().as_secs_f64() / 60.0,
@@ -257,6 +286,7 @@ fn main() -> Result<()> {
                     o.rate_mbps,
                     o.max_lag_bytes >> 20,
                     o.runtime_s,
+                    o.ramp(),
                     machine,
                     svg.file_name().map_or("benchmarks-modes.svg".into(), |n| n.to_string_lossy()),
                 );

@@ -147,11 +147,22 @@ pub struct Options {
     pub quick: bool,
     pub traces: Vec<TraceArg>,
     pub runtime_s: u64,
+    /// Seconds of each fio job run before measuring; None: `ramp_s(runtime_s)`.
+    pub ramp_s: Option<u64>,
     pub rate_mbps: u64,
     pub volume_bytes: u64,
     pub max_lag_bytes: u64,
+    /// Extra `[replication]` lines (`key=value`).
+    pub replication: Vec<String>,
     /// Print the primary's whole status after each replicated job.
     pub verbose: bool,
+}
+
+impl Options {
+    /// Seconds of each fio job run before measuring starts.
+    pub fn ramp(&self) -> u64 {
+        self.ramp_s.unwrap_or_else(|| ramp_s(self.runtime_s))
+    }
 }
 
 /// Builds the jobs the options select: the fio jobs, and (unless quick) the filesystem image
@@ -326,7 +337,7 @@ fn drive(url: &str, job: &Job, o: &Options, dir: &Path) -> Result<super::Figures
             // The first seconds (a record's warm-up, a lag buffer filling) are run but not
             // measured, alike for every system.
             let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-            args.push(format!("--ramp_time={}", ramp_s(o.runtime_s)));
+            args.push(format!("--ramp_time={}", o.ramp()));
             if let Some(share) = job.link_share {
                 args.push(format!("--rate={}", (o.rate_mbps as f64 * 1e6 / 8.0 * share) as u64));
             }
@@ -382,9 +393,10 @@ fn options(rtt_ms: u64, rate_mbps: Option<u64>, mode: &str, o: &Options) -> Pair
         // The data window may not exceed the lag; 16 MiB is many times this link's
         // bandwidth-delay product.
         replication: format!(
-            "[replication]\nmode = \"{mode}\"\nmax_lag_bytes = {}\nmax_inflight_bytes = {}\n",
+            "[replication]\nmode = \"{mode}\"\nmax_lag_bytes = {}\nmax_inflight_bytes = {}\n{}",
             o.max_lag_bytes,
-            o.max_lag_bytes.min(16 << 20)
+            o.max_lag_bytes.min(16 << 20),
+            o.replication.iter().map(|l| format!("{l}\n")).collect::<String>()
         ),
         size: o.volume_bytes.to_string(),
         wan: vec!["--rtt-ms".into(), rtt_ms.to_string(), "--rate-mbps".into(), rate_mbps.unwrap_or(0).to_string()],
