@@ -365,7 +365,7 @@ fn print_summary(dir: &Path, a: &DemoArgs, sites: &[SiteSpec], procs: &[Proc]) -
             ),
             String::new(),
         ),
-        (format!("kill -9 {}", pid("dc1")), "# lose dc1".into()),
+        (format!("kill -9 {}", pid("dc1")), "# lose dc1; dc2 notices within 3 s".into()),
         (format!("geomirror promote --config {d}/dc2.toml --reason \"dc1 lost\""), format!("# dc2 serves nbd://127.0.0.1:{}/vol0", sites[1].nbd)),
         (format!("geomirror run --config {d}/dc1.toml"), "# dc1 returns, fences itself, joins as secondary".into()),
         (format!("geomirror failback --config {d}/dc2.toml"), "# copies back only what differs".into()),

@@ -642,9 +642,24 @@ mod tests {
         for (name, text) in [
             ("site.example.toml", include_str!("../../../deploy/site.example.toml")),
             ("quickstart.toml", include_str!("../../../deploy/quickstart.toml")),
+            ("dc1.toml", include_str!("../../../deploy/dc1.toml")),
+            ("dc2.toml", include_str!("../../../deploy/dc2.toml")),
         ] {
             let c = parse(text).unwrap_or_else(|e| panic!("deploy/{name}: {e}"));
             assert!(!c.volumes.is_empty());
+        }
+        // The site configs inside the Kubernetes ConfigMaps: the block under `<site>.toml: |`.
+        for (name, yaml) in
+            [("k8s/dc1.yaml", include_str!("../../../deploy/k8s/dc1.yaml")), ("k8s/dc2.yaml", include_str!("../../../deploy/k8s/dc2.yaml"))]
+        {
+            let start = yaml.find(".toml: |\n").unwrap_or_else(|| panic!("deploy/{name} has no site config")) + ".toml: |\n".len();
+            let toml: String = yaml[start..]
+                .lines()
+                .take_while(|l| l.starts_with("    ") || l.is_empty())
+                .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+                .collect();
+            let c = parse(&toml).unwrap_or_else(|e| panic!("deploy/{name}'s config: {e}"));
+            assert!(c.peer.is_some() && c.admin.is_some(), "deploy/{name}");
         }
     }
 

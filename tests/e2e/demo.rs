@@ -1,0 +1,84 @@
+//! `geomirror demo` and the README's walkthrough, as a newcomer follows it: write through
+//! the primary, `kill -9` it, promote the secondary with the CLI, read the data there,
+//! bring the old primary back by hand from the config the demo wrote, fail back, and stop
+//! with Ctrl-C. Every command is the one the demo prints.
+
+use geomirror_tests::demo::Demo;
+use geomirror_tests::site::{run_ok, tool, Site};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
+
+fn geomirror(args: &[&str], config: &Path) -> String {
+    run_ok(Command::new(BIN).args(args).arg("--config").arg(config).env("RUST_BACKTRACE", "0"))
+}
+
+fn role(config: &Path) -> String {
+    let s: serde_json::Value = serde_json::from_str(&geomirror(&["status", "--json"], config)).unwrap();
+    s["volumes"][0]["role"].as_str().unwrap_or("?").to_owned()
+}
+
+#[test]
+fn the_walkthrough_fails_over_and_back_with_the_commands_the_demo_prints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut demo = Demo::start(Path::new(BIN), tmp.path(), &["--rtt-ms", "10", "--size", "128M"]);
+    for printed in [
+        demo.nbd_url(0),
+        format!("geomirror status --config {}", demo.config("dc1").display()),
+        "kill -9".into(),
+        "geomirror promote".into(),
+    ] {
+        assert!(demo.summary.contains(&printed), "the demo prints {printed:?}:\n{}", demo.summary);
+    }
+    let (dc1, dc2) = (demo.config("dc1"), demo.config("dc2"));
+    assert_eq!((role(&dc1), role(&dc2)), ("primary".into(), "secondary".into()));
+
+    run_ok(tool("qemu-io", "qemu-utils").args(["-f", "raw", &demo.nbd_url(0), "-c", "write -P 0xab 0 4M", "-c", "flush"]));
+    // The write is on dc2 once dc1 has nothing left to ship.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s: serde_json::Value = serde_json::from_str(&geomirror(&["status", "--json"], &dc1)).unwrap();
+        if s["volumes"][0]["lag_bytes"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "dc1 did not drain: {s:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Lose dc1, promote dc2: it serves the data at once.
+    rustix::process::kill_process(rustix::process::Pid::from_raw(demo.pid("dc1")).unwrap(), rustix::process::Signal::KILL).unwrap();
+    // dc2 refuses to promote while it still sees dc1 alive: wait until it noticed the loss.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s: serde_json::Value = serde_json::from_str(&geomirror(&["status", "--json"], &dc2)).unwrap();
+        if s["volumes"][0]["link_up"] == false {
+            break;
+        }
+        assert!(Instant::now() < until, "dc2 did not notice dc1's loss: {s:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = geomirror(&["promote", "--reason", "dc1 lost"], &dc2);
+    assert!(out.contains("primary"), "{out}");
+    run_ok(tool("qemu-io", "qemu-utils").args(["-f", "raw", &demo.nbd_url(1), "-c", "read -P 0xab 0 4M", "-c", "write -P 0xcd 8M 1M"]));
+
+    // dc1 returns by hand from the demo's config: it fences itself and joins as secondary.
+    let mut back = Site::from_config(Path::new(BIN), &dc1);
+    let until = Instant::now() + Duration::from_secs(60);
+    while role(&dc1) != "secondary" {
+        assert!(Instant::now() < until, "the old primary did not join as secondary");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = geomirror(&["failback"], &dc2);
+    assert!(!out.is_empty(), "failback says what it did");
+
+    // Ctrl-C: the demo stops dc2 (primary, draining to dc1) and the emulators, cleanly.
+    let err = demo.interrupt();
+    assert!(err.contains("dc1 exited (killed by signal 9)") && err.contains("dc2 stopped (exit code 0)"), "{err}");
+    let (status, log) = back.stop();
+    assert!(status.success(), "{log}");
+    let images: Vec<String> = ["dc1", "dc2"].iter().map(|s| demo.dir.join(format!("{s}-vol0.img")).display().to_string()).collect();
+    let out = run_ok(tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw", &images[0], &images[1]]));
+    assert!(out.contains("identical"), "{out}");
+}
