@@ -57,7 +57,8 @@ enum Command {
     ///
     /// Opens (or creates, sparse) each volume's media file, then listens for NBD clients and
     /// prints one `nbd://` URL per volume on standard output; with a [peer], also the UDP
-    /// replication address and the admin API's https:// address. Logs go to standard error; set
+    /// replication address and the admin API's https:// address, which also serves Prometheus
+    /// metrics at /metrics (docs/operations.md, "Watching"). Logs go to standard error; set
     /// RUST_LOG=debug for every refused request. On Ctrl-C or SIGTERM the site stops
     /// accepting, answers every request it has read, syncs the media and exits 0.
     ///
