@@ -6,6 +6,7 @@ use bytes::Bytes;
 use geomirror_core::frame::{Apply, Frame, Stream};
 use geomirror_core::{
     Action, CoreConfig, Geometry, HostError, MemStore, Phase, Primary, RequestId, Role, Secondary, SiteState, Time, Token, WriteOp,
+    WritePath,
 };
 
 const MIB: u64 = 1 << 20;
@@ -147,6 +148,11 @@ impl Pair {
             .collect()
     }
 
+    /// The path each write's ack named.
+    fn ack_paths(&self) -> Vec<(RequestId, Option<WritePath>)> {
+        self.p_out.iter().filter_map(|a| if let Action::Ack { request, path, .. } = a { Some((*request, *path)) } else { None }).collect()
+    }
+
     fn finish_local_writes(&mut self) {
         for t in self.local_writes() {
             let now = self.now;
@@ -187,6 +193,7 @@ fn a_miss_reaches_media_only_after_the_record_answer_and_is_acked_after_both() {
     assert!(p.acks().is_empty(), "no ack before the local write is done");
     p.finish_local_writes();
     assert_eq!(p.acks(), vec![(RequestId(1), Ok(()))]);
+    assert_eq!(p.ack_paths(), vec![(RequestId(1), Some(WritePath::Miss))], "the ack says the write waited for the record");
     assert_eq!(p.primary.stats().misses, 1);
 }
 
@@ -203,6 +210,7 @@ fn a_hit_sends_no_record_update_and_acks_after_the_local_write() {
     assert_eq!(p.primary.stats().record_updates_sent, updates_before, "a hit sends no record update");
     p.finish_local_writes();
     assert!(p.acks().contains(&(RequestId(2), Ok(()))));
+    assert!(p.ack_paths().contains(&(RequestId(2), Some(WritePath::Hit))), "the ack says the write was a hit: {:?}", p.ack_paths());
     assert_eq!(p.primary.stats().hits, 1);
 }
 
