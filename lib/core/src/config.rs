@@ -104,8 +104,11 @@ pub struct CoreConfig {
     pub data_lanes: u8,
     pub flush_policy: FlushPolicy,
     /// A clean generation older than this is evicted even when the record is not full, so
-    /// the record (and the failback debt) shrinks back to the working set. None keeps clean
-    /// generations until capacity pressure, which favours rewrites over a small failback.
+    /// the record (and the failback set) shrinks back to the working set. None, the default,
+    /// keeps clean generations until capacity pressure, as PRODUCT.md's bounding says (and
+    /// as DRBD's activity log does): a workload that returns to an extent after a quiet spell
+    /// hits instead of paying a round trip. The failback checks the set by block digests, so
+    /// a larger record costs reads on both sites, not WAN bytes; the capacity bounds those.
     pub clean_generation_max_age: Option<Duration>,
     /// Eviction instructions wait this long for a control frame to ride on, then go alone.
     pub eviction_idle_delay: Duration,
@@ -136,7 +139,7 @@ impl Default for CoreConfig {
             max_record_updates_in_flight: 4,
             data_lanes: 2,
             flush_policy: FlushPolicy::Local,
-            clean_generation_max_age: Some(Duration::from_secs(30)),
+            clean_generation_max_age: None,
             eviction_idle_delay: Duration::from_millis(50),
             local_sync_interval: Duration::from_millis(200),
             reorder_buffer_bytes: 128 << 20,
