@@ -112,11 +112,12 @@ enum Bench {
     /// and follows the failback to the end; the images must then compare equal. Prints the
     /// table and BENCHMARKS.md's targets, met or not, and (unless --quick) writes them with
     /// the machine's description and a plot of p99 latency against RTT into
-    /// docs/benchmarks.md and docs/benchmarks-modes.svg.
+    /// docs/benchmarks.md and docs/benchmarks-modes.svg (--warm: the page's warm section).
     ///
     /// Examples:
     ///   tests/bench/run modes                     the full run (about an hour)
     ///   tests/bench/run modes --quick             a look in under five minutes
+    ///   tests/bench/run modes --warm              the targeted jobs on a warm record
     ///   tests/bench/run modes --only zipf --rtt-ms 50 --mode async,predictive
     ///   tests/bench/run modes --trace msr:hm_0.csv --only hm_0
     #[command(verbatim_doc_comment)]
@@ -134,11 +135,12 @@ enum Bench {
         /// (MSR Cambridge CSV). Its writes are folded into the volume. Repeatable.
         #[arg(long, value_parser = modes::parse_trace_arg)]
         trace: Vec<modes::TraceArg>,
-        /// Seconds per fio run (a trace replay stops there too).
-        #[arg(long, default_value_t = 10)]
-        runtime: u64,
+        /// Seconds per fio run (a trace replay stops there too). Default: 10; 6 with --quick,
+        /// 30 with --warm.
+        #[arg(long)]
+        runtime: Option<u64>,
         /// Seconds each fio job runs before measuring starts, on top of --runtime, alike for
-        /// every system (default: a third of the runtime, 1 to 3 s). A record starts empty
+        /// every system (default: a third of the runtime, 1 to 3 s; 120 with --warm). A record starts empty
         /// with each row's fresh sites: a long ramp measures a warm record, the steady state
         /// of a site that has been running, instead of its first seconds.
         #[arg(long)]
@@ -164,10 +166,20 @@ enum Bench {
         /// volume. Writes no docs unless --docs is given.
         #[arg(long)]
         quick: bool,
-        /// The page to write the results into (between its BEGIN/END modes markers); the plot
-        /// goes beside it as benchmarks-modes.svg. Default: docs/benchmarks.md, except with --quick.
+        /// The steady state of sites that have been running: the jobs the targets name, at
+        /// RTT 50 ms, async and predictive, each measured for 30 s after a 120 s ramp (about
+        /// 35 minutes). Written into the page's `warm` section.
+        #[arg(long, conflicts_with = "quick")]
+        warm: bool,
+        /// The page to write the results into (between its BEGIN/END markers of --section);
+        /// the plot goes beside it as benchmarks-SECTION.svg. Default: docs/benchmarks.md,
+        /// except with --quick.
         #[arg(long)]
         docs: Option<PathBuf>,
+        /// Which section of the page the run replaces. Default: `modes`, which holds the full
+        /// run; `warm` with --warm.
+        #[arg(long, value_parser = parse_section)]
+        section: Option<String>,
         /// Print the primary's whole status (JSON) after each replicated job.
         #[arg(long)]
         verbose: bool,
@@ -226,7 +238,9 @@ fn main() -> Result<()> {
             replication,
             max_lag,
             quick,
+            warm,
             docs,
+            section,
             no_docs,
             verbose,
             geomirror,
@@ -238,21 +252,32 @@ fn main() -> Result<()> {
                 Some(l) => geomirror_node::config::parse_size(&l).map_err(|e| anyhow::anyhow!("--max-lag: {e}"))?,
                 None => (volume_bytes / 32).max(1 << 20),
             };
-            let quick_modes = [modes::System::Async, modes::System::Predictive];
+            // Both presets compare the modes the targets name, at the RTT they name.
+            let target_modes = [modes::System::Async, modes::System::Predictive];
+            let preset = quick || warm;
             let o = modes::Options {
-                rtts_ms: if quick { vec![50] } else { rtt_ms },
-                systems: if quick { mode.into_iter().filter(|m| quick_modes.contains(m)).collect() } else { mode },
-                only,
+                rtts_ms: if preset { vec![50] } else { rtt_ms },
+                systems: if preset { mode.into_iter().filter(|m| target_modes.contains(m)).collect() } else { mode },
+                only: if warm && only.is_empty() { modes::targeted_jobs() } else { only },
                 quick,
                 traces: trace,
-                runtime_s: if quick { 6 } else { runtime.max(1) },
-                ramp_s: ramp,
+                runtime_s: runtime
+                    .unwrap_or(if quick {
+                        6
+                    } else if warm {
+                        30
+                    } else {
+                        10
+                    })
+                    .max(1),
+                ramp_s: ramp.or(warm.then_some(120)),
                 rate_mbps: rate_mbps.max(1),
                 volume_bytes,
                 max_lag_bytes,
                 replication,
                 verbose,
             };
+            let section = section.unwrap_or_else(|| if warm { "warm" } else { "modes" }.to_string());
             let docs = match (docs, no_docs, quick) {
                 (_, true, _) | (None, false, true) => None,
                 (Some(d), false, _) => Some(d),
@@ -260,7 +285,8 @@ fn main() -> Result<()> {
             };
             if let Some(d) = &docs {
                 // Fail before an hour of measuring, not after.
-                report::write_docs(d, &std::fs::read_to_string(d).ok().and_then(|t| generated(&t)).unwrap_or_default())?;
+                let now = std::fs::read_to_string(d).ok().and_then(|t| report::generated(&t, &section)).unwrap_or_default();
+                report::write_docs(d, &section, &now)?;
             }
             let scratch = tempfile::tempdir()?;
             // What is measured, taken before measuring: the tree may change during a long run.
@@ -273,12 +299,15 @@ fn main() -> Result<()> {
             println!("{table}\n{targets}");
             eprintln!("{} rows in {:.1} min", rows.len(), started.elapsed().as_secs_f64() / 60.0);
             if let Some(doc) = docs {
-                let svg = doc.with_file_name("benchmarks-modes.svg");
-                plot::p99_against_rtt(&svg, &rows, &jobs)?;
+                // A plot against RTT needs more than one RTT.
+                let svg = (o.rtts_ms.len() > 1).then(|| doc.with_file_name(format!("benchmarks-{section}.svg")));
+                if let Some(svg) = &svg {
+                    plot::p99_against_rtt(svg, &rows, &jobs)?;
+                }
                 let args: Vec<String> = std::env::args().skip(1).collect();
                 let when = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
                 let body = format!(
-                    "Run of {} (`tests/bench/run {}`, {:.0} min), {} MiB volume, {} Mbit/s link, max_lag_bytes {} MiB, {} s per job after a {} s ramp:\n\n{}\n{table}\n![p99 write latency against RTT, one line per mode]({})\n\n{targets}",
+                    "Run of {} (`tests/bench/run {}`, {:.0} min), {} MiB volume, {} Mbit/s link, max_lag_bytes {} MiB, {} s per job after a {} s ramp:\n\n{}\n{table}\n{}\n{targets}",
                     String::from_utf8_lossy(&when.stdout).trim(),
                     args.join(" "),
                     started.elapsed().as_secs_f64() / 60.0,
@@ -288,21 +317,26 @@ fn main() -> Result<()> {
                     o.runtime_s,
                     o.ramp(),
                     machine,
-                    svg.file_name().map_or("benchmarks-modes.svg".into(), |n| n.to_string_lossy()),
+                    svg.as_ref()
+                        .and_then(|s| s.file_name())
+                        .map(|n| format!("![p99 write latency against RTT, one line per mode]({})\n", n.to_string_lossy()))
+                        .unwrap_or_default(),
                 );
-                report::write_docs(&doc, &body)?;
-                eprintln!("wrote {} and {}", doc.display(), svg.display());
+                report::write_docs(&doc, &section, &body)?;
+                eprintln!("wrote {}{}", doc.display(), svg.map(|s| format!(" and {}", s.display())).unwrap_or_default());
             }
             Ok(())
         }
     }
 }
 
-/// What a page holds between its modes markers now.
-fn generated(text: &str) -> Option<String> {
-    let begin = text.find(report::BEGIN)? + report::BEGIN.len();
-    let end = text.find(report::END)?;
-    text.get(begin..end).map(str::to_owned)
+/// A section name fit for a marker and a file name.
+fn parse_section(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?}: a section is letters, digits and '-'"))
+    }
 }
 
 /// The geomirror binary: given, or next to this one.

@@ -110,6 +110,11 @@ const FIO_JOBS: &[FioJob] = &[
     ),
 ];
 
+/// The jobs BENCHMARKS.md's latency and throughput targets name.
+pub fn targeted_jobs() -> Vec<String> {
+    FIO_JOBS.iter().filter(|j| j.1).map(|j| j.0.to_string()).collect()
+}
+
 /// The jobs a quick look runs: the ones the targets name, at queue depth 32.
 pub const QUICK_JOBS: &[&str] = &["seq 1M QD32", "seq 1M QD32 at half the link", "zipf 4K QD32", "zipf 4K QD32 at half the link"];
 
@@ -337,10 +342,19 @@ fn drive(url: &str, job: &Job, o: &Options, dir: &Path) -> Result<super::Figures
             // The first seconds (a record's warm-up, a lag buffer filling) are run but not
             // measured, alike for every system.
             let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-            args.push(format!("--ramp_time={}", o.ramp()));
+            let mut ramp = o.ramp();
             if let Some(share) = job.link_share {
                 args.push(format!("--rate={}", (o.rate_mbps as f64 * 1e6 / 8.0 * share) as u64));
+                // fio 3.33 with a rate and a ramp_time not under the runtime ends the job at
+                // the runtime, ramp included, and records no latency at all. So a long ramp
+                // of a rate-limited job is a run of its own, unmeasured, straight before.
+                if ramp >= o.runtime_s {
+                    let unmeasured: Vec<&str> = args.iter().map(String::as_str).collect();
+                    super::fio(url, &unmeasured, ramp, true, dir)?;
+                    ramp = 0;
+                }
             }
+            args.push(format!("--ramp_time={ramp}"));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             super::fio(url, &args, o.runtime_s, true, dir)
         }

@@ -4,8 +4,27 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::process::Command;
 
-pub const BEGIN: &str = "<!-- BEGIN modes: written by `tests/bench/run modes`; a run replaces everything up to END -->";
-pub const END: &str = "<!-- END modes -->";
+/// The opening of a section's begin marker; the marker runs on to its `-->`.
+fn begin_prefix(section: &str) -> String {
+    format!("<!-- BEGIN {section}:")
+}
+
+fn end_marker(section: &str) -> String {
+    format!("<!-- END {section} -->")
+}
+
+/// Where the generated part of `section` starts and ends in `text`.
+fn span(text: &str, section: &str) -> Option<(usize, usize)> {
+    let begin = text.find(&begin_prefix(section))?;
+    let body = begin + text[begin..].find("-->")? + "-->".len();
+    let end = body + text[body..].find(&end_marker(section))?;
+    Some((body, end))
+}
+
+/// What `section` of a page holds now.
+pub fn generated(text: &str, section: &str) -> Option<String> {
+    span(text, section).map(|(b, e)| text[b..e].to_owned())
+}
 
 /// The machine, the tools and the code a run measured, as Markdown list items.
 pub fn machine(scratch: &Path) -> String {
@@ -34,18 +53,34 @@ pub fn machine(scratch: &Path) -> String {
     )
 }
 
-/// Replaces the part of `doc` between the markers with `body`.
-pub fn write_docs(doc: &Path, body: &str) -> Result<()> {
+/// Replaces what `section` of `doc` holds (between `<!-- BEGIN section: ... -->` and
+/// `<!-- END section -->`) with `body`.
+pub fn write_docs(doc: &Path, section: &str, body: &str) -> Result<()> {
     let text = std::fs::read_to_string(doc).with_context(|| format!("reading {}", doc.display()))?;
-    let (Some(begin), Some(end)) = (text.find(BEGIN), text.find(END)) else {
-        bail!("{} has no {BEGIN} ... {END} markers to write between", doc.display());
+    let Some((begin, end)) = span(&text, section) else {
+        bail!("{} has no `{} ... -->` ... `{}` markers to write between", doc.display(), begin_prefix(section), end_marker(section));
     };
-    if end < begin {
-        bail!("{}: the END marker comes before BEGIN", doc.display());
-    }
-    let out = format!("{}{BEGIN}\n{}\n{}", &text[..begin], body.trim_end(), &text[end..]);
+    let out = format!("{}\n{}\n{}", &text[..begin], body.trim_end(), &text[end..]);
     let tmp = doc.with_extension("md.new");
     std::fs::write(&tmp, out)?;
     std::fs::rename(&tmp, doc)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_section_is_replaced_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = dir.path().join("b.md");
+        let page = "# B\n<!-- BEGIN modes: a note -->\nold\n<!-- END modes -->\nmid\n<!-- BEGIN warm: x -->\nw\n<!-- END warm -->\ntail\n";
+        std::fs::write(&doc, page).unwrap();
+        write_docs(&doc, "warm", "new warm").unwrap();
+        let text = std::fs::read_to_string(&doc).unwrap();
+        assert_eq!(text, page.replace("\nw\n", "\nnew warm\n"));
+        assert_eq!(generated(&text, "modes").as_deref(), Some("\nold\n"));
+        assert!(write_docs(&doc, "cold", "x").unwrap_err().to_string().contains("BEGIN cold:"));
+    }
 }
