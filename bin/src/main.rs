@@ -614,12 +614,15 @@ fn simulate(a: SimulateArgs) -> Result<()> {
     }
     let seeds: Vec<u64> = (a.start..a.start + a.seeds).collect();
     let n = seeds.len();
-    let reports = run_parallel_with_progress(&seeds, geomirror_sim::run_seed, |done| {
-        if done % 100 == 0 || done == n {
-            eprint!("\r{done}/{n} seeds");
-        }
-    });
-    eprintln!();
+    // A bar on a terminal; indicatif draws nothing when stderr is a pipe or a file.
+    let bar = indicatif::ProgressBar::new(n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{pos}/{len} seeds [{bar:40}] {per_sec} ({eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let reports = run_parallel_with_progress(&seeds, geomirror_sim::run_seed, |_| bar.inc(1));
+    bar.finish_and_clear();
     let failed: Vec<_> = reports.iter().filter(|r| !r.violations.is_empty()).collect();
     println!("{}", SeedTotals::of(&reports));
     for r in &failed {

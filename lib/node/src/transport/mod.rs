@@ -91,14 +91,14 @@ pub fn endpoint(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut server = ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport.clone());
-    let mut ep = Endpoint::server(server, bind).map_err(|e| TlsError::Verifier(format!("cannot bind {bind}: {e}")))?;
+    let mut ep = Endpoint::server(server, bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
     ep.set_default_client_config(client(tls, transport, refusals)?);
     Ok(ep)
 }
 
 /// An endpoint that only connects out.
 pub fn client_endpoint(bind: SocketAddr, tls: &SiteTls, tuning: &LinkTuning, refusals: Arc<Refusals>) -> Result<Endpoint, TlsError> {
-    let mut ep = Endpoint::client(bind).map_err(|e| TlsError::Verifier(format!("cannot bind {bind}: {e}")))?;
+    let mut ep = Endpoint::client(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
     ep.set_default_client_config(client(tls, Arc::new(tuning.transport()), refusals)?);
     Ok(ep)
 }

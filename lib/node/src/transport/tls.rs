@@ -41,6 +41,8 @@ pub enum TlsError {
     Ca { path: PathBuf, source: rustls::Error },
     #[error("cannot build the certificate verifier: {0}")]
     Verifier(String),
+    #[error("cannot bind the replication port {addr} (is another site or process using it?)")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// This site's certificate chain and key, and the CA it trusts.
