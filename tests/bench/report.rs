@@ -21,11 +21,6 @@ fn span(text: &str, section: &str) -> Option<(usize, usize)> {
     Some((body, end))
 }
 
-/// What `section` of a page holds now.
-pub fn generated(text: &str, section: &str) -> Option<String> {
-    span(text, section).map(|(b, e)| text[b..e].to_owned())
-}
-
 /// The machine, the tools and the code a run measured, as Markdown list items.
 pub fn machine(scratch: &Path) -> String {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
@@ -51,6 +46,17 @@ pub fn machine(scratch: &Path) -> String {
         first_line(Command::new("qemu-img").arg("--version")),
         if dirty { " with uncommitted changes" } else { "" },
     )
+}
+
+/// Checks, before a long run, that `doc` has `section`'s markers and can be written, without
+/// touching it (a rewrite would mark the tree the run measures as changed).
+pub fn check_docs(doc: &Path, section: &str) -> Result<()> {
+    let text = std::fs::read_to_string(doc).with_context(|| format!("reading {}", doc.display()))?;
+    if span(&text, section).is_none() {
+        bail!("{} has no `{} ... -->` ... `{}` markers to write between", doc.display(), begin_prefix(section), end_marker(section));
+    }
+    std::fs::OpenOptions::new().append(true).open(doc).with_context(|| format!("{} cannot be written", doc.display()))?;
+    Ok(())
 }
 
 /// Replaces what `section` of `doc` holds (between `<!-- BEGIN section: ... -->` and
@@ -80,7 +86,10 @@ mod tests {
         write_docs(&doc, "warm", "new warm").unwrap();
         let text = std::fs::read_to_string(&doc).unwrap();
         assert_eq!(text, page.replace("\nw\n", "\nnew warm\n"));
-        assert_eq!(generated(&text, "modes").as_deref(), Some("\nold\n"));
+        assert_eq!(span(&text, "modes").map(|(b, e)| &text[b..e]), Some("\nold\n"));
         assert!(write_docs(&doc, "cold", "x").unwrap_err().to_string().contains("BEGIN cold:"));
+        assert!(check_docs(&doc, "cold").is_err());
+        check_docs(&doc, "modes").unwrap();
+        assert_eq!(std::fs::read_to_string(&doc).unwrap(), text, "a check leaves the page as it was");
     }
 }
