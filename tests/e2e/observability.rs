@@ -152,18 +152,30 @@ fn prometheus_scrapes_both_sites_and_every_panel_and_alert_has_data() {
     let panels = panel_queries();
     let alerts = alert_queries();
     let tmp = tempfile::tempdir().unwrap();
-    let mut demo = Demo::start(Path::new(BIN), tmp.path(), &["--rtt-ms", "10", "--size", "256M"]);
+    let mut demo = Demo::start(Path::new(BIN), tmp.path(), &["--rtt-ms", "10", "--size", "1G"]);
     run_ok(tool("promtool", "prometheus").arg("check").arg("config").arg(demo.dir.join("prometheus.yml")));
     let prom = Prometheus::start(&demo.dir.join("prometheus.yml"), &tmp.path().join("prometheus-data"));
 
-    // Load: sequential writes (streams, predictions) and Zipf 4 KiB writes, for as long as
-    // the queries wait, stopped once they all have data.
+    // Load: Zipf 4 KiB writes over the first 64 MiB, and a sequential stream through the
+    // rest of the volume, for as long as the queries wait, stopped once they all have data.
+    // Clean extents stay recorded, so the record soon covers the Zipf region and misses and
+    // predictions come from the stream alone: at 4 MiB/s it reaches new extents for 224 s,
+    // longer than the queries may wait.
     let mut fio = tool("fio", "fio")
         .args(["--ioengine=nbd", &format!("--uri={}", demo.nbd_url(0)), "--time_based", "--runtime=300", "--group_reporting"])
         // Jobs as threads: killing fio then stops them all.
         .arg("--thread")
-        .args(["--name=seq", "--rw=write", "--bs=1m", "--iodepth=4", "--rate=4m", "--size=128m"])
-        .args(["--name=zipf", "--rw=randwrite", "--bs=4k", "--iodepth=8", "--random_distribution=zipf:1.2", "--rate_iops=500"])
+        .args(["--name=seq", "--rw=write", "--bs=1m", "--iodepth=4", "--rate=4m", "--offset=128m", "--size=896m"])
+        .args([
+            "--name=zipf",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--random_distribution=zipf:1.2",
+            "--rate_iops=500",
+            "--offset=0",
+            "--size=64m",
+        ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(tmp.path().join("fio.stderr")).unwrap())
         .spawn()
