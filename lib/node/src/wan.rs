@@ -193,7 +193,9 @@ impl WanEmu {
         control: Option<SocketAddr>,
         seed: u64,
     ) -> std::io::Result<WanEmu> {
-        let socket = Arc::new(UdpSocket::bind(listen).await?);
+        let socket = UdpSocket::bind(listen).await?;
+        crate::transport::enlarge_udp_buffers(socket2::SockRef::from(&socket));
+        let socket = Arc::new(socket);
         let listen = socket.local_addr()?;
         let cut = Arc::new(AtomicBool::new(false));
         let fwd = Direction::new(link, seed);
@@ -244,6 +246,7 @@ async fn relay(socket: Arc<UdpSocket>, forward: SocketAddr, cut: Arc<AtomicBool>
                 let bind: SocketAddr =
                     if forward.is_ipv4() { "0.0.0.0:0".parse().expect("valid") } else { "[::]:0".parse().expect("valid") };
                 let Ok(u) = UdpSocket::bind(bind).await else { continue };
+                crate::transport::enlarge_udp_buffers(socket2::SockRef::from(&u));
                 if u.connect(forward).await.is_err() {
                     continue;
                 }

@@ -78,6 +78,28 @@ impl LinkTuning {
     }
 }
 
+/// The UDP socket buffers a replication or relay socket asks for; the kernel caps them at
+/// `net.core.rmem_max` and `wmem_max`. With the kernel's default (about 208 KiB), a
+/// 100 Mbit/s stream at 50 ms RTT overflowed the receiving socket whenever its process was
+/// briefly descheduled: every packet QUIC counted lost was a kernel `RcvbufErrors`, and
+/// CUBIC then held the window under one bandwidth-delay product (docs/benchmarks.md).
+pub const UDP_BUFFER_BYTES: usize = 8 << 20;
+
+/// Asks for `UDP_BUFFER_BYTES` of socket buffer each way, as far as the kernel allows.
+pub fn enlarge_udp_buffers(socket: socket2::SockRef<'_>) {
+    // Best effort: a smaller buffer still works, as before.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+}
+
+/// A UDP socket bound to `bind`, with enlarged buffers.
+fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(bind), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    enlarge_udp_buffers(socket2::SockRef::from(&s));
+    s.bind(&bind.into())?;
+    Ok(s.into())
+}
+
 /// An endpoint that accepts only `expected_peer` and can also connect out.
 pub fn endpoint(
     bind: SocketAddr,
@@ -91,14 +113,18 @@ pub fn endpoint(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut server = ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport.clone());
-    let mut ep = Endpoint::server(server, bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
+    let socket = udp_socket(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
+    let mut ep = Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| TlsError::Bind { addr: bind, source })?;
     ep.set_default_client_config(client(tls, transport, refusals)?);
     Ok(ep)
 }
 
 /// An endpoint that only connects out.
 pub fn client_endpoint(bind: SocketAddr, tls: &SiteTls, tuning: &LinkTuning, refusals: Arc<Refusals>) -> Result<Endpoint, TlsError> {
-    let mut ep = Endpoint::client(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
+    let socket = udp_socket(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
+    let mut ep = Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| TlsError::Bind { addr: bind, source })?;
     ep.set_default_client_config(client(tls, Arc::new(tuning.transport()), refusals)?);
     Ok(ep)
 }
