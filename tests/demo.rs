@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Demo {
     child: Option<Child>,
@@ -103,17 +103,10 @@ impl Demo {
     /// Ctrl-C: the demo stops both sites and the emulators, and must exit 0 with each of
     /// them stopped cleanly. Returns what it printed on standard error.
     pub fn interrupt(&mut self) -> String {
-        let mut child = self.child.take().expect("running");
+        let child = self.child.take().expect("running");
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
         rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
-        let until = Instant::now() + Duration::from_secs(120);
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(Instant::now() < until, "the demo did not stop within 120 s of Ctrl-C");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let status = crate::site::wait_within(child, Duration::from_secs(120)).expect("the demo stops within 120 s of Ctrl-C");
         let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         assert!(status.success(), "the demo exited with {status} on Ctrl-C:\n{err}");
         err
@@ -122,20 +115,12 @@ impl Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(c) = self.child.take() {
             // A failing test: stop everything the demo started, not only the demo.
-            if let Ok(pid) = rustix::process::Pid::from_raw(c.id() as i32).ok_or(()) {
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
             }
-            let until = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < until {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            let _ = crate::site::wait_within(c, Duration::from_secs(60));
         }
     }
 }

@@ -8,6 +8,23 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// Waits for `child` to exit, for at most `limit`: Ok with its status, or Err once the
+/// limit passed, after a SIGKILL (the process is then reaped, so nothing outlives the test).
+pub fn wait_within(mut child: Child, limit: Duration) -> Result<ExitStatus, ExitStatus> {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait().expect("wait"));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(status) => Ok(status),
+        Err(_) => {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            Err(rx.recv().expect("the waiting thread reports"))
+        }
+    }
+}
+
 /// How long a site may take to print its URLs before the test fails.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
