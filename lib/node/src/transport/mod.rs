@@ -92,12 +92,16 @@ pub fn enlarge_udp_buffers(socket: socket2::SockRef<'_>) {
     let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
 }
 
-/// A UDP socket bound to `bind`, with enlarged buffers.
-fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(bind), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    enlarge_udp_buffers(socket2::SockRef::from(&s));
-    s.bind(&bind.into())?;
-    Ok(s.into())
+/// A QUIC endpoint on a UDP socket bound to `bind`, with enlarged buffers; it accepts
+/// connections when given a server config.
+fn quic_endpoint(bind: SocketAddr, server: Option<ServerConfig>) -> Result<Endpoint, TlsError> {
+    let open = || -> std::io::Result<Endpoint> {
+        let s = socket2::Socket::new(socket2::Domain::for_address(bind), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        enlarge_udp_buffers(socket2::SockRef::from(&s));
+        s.bind(&bind.into())?;
+        Endpoint::new(quinn::EndpointConfig::default(), server, s.into(), Arc::new(quinn::TokioRuntime))
+    };
+    open().map_err(|source| TlsError::Bind { addr: bind, source })
 }
 
 /// An endpoint that accepts only `expected_peer` and can also connect out.
@@ -113,18 +117,14 @@ pub fn endpoint(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut server = ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport.clone());
-    let socket = udp_socket(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
-    let mut ep = Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
-        .map_err(|source| TlsError::Bind { addr: bind, source })?;
+    let mut ep = quic_endpoint(bind, Some(server))?;
     ep.set_default_client_config(client(tls, transport, refusals)?);
     Ok(ep)
 }
 
 /// An endpoint that only connects out.
 pub fn client_endpoint(bind: SocketAddr, tls: &SiteTls, tuning: &LinkTuning, refusals: Arc<Refusals>) -> Result<Endpoint, TlsError> {
-    let socket = udp_socket(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
-    let mut ep = Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
-        .map_err(|source| TlsError::Bind { addr: bind, source })?;
+    let mut ep = quic_endpoint(bind, None)?;
     ep.set_default_client_config(client(tls, Arc::new(tuning.transport()), refusals)?);
     Ok(ep)
 }
