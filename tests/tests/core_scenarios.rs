@@ -36,9 +36,12 @@ impl Pair {
     }
 
     fn with(cfg: CoreConfig) -> Pair {
+        Pair::from_states(cfg, SiteState::fresh(Role::Primary), SiteState::fresh(Role::Secondary))
+    }
+
+    /// Two sites restarted from the given durable states.
+    fn from_states(cfg: CoreConfig, p_state: SiteState, s_state: SiteState) -> Pair {
         let geo = Geometry::new(64 * MIB, MIB).unwrap();
-        let p_state = SiteState::fresh(Role::Primary);
-        let s_state = SiteState::fresh(Role::Secondary);
         let mut pair = Pair {
             now: Time(1),
             primary: Primary::new(cfg.clone(), geo, &p_state, Time(1)),
@@ -260,6 +263,48 @@ fn a_stale_epoch_frame_is_refused_and_never_applied() {
     }
     assert!(disconnected, "the stale peer is refused");
     assert_eq!(p.secondary.applied(), applied_before);
+}
+
+#[test]
+fn neither_role_change_carries_a_stale_request_to_save_aside() {
+    // A site fenced before it learned its record is asked, durably, to save aside everything
+    // the next resync overwrites. Once it becomes the primary, by promotion, its image is the
+    // one kept; and once a planned demotion hands over a peer that holds everything, there is
+    // nothing of its own to keep. Either way the request must not outlive the role change,
+    // or a much later failback would save aside the whole volume.
+    for demote in [false, true] {
+        let mut p_state = SiteState::fresh(Role::Primary);
+        let mut s_state = SiteState::fresh(Role::Secondary);
+        if demote {
+            p_state.save_aside_on_resync = true;
+        } else {
+            s_state.save_aside_on_resync = true;
+        }
+        let mut p = Pair::from_states(CoreConfig::default(), p_state, s_state);
+        p.persist_primary();
+        p.connect();
+        p.persist_primary();
+        p.write(1, 3 * MIB, 4096);
+        p.finish_local_writes();
+        p.persist_primary();
+        if demote {
+            assert_eq!(p.primary.begin_drain(), Ok(()));
+            p.collect();
+            assert!(p.primary.is_drained());
+            assert_eq!(p.primary.demote(), Ok(()));
+            p.collect();
+            p.persist_primary();
+            let durable = p.p_store.durable();
+            assert_eq!(durable.role, Role::Secondary);
+            assert!(!durable.save_aside_on_resync, "a planned demotion clears the request");
+        } else {
+            p.secondary.promote(true).expect("a forced promotion");
+            p.collect();
+            let durable = p.s_store.durable();
+            assert_eq!(durable.role, Role::Primary);
+            assert!(!durable.save_aside_on_resync, "a promotion clears the request");
+        }
+    }
 }
 
 /// Drives a lone primary (no peer connected) until `until`: completes its stores and local

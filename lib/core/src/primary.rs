@@ -491,6 +491,9 @@ impl Primary {
             StoreWrite::Meta(Meta::Authoritative(true)),
             StoreWrite::Meta(Meta::WroteAlone(false)),
             StoreWrite::Meta(Meta::FailbackPending(false)),
+            // The peer holds everything this site wrote: the next resync has nothing of
+            // this site's to save aside.
+            StoreWrite::Meta(Meta::SaveAsideOnResync(false)),
             StoreWrite::Meta(Meta::Applied(self.last_dispatched())),
             StoreWrite::Meta(Meta::ApplyHighWater(self.last_dispatched())),
         ];

@@ -510,6 +510,11 @@ impl Secondary {
             StoreWrite::Meta(Meta::Role(Role::Primary)),
             StoreWrite::Meta(Meta::WroteAlone(false)),
             StoreWrite::Meta(Meta::FailbackPending(true)),
+            // A request from an earlier fencing to save aside on the next resync: as the
+            // primary, this site's image is the one kept, so nothing of it needs saving. Left
+            // set, it would outlive this epoch and make a later failback onto this site save
+            // aside every extent it overwrites.
+            StoreWrite::Meta(Meta::SaveAsideOnResync(false)),
         ];
         batch.extend(self.record.iter().map(|(e, _)| StoreWrite::PutDirty(e)));
         batch.push(StoreWrite::ClearRecord);
