@@ -62,3 +62,8 @@ fn without_a_mutation_the_same_seeds_pass() {
 fn withdrawing_coverage_a_waiting_write_needs_starves_it() {
     caught_by(Mutation::UndirtyWaiting, &["liveness"]);
 }
+
+#[test]
+fn a_failback_that_copies_one_differing_block_too_few_is_caught() {
+    caught_by(Mutation::DiffersDropsBlock, &["O2", "O4"]);
+}

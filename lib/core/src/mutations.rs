@@ -19,6 +19,9 @@ pub enum Mutation {
     VerifyAlwaysEqual,
     /// The primary withdraws local dirty-map coverage from extents a waiting write needs.
     UndirtyWaiting,
+    /// A failback check that finds an extent differing reports one differing block too few
+    /// (the lowest), so the primary copies the rest and leaves that block stale.
+    DiffersDropsBlock,
 }
 
 thread_local! {
@@ -48,4 +51,14 @@ pub(crate) fn verify_always_equal() -> bool {
 
 pub(crate) fn undirty_waiting() -> bool {
     ACTIVE.with(|a| a.get() == Some(Mutation::UndirtyWaiting))
+}
+
+/// `differing` with its lowest set bit cleared while `DiffersDropsBlock` is on.
+pub(crate) fn differs_drops_block(mut differing: Vec<u8>) -> Vec<u8> {
+    if ACTIVE.with(|a| a.get() == Some(Mutation::DiffersDropsBlock)) {
+        if let Some(b) = differing.iter_mut().find(|b| **b != 0) {
+            *b &= *b - 1;
+        }
+    }
+    differing
 }

@@ -459,6 +459,8 @@ impl Secondary {
             }
         } else {
             self.stats.extents_mismatched += 1;
+            #[cfg(feature = "mutations")]
+            let differing = crate::mutations::differs_drops_block(differing);
             self.divergent.insert(extent);
             let p = self.persist(PersistKind::Mismatch { seq, extent, blocks: differing }, vec![StoreWrite::PutDirty(extent)]);
             self.apply_blocked = Some(p);
