@@ -4,20 +4,25 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 /// Waits for `child` to exit, for at most `limit`: Ok with its status, or Err once the
 /// limit passed, after a SIGKILL (the process is then reaped, so nothing outlives the test).
-pub fn wait_within(mut child: Child, limit: Duration) -> Result<ExitStatus, ExitStatus> {
+pub fn wait_within(child: Child, limit: Duration) -> Result<ExitStatus, ExitStatus> {
+    output_within(child, limit).map(|o| o.status).map_err(|o| o.status)
+}
+
+/// `wait_within`, collecting what the child wrote to its piped stdout and stderr.
+pub fn output_within(child: Child, limit: Duration) -> Result<Output, Output> {
     let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(child.wait().expect("wait"));
+        let _ = tx.send(child.wait_with_output().expect("wait"));
     });
     match rx.recv_timeout(limit) {
-        Ok(status) => Ok(status),
+        Ok(output) => Ok(output),
         Err(_) => {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             Err(rx.recv().expect("the waiting thread reports"))

@@ -167,7 +167,11 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// End a drain left behind by an interrupted switchover: the primary takes writes again.
+    /// End a drain: the primary takes writes again.
+    ///
+    /// Ends a drain left behind by an interrupted switchover, and abandons a drain or a
+    /// demotion still waiting for the peer (which then fails, saying a resume ended it). A
+    /// demotion already made durable is past the point of return and completes.
     Resume {
         #[command(flatten)]
         admin: admin_cmd::AdminArgs,

@@ -362,6 +362,40 @@ fn a_promotion_after_a_degrade_warns_loudly() {
     assert!(log.contains("promoted with a warning") && log.contains("NOT AUTHORITATIVE"), "the log does not carry the warning:\n{log}");
 }
 
+/// An operator who gives up on a switchover while the demotion waits for a peer that cannot
+/// be reached gets the site back at once with `resume`, not when the drain timeout expires:
+/// the waiting demotion fails, saying why, and the host's writes flow again.
+#[test]
+fn a_resume_abandons_a_demotion_that_is_waiting_for_the_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let o = PairOptions { link: "rtt_ms = 10\nidle_timeout_ms = 1000\nkeep_alive_ms = 300\n".into(), ..options() };
+    let (dc1, _dc2, to_dc2, to_dc1) = setup_with(dir, o);
+    wait_for(dir, "dc1", "connected", |v| v["link_up"] == true);
+    to_dc2.set_cut(true);
+    to_dc1.set_cut(true);
+    wait_for(dir, "dc1", "cut off", |v| v["link_up"] == false);
+    let demote = cli_command(dir, "demote", "dc1", &["--drain-timeout", "3600", "--reason", "switchover"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(dir, "dc1", "draining", |v| v["phase"] == "draining");
+    let out = cli(dir, "resume", "dc1", &["--reason", "the switchover is off"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let demote_out = geomirror_tests::site::output_within(demote, Duration::from_secs(60))
+        .unwrap_or_else(|o| panic!("the demotion still waits after the resume: {}", String::from_utf8_lossy(&o.stderr)));
+    let said = String::from_utf8_lossy(&demote_out.stderr);
+    assert!(!demote_out.status.success(), "the demotion succeeded with the peer cut off: {said}");
+    assert!(said.contains("ended by a resume"), "the demotion did not say why it failed:\n{said}");
+    let s = wait_for(dir, "dc1", "serving", |v| v["phase"] == "serving");
+    assert_eq!(s["volumes"][0]["role"], "primary", "{s:#}");
+    // The host's writes flow again (the policy is block, so with the link cut a miss fails:
+    // a read shows the site answers, and the drain no longer holds anything).
+    let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", dc1.url("vol0"), "-c", "read 0 64k"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
 /// Split brain: the link is cut, the secondary is promoted while the old primary keeps
 /// writing, and both write. When the link heals both sites report it and neither
 /// overwrites the other until an operator chooses; then the loser saves its own data aside

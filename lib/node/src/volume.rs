@@ -842,6 +842,16 @@ impl Driver {
             },
             Input::Resume => {
                 if let Machine::Primary(p) = &mut self.core {
+                    // A drain or demotion still waiting for the peer is abandoned: an operator
+                    // who gave up on a switchover (the link is down, say) must not leave the
+                    // host's writes waiting until its deadline. One already demoted is past
+                    // the point of return and finishes.
+                    if let Some(d) = self.demotion.take_if(|d| !d.demoted) {
+                        let what = if d.demote { "demotion" } else { "drain" };
+                        (d.reply)(Err(format!(
+                            "the {what} was ended by a resume before the peer had applied every write; the volume serves again"
+                        )));
+                    }
                     if self.demotion.is_none() && p.phase() == geomirror_core::Phase::Draining {
                         tracing::warn!(volume = %self.name, "drain ended: taking writes again");
                         p.end_drain(now);
