@@ -159,21 +159,23 @@ impl RunningSite {
         format!("nbd://{}/{}", self.nbd_addr, volume)
     }
 
-    /// Stops accepting, lets connections finish what they have read, gives a primary up to
-    /// `STOP_DRAIN_DEADLINE` to have its peer apply everything, then stops the link and
-    /// stops and syncs every volume.
+    /// Stops accepting, lets connections finish what they have read, gives the primaries up
+    /// to `STOP_DRAIN_DEADLINE` in all (not each: a site of many volumes with its link down
+    /// stops as soon as one of few) to have their peer apply everything, then stops the link
+    /// and stops and syncs every volume.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         if let Some(link) = self.link {
             // Each volume's present role decides, not the configured one: a promoted
             // secondary drains, and a fenced old primary has nothing to drain.
+            let until = tokio::time::Instant::now() + STOP_DRAIN_DEADLINE;
             for v in &self.volumes {
                 let (tx, rx) = oneshot::channel();
                 v.when_drained(move || {
                     let _ = tx.send(());
                 });
-                match tokio::time::timeout(STOP_DRAIN_DEADLINE, rx).await {
+                match tokio::time::timeout_at(until, rx).await {
                     Ok(_) => tracing::info!(volume = v.name(), "drained: nothing left for the peer to apply"),
                     Err(_) => {
                         tracing::warn!(volume = v.name(), deadline = ?STOP_DRAIN_DEADLINE, "stopping before the peer applied every write; it resumes at the next start")
