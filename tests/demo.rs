@@ -100,6 +100,31 @@ impl Demo {
         reply
     }
 
+    /// The processes the demo started and still holds (sites and WAN emulators), from
+    /// /proc: each whose parent is the demo.
+    pub fn children(&self) -> Vec<i32> {
+        let demo = self.child.as_ref().expect("running").id() as i32;
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            // "pid (comm) state ppid ...": comm may hold spaces, so read after its last ')'.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(demo) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// `kill -9` of the demo itself: it gets no chance to stop what it started. Returns once
+    /// the demo is reaped.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL the demo");
+        child.wait().expect("reap the demo");
+    }
+
     /// Ctrl-C: the demo stops both sites and the emulators, and must exit 0 with each of
     /// them stopped cleanly. Returns what it printed on standard error.
     pub fn interrupt(&mut self) -> String {
@@ -121,6 +146,28 @@ impl Drop for Demo {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
             }
             let _ = crate::site::wait_within(c, Duration::from_secs(60));
+        }
+    }
+}
+
+/// Waits up to `limit` for a process that is not ours to reap (so `wait` cannot) to exit:
+/// blocks on its pidfd, which becomes readable when it does. True once it has exited (or
+/// was already gone).
+pub fn exits_within(pid: i32, limit: Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let Some(p) = rustix::process::Pid::from_raw(pid) else { return true };
+    let fd = match rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::SRCH) => return true,
+        Err(e) => panic!("pidfd_open({pid}): {e}"),
+    };
+    let timeout = Timespec { tv_sec: limit.as_secs() as i64, tv_nsec: limit.subsec_nanos() as i64 };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    loop {
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => panic!("poll on the pidfd of {pid}: {e}"),
         }
     }
 }

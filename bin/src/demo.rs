@@ -272,12 +272,33 @@ fn start_all(
     }
 }
 
+/// Names, to a process the demo starts, the demo's pid: see `stop_with_demo`.
+const DEMO_PID_ENV: &str = "GEOMIRROR_DEMO_PID";
+
+/// In a site or relay that a demo started: stop when the demo does, even when it is killed
+/// outright (a SIGKILL leaves it no chance to stop its children in order, and they would
+/// hold the demo's ports, so that the next demo could not start). The kernel sends SIGTERM,
+/// which a site handles as a clean stop. Does nothing in a process the demo did not start.
+pub fn stop_with_demo() -> Result<()> {
+    let Some(demo) = std::env::var(DEMO_PID_ENV).ok().and_then(|p| p.parse::<i32>().ok()) else {
+        return Ok(());
+    };
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+        .context("asking to be stopped when the demo exits")?;
+    // The demo may have gone before the request above took effect.
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(demo) {
+        bail!("the demo that started this process (pid {demo}) has exited");
+    }
+    Ok(())
+}
+
 fn spawn(cmd: &mut Command, name: &str, dir: &Path) -> Result<Proc> {
     let log = dir.join(format!("{name}.log"));
     let err = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let child = cmd
         .current_dir(dir)
         .env("RUST_BACKTRACE", "0")
+        .env(DEMO_PID_ENV, std::process::id().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(err)

@@ -397,6 +397,7 @@ fn main() -> Result<()> {
 }
 
 fn run_site(a: RunArgs) -> Result<()> {
+    demo::stop_with_demo()?;
     init_logging();
     let cfg = geomirror_node::config::SiteConfig::load(&a.config)?;
     let runtime =
@@ -457,6 +458,7 @@ fn certs(a: CertsArgs) -> Result<()> {
 }
 
 fn wan_emu(a: WanEmuArgs) -> Result<()> {
+    demo::stop_with_demo()?;
     use geomirror_node::wan::{LinkConfig, WanEmu};
     let ms = |name: &str, v: f64| -> Result<Duration> {
         if !(0.0..=10_000.0).contains(&v) {

@@ -82,3 +82,21 @@ fn the_walkthrough_fails_over_and_back_with_the_commands_the_demo_prints() {
     let out = run_ok(tool("qemu-img", "qemu-utils").args(["compare", "-f", "raw", "-F", "raw", &images[0], &images[1]]));
     assert!(out.contains("identical"), "{out}");
 }
+
+/// A demo killed outright (`kill -9`, or the OOM killer) cannot stop its children in order;
+/// they must not live on, holding its ports, so that the next demo fails to start. The
+/// kernel stops each of them (SIGTERM on the death of its parent).
+#[test]
+fn a_demo_killed_with_sigkill_takes_its_sites_and_relays_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut demo = Demo::start(Path::new(BIN), tmp.path(), &["--rtt-ms", "10", "--size", "64M"]);
+    let children = demo.children();
+    assert_eq!(children.len(), 4, "two sites and two WAN emulators: {children:?}\n{}", demo.summary);
+    for site in ["dc1", "dc2"] {
+        assert!(children.contains(&demo.pid(site)), "{site} is among the demo's children {children:?}");
+    }
+    demo.kill();
+    for pid in children {
+        assert!(geomirror_tests::demo::exits_within(pid, Duration::from_secs(60)), "process {pid} outlived the demo");
+    }
+}
