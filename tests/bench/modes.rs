@@ -302,7 +302,10 @@ pub fn run(bin: &Path, o: &Options, jobs: &[Job]) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let mut plan: Vec<(Option<u64>, System, usize)> = Vec::new();
     for j in 0..jobs.len() {
-        plan.extend(local.iter().map(|&s| (None, s, j)));
+        // Alternate which local system goes first, job by job, so that neither always runs
+        // right after the other.
+        let order: Vec<System> = if j % 2 == 0 { local.clone() } else { local.iter().rev().copied().collect() };
+        plan.extend(order.into_iter().map(|s| (None, s, j)));
     }
     for &rtt in &o.rtts_ms {
         for j in 0..jobs.len() {
@@ -313,6 +316,8 @@ pub fn run(bin: &Path, o: &Options, jobs: &[Job]) -> Result<Vec<Row>> {
         let job = &jobs[j];
         let at = rtt_ms.map_or(String::new(), |r| format!("RTT {r} ms, "));
         eprintln!("[{}/{total}] {at}{}, {}", rows.len() + 1, system.name(), job.name);
+        // Every row starts with no dirty pages: none pays for the writeback of the row before.
+        run_ok(&mut Command::new("sync"));
         let (fio, replica) = match rtt_ms {
             None => (local_row(bin, o, system, job).with_context(|| format!("{}, {}", system.name(), job.name))?, None),
             Some(rtt) => {
