@@ -160,9 +160,9 @@ impl RunningSite {
     }
 
     /// Stops accepting, lets connections finish what they have read, gives the primaries up
-    /// to `STOP_DRAIN_DEADLINE` in all (not each: a site of many volumes with its link down
-    /// stops as soon as one of few) to have their peer apply everything, then stops the link
-    /// and stops and syncs every volume.
+    /// to `STOP_DRAIN_DEADLINE` to have their peer apply everything, then stops the link and
+    /// stops and syncs every volume. The deadline is for all volumes together: a site of
+    /// many volumes whose peer is gone waits it once, not once per volume.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
