@@ -17,17 +17,25 @@ pub struct Demo {
     stderr: PathBuf,
 }
 
-/// A port base whose demo ports (BASE+1..=BASE+122, TCP and UDP) and two NBD ports are
-/// free now. Another process may still take one before the demo binds it; the demo then
-/// fails loudly with the site's log.
+/// A port base whose demo ports (BASE+1..=BASE+122, TCP and UDP) and two NBD ports
+/// (BASE+130, BASE+131) are free now, and not handed to another demo of this test process
+/// (tests run in parallel, and none has bound its ports when the next one asks). Another
+/// process may still take one before the demo binds it; the demo then fails loudly with the
+/// site's log.
 pub fn free_ports() -> (u16, u16) {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok();
     let seed = std::process::id() as u16;
     for i in 0..200u16 {
         let base = 20_000 + (seed.wrapping_add(i.wrapping_mul(131)) % 20_000);
+        if handed_out.iter().any(|b| b.abs_diff(base) <= 131) {
+            continue;
+        }
         let nbd = base + 130;
         let ports = [1, 2, 101, 102, 111, 112, 121, 122].map(|o| base + o);
         if ports.iter().chain([nbd, nbd + 1].iter()).all(|&p| free(p)) {
+            handed_out.push(base);
             return (base, nbd);
         }
     }
