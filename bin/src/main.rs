@@ -458,8 +458,8 @@ fn certs(a: CertsArgs) -> Result<()> {
 }
 
 fn wan_emu(a: WanEmuArgs) -> Result<()> {
-    demo::stop_with_demo()?;
     use geomirror_node::wan::{LinkConfig, WanEmu};
+    demo::stop_with_demo()?;
     let ms = |name: &str, v: f64| -> Result<Duration> {
         if !(0.0..=10_000.0).contains(&v) {
             bail!("{name} must be between 0 and 10000 ms, got {v}");
