@@ -142,6 +142,18 @@ pub fn status(a: AdminArgs) -> Result<()> {
                 if v.drained { " (drained)" } else { "" }
             );
             println!("  failback debt: {} would be copied back after a failover now", format_bytes(v.failback_debt_bytes));
+            if v.amnesiac {
+                println!(
+                    "  THE PEER IS AN AMNESIAC: {}",
+                    v.amnesia_reason.as_deref().unwrap_or("its store lost state it had acknowledged")
+                );
+                match (v.full_resync_checked_extents, v.full_resync_total_extents) {
+                    (Some(c), Some(t)) => {
+                        println!("  full verified resync: {c} of {t} extents checked; its record is not trusted until it ends")
+                    }
+                    _ => println!("  a full verified resync is owed to it and starts once the link is up"),
+                }
+            }
             if v.resync_in_progress {
                 println!(
                     "  resync: {} copied, {} checked by digest ({} of {} extents found different), {} to go",
@@ -155,7 +167,15 @@ pub fn status(a: AdminArgs) -> Result<()> {
         } else {
             println!("  link: {}", if v.link_up { "a primary is connected" } else { "no primary connected" });
             println!("  record: {} extents ({}), applied through {}", v.record_extents, format_bytes(v.record_bytes), v.applied);
-            if !v.authoritative {
+            if v.amnesiac {
+                println!(
+                    "  AMNESIAC: {}. Nothing it says about its image is trusted until its primary's full verified resync ends; \
+                     promote refuses without --force (docs/operations.md, \"Amnesia\")",
+                    v.amnesia_reason
+                        .as_deref()
+                        .unwrap_or("this store lost state it had acknowledged, or was created over media that held data")
+                );
+            } else if !v.authoritative {
                 println!("  THE RECORD IS NOT AUTHORITATIVE: the primary degraded since the last resync");
             }
             if !v.consistent {

@@ -5,8 +5,8 @@
 use bytes::Bytes;
 use geomirror_core::frame::{Apply, Frame, Stream};
 use geomirror_core::{
-    Action, CoreConfig, Geometry, HostError, MemStore, Phase, Primary, RequestId, Role, Secondary, SiteState, Time, Token, WriteOp,
-    WritePath,
+    Action, CoreConfig, Geometry, HostError, MemStore, Phase, Primary, RequestId, Role, Secondary, SiteState, StoreId, Time, Token,
+    WriteOp, WritePath,
 };
 
 const MIB: u64 = 1 << 20;
@@ -36,7 +36,7 @@ impl Pair {
     }
 
     fn with(cfg: CoreConfig) -> Pair {
-        Pair::from_states(cfg, SiteState::fresh(Role::Primary), SiteState::fresh(Role::Secondary))
+        Pair::from_states(cfg, SiteState::fresh(Role::Primary, StoreId(1)), SiteState::fresh(Role::Secondary, StoreId(2)))
     }
 
     /// Two sites restarted from the given durable states.
@@ -273,8 +273,8 @@ fn neither_role_change_carries_a_stale_request_to_save_aside() {
     // nothing of its own to keep. Either way the request must not outlive the role change,
     // or a much later failback would save aside the whole volume.
     for demote in [false, true] {
-        let mut p_state = SiteState::fresh(Role::Primary);
-        let mut s_state = SiteState::fresh(Role::Secondary);
+        let mut p_state = SiteState::fresh(Role::Primary, StoreId(1));
+        let mut s_state = SiteState::fresh(Role::Secondary, StoreId(2));
         if demote {
             p_state.save_aside_on_resync = true;
         } else {
@@ -346,7 +346,7 @@ fn a_promoted_primary_writes_alone_under_block_while_its_failback_is_pending() {
     let cfg = CoreConfig::default();
     assert_eq!(cfg.on_link_loss, geomirror_core::LinkLossPolicy::Block);
     for promoted in [false, true] {
-        let mut state = SiteState::fresh(Role::Primary);
+        let mut state = SiteState::fresh(Role::Primary, StoreId(1));
         state.epoch = geomirror_core::Epoch(2);
         state.failback_pending = promoted;
         let mut store = MemStore::new(state.clone());
@@ -413,7 +413,7 @@ fn the_lag_in_seconds_is_the_age_of_the_oldest_write_the_peer_has_not_applied() 
 fn resync_copies_ride_their_own_stream_while_host_writes_keep_theirs() {
     // A primary that restarts with a dirty map must copy those extents to its peer: a resync.
     let geo = Geometry::new(64 * MIB, MIB).unwrap();
-    let mut p_state = SiteState::fresh(Role::Primary);
+    let mut p_state = SiteState::fresh(Role::Primary, StoreId(1));
     p_state.dirty = [geomirror_core::ExtentId(3), geomirror_core::ExtentId(4)].into_iter().collect();
     let mut p = Pair::new();
     p.primary = Primary::new(CoreConfig::default(), geo, &p_state, p.now);
@@ -453,7 +453,7 @@ fn a_failback_checks_extents_by_digest_and_copies_only_the_blocks_that_differ() 
     // A promoted primary whose failback set is extents 3, 4 and 5; on the returning old
     // primary only one 4 KiB block of extent 4 differs.
     let geo = Geometry::new(64 * MIB, MIB).unwrap();
-    let mut p_state = SiteState::fresh(Role::Primary);
+    let mut p_state = SiteState::fresh(Role::Primary, StoreId(1));
     p_state.failback_pending = true;
     p_state.dirty = [3, 4, 5].into_iter().map(geomirror_core::ExtentId).collect();
     let mut p = Pair::new();

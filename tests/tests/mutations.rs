@@ -25,6 +25,11 @@ fn caught_by(m: Mutation, oracles: &[&str]) {
     let first = caught[0];
     let v = &first.violations[0];
     println!("{m:?}: caught by {} of 200 seeds; first: seed {} {} ({})", caught.len(), first.seed, v.oracle, v.detail);
+    let mut by: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for r in &caught {
+        *by.entry(r.violations[0].oracle).or_default() += 1;
+    }
+    println!("{m:?}: first violations by oracle: {by:?}");
     assert!(
         caught.iter().any(|r| oracles.contains(&r.violations[0].oracle)),
         "{m:?} was caught, but never by {oracles:?}: {:?}",
@@ -66,4 +71,9 @@ fn withdrawing_coverage_a_waiting_write_needs_starves_it() {
 #[test]
 fn a_failback_that_copies_one_differing_block_too_few_is_caught() {
     caught_by(Mutation::DiffersDropsBlock, &["O2", "O4"]);
+}
+
+#[test]
+fn trusting_a_store_that_lost_state_makes_sites_differ_while_both_report_clean() {
+    caught_by(Mutation::TrustAmnesiac, &["O7"]);
 }

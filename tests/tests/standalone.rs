@@ -14,7 +14,7 @@ fn standalone() -> (Primary, Vec<Action>) {
     let cfg = CoreConfig { mode: Mode::Standalone, ..CoreConfig::default() };
     cfg.validate().unwrap();
     let geo = Geometry::new(64 * MIB, MIB).unwrap();
-    let mut p = Primary::new(cfg, geo, &SiteState::fresh(Role::Primary), Time(1));
+    let mut p = Primary::new(cfg, geo, &SiteState::fresh(Role::Primary, geomirror_core::StoreId(1)), Time(1));
     let mut out = drain(&mut p);
     // The incarnation is persisted before any write is served.
     let Some(Action::Persist { token, .. }) = out.pop() else { panic!("expected the start persist, got {out:?}") };

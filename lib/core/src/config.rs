@@ -121,6 +121,11 @@ pub struct CoreConfig {
     /// A failback checks each extent of the failback set by block digests and copies only
     /// the blocks that differ; off, it copies the whole failback set.
     pub verify_failback: bool,
+    /// The primary persists what it remembers of its peer's acknowledgements (for amnesia
+    /// detection after its own restart) at most this often. In memory the memory is exact;
+    /// a longer interval only lets a rollback of the peer within that last interval before a
+    /// primary restart go unnoticed, and a shorter one costs a synced store write each time.
+    pub peer_memory_persist_interval: Duration,
 }
 
 impl Default for CoreConfig {
@@ -145,6 +150,7 @@ impl Default for CoreConfig {
             reorder_buffer_bytes: 128 << 20,
             resync_reads_in_flight: 8,
             verify_failback: true,
+            peer_memory_persist_interval: Duration::from_secs(1),
         }
     }
 }

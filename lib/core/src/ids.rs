@@ -46,3 +46,18 @@ pub struct RequestId(pub u64);
 /// it comes back in the matching `handle_*_done` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Token(pub u64);
+
+/// A store's identity: a random 128-bit number drawn when the store is created, never
+/// changed. Each site remembers its peer's, so a peer that comes back with another identity
+/// (its state directory lost or replaced) is recognised as an amnesiac, never trusted as the
+/// store it paired with. Drawn by the shell (the core draws no randomness).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StoreId(pub u128);
+
+impl std::fmt::Display for StoreId {
+    /// The UUID layout (8-4-4-4-12 hex digits), as operators see it in status and logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = format!("{:032x}", self.0);
+        write!(f, "{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    }
+}

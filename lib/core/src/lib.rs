@@ -31,10 +31,10 @@ pub use config::{CoreConfig, FlushPolicy, LagPolicy, Mode, PredictorConfig, Pred
 pub use digest::{block_digests, differing_blocks, BlockDigest, CHECK_BLOCK};
 pub use frame::{Frame, LinkLossPolicy, Role, Stream};
 pub use geometry::Geometry;
-pub use ids::{Epoch, ExtentId, Generation, RequestId, Seq, Token};
+pub use ids::{Epoch, ExtentId, Generation, RequestId, Seq, StoreId, Token};
 pub use op::{WriteKind, WriteOp};
 pub use primary::{FailbackPlan, LinkState, Phase, Primary};
 pub use record::Record;
 pub use secondary::{PromoteError, PromoteReport, Secondary};
-pub use store::{MemStore, Meta, SiteState, StoreWrite};
+pub use store::{MemStore, Meta, PeerMemory, SiteState, StoreWrite};
 pub use time::Time;

@@ -22,6 +22,9 @@ pub enum Mutation {
     /// A failback check that finds an extent differing reports one differing block too few
     /// (the lowest), so the primary copies the rest and leaves that block stale.
     DiffersDropsBlock,
+    /// Both sites skip the amnesia checks: a store that lost acknowledged state, or came back
+    /// with another identity, is trusted as the store it was.
+    TrustAmnesiac,
 }
 
 thread_local! {
@@ -61,4 +64,8 @@ pub(crate) fn differs_drops_block(mut differing: Vec<u8>) -> Vec<u8> {
         }
     }
     differing
+}
+
+pub(crate) fn trust_amnesiac() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::TrustAmnesiac))
 }

@@ -35,6 +35,15 @@ pub struct PrimaryStats {
     pub resync_extents_verified: u64,
     pub resync_bytes_verified: u64,
     pub resync_extents_mismatched: u64,
+    /// Handshakes at which the peer's store turned out to be an amnesiac (another identity,
+    /// or less than it had acknowledged), and full verified resyncs completed since.
+    pub amnesiac_peers_detected: u64,
+    pub full_resyncs_completed: u64,
+    /// Extents a full resync has checked so far (the sweep's position), and the volume's
+    /// extent count: the full resync's progress.
+    pub full_resync_swept_extents: u64,
+    /// Times this site stepped down because the peer showed its own store went back.
+    pub stepped_down_amnesiac: u64,
     pub degraded_writes: u64,
     /// Writes held back because unapplied data reached `max_lag_bytes` (each counted once).
     pub throttled_writes: u64,
@@ -67,4 +76,8 @@ pub struct SecondaryStats {
     pub extents_verified: u64,
     pub extents_mismatched: u64,
     pub frames_refused: u64,
+    /// Times this store found itself an amnesiac at a handshake, and full resyncs that ended
+    /// here (each clears the amnesia).
+    pub amnesia_detected: u64,
+    pub full_resyncs_completed: u64,
 }

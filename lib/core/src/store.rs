@@ -7,7 +7,7 @@
 //! `keys` and must pass the same tests.
 
 use crate::frame::Role;
-use crate::ids::{Epoch, ExtentId, Generation, Seq};
+use crate::ids::{Epoch, ExtentId, Generation, Seq, StoreId};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One durable change. A batch of these is written atomically and synced before the core
@@ -62,6 +62,45 @@ pub enum Meta {
     /// Primary: bumped at every start, so sequence numbers of a new incarnation
     /// (`incarnation << 40` onwards) never collide with those of an earlier one.
     Incarnation(u64),
+    /// Either: this store's identity, drawn when it was created. Written once.
+    StoreId(StoreId),
+    /// Either: what this site remembers of its peer's store (see `PeerMemory`).
+    Peer(PeerMemory),
+    /// Secondary: this store lost state it had acknowledged (or was created over media that
+    /// already held data): its record, position and flags are not trusted. Promotion needs
+    /// `force`; only the end of a full verified resync clears it.
+    Amnesiac(bool),
+    /// Primary: the peer's store is an amnesiac (or this site's own was), so the peer needs
+    /// a full verified resync of the whole volume before its record is trusted again.
+    FullResyncOwed(bool),
+    /// Primary: where this store stood when it was promoted (see `Frame::Hello`).
+    PromotedFrom(crate::frame::Position),
+}
+
+/// What a site remembers of its peer's store: DRBD's generation identifiers, reduced to
+/// what geomirror needs. At every handshake a peer whose store presents another identity,
+/// or less than it acknowledged, is an amnesiac: never trusted as it is.
+///
+/// The positions are a lower bound of what the peer acknowledged: kept exactly in memory,
+/// persisted at most every `CoreConfig::peer_memory_persist_interval`. A lower bound only
+/// makes the check less sensitive, never wrong.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerMemory {
+    /// The peer's store identity; None until the first handshake of a new pair.
+    pub store: Option<StoreId>,
+    /// Primary: the highest sequence the peer acknowledged as durably applied (`Applied`),
+    /// in this site's present role. Reset when the role changes.
+    pub applied: Seq,
+    /// Primary: the highest generation the peer answered a record update with.
+    pub generation: Generation,
+}
+
+impl PeerMemory {
+    /// The memory kept across a role change: the peer's identity only, since positions are
+    /// counted in the sequence space of the role that ends.
+    pub fn across_role_change(self) -> PeerMemory {
+        PeerMemory { store: self.store, applied: Seq(0), generation: Generation(0) }
+    }
 }
 
 /// Everything a site reloads at start.
@@ -79,6 +118,11 @@ pub struct SiteState {
     pub peer_may_degrade: bool,
     pub failback_pending: bool,
     pub save_aside_on_resync: bool,
+    pub store_id: StoreId,
+    pub peer: PeerMemory,
+    pub amnesiac: bool,
+    pub full_resync_owed: bool,
+    pub promoted_from: Option<crate::frame::Position>,
     pub record: BTreeMap<ExtentId, Generation>,
     pub dirty: BTreeSet<ExtentId>,
 }
@@ -88,7 +132,7 @@ impl SiteState {
     /// which the operator guarantees by starting from identical or zeroed volumes), and not
     /// authoritative: only a primary in predictive mode can vouch that the record covers
     /// everything it writes, and it says so with `Frame::Authoritative` once connected.
-    pub fn fresh(role: Role) -> SiteState {
+    pub fn fresh(role: Role, store_id: StoreId) -> SiteState {
         SiteState {
             epoch: Epoch(1),
             role,
@@ -102,9 +146,24 @@ impl SiteState {
             peer_may_degrade: false,
             failback_pending: false,
             save_aside_on_resync: false,
+            store_id,
+            peer: PeerMemory::default(),
+            amnesiac: false,
+            full_resync_owed: false,
+            promoted_from: None,
             record: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
+    }
+
+    /// A store created over media that already holds data: the state that described the
+    /// media is gone (a lost or emptied state directory), so nothing about the media can be
+    /// trusted. The site starts as a secondary, whatever its configured role, since a site
+    /// without state cannot know whether its media is older or newer than its peer's: an
+    /// amnesiac, inconsistent and not authoritative, until a full verified resync from a
+    /// primary ends, or an operator promotes it with `force`.
+    pub fn amnesiac(store_id: StoreId) -> SiteState {
+        SiteState { consistent: false, amnesiac: true, ..SiteState::fresh(Role::Secondary, store_id) }
     }
 
     /// Applies one batch of writes, in order.
@@ -137,6 +196,11 @@ impl SiteState {
                     Meta::PeerMayDegrade(v) => self.peer_may_degrade = v,
                     Meta::FailbackPending(v) => self.failback_pending = v,
                     Meta::SaveAsideOnResync(v) => self.save_aside_on_resync = v,
+                    Meta::StoreId(v) => self.store_id = v,
+                    Meta::Peer(v) => self.peer = v,
+                    Meta::Amnesiac(v) => self.amnesiac = v,
+                    Meta::FullResyncOwed(v) => self.full_resync_owed = v,
+                    Meta::PromotedFrom(v) => self.promoted_from = Some(v),
                 },
             }
         }
@@ -236,7 +300,7 @@ mod tests {
 
     #[test]
     fn crash_loses_only_unsynced_batches() {
-        let mut s = MemStore::new(SiteState::fresh(Role::Secondary));
+        let mut s = MemStore::new(SiteState::fresh(Role::Secondary, StoreId(1)));
         let a = s.stage(vec![StoreWrite::PutRecord(ExtentId(1), Generation(1))]);
         let b = s.stage(vec![StoreWrite::PutRecord(ExtentId(2), Generation(2))]);
         assert!(s.sync_through(a));

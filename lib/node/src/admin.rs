@@ -274,6 +274,22 @@ pub struct VolumeReport {
     /// Side files of failbacks: what this site held before a resync overwrote it.
     pub aside_files: Vec<AsideFile>,
     pub failed: bool,
+    /// This site's store identity and its peer's, as remembered.
+    #[serde(default)]
+    pub store_id: String,
+    #[serde(default)]
+    pub peer_store: Option<String>,
+    /// Secondary: this store lost acknowledged state (an amnesiac). Primary: the peer's did,
+    /// and a full verified resync is owed to it.
+    #[serde(default)]
+    pub amnesiac: bool,
+    #[serde(default)]
+    pub amnesia_reason: Option<String>,
+    /// Primary: the full verified resync under way, extents checked of the volume's.
+    #[serde(default)]
+    pub full_resync_checked_extents: Option<u64>,
+    #[serde(default)]
+    pub full_resync_total_extents: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -315,6 +331,12 @@ impl VolumeReport {
             extents_saved_aside: s.extents_saved_aside,
             aside_files: Vec::new(),
             failed: s.failed,
+            store_id: s.store_id.to_string(),
+            peer_store: s.peer_store.map(|p| p.to_string()),
+            amnesiac: s.amnesiac,
+            amnesia_reason: s.amnesia_reason.clone(),
+            full_resync_checked_extents: s.full_resync.map(|(c, _)| c),
+            full_resync_total_extents: s.full_resync.map(|(_, t)| t),
         }
     }
 }
@@ -439,8 +461,11 @@ async fn promote(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) 
             .inspect_err(|e| tracing::warn!(site = st.site.site, who = %caller, error = e.1, "promote refused"))?;
         volumes.push(match outcome {
             PromoteOutcome::Promoted(r) => {
-                let warning = (!r.authoritative || !r.consistent).then(|| {
+                let warning = (!r.authoritative || !r.consistent || r.amnesiac).then(|| {
                     let mut w = Vec::new();
+                    if r.amnesiac {
+                        w.push("THIS SITE WAS AN AMNESIAC (promoted with --force): its store had lost state it acknowledged, so acknowledged writes may be missing anywhere on its image; its peer gets a full verified resync from it, saving aside whatever differs there");
+                    }
                     if !r.authoritative {
                         w.push("THE RECORD IS NOT AUTHORITATIVE: the old primary degraded (wrote without the record) since the last resync; writes it acknowledged meanwhile may be missing here, and extents outside the record may differ");
                     }

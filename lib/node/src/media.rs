@@ -103,6 +103,25 @@ impl Media {
     }
 }
 
+/// Whether the file at `path` holds any data: it exists, is not empty, and has at least one
+/// allocated range (`SEEK_DATA`). A file of holes reads as zeros everywhere, as new media
+/// does. Used to tell a new site from one whose replication state was lost over its media.
+pub fn holds_data(path: &Path) -> io::Result<bool> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    match rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(0)) {
+        Ok(_) => Ok(true),
+        Err(rustix::io::Errno::NXIO) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

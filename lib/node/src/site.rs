@@ -56,21 +56,28 @@ impl RunningSite {
         let mut roles = Vec::new();
         for v in &cfg.volumes {
             let (store, outbox): (Box<dyn Store>, _) = match &cfg.peer {
-                None => (Box::new(MemoryStore::new(SiteState::fresh(Role::Primary))), None),
+                None => (Box::new(MemoryStore::new(SiteState::fresh(Role::Primary, crate::store::new_store_id()?))), None),
                 Some(p) => {
                     let dir = p.state_dir.join(&v.name);
-                    let fresh = !dir.exists();
-                    if fresh && std::fs::metadata(&v.media).is_ok_and(|m| m.len() > 0) {
-                        bail!(
-                            "volume {}: media {} already exists but the site has no replication state for it ({} is missing). \
-                             An initial full copy to the peer is not implemented yet: start both sites from new (or identical) media, \
-                             or restore the state directory",
-                            v.name,
-                            v.media.display(),
-                            dir.display()
+                    let holds_data = crate::media::holds_data(&v.media)
+                        .with_context(|| format!("volume {}: reading media {}", v.name, v.media.display()))?;
+                    let initial_role = p.initial_role;
+                    let store = RocksStore::open(&dir, || {
+                        let id = crate::store::new_store_id()?;
+                        Ok(if holds_data { SiteState::amnesiac(id) } else { SiteState::fresh(initial_role, id) })
+                    })
+                    .with_context(|| format!("volume {}", v.name))?;
+                    if store.created() && holds_data {
+                        tracing::warn!(
+                            volume = v.name,
+                            media = %v.media.display(),
+                            state = %dir.display(),
+                            "AMNESIAC: the media holds data but the site has no replication state for it (the state directory was lost, emptied or \
+                             never made). Nothing about the media can be trusted: the volume starts as an amnesiac secondary, serving no host, \
+                             until its primary rebuilds it with a full verified resync, or an operator promotes it with --force (its peer then \
+                             gets a full verified resync from it). See docs/operations.md, \"Amnesia\""
                         );
                     }
-                    let store = RocksStore::open(&dir, p.initial_role).with_context(|| format!("volume {}", v.name))?;
                     let (tx, rx) = mpsc::unbounded_channel();
                     link_volumes.push(rx);
                     (Box::new(store), Some(tx))

@@ -156,14 +156,36 @@ const STORE_GROUP: usize = 256;
 /// synced write (on a disk busy with writeback, an fsync can take seconds) holds back only
 /// what waits for it, never hits, flushes or status. Batches queued while one write runs are
 /// made durable together by the next (group commit), in order.
+///
+/// Between jobs, every `CHECKPOINT_INTERVAL`, and when the volume stops, the store takes a
+/// checkpoint (`Store::checkpoint`): what lived only in a log moves into the store's files.
 fn run_store(mut store: Box<dyn Store>, jobs: mpsc::Receiver<StoreJob>, back: mpsc::Sender<Input>) {
     let mut next = None;
+    let mut checkpoint_at = Instant::now() + crate::store::CHECKPOINT_INTERVAL;
     loop {
         let job = match next.take() {
             Some(j) => j,
-            None => match jobs.recv() {
+            None => match jobs.recv_timeout(checkpoint_at.saturating_duration_since(Instant::now())) {
                 Ok(j) => j,
-                Err(_) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    checkpoint_at = Instant::now() + crate::store::CHECKPOINT_INTERVAL;
+                    if let Err(e) = store.checkpoint() {
+                        // A store that cannot flush cannot be trusted to keep what it acknowledges.
+                        let _ = back.send(Input::Persisted {
+                            done: Vec::new(),
+                            result: Err(io::Error::other(format!("store checkpoint failed: {e}"))),
+                        });
+                        return;
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    // A clean stop: leave nothing only in a log.
+                    if let Err(e) = store.checkpoint() {
+                        tracing::error!(error = %e, "the store's checkpoint at stop failed; it is checked at the next open");
+                    }
+                    return;
+                }
             },
         };
         match job {
@@ -253,6 +275,18 @@ pub struct VolumeStatus {
     pub failed: bool,
     /// The record's bound (`record_capacity_extents`).
     pub record_capacity_extents: u64,
+    /// This site's store identity, and its peer's as remembered (None before the first
+    /// handshake of a new pair).
+    pub store_id: geomirror_core::StoreId,
+    pub peer_store: Option<geomirror_core::StoreId>,
+    /// Secondary: this store lost state it had acknowledged and is not trusted until a full
+    /// verified resync ends. Primary: the peer's store is such an amnesiac, and is owed that
+    /// resync.
+    pub amnesiac: bool,
+    /// Why the last handshake found a store an amnesiac, when it did.
+    pub amnesia_reason: Option<String>,
+    /// Primary: the full resync under way, as extents checked of the volume's.
+    pub full_resync: Option<(u64, u64)>,
     /// The state machine's own counters, whole, for metrics.
     pub primary_stats: Option<geomirror_core::stats::PrimaryStats>,
     pub secondary_stats: Option<geomirror_core::stats::SecondaryStats>,
@@ -337,7 +371,7 @@ impl Machine {
                     durable_applied: p.applied_ack(),
                     record_extents: p.record_copy().len() as u64,
                     extent_bytes,
-                    authoritative: p.local_dirty().is_empty(),
+                    authoritative: p.local_dirty().is_empty() && !p.full_resync_owed(),
                     consistent: true,
                     split_brain: p.split_brain(),
                     lag_bytes: st.lag_bytes,
@@ -357,6 +391,11 @@ impl Machine {
                     extents_saved_aside: 0,
                     failed,
                     record_capacity_extents: 0,
+                    store_id: p.store_id(),
+                    peer_store: p.peer_store(),
+                    amnesiac: p.full_resync_owed(),
+                    amnesia_reason: p.peer_amnesia().map(str::to_owned),
+                    full_resync: p.full_resync_progress(),
                     primary_stats: Some(st.clone()),
                     secondary_stats: None,
                 }
@@ -392,6 +431,11 @@ impl Machine {
                     extents_saved_aside: st.extents_saved_aside,
                     failed,
                     record_capacity_extents: 0,
+                    store_id: s.store_id(),
+                    peer_store: s.peer_store(),
+                    amnesiac: s.is_amnesiac(),
+                    amnesia_reason: s.amnesia_reason().map(str::to_owned),
+                    full_resync: None,
                     primary_stats: None,
                     secondary_stats: Some(st.clone()),
                 }

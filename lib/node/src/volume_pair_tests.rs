@@ -7,7 +7,7 @@ use crate::config::VolumeConfig;
 use crate::store::{MemoryStore, RocksStore};
 use crate::volume::{LinkEvent, Outbound, Volume, VolumeStatus};
 use bytes::Bytes;
-use geomirror_core::{CoreConfig, Geometry, HostError, Mode, Role, SiteState, WriteOp};
+use geomirror_core::{CoreConfig, Geometry, HostError, Mode, Role, SiteState, StoreId, WriteOp};
 use std::path::Path;
 use tokio::sync::{mpsc, oneshot};
 
@@ -81,8 +81,9 @@ async fn replicate(mode: Mode) {
     let (s_out, s_rx) = mpsc::unbounded_channel();
     let p_cfg = volume_config(dir.path(), "primary.img", mode);
     let s_cfg = volume_config(dir.path(), "secondary.img", mode);
-    let (primary, _pt) = Volume::start(&p_cfg, Box::new(MemoryStore::new(SiteState::fresh(Role::Primary))), Some(p_out)).unwrap();
-    let store = RocksStore::open(&dir.path().join("secondary.store"), Role::Secondary).unwrap();
+    let (primary, _pt) =
+        Volume::start(&p_cfg, Box::new(MemoryStore::new(SiteState::fresh(Role::Primary, StoreId(1)))), Some(p_out)).unwrap();
+    let store = RocksStore::open(&dir.path().join("secondary.store"), || Ok(SiteState::fresh(Role::Secondary, StoreId(2)))).unwrap();
     let (secondary, _st) = Volume::start(&s_cfg, Box::new(store), Some(s_out)).unwrap();
     let mut ticks = link(primary.clone(), secondary.clone(), p_rx, s_rx);
 

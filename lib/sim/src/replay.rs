@@ -130,6 +130,8 @@ pub fn replay_one(
             flush_ppm: 0,
             drop_mid_frame_ppm: 0,
             media_error_ppm: 0,
+            store_loss_ppm: 0,
+            store_rollback_ppm: 0,
         },
         scenario: Scenario::Steady,
         max_events: 200_000_000,

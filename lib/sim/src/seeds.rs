@@ -86,6 +86,11 @@ pub struct SeedTotals {
     pub extents_verified: u64,
     pub extents_verified_equal: u64,
     pub lost_acked_blocks_reported: u64,
+    /// Stores lost or rolled back, amnesias healed by a full verified resync, and promotions
+    /// an operator made because no site was primary.
+    pub store_faults: u64,
+    pub amnesias_healed: u64,
+    pub recoveries: u64,
 }
 
 impl SeedTotals {
@@ -109,6 +114,9 @@ impl SeedTotals {
             t.extents_verified += r.extents_verified;
             t.extents_verified_equal += r.extents_verified_equal;
             t.lost_acked_blocks_reported += r.lost_acked_blocks_reported;
+            t.store_faults += r.store_faults;
+            t.amnesias_healed += r.amnesias_healed;
+            t.recoveries += r.recoveries;
         }
         t
     }
@@ -118,7 +126,7 @@ impl std::fmt::Display for SeedTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion)",
+            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary)",
             self.seeds,
             self.writes_acked,
             self.crashes,
@@ -135,7 +143,10 @@ impl std::fmt::Display for SeedTotals {
             self.extents_saved_aside,
             self.extents_verified,
             self.extents_verified_equal,
-            self.lost_acked_blocks_reported
+            self.lost_acked_blocks_reported,
+            self.store_faults,
+            self.amnesias_healed,
+            self.recoveries
         )
     }
 }

@@ -13,11 +13,19 @@
 use geomirror_core::{SiteState, StoreWrite};
 use std::io;
 
+pub mod identity_file;
 mod rocks;
 #[cfg(test)]
 mod tests;
 
-pub use rocks::{RocksStore, StoreError};
+pub use rocks::{RocksStore, StoreError, CHECKPOINT_INTERVAL};
+
+/// A new store identity: 128 random bits from the operating system.
+pub fn new_store_id() -> io::Result<geomirror_core::StoreId> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(io::Error::other)?;
+    Ok(geomirror_core::StoreId(u128::from_be_bytes(b)))
+}
 
 pub trait Store: Send {
     /// The state as of the last successful `write`.
@@ -31,6 +39,11 @@ pub trait Store: Send {
         for b in batches {
             self.write(b)?;
         }
+        Ok(())
+    }
+    /// Moves what is durable only in a log into the store's files and records the moment
+    /// outside it (see `RocksStore`, "Checkpoints"); called periodically and at a clean stop.
+    fn checkpoint(&mut self) -> io::Result<()> {
         Ok(())
     }
 }

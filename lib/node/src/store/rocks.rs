@@ -10,20 +10,46 @@
 //! The generation log (`generations`: generation, extent) is the record indexed by age, the
 //! order eviction walks. It is written in the same batch as the record and checked against
 //! the record at every open, so a damaged store is refused instead of trusted.
+//!
+//! Never trusting a store that lost state. A store that forgot what it acknowledged, and is
+//! trusted as it is, makes two sites that differ while both report clean: the worst outcome
+//! this product has. So:
+//! - RocksDB recovers its write-ahead log in absolute-consistency mode: any corruption in
+//!   the log refuses the open, never a silent truncation to the last good record (RocksDB's
+//!   default, point-in-time recovery, rolls the state back without a word). Paranoid checks
+//!   are on, and every table file the MANIFEST names must be there, at its size.
+//! - Checkpoints. The memtables are flushed into table files at creation, every
+//!   `CHECKPOINT_INTERVAL` and at a clean stop, so the state does not live only in a log.
+//!   After each flush a checkpoint number is written into the store (into the new log) and
+//!   then into the identity file beside it (`identity_file.rs`). At open, the store's
+//!   identity must be the file's and its checkpoint at least the file's: a store whose
+//!   newest log was deleted or lost comes back with an older checkpoint, and is refused.
+//! - What no check at open can see (a whole state directory restored from an older backup,
+//!   a disk that acknowledged a sync it never made) the peer sees: the store's identity and
+//!   positions are compared at every handshake with what it acknowledged (see the core's
+//!   `identity.rs` files).
 
+use super::identity_file::{self, Identity};
 use super::Store;
 use geomirror_core::store::keys;
-use geomirror_core::{Epoch, ExtentId, Generation, Meta, Role, Seq, SiteState, StoreWrite};
-use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use geomirror_core::{Epoch, ExtentId, Generation, Meta, PeerMemory, Role, Seq, SiteState, StoreId, StoreWrite};
+use rocksdb::{ColumnFamilyDescriptor, DBRecoveryMode, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use thiserror::Error;
+
+/// How often the store thread flushes the memtables and records a checkpoint. Bounds how
+/// much state lives only in a log between checkpoints; each costs a table-file write and
+/// two fsyncs, nothing on the write path.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 const CF_RECORD: &str = "record";
 const CF_GENERATIONS: &str = "generations";
 const CF_DIRTY: &str = "dirty";
 const CF_META: &str = "meta";
+const CF_ALL: [&str; 4] = [CF_RECORD, CF_GENERATIONS, CF_DIRTY, CF_META];
 const GENERATION_FAMILY: u8 = b'g';
 
 type KeyValue = (Box<[u8]>, Box<[u8]>);
@@ -34,12 +60,26 @@ pub enum StoreError {
     Open { path: PathBuf, source: rocksdb::Error },
     #[error("the store at {path} has schema version {found}; this build reads version {expected}. Use the geomirror release that wrote it, or move the store away to start afresh")]
     Schema { path: PathBuf, found: u8, expected: u8 },
-    #[error("the store at {path} is damaged: {what}. Move it away and let the peer rebuild this site")]
+    #[error("the store at {path} is damaged: {what}. It is not opened, so that nothing it forgot is trusted. Move it away (mv {path} {path}.damaged) and start the site: it comes back as an amnesiac, and its peer rebuilds it with a full verified resync (docs/operations.md, \"Amnesia\")", path = path.display())]
     Corrupt { path: PathBuf, what: String },
+    #[error("the store at {path} lost state it had made durable: {what}. It is not opened, so that nothing it forgot is trusted. Move it away (mv {path} {path}.lost) and start the site: it comes back as an amnesiac, and its peer rebuilds it with a full verified resync (docs/operations.md, \"Amnesia\")", path = path.display())]
+    Lost { path: PathBuf, what: String },
     #[error("cannot read the store at {path}")]
     Read { path: PathBuf, source: rocksdb::Error },
     #[error("cannot write the store at {path}")]
     Write { path: PathBuf, source: rocksdb::Error },
+    #[error("cannot write the store at {path}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// RocksDB's refusal to open, with what it means when it found corruption.
+fn open_error(path: &Path, source: rocksdb::Error) -> StoreError {
+    let text = source.to_string();
+    if text.contains("Corruption") || text.contains("No such file") || text.contains("file size mismatch") {
+        StoreError::Corrupt { path: path.to_owned(), what: format!("RocksDB refuses to recover it: {text}") }
+    } else {
+        StoreError::Open { path: path.to_owned(), source }
+    }
 }
 
 pub struct RocksStore {
@@ -47,6 +87,10 @@ pub struct RocksStore {
     path: PathBuf,
     /// The durable state, as of the last successful write.
     state: SiteState,
+    /// The last checkpoint recorded in the store and the identity file.
+    checkpoint: u64,
+    /// This open created the store.
+    created: bool,
 }
 
 fn generation_key(g: Generation, e: ExtentId) -> [u8; 18] {
@@ -80,8 +124,36 @@ fn encode_meta(m: Meta) -> (Vec<u8>, Vec<u8>) {
         Meta::FailbackPending(b) => ("failback_pending", vec![b as u8]),
         Meta::SaveAsideOnResync(b) => ("save_aside_on_resync", vec![b as u8]),
         Meta::Incarnation(v) => ("incarnation", v.to_be_bytes().to_vec()),
+        Meta::StoreId(v) => ("store_id", v.0.to_be_bytes().to_vec()),
+        Meta::Peer(p) => ("peer", encode_peer(p)),
+        Meta::Amnesiac(b) => ("amnesiac", vec![b as u8]),
+        Meta::FullResyncOwed(b) => ("full_resync_owed", vec![b as u8]),
+        Meta::PromotedFrom(p) => ("promoted_from", [p.applied.0.to_be_bytes(), p.next_generation.0.to_be_bytes()].concat()),
     };
     (keys::meta_key(name), value)
+}
+
+/// A peer memory: a presence byte, the peer's store identity (16 bytes, zero when absent),
+/// then applied and generation (8 bytes each), big-endian.
+fn encode_peer(p: PeerMemory) -> Vec<u8> {
+    let mut v = Vec::with_capacity(33);
+    v.push(p.store.is_some() as u8);
+    v.extend_from_slice(&p.store.map_or(0, |s| s.0).to_be_bytes());
+    v.extend_from_slice(&p.applied.0.to_be_bytes());
+    v.extend_from_slice(&p.generation.0.to_be_bytes());
+    v
+}
+
+fn decode_peer(v: &[u8]) -> Option<PeerMemory> {
+    if v.len() != 33 || v[0] > 1 {
+        return None;
+    }
+    let store = StoreId(u128::from_be_bytes(v[1..17].try_into().ok()?));
+    Some(PeerMemory {
+        store: (v[0] == 1).then_some(store),
+        applied: Seq(u64::from_be_bytes(v[17..25].try_into().ok()?)),
+        generation: Generation(u64::from_be_bytes(v[25..33].try_into().ok()?)),
+    })
 }
 
 fn role_byte(r: Role) -> u8 {
@@ -106,40 +178,116 @@ fn all_meta(s: &SiteState) -> Vec<StoreWrite> {
         Meta::FailbackPending(s.failback_pending),
         Meta::SaveAsideOnResync(s.save_aside_on_resync),
         Meta::Incarnation(s.incarnation),
+        Meta::StoreId(s.store_id),
+        Meta::Peer(s.peer),
+        Meta::Amnesiac(s.amnesiac),
+        Meta::FullResyncOwed(s.full_resync_owed),
     ]
     .into_iter()
+    .chain(s.promoted_from.map(Meta::PromotedFrom))
     .map(StoreWrite::Meta)
     .collect()
 }
 
 impl RocksStore {
-    /// Opens the store at `path`, creating it for a site of role `fresh_role` if it does not
-    /// exist. Refuses another schema version, and a store whose record and generation log
-    /// disagree.
-    pub fn open(path: &Path, fresh_role: Role) -> Result<RocksStore, StoreError> {
+    /// Opens the store at `path`, or creates it with the state `create` gives (drawn only
+    /// when the store does not exist yet: its identity is new). Refuses another schema
+    /// version, a store whose record and generation log disagree, a corrupt log, a missing
+    /// table file, and a store that lost state it had made durable (see "Checkpoints").
+    pub fn open(path: &Path, create: impl FnOnce() -> io::Result<SiteState>) -> Result<RocksStore, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_RECORD, CF_GENERATIONS, CF_DIRTY, CF_META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StoreError::Open { path: path.to_owned(), source })?;
-        let mut store = RocksStore { db, path: path.to_owned(), state: SiteState::fresh(fresh_role) };
+        opts.set_paranoid_checks(true);
+        opts.set_wal_recovery_mode(DBRecoveryMode::AbsoluteConsistency);
+        opts.set_skip_checking_sst_file_sizes_on_db_open(false);
+        let cfs = CF_ALL.map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| open_error(path, source))?;
+        let mut store =
+            RocksStore { db, path: path.to_owned(), state: SiteState::fresh(Role::Secondary, StoreId(0)), checkpoint: 0, created: false };
         let schema = store.get(CF_META, &keys::meta_key("schema"))?;
+        let file = identity_file::read(path).map_err(|what| store.corrupt(what))?;
         match schema.as_deref() {
-            Some([v]) if *v == keys::SCHEMA_VERSION => store.state = store.read_state()?,
+            Some([v]) if *v == keys::SCHEMA_VERSION => {
+                store.state = store.read_state()?;
+                store.checkpoint = store.read_checkpoint()?;
+                store.check_identity(file)?;
+            }
             Some([v]) => return Err(StoreError::Schema { path: path.to_owned(), found: *v, expected: keys::SCHEMA_VERSION }),
             Some(_) => return Err(store.corrupt("the schema marker is malformed")),
             None => {
+                if file.is_some() {
+                    // The identity file says a store was made here; RocksDB holds none of it.
+                    return Err(store.lost(format!(
+                        "its identity file ({}) names store {}, and the database holds nothing of it: its logs or table files are gone",
+                        identity_file::FILE_NAME,
+                        file.map_or(StoreId(0), |f| f.store)
+                    )));
+                }
                 if store.db.iterator_cf(store.cf(CF_RECORD), IteratorMode::Start).next().is_some() {
                     return Err(store.corrupt("records exist but no schema marker"));
                 }
                 // A new store: the schema marker and the fresh state in one synced batch.
+                store.state = create().map_err(|e| store.write_error(e))?;
+                store.created = true;
                 let mut batch = WriteBatch::default();
                 batch.put_cf(store.cf(CF_META), keys::meta_key("schema"), [keys::SCHEMA_VERSION]);
                 store.encode(&mut batch, &all_meta(&store.state));
                 store.commit(batch).map_err(|source| StoreError::Write { path: path.to_owned(), source })?;
             }
         }
+        // Every open starts from a checkpoint: what the last run left in a log is in table
+        // files now, and the identity file moves on.
+        store.checkpoint().map_err(|e| store.write_error(e))?;
         Ok(store)
+    }
+
+    /// Whether this open created the store (it did not exist).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The store's own record of its identity and checkpoint against the identity file's.
+    fn check_identity(&mut self, file: Option<Identity>) -> Result<(), StoreError> {
+        let id_in_store = self.get(CF_META, &keys::meta_key("store_id"))?.is_some();
+        match file {
+            None if !id_in_store => {
+                // A store made before identities: it gets one now. Its peer has no memory of
+                // it either, so the next handshake pairs them afresh.
+                let id = super::new_store_id().map_err(|e| self.write_error(e))?;
+                tracing::warn!(path = %self.path.display(), store = %id, "a store without an identity (made by an older geomirror) gets one");
+                self.write(&[StoreWrite::Meta(Meta::StoreId(id))]).map_err(|e| self.write_error(e))?;
+                Ok(())
+            }
+            None => Err(self.corrupt(format!(
+                "its identity file {} is missing, so nothing vouches that its newest log is all there",
+                identity_file::FILE_NAME
+            ))),
+            Some(f) if f.store != self.state.store_id => Err(self.corrupt(format!(
+                "it is store {} and its identity file names store {}: the directory mixes two stores",
+                self.state.store_id, f.store
+            ))),
+            Some(f) if self.checkpoint < f.checkpoint => Err(self.lost(format!(
+                "it holds checkpoint {} and its identity file says it reached checkpoint {}: a write-ahead log is missing or was cut short",
+                self.checkpoint, f.checkpoint
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn read_checkpoint(&self) -> Result<u64, StoreError> {
+        match self.get(CF_META, &keys::meta_key("checkpoint"))? {
+            None => Ok(0),
+            Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(|_| self.corrupt("the checkpoint is not 8 bytes"))?)),
+        }
+    }
+
+    fn lost(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Lost { path: self.path.clone(), what: what.into() }
+    }
+
+    fn write_error(&self, e: io::Error) -> StoreError {
+        StoreError::Io { path: self.path.clone(), source: e }
     }
 
     pub fn path(&self) -> &Path {
@@ -203,6 +351,21 @@ impl RocksStore {
                 "failback_pending" => s.failback_pending = bool_of(name, &v)?,
                 "save_aside_on_resync" => s.save_aside_on_resync = bool_of(name, &v)?,
                 "incarnation" => s.incarnation = u64_of(name, &v)?,
+                "store_id" => {
+                    s.store_id = StoreId(u128::from_be_bytes(v.as_ref().try_into().map_err(|_| self.corrupt("store_id is not 16 bytes"))?))
+                }
+                "peer" => s.peer = decode_peer(&v).ok_or_else(|| self.corrupt("meta peer is malformed"))?,
+                "amnesiac" => s.amnesiac = bool_of(name, &v)?,
+                "full_resync_owed" => s.full_resync_owed = bool_of(name, &v)?,
+                "promoted_from" => {
+                    let (a, g) =
+                        v.split_at_checked(8).filter(|(_, g)| g.len() == 8).ok_or_else(|| self.corrupt("promoted_from is not 16 bytes"))?;
+                    s.promoted_from = Some(geomirror_core::frame::Position {
+                        applied: Seq(u64_of(name, a)?),
+                        next_generation: Generation(u64_of(name, g)?),
+                    });
+                }
+                "checkpoint" => {}
                 other => return Err(self.corrupt(format!("unknown meta key {other:?}"))),
             }
         }
@@ -291,6 +454,24 @@ impl RocksStore {
 impl Store for RocksStore {
     fn load(&self) -> SiteState {
         self.state.clone()
+    }
+
+    /// Checkpoints: flush every column family's memtable into table files (the logs that
+    /// held them become obsolete), write the next checkpoint number into the store (so into
+    /// the newest log) with a synced write, then into the identity file. A later loss of
+    /// that newest log takes the number with it, and the open that follows sees a store
+    /// behind its identity file. A crash between the two writes leaves the store one ahead
+    /// of the file, which is accepted.
+    fn checkpoint(&mut self) -> io::Result<()> {
+        for name in CF_ALL {
+            self.db.flush_cf(self.cf(name)).map_err(io::Error::other)?;
+        }
+        let next = self.checkpoint + 1;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), keys::meta_key("checkpoint"), next.to_be_bytes());
+        self.commit(batch).map_err(io::Error::other)?;
+        self.checkpoint = next;
+        identity_file::write(&self.path, Identity { store: self.state.store_id, checkpoint: next })
     }
 
     fn write(&mut self, writes: &[StoreWrite]) -> io::Result<()> {

@@ -3,11 +3,16 @@
 //! between synced batches, and refuse another schema version.
 
 use super::{MemoryStore, RocksStore, Store, StoreError};
-use geomirror_core::{Epoch, ExtentId, Generation, Meta, Role, Seq, SiteState, StoreWrite};
+use geomirror_core::{Epoch, ExtentId, Generation, Meta, Role, Seq, SiteState, StoreId, StoreWrite};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+
+/// Opens (or creates, as a new store of `role` with identity 2) the RocksDB store at `path`.
+fn open_store(path: &std::path::Path, role: Role) -> Result<RocksStore, StoreError> {
+    RocksStore::open(path, || Ok(SiteState::fresh(role, StoreId(2))))
+}
 
 /// Batch `i` of the sequence of `seed`: record puts (often re-putting an extent into a newer
 /// generation), deletes, occasional clears, dirty marks and every kind of meta.
@@ -34,6 +39,17 @@ fn batch(seed: u64, i: u64) -> Vec<StoreWrite> {
                 93 => StoreWrite::Meta(Meta::PeerMayDegrade(rng.gen())),
                 94 => StoreWrite::Meta(Meta::FailbackPending(rng.gen())),
                 95 => StoreWrite::Meta(Meta::SaveAsideOnResync(rng.gen())),
+                96 => StoreWrite::Meta(Meta::Amnesiac(rng.gen())),
+                97 => StoreWrite::Meta(Meta::FullResyncOwed(rng.gen())),
+                99 if rng.gen() => StoreWrite::Meta(Meta::PromotedFrom(geomirror_core::frame::Position {
+                    applied: Seq(rng.gen()),
+                    next_generation: Generation(rng.gen()),
+                })),
+                98 => StoreWrite::Meta(Meta::Peer(geomirror_core::PeerMemory {
+                    store: rng.gen::<bool>().then(|| StoreId(rng.gen())),
+                    applied: Seq(rng.gen()),
+                    generation: Generation(rng.gen()),
+                })),
                 _ => StoreWrite::Meta(Meta::Incarnation(i)),
             }
         })
@@ -41,7 +57,7 @@ fn batch(seed: u64, i: u64) -> Vec<StoreWrite> {
 }
 
 fn model(seed: u64, batches: u64) -> SiteState {
-    let mut s = SiteState::fresh(Role::Secondary);
+    let mut s = SiteState::fresh(Role::Secondary, StoreId(2));
     for i in 0..batches {
         s.apply(&batch(seed, i));
     }
@@ -50,7 +66,7 @@ fn model(seed: u64, batches: u64) -> SiteState {
 
 /// Writes `count` batches and checks `load` after each against the model.
 fn conformance(store: &mut dyn Store, seed: u64, count: u64) {
-    let mut expect = SiteState::fresh(Role::Secondary);
+    let mut expect = SiteState::fresh(Role::Secondary, StoreId(2));
     assert_eq!(store.load(), expect);
     for i in 0..count {
         let b = batch(seed, i);
@@ -63,7 +79,7 @@ fn conformance(store: &mut dyn Store, seed: u64, count: u64) {
 #[test]
 fn memory_store_conforms() {
     for seed in 0..20 {
-        conformance(&mut MemoryStore::new(SiteState::fresh(Role::Secondary)), seed, 300);
+        conformance(&mut MemoryStore::new(SiteState::fresh(Role::Secondary, StoreId(2))), seed, 300);
     }
 }
 
@@ -71,14 +87,14 @@ fn memory_store_conforms() {
 fn rocks_store_conforms_and_reopens_to_the_same_state() {
     for seed in 0..5 {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = RocksStore::open(dir.path(), Role::Secondary).unwrap();
+        let mut store = open_store(dir.path(), Role::Secondary).unwrap();
         conformance(&mut store, seed, 300);
         drop(store);
-        let reopened = RocksStore::open(dir.path(), Role::Secondary).unwrap();
+        let reopened = open_store(dir.path(), Role::Secondary).unwrap();
         assert_eq!(reopened.load(), model(seed, 300), "seed {seed}: reopened");
         // The role given at open only seeds a new store; an existing one keeps its own.
         drop(reopened);
-        assert_eq!(RocksStore::open(dir.path(), Role::Primary).unwrap().load(), model(seed, 300));
+        assert_eq!(open_store(dir.path(), Role::Primary).unwrap().load(), model(seed, 300));
     }
 }
 
@@ -88,7 +104,7 @@ fn rocks_group_commits_load_and_reopen_as_the_batches_one_by_one() {
     // another batch of the same group put (or cleared) must leave the generation log right.
     for seed in 0..5 {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = RocksStore::open(dir.path(), Role::Secondary).unwrap();
+        let mut store = open_store(dir.path(), Role::Secondary).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut i = 0;
         while i < 300 {
@@ -99,14 +115,14 @@ fn rocks_group_commits_load_and_reopen_as_the_batches_one_by_one() {
             assert_eq!(store.load(), model(seed, i), "seed {seed}, after {i} batches");
         }
         drop(store);
-        assert_eq!(RocksStore::open(dir.path(), Role::Secondary).unwrap().load(), model(seed, 300), "seed {seed}: reopened");
+        assert_eq!(open_store(dir.path(), Role::Secondary).unwrap().load(), model(seed, 300), "seed {seed}: reopened");
     }
 }
 
 #[test]
 fn another_schema_version_is_refused_and_nothing_is_changed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = RocksStore::open(dir.path(), Role::Secondary).unwrap();
+    let mut store = open_store(dir.path(), Role::Secondary).unwrap();
     store.write(&batch(1, 0)).unwrap();
     drop(store);
     {
@@ -115,7 +131,7 @@ fn another_schema_version_is_refused_and_nothing_is_changed() {
         let db = rocksdb::DB::open_cf(&opts, dir.path(), ["record", "generations", "dirty", "meta"]).unwrap();
         db.put_cf(db.cf_handle("meta").unwrap(), geomirror_core::store::keys::meta_key("schema"), [9u8]).unwrap();
     }
-    match RocksStore::open(dir.path(), Role::Secondary) {
+    match open_store(dir.path(), Role::Secondary) {
         Err(StoreError::Schema { found: 9, expected: 1, .. }) => {}
         other => panic!("expected a schema refusal, got {:?}", other.map(|s| s.load())),
     }
@@ -127,7 +143,7 @@ fn another_schema_version_is_refused_and_nothing_is_changed() {
 #[test]
 fn a_damaged_generation_log_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = RocksStore::open(dir.path(), Role::Secondary).unwrap();
+    let mut store = open_store(dir.path(), Role::Secondary).unwrap();
     store.write(&[StoreWrite::PutRecord(ExtentId(5), Generation(2))]).unwrap();
     drop(store);
     {
@@ -135,7 +151,7 @@ fn a_damaged_generation_log_is_refused() {
         let cf = db.cf_handle("record").unwrap();
         db.delete_cf(cf, geomirror_core::store::keys::extent_key(geomirror_core::store::keys::RECORD, ExtentId(5))).unwrap();
     }
-    assert!(matches!(RocksStore::open(dir.path(), Role::Secondary), Err(StoreError::Corrupt { .. })));
+    assert!(matches!(open_store(dir.path(), Role::Secondary), Err(StoreError::Corrupt { .. })));
 }
 
 const CRASH_CHILD: &str = "GEOMIRROR_STORE_CRASH_CHILD";
@@ -148,7 +164,7 @@ const CRASH_SEED: u64 = 77;
 #[test]
 fn rocks_store_keeps_every_synced_batch_across_kill_9() {
     if let Ok(dir) = std::env::var(CRASH_CHILD) {
-        let mut store = RocksStore::open(std::path::Path::new(&dir), Role::Secondary).unwrap();
+        let mut store = open_store(std::path::Path::new(&dir), Role::Secondary).unwrap();
         for i in 0.. {
             store.write(&batch(CRASH_SEED, i)).unwrap();
             println!("synced {i}");
@@ -177,10 +193,10 @@ fn rocks_store_keeps_every_synced_batch_across_kill_9() {
         let acked = acked.expect("the child reported synced batches");
         child.kill().unwrap();
         child.wait().unwrap();
-        let state = RocksStore::open(dir.path(), Role::Secondary).unwrap().load();
+        let state = open_store(dir.path(), Role::Secondary).unwrap().load();
         // The child may have synced more batches than it reported before the kill landed;
         // the store must equal the model after some count no smaller than the reported one.
-        let mut m = SiteState::fresh(Role::Secondary);
+        let mut m = SiteState::fresh(Role::Secondary, StoreId(2));
         let mut found = None;
         for n in 1..=acked + 1_000_000 {
             m.apply(&batch(CRASH_SEED, n - 1));
@@ -191,4 +207,120 @@ fn rocks_store_keeps_every_synced_batch_across_kill_9() {
         }
         assert!(found.is_some(), "round {round}: after {} reported batches the store holds no prefix of at least that many", acked + 1);
     }
+}
+
+/// A store with some history, closed: `batches` written after open, then dropped.
+fn store_with_history(dir: &std::path::Path, batches: u64) {
+    let mut store = open_store(dir, Role::Secondary).unwrap();
+    for i in 0..batches {
+        store.write(&batch(5, i)).unwrap();
+    }
+}
+
+fn files_ending(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(suffix)))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_new_store_has_an_identity_in_a_file_beside_it_and_its_state_in_table_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path(), Role::Secondary).unwrap();
+    assert!(store.created());
+    let id = super::identity_file::read(dir.path()).unwrap().expect("an identity file");
+    assert_eq!(id.store, StoreId(2));
+    drop(store);
+    assert!(!files_ending(dir.path(), ".sst").is_empty(), "the state is flushed into table files at creation, not left in a log");
+    let again = open_store(dir.path(), Role::Secondary).unwrap();
+    assert!(!again.created());
+    let id2 = super::identity_file::read(dir.path()).unwrap().unwrap();
+    assert_eq!(id2.store, id.store);
+    assert!(id2.checkpoint > id.checkpoint, "every open moves the checkpoint on");
+}
+
+#[test]
+fn a_deleted_write_ahead_log_is_refused_as_lost_state() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_history(dir.path(), 40);
+    let logs = files_ending(dir.path(), ".log");
+    assert!(!logs.is_empty(), "the writes since the last checkpoint are in a log");
+    for l in logs {
+        std::fs::remove_file(l).unwrap();
+    }
+    match open_store(dir.path(), Role::Secondary) {
+        Err(e @ StoreError::Lost { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("write-ahead log is missing") && text.contains("mv "), "{text}");
+        }
+        other => panic!("a store that lost its newest log must be refused, got {:?}", other.map(|s| s.load())),
+    }
+}
+
+#[test]
+fn a_corrupted_write_ahead_log_is_refused_not_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_history(dir.path(), 40);
+    let log = files_ending(dir.path(), ".log").pop().unwrap();
+    let mut bytes = std::fs::read(&log).unwrap();
+    assert!(bytes.len() > 64, "the log holds the batches");
+    // Four bytes in the middle of the log: RocksDB's default recovery would stop there and
+    // roll the state back without a word.
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 4] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&log, bytes).unwrap();
+    match open_store(dir.path(), Role::Secondary) {
+        Err(StoreError::Corrupt { .. } | StoreError::Lost { .. }) => {}
+        other => panic!("a corrupted log must be refused, got {:?}", other.map(|s| s.load())),
+    }
+}
+
+#[test]
+fn a_missing_table_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_history(dir.path(), 40);
+    let mut store = open_store(dir.path(), Role::Secondary).unwrap();
+    store.checkpoint().unwrap();
+    drop(store);
+    let sst = files_ending(dir.path(), ".sst");
+    assert!(!sst.is_empty());
+    std::fs::remove_file(&sst[sst.len() - 1]).unwrap();
+    assert!(matches!(open_store(dir.path(), Role::Secondary), Err(StoreError::Corrupt { .. } | StoreError::Lost { .. })));
+}
+
+#[test]
+fn a_missing_or_foreign_identity_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_history(dir.path(), 5);
+    let path = super::identity_file::path(dir.path());
+    let saved = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(open_store(dir.path(), Role::Secondary), Err(StoreError::Corrupt { .. })), "no identity file");
+    let mut other = super::identity_file::read_bytes(&saved).unwrap();
+    other.store = StoreId(99);
+    super::identity_file::write(dir.path(), other).unwrap();
+    assert!(matches!(open_store(dir.path(), Role::Secondary), Err(StoreError::Corrupt { .. })), "another store's identity file");
+}
+
+#[test]
+fn an_emptied_state_directory_makes_a_new_store_with_a_new_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_history(dir.path(), 5);
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(p).unwrap();
+        } else {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let store = RocksStore::open(dir.path(), || Ok(SiteState::amnesiac(StoreId(7)))).unwrap();
+    assert!(store.created(), "nothing of the old store is left: the site decides what the new one is");
+    assert!(store.load().amnesiac && store.load().store_id == StoreId(7));
 }

@@ -10,7 +10,7 @@ use crate::store::{MemoryStore, RocksStore};
 use crate::volume::Volume;
 use crate::wan::{LinkConfig, WanEmu};
 use bytes::Bytes;
-use geomirror_core::{CoreConfig, Geometry, Mode, Role, SiteState, WriteOp};
+use geomirror_core::{CoreConfig, Geometry, Mode, Role, SiteState, StoreId, WriteOp};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -61,8 +61,8 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
     let (p_out, p_rx) = mpsc::unbounded_channel();
     let (s_out, s_rx) = mpsc::unbounded_channel();
     let (primary, p_thread) =
-        Volume::start(&cfg("p.img"), Box::new(MemoryStore::new(SiteState::fresh(Role::Primary))), Some(p_out)).unwrap();
-    let store = RocksStore::open(&dir.path().join("s.store"), Role::Secondary).unwrap();
+        Volume::start(&cfg("p.img"), Box::new(MemoryStore::new(SiteState::fresh(Role::Primary, StoreId(1)))), Some(p_out)).unwrap();
+    let store = RocksStore::open(&dir.path().join("s.store"), || Ok(SiteState::fresh(Role::Secondary, StoreId(2)))).unwrap();
     let (secondary, s_thread) = Volume::start(&cfg("s.img"), Box::new(store), Some(s_out)).unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
     // The secondary never connects (it is no primary), so its peer address is never used.

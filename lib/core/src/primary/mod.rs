@@ -31,6 +31,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 use std::time::Duration;
 
+mod identity;
+
 /// Largest resync chunk; an extent larger than this is copied in several data items.
 const RESYNC_CHUNK_BYTES: u64 = 4 << 20;
 /// Generations examined per eviction pass, to bound the work of one call.
@@ -107,6 +109,12 @@ enum PersistKind {
     WroteAlone(bool),
     FailbackDone,
     Demote,
+    /// What this site remembers of its peer's store (see `identity.rs`).
+    PeerMemory,
+    /// The peer's store was found an amnesiac: the full resync it is owed is durable.
+    FullResyncOwed,
+    /// The full resync numbered so (`full_resyncs_owed`) ended on the peer, durably.
+    FullResyncDone(u64),
 }
 
 /// What a failback (or any resync) would copy, for dry runs and status.
@@ -210,6 +218,13 @@ pub struct Primary {
     next_token: u64,
     actions: VecDeque<Action>,
     stats: PrimaryStats,
+    /// Store identity: this site's, the peer's as remembered, and the full resync an
+    /// amnesiac peer is owed (see `identity.rs`).
+    ident: identity::Identity,
+    /// The running resync checks every extent of the volume (`ResyncBegin { full }`), and
+    /// the next extent its sweep reads.
+    resync_full: bool,
+    sweep: Option<u64>,
 }
 
 impl Primary {
@@ -284,6 +299,9 @@ impl Primary {
             next_token: 1,
             actions: VecDeque::new(),
             stats: PrimaryStats::default(),
+            ident: identity::Identity::new(state, now),
+            resync_full: false,
+            sweep: None,
         };
         p.persist(PersistKind::Start, Vec::new(), vec![StoreWrite::Meta(Meta::Incarnation(incarnation))]);
         p.refresh_stats();
@@ -334,6 +352,7 @@ impl Primary {
             && self.buffer.is_empty()
             && self.needs_copy.is_empty()
             && self.reading.is_empty()
+            && !self.ident.full_resync_owed
             && self.link == LinkState::Up
     }
 
@@ -408,6 +427,9 @@ impl Primary {
         }
         if self.sync_inflight.is_none() && self.sync_would_help() {
             at(self.last_sync + self.cfg.local_sync_interval);
+        }
+        if let Some(due) = self.ident.memory_persist_due(&self.cfg) {
+            at(due);
         }
         t
     }
@@ -496,6 +518,7 @@ impl Primary {
             StoreWrite::Meta(Meta::SaveAsideOnResync(false)),
             StoreWrite::Meta(Meta::Applied(self.last_dispatched())),
             StoreWrite::Meta(Meta::ApplyHighWater(self.last_dispatched())),
+            StoreWrite::Meta(Meta::Peer(self.ident.peer.across_role_change())),
         ];
         self.persist(PersistKind::Demote, Vec::new(), batch);
         Ok(())
@@ -626,6 +649,9 @@ impl Primary {
                 self.wrote_alone_persisting = false;
             }
             PersistKind::FailbackDone => self.failback_pending = false,
+            PersistKind::PeerMemory => self.ident.memory_persisted(),
+            PersistKind::FullResyncOwed => {}
+            PersistKind::FullResyncDone(n) => self.ident.full_resync_done(n, &mut self.stats),
             PersistKind::Demote => {
                 self.actions.push_back(Action::RoleChanged { role: Role::Secondary });
                 return;
@@ -648,9 +674,15 @@ impl Primary {
             volume_bytes: self.geo.volume_bytes(),
             extent_bytes: self.geo.extent_bytes(),
             // A primary that writes alone when the link is lost says so, whatever its policy.
-            on_link_loss: if self.writes_alone_on_link_loss() { LinkLossPolicy::Degrade } else { self.cfg.on_link_loss },
+            // (the configured policy, even before this site first paired and may degrade: the
+            // secondary must give up authority on link loss from this connection on).
+            on_link_loss: if self.failback_pending { LinkLossPolicy::Degrade } else { self.cfg.on_link_loss },
             authoritative: self.cfg.mode == Mode::Predictive && self.local_dirty.is_empty() && self.dirty_persisting.is_empty(),
             wrote_alone: self.wrote_alone,
+            store: self.ident.store_id,
+            remembers: self.ident.remembered(),
+            promoted_from: self.failback_pending.then_some(self.ident.promoted_from).flatten(),
+            owes_full_resync: self.ident.full_resync_owed,
         };
         self.send(Stream::Control, hello);
     }
@@ -674,8 +706,15 @@ impl Primary {
             self.refuse("invalid frame");
             return;
         }
-        if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, wrote_alone, .. } = frame {
+        if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, wrote_alone, store, remembers, promoted_from, .. } = frame {
+            self.ident.hello_store = Some(store);
+            if epoch > self.epoch && self.check_newer_primary(epoch, store, promoted_from).is_err() {
+                return;
+            }
             self.on_hello(now, epoch, role, volume_bytes, extent_bytes, wrote_alone);
+            if role == Role::Secondary && epoch == self.epoch {
+                self.check_secondary_hello(store, remembers);
+            }
             return;
         }
         if frame.epoch() != self.epoch {
@@ -686,9 +725,16 @@ impl Primary {
             return;
         }
         match frame {
-            Frame::Welcome { applied, authoritative, consistent, .. } if self.link == LinkState::Handshake => {
+            Frame::Welcome { applied, authoritative, consistent, store, next_generation, amnesiac, .. }
+                if self.link == LinkState::Handshake =>
+            {
+                let welcome = identity::Welcome { applied, store, next_generation, amnesiac };
+                if self.check_welcome(welcome).is_err() {
+                    return;
+                }
                 self.peer_applied_at_welcome = applied;
-                self.peer_authoritative = authoritative;
+                // An amnesiac's word on its record is not taken.
+                self.peer_authoritative = authoritative && !self.ident.full_resync_owed;
                 self.peer_consistent = consistent;
                 // The copy becomes exactly the peer's durable record: whatever this site had
                 // that the peer no longer holds must not stay covered. Extents pending eviction
@@ -716,7 +762,9 @@ impl Primary {
                     self.refuse("a failback difference of an extent outside the volume, or of the wrong size");
                 } else {
                     self.stats.resync_extents_mismatched += 1;
-                    self.peer_save_aside = true;
+                    // An amnesiac's stale extent is copied, not saved aside (the full resync's
+                    // `save_aside` says whether the peer may hold writes of its own).
+                    self.peer_save_aside |= !self.ident.full_resync_owed;
                     self.needs_copy.insert(extent);
                     if seq > self.resync_begin && self.resync_running {
                         let mask = self.copy_blocks.entry(extent).or_insert_with(|| vec![0; blocks.len()]);
@@ -736,7 +784,7 @@ impl Primary {
             Frame::DivergentChunk { extents, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
                 let list: Vec<ExtentId> = from_runs(&extents).filter(|e| self.geo.contains(*e)).collect();
                 if !list.is_empty() {
-                    self.peer_save_aside = true;
+                    self.peer_save_aside |= !self.ident.full_resync_owed;
                     self.needs_copy.extend(list.iter().copied());
                     self.add_local_dirty(list);
                 }
@@ -744,6 +792,14 @@ impl Primary {
             Frame::SnapshotEnd { .. } if self.link == LinkState::Handshake => self.on_snapshot_end(now),
             Frame::RecordAnswer { id, generation, added, .. } => self.on_answer(now, id, generation, &added),
             Frame::Applied { through, .. } => self.on_applied(through),
+            Frame::Refused { reason: crate::frame::Refusal::UnknownStore, .. } => {
+                self.step_down_amnesiac(
+                    "the peer does not know this site's store (it paired with another): this site's state was lost or \
+                     replaced, so it stops serving until an operator promotes one site"
+                        .into(),
+                );
+                return;
+            }
             Frame::Refused { reason, .. } => {
                 self.stats.frames_refused += 1;
                 self.actions.push_back(Action::Disconnect { reason: format!("peer refused: {reason:?}") });
@@ -837,6 +893,7 @@ impl Primary {
         self.maybe_clear_wrote_alone();
         self.maybe_end_failback();
         self.maybe_authoritative();
+        self.maybe_persist_peer_memory(now);
         self.refresh_stats();
     }
 
@@ -1178,6 +1235,7 @@ impl Primary {
             return;
         }
         self.stats.record_answers += 1;
+        self.ident.peer.generation = self.ident.peer.generation.max(generation);
         let rtt = now.since(u.sent_at).as_micros() as u64;
         self.srtt_us = if self.srtt_us == 0 { rtt } else { (7 * self.srtt_us + rtt) / 8 };
         self.stats.record_rtt_us_total += rtt;
@@ -1216,6 +1274,7 @@ impl Primary {
             return;
         }
         self.applied_ack = through;
+        self.ident.peer.applied = self.ident.peer.applied.max(through);
         while self.unapplied.front().is_some_and(|g| g.last <= through) {
             self.unapplied.pop_front();
         }
@@ -1235,6 +1294,10 @@ impl Primary {
             if through >= end {
                 self.resync_end = None;
                 self.resync_running = false;
+                if std::mem::take(&mut self.resync_full) {
+                    self.sweep = None;
+                    self.finish_full_resync();
+                }
             }
         }
     }
@@ -1265,11 +1328,7 @@ impl Primary {
         self.needs_copy.extend(self.local_dirty.iter().copied());
         self.needs_copy.extend(self.dirty.keys().copied());
         // The marker goes first, so that the peer can bridge the gap at once.
-        self.resync_running = true;
-        self.resync_end = None;
-        self.begin_checks();
-        self.stats.resyncs_started += 1;
-        self.dispatch_resync_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: true });
+        self.start_resync(true);
         // Seqs that will never be applied must not keep extents dirty forever: the copies
         // shipped by the resync re-mark them.
         self.dirty.clear();
@@ -1281,7 +1340,8 @@ impl Primary {
     /// the failback set is usually equal on both sites. Other resyncs copy: their extents
     /// are known to differ.
     fn begin_checks(&mut self) {
-        self.resync_verifies = self.cfg.verify_failback && (self.failback_pending || self.peer_save_aside);
+        // A full resync always checks: most of an amnesiac's image is usually right.
+        self.resync_verifies = self.resync_full || (self.cfg.verify_failback && (self.failback_pending || self.peer_save_aside));
         self.last_verify = None;
         // A check's block list holds only while every later write reaches the peer in order;
         // a new resync (after an abandoned buffer, say) starts from whole extents again, and
@@ -1291,17 +1351,34 @@ impl Primary {
         self.resync_begin = self.next_seq;
     }
 
+    /// Starts a resync: full (every extent of the volume, checked by digest) while the peer
+    /// is owed one, else of `needs_copy`. `skip` bridges an abandoned buffer (see
+    /// `abandon_buffer`).
+    fn start_resync(&mut self, skip: bool) {
+        let full = self.ident.full_resync_owed;
+        self.resync_running = true;
+        self.resync_end = None;
+        self.resync_full = full;
+        self.sweep = full.then_some(0);
+        self.stats.full_resync_swept_extents = 0;
+        self.begin_checks();
+        self.stats.resyncs_started += 1;
+        // A promoted site's peer is the old primary, which may hold acknowledged writes of
+        // its own anywhere when the full resync is owed (this site was an amnesiac).
+        let save_aside = self.peer_save_aside || (full && self.failback_pending);
+        self.dispatch_resync_item(Apply::ResyncBegin { save_aside, skip, full });
+    }
+
     fn drive_resync(&mut self) {
         if self.link != LinkState::Up || self.phase == Phase::Fenced {
             return;
         }
-        if !self.resync_running && (!self.needs_copy.is_empty() || self.force_resync) {
+        // A full resync owed replaces a partial one under way: its marker tells the peer that
+        // this resync's end vouches for the whole image.
+        let full_due = self.ident.full_resync_owed && !self.resync_full;
+        if (!self.resync_running && (!self.needs_copy.is_empty() || self.force_resync)) || full_due {
             self.force_resync = false;
-            self.resync_running = true;
-            self.resync_end = None;
-            self.begin_checks();
-            self.stats.resyncs_started += 1;
-            self.dispatch_resync_item(Apply::ResyncBegin { save_aside: self.peer_save_aside, skip: false });
+            self.start_resync(false);
         }
         if !self.resync_running {
             return;
@@ -1314,14 +1391,27 @@ impl Primary {
                 break;
             }
             let next = self.needs_copy.iter().copied().find(|e| !self.local_busy.contains_key(e));
-            let Some(e) = next else { break };
-            self.needs_copy.remove(&e);
+            let e = match (next, self.sweep) {
+                (Some(e), _) => {
+                    self.needs_copy.remove(&e);
+                    e
+                }
+                // A full resync's sweep, in extent order, once nothing else is owed; an extent
+                // a local write is busy with waits for it.
+                (None, Some(c)) if c < self.geo.extent_count() && !self.local_busy.contains_key(&ExtentId(c)) => {
+                    self.sweep = Some(c + 1);
+                    self.stats.full_resync_swept_extents = c + 1;
+                    ExtentId(c)
+                }
+                _ => break,
+            };
             let token = self.token();
             self.reading.insert(token, e);
             self.actions.push_back(Action::ReadExtent { token, extent: e });
         }
         let checks_answered = self.last_verify.is_none_or(|v| self.applied_ack >= v);
-        if self.needs_copy.is_empty() && self.reading.is_empty() && self.resync_end.is_none() && checks_answered {
+        let swept = self.sweep.is_none_or(|c| c >= self.geo.extent_count());
+        if self.needs_copy.is_empty() && self.reading.is_empty() && self.resync_end.is_none() && checks_answered && swept {
             let end = self.dispatch_resync_item(Apply::ResyncEnd);
             self.resync_end = Some(end);
         }
@@ -1514,8 +1604,13 @@ impl Primary {
     /// With the link down, misses are tracked in the dirty map rather than held: under
     /// `degrade`, and on a promoted primary whose failback has not completed (no secondary
     /// holds a record worth protecting; the dirty map is the failback set).
+    ///
+    /// A primary that has never paired with its peer (no memory of the peer's store) does not
+    /// degrade: it may be a rebuilt site whose peer holds all the data, and writing alone
+    /// before the first handshake would take acknowledged writes that the peer refuses (see
+    /// `Refusal::UnknownStore`). A new pair pairs within the first connection.
     fn writes_alone_on_link_loss(&self) -> bool {
-        self.cfg.on_link_loss == LinkLossPolicy::Degrade || self.failback_pending
+        (self.cfg.on_link_loss == LinkLossPolicy::Degrade && self.ident.peer.store.is_some()) || self.failback_pending
     }
 
     /// The failback is complete once the peer has applied everything, no resync runs and
@@ -1548,6 +1643,7 @@ impl Primary {
     fn maybe_authoritative(&mut self) {
         if !self.peer_authoritative
             && self.link == LinkState::Up
+            && !self.ident.full_resync_owed
             && self.cfg.mode == Mode::Predictive
             && self.local_dirty.is_empty()
             && self.dirty_persisting.is_empty()
@@ -1632,8 +1728,17 @@ impl Primary {
     }
 
     fn fence(&mut self, newer: Epoch) {
+        if self.step_down(newer, None) {
+            self.actions.push_back(Action::Disconnect { reason: format!("fenced by epoch {}", newer.0) });
+        }
+    }
+
+    /// Stops serving and becomes a secondary of epoch `epoch`: fenced by a newer epoch, or
+    /// (with `amnesia`) because this site's own store lost state. Returns false if already
+    /// stepping down.
+    fn step_down(&mut self, epoch: Epoch, amnesia: Option<&str>) -> bool {
         if self.phase == Phase::Fenced {
-            return;
+            return false;
         }
         self.phase = Phase::Fenced;
         for (_, w) in std::mem::take(&mut self.waiting) {
@@ -1649,7 +1754,7 @@ impl Primary {
         // lacks, and is reported to it as divergent.
         let mut batch = vec![
             StoreWrite::ClearRecord,
-            StoreWrite::Meta(Meta::Epoch(newer)),
+            StoreWrite::Meta(Meta::Epoch(epoch)),
             StoreWrite::Meta(Meta::Role(Role::Secondary)),
             StoreWrite::Meta(Meta::FailbackPending(false)),
             // This incarnation never learned its record (it was superseded before its first
@@ -1661,17 +1766,29 @@ impl Primary {
             StoreWrite::Meta(Meta::Authoritative(false)),
             StoreWrite::Meta(Meta::Applied(Seq(0))),
             StoreWrite::Meta(Meta::ApplyHighWater(Seq(0))),
+            StoreWrite::Meta(Meta::Peer(self.ident.peer.across_role_change())),
+            StoreWrite::Meta(Meta::FullResyncOwed(false)),
         ];
         // Writes acknowledged that the peer never applied are split-brain evidence.
         if self.last_dispatched() > self.applied_ack || self.wrote_alone {
             batch.push(StoreWrite::Meta(Meta::WroteAlone(true)));
+        }
+        // A site that owed its peer a full resync was promoted while its own store was an
+        // amnesiac (or found its peer one): superseded now, its image is as untrusted as
+        // before, and the new primary must check all of it.
+        if amnesia.is_some() || self.ident.full_resync_owed {
+            // Whatever this store forgot, the media may hold acknowledged writes the peer
+            // lacks anywhere: everything the next resync overwrites is saved aside first,
+            // and only a full resync makes this store trusted again.
+            batch.push(StoreWrite::Meta(Meta::SaveAsideOnResync(true)));
+            batch.push(StoreWrite::Meta(Meta::Amnesiac(true)));
         }
         // Extents written here but possibly unknown to the new primary's failback set.
         let extra: Vec<StoreWrite> =
             self.dirty.keys().filter(|e| !self.local_dirty.contains(e)).map(|e| StoreWrite::PutDirty(*e)).collect();
         batch.extend(extra);
         self.persist(PersistKind::Demote, Vec::new(), batch);
-        self.actions.push_back(Action::Disconnect { reason: format!("fenced by epoch {}", newer.0) });
+        true
     }
 
     fn refuse(&mut self, reason: &str) {

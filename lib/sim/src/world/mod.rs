@@ -19,8 +19,10 @@ use geomirror_core::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::Duration;
+
+mod amnesia;
 
 /// What happens at the middle of a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +51,13 @@ pub struct Faults {
     /// with a write that times out after landing: the host sees an error, the sites must
     /// still converge).
     pub media_error_ppm: u32,
+    /// Chance that a site's store is lost whole (its state directory emptied; half the time
+    /// its media replaced by a blank one too, a rebuilt site), at a crash.
+    pub store_loss_ppm: u32,
+    /// Chance that a site's store goes back to an earlier durable state (a restored backup,
+    /// a disk that lost synced writes), at a crash: only to states the design promises to
+    /// detect (see `amnesia.rs`).
+    pub store_rollback_ppm: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -127,6 +136,8 @@ impl SimConfig {
             resync_reads_in_flight: r.gen_range(1..8),
             // From the seed, not the generator, so that every other draw stays as it was.
             verify_failback: !seed.is_multiple_of(5),
+            // Drawn below, after the draws that name the scenario.
+            peer_memory_persist_interval: Duration::from_secs(1),
         };
         let mut cfg = SimConfig {
             seed,
@@ -145,6 +156,8 @@ impl SimConfig {
                 flush_ppm: r.gen_range(0..80_000),
                 drop_mid_frame_ppm: r.gen_range(0..300),
                 media_error_ppm: 0,
+                store_loss_ppm: 0,
+                store_rollback_ppm: 0,
             },
             scenario,
             max_events: 2_000_000,
@@ -155,6 +168,9 @@ impl SimConfig {
         };
         // Draws added later go last, so that earlier seeds keep their scenarios.
         cfg.faults.media_error_ppm = if r.gen_bool(0.3) { r.gen_range(0..5000) } else { 0 };
+        cfg.faults.store_loss_ppm = if r.gen_bool(0.2) { r.gen_range(0..4000) } else { 0 };
+        cfg.faults.store_rollback_ppm = if r.gen_bool(0.2) { r.gen_range(0..6000) } else { 0 };
+        cfg.core.peer_memory_persist_interval = Duration::from_millis(r.gen_range(1..40));
         cfg
     }
 }
@@ -199,6 +215,12 @@ pub struct SimReport {
     pub lost_acked_blocks_reported: u64,
     /// Promotions that reported a non-authoritative record or an inconsistent image.
     pub loud_promotions: u64,
+    /// Stores lost whole or rolled back, and amnesias the sites detected and healed with a
+    /// full verified resync.
+    pub store_faults: u64,
+    pub amnesias_healed: u64,
+    /// Promotions an operator made because no site was primary (a primary's store was lost).
+    pub recoveries: u64,
     pub max_record_len: u64,
     /// (time in µs, record length) sampled after every host ack.
     pub record_samples: Vec<(u64, u64)>,
@@ -239,22 +261,76 @@ struct Site {
     /// Image when the site was demoted; save-aside is judged against it.
     pre_demotion: Option<Vec<u64>>,
     was_consistent: bool,
+    /// Durable states of the store, newest last (bounded): what a rollback goes back to.
+    history: VecDeque<SiteState>,
+    /// The role a new store of this site starts in (its configured role).
+    home_role: Role,
 }
 
 #[derive(Clone, Debug)]
 enum Ev {
     HostIssue,
-    Deliver { to: SiteId, conn: u64, bytes: Vec<u8> },
-    PersistDone { site: SiteId, life: u64, token: Token, batch: u64 },
-    LocalWriteDone { site: SiteId, life: u64, token: Token, ok: bool },
-    SyncDone { site: SiteId, life: u64, token: Token, snapshot: Vec<u64>, applied_write: u64 },
-    ReadDone { site: SiteId, life: u64, token: Token, data: Bytes },
-    VerifyDone { site: SiteId, life: u64, token: Token, differing: Vec<u8> },
-    Timer { site: SiteId, life: u64 },
-    Connect { conn: u64 },
-    Heal { cut_id: u64 },
-    Crash { site: SiteId },
-    Restart { site: SiteId },
+    Deliver {
+        to: SiteId,
+        conn: u64,
+        bytes: Vec<u8>,
+    },
+    PersistDone {
+        site: SiteId,
+        life: u64,
+        token: Token,
+        batch: u64,
+    },
+    LocalWriteDone {
+        site: SiteId,
+        life: u64,
+        token: Token,
+        ok: bool,
+    },
+    SyncDone {
+        site: SiteId,
+        life: u64,
+        token: Token,
+        snapshot: Vec<u64>,
+        applied_write: u64,
+    },
+    ReadDone {
+        site: SiteId,
+        life: u64,
+        token: Token,
+        data: Bytes,
+    },
+    VerifyDone {
+        site: SiteId,
+        life: u64,
+        token: Token,
+        differing: Vec<u8>,
+    },
+    Timer {
+        site: SiteId,
+        life: u64,
+    },
+    Connect {
+        conn: u64,
+    },
+    Heal {
+        cut_id: u64,
+    },
+    Crash {
+        site: SiteId,
+    },
+    Restart {
+        site: SiteId,
+    },
+    /// A crash that also loses the site's store (and with `blank`, its media).
+    StoreLoss {
+        site: SiteId,
+        blank: bool,
+    },
+    /// A crash after which the store holds an earlier durable state.
+    StoreRollback {
+        site: SiteId,
+    },
     Scenario,
     Step(u8),
 }
@@ -364,6 +440,14 @@ pub struct World {
     hash: u64,
     quiescing: bool,
     event_count: u64,
+    /// Store identities are drawn from their own generator, so that drawing them changes no
+    /// other draw.
+    id_rng: ChaCha8Rng,
+    /// Per site: a store fault whose effects invariant R cannot be held to until it is healed.
+    amnesia: [Option<amnesia::AmnesiaWatch>; 2],
+    /// An operator's promotion of this site because no site was primary; the host moves to
+    /// it once it serves.
+    recovery: Option<SiteId>,
 }
 
 const OTHER: [SiteId; 2] = [1, 0];
@@ -373,9 +457,10 @@ impl World {
         let geo = Geometry::new(cfg.volume_bytes, cfg.extent_bytes).expect("simulation geometry is valid");
         cfg.core.validate().expect("simulation core config is valid");
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut id_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x1d_1d_1d);
         let blocks = (cfg.volume_bytes / BLOCK) as usize;
-        let mk = |role| Site {
-            store: MemStore::new(SiteState::fresh(role)),
+        let mut mk = |role| Site {
+            store: MemStore::new(SiteState::fresh(role, geomirror_core::StoreId(id_rng.gen()))),
             media: Media::new(cfg.volume_bytes),
             side: BTreeMap::new(),
             core: None,
@@ -384,7 +469,10 @@ impl World {
             media_done_at: Time::ZERO,
             pre_demotion: None,
             was_consistent: true,
+            history: VecDeque::new(),
+            home_role: role,
         };
+        let sites = [mk(Role::Primary), mk(Role::Secondary)];
         let generator = Generator::new(cfg.workload, cfg.volume_bytes, cfg.write_bytes, cfg.write_bytes * 3, 2);
         let mut w = World {
             geo,
@@ -393,7 +481,7 @@ impl World {
             queue: BinaryHeap::new(),
             events: Vec::new(),
             next_ev: 0,
-            sites: [mk(Role::Primary), mk(Role::Secondary)],
+            sites,
             active: 0,
             conn: 0,
             link_up: false,
@@ -424,6 +512,9 @@ impl World {
             hash: 0xcbf2_9ce4_8422_2325,
             quiescing: false,
             event_count: 0,
+            id_rng,
+            amnesia: [None, None],
+            recovery: None,
             cfg,
         };
         w.boot(0);
@@ -507,6 +598,10 @@ impl World {
             Role::Primary => {
                 let p = Primary::new(cfg, self.geo, &state, self.now);
                 let first = p.incarnation() << 40;
+                // What it applied as a secondary was numbered in another primary's sequence
+                // space; when it is a secondary again, O3 starts over from its next apply.
+                self.last_applied_write[s] = 0;
+                self.synced_applied_write[s] = 0;
                 self.bases[s].push((first, self.sites[s].media.current().to_vec()));
                 self.model_cache = None;
                 Core::Primary(Box::new(p))
@@ -590,7 +685,9 @@ impl World {
             Ev::PersistDone { site, life, token, batch } => {
                 // The store finishes what it was given even if the state machine that asked
                 // was replaced meanwhile (a role change); a crash already discarded it.
-                self.sites[site].store.sync_through(batch);
+                if self.sites[site].store.sync_through(batch) {
+                    self.remember_durable(site);
+                }
                 if life != self.sites[site].life {
                     return;
                 }
@@ -679,7 +776,12 @@ impl World {
                     self.connect_later(Duration::from_micros(100));
                 }
             }
+            // One fault at a time: a primary whose store went back is not also crashed again
+            // before the peer could find it out.
+            Ev::Crash { site } if self.amnesia[site].is_some_and(|w| w.primary_rollback && !w.flagged) => {}
             Ev::Crash { site } => self.crash(site),
+            Ev::StoreLoss { site, blank } => self.store_loss(site, blank),
+            Ev::StoreRollback { site } => self.store_rollback(site),
             Ev::Restart { site } => {
                 if self.sites[site].core.is_none() {
                     self.boot(site);
@@ -733,12 +835,15 @@ impl World {
             }
             self.schedule(Duration::from_micros(10), Ev::HostIssue);
         }
-        if s == self.active {
+        // (A site whose store a fault took back may have lost what a flush made durable, and
+        // one whose media was replaced holds none of the host's data: the host finds it on
+        // the peer, checked at the promotion.)
+        if s == self.active && !self.amnesia[s].is_some_and(|w| w.blanked) {
             // O1 across a primary crash: what survived must be at least what a flush made
             // durable. The host then takes the surviving image as its new baseline.
             let image = self.sites[s].media.current().to_vec();
             for (b, v) in image.iter().enumerate() {
-                if self.host.indeterminate[b] {
+                if self.host.indeterminate[b] || self.amnesia[s].is_some() {
                     continue;
                 }
                 if !self.host.history[b][self.host.flushed[b]..].contains(v) {
@@ -970,6 +1075,7 @@ impl World {
             let d = self.us(0, 2_000);
             self.schedule(d, Ev::Crash { site: b });
         }
+        self.maybe_store_fault();
     }
 
     // ----- the scenario, as an operator would run it -----
@@ -1035,7 +1141,7 @@ impl World {
                     self.schedule(Duration::from_millis(2), Ev::Step(2));
                     return;
                 }
-                self.switch_host_to(b);
+                self.switch_host_to(b, false);
                 if self.cfg.scenario == Scenario::SplitBrain {
                     // A writer that still reaches the old primary keeps writing there.
                     if self.sites[a].core.is_none() {
@@ -1083,8 +1189,9 @@ impl World {
             (Scenario::Switchover, 1) => {
                 let drained = matches!(&self.sites[a].core, Some(Core::Primary(p)) if p.is_drained());
                 if !drained {
-                    if self.sites[a].core.is_none() || self.sites[b].core.is_none() {
-                        // A crash during the drain: give up the switchover, as an operator would.
+                    if self.sites[a].core.is_none() || self.sites[b].core.is_none() || !self.is_primary(a) {
+                        // A crash during the drain (or the primary stepped down: its store was
+                        // lost): give up the switchover, as an operator would.
                         let now = self.now;
                         if let Some(p) = self.primary(a) {
                             p.end_drain(now);
@@ -1129,7 +1236,7 @@ impl World {
                     self.schedule(Duration::from_millis(1), Ev::Step(3));
                     return;
                 }
-                self.switch_host_to(b);
+                self.switch_host_to(b, true);
                 self.disconnect(true);
                 self.scenario_stage = 9;
             }
@@ -1140,6 +1247,7 @@ impl World {
     /// The operator on call: a held split brain must be reported on both sides; then the
     /// operator keeps the promoted site's data and the loser is failed back with save-aside.
     fn operator(&mut self) {
+        self.recover_primary();
         let new = self.active;
         let old = OTHER[new];
         let held = matches!(&self.sites[new].core, Some(Core::Primary(p)) if p.split_brain());
@@ -1160,16 +1268,27 @@ impl World {
     }
 
     fn promote(&mut self, s: SiteId, force: bool) {
+        if let Err(e) = self.try_promote(s, force) {
+            self.violate("promote", format!("promotion refused: {e}"));
+        }
+    }
+
+    /// Promotes site `s` as an operator would: an amnesiac is refused, and the operator, whose
+    /// primary is gone, forces it (the promotion is then loud).
+    fn try_promote(&mut self, s: SiteId, force: bool) -> Result<(), geomirror_core::PromoteError> {
         let record: BTreeSet<ExtentId> = self.sites[s].store.durable().record.keys().copied().collect();
         let dirty: BTreeSet<ExtentId> = self.sites[s].store.durable().dirty.clone();
         let res = match &mut self.sites[s].core {
-            Some(Core::Secondary(x)) => x.promote(force),
-            _ => return,
+            Some(Core::Secondary(x)) => match x.promote(force) {
+                Err(geomirror_core::PromoteError::Amnesiac | geomirror_core::PromoteError::NeverPaired) => x.promote(true),
+                other => other,
+            },
+            _ => return Ok(()),
         };
         match res {
             Ok(report) => {
                 self.report.promotions += 1;
-                if !report.authoritative || !report.consistent {
+                if !report.authoritative || !report.consistent || report.amnesiac {
                     self.report.loud_promotions += 1;
                     self.promoted_record = None;
                 } else {
@@ -1178,24 +1297,23 @@ impl World {
                     self.promoted_record = Some(r);
                 }
             }
-            Err(e) => {
-                self.violate("promote", format!("promotion refused: {e}"));
-                return;
-            }
+            Err(e) => return Err(e),
         }
         self.drain_actions(s);
         // Idempotence: promoting again while it is persisted is refused, not repeated.
         if let Some(Core::Secondary(x)) = &mut self.sites[s].core {
-            if x.promote(force).is_ok() {
+            if x.promote(true).is_ok() {
                 self.violate("promote", "a second promotion was accepted".into());
             }
         }
+        Ok(())
     }
 
-    /// The host moves to the promoted site. O1: what it lost must lie in the record.
-    fn switch_host_to(&mut self, s: SiteId) {
+    /// The host moves to the promoted site. O1: what it lost must lie in the record, or
+    /// (`planned`, a switchover) nothing at all.
+    fn switch_host_to(&mut self, s: SiteId, planned: bool) {
         let image = self.sites[s].media.current().to_vec();
-        if self.cfg.scenario != Scenario::Switchover {
+        if !planned {
             let mut lost = 0;
             for (b, v) in image.iter().enumerate() {
                 if self.host.indeterminate[b] || self.host.busy[b] > 0 {
@@ -1203,7 +1321,13 @@ impl World {
                 }
                 if *v != self.host.current(b) {
                     let e = ExtentId(b as u64 * BLOCK / self.geo.extent_bytes());
+                    // A site whose store went back, promoted before any handshake could find it
+                    // out (its only witness, the primary, was lost too): it cannot know what it
+                    // lost. The old primary finds out when it returns (`promoted_from`), and
+                    // its failback saves aside whatever differs; O7 and O4 hold it to that.
+                    let unknowing = self.amnesia[s].is_some_and(|w| !w.flagged);
                     match &self.promoted_record {
+                        _ if unknowing => lost += 1,
                         Some(r) if r.contains(&e) => lost += 1,
                         Some(_) => {
                             self.violate("O1", format!("after promotion block {b} (extent {}) holds {v}, host was acked {}, and the extent is not in the durable record", e.0, self.host.current(b)));
@@ -1233,6 +1357,10 @@ impl World {
         }
         self.active = s;
         self.host.rebase(&image);
+        // The host's data is on this site from now on, whatever a fault did to its media.
+        if let Some(w) = &mut self.amnesia[s] {
+            w.blanked = false;
+        }
         for b in 0..image.len() {
             if self.host.busy[b] > 0 {
                 self.host.indeterminate[b] = true;
@@ -1495,7 +1623,11 @@ impl World {
     // ----- the oracles, after every event -----
 
     fn check_all(&mut self) {
-        self.check_r();
+        self.watch_amnesia();
+        if self.amnesia.iter().all(Option::is_none) {
+            self.check_r();
+        }
+        self.check_o7();
         self.check_o1();
         self.check_o3();
         self.check_save_aside();
@@ -1541,7 +1673,9 @@ impl World {
     /// O1 while the primary lives: what the host was acknowledged is on the primary's media.
     fn check_o1(&mut self) {
         let a = self.active;
-        if !self.is_primary(a) {
+        // A site whose store or media a fault took is not the primary that acknowledged the
+        // host's writes; the host finds them on its peer (checked at the promotion).
+        if !self.is_primary(a) || self.amnesia[a].is_some_and(|w| w.blanked) {
             return;
         }
         let img = self.sites[a].media.current();
@@ -1559,7 +1693,12 @@ impl World {
     fn check_o3(&mut self) {
         let a = self.active;
         let b = OTHER[a];
-        let consistent = self.sites[b].store.durable().consistent && matches!(self.sites[b].core, Some(Core::Secondary(_)));
+        // A store a fault took back in time claims what it no longer knows until the
+        // handshake finds it out, and a primary's may hand out sequence numbers again (the
+        // history the model replays is then ambiguous) until it steps down: see `amnesia.rs`.
+        let consistent = self.sites[b].store.durable().consistent
+            && matches!(self.sites[b].core, Some(Core::Secondary(_)))
+            && self.amnesia.iter().all(Option::is_none);
         if !consistent || !self.sites[b].was_consistent {
             self.sites[b].was_consistent = consistent && self.sites[b].core.is_some();
             return;

@@ -16,16 +16,18 @@
 use crate::action::Action;
 use crate::config::CoreConfig;
 use crate::digest::check_blocks;
-use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Role, Stream, StreamHint, MAX_LIST_LEN};
+use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Remembered, Role, Stream, StreamHint, MAX_LIST_LEN};
 use crate::geometry::Geometry;
-use crate::ids::{Epoch, ExtentId, Generation, Seq, Token};
+use crate::ids::{Epoch, ExtentId, Generation, Seq, StoreId, Token};
 use crate::predict::Predictor;
 use crate::record::{from_runs, runs_len, to_runs, ExtentRun, Record};
 use crate::stats::SecondaryStats;
-use crate::store::{Meta, SiteState, StoreWrite};
+use crate::store::{Meta, PeerMemory, SiteState, StoreWrite};
 use crate::time::Time;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use thiserror::Error;
+
+mod identity;
 
 #[derive(Clone, Debug)]
 enum Queued {
@@ -45,11 +47,13 @@ enum PersistKind {
     HighWater(Seq),
     /// Durable "inconsistent" at start, when media may be ahead of the stored position.
     CatchUp,
-    /// Applied position; "consistent" again when a resync ended or a catch-up completed.
+    /// Applied position; "consistent" again when a resync ended or a catch-up completed,
+    /// and no longer an amnesiac when that resync was a full one.
     Applied {
         through: Seq,
         consistent: bool,
         resynced: bool,
+        full_resynced: bool,
     },
     Authoritative(bool),
     Promote,
@@ -62,6 +66,12 @@ enum PersistKind {
     },
 }
 
+/// How far a forced promotion of an amnesiac moves its epoch ahead. Its store does not know
+/// how far its peer's epoch went while it was gone, and two primaries of one epoch cannot be
+/// told apart (each would refuse the other forever). Normal promotions add one, so the peer
+/// would need this many promotions meanwhile to meet it.
+pub const AMNESIAC_EPOCH_JUMP: u64 = 1 << 20;
+
 /// What a promotion found, for the operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PromoteReport {
@@ -71,6 +81,9 @@ pub struct PromoteReport {
     pub authoritative: bool,
     /// False mid-resync: the image is not a prefix of the old primary's history.
     pub consistent: bool,
+    /// True when an amnesiac was promoted by force: its image may lack acknowledged writes
+    /// anywhere, and its failback onto the old primary checks the whole volume.
+    pub amnesiac: bool,
     pub applied: Seq,
 }
 
@@ -80,6 +93,10 @@ pub enum PromoteError {
     PeerAlive(u64),
     #[error("a promotion is already being persisted")]
     InProgress,
+    #[error("this site has never paired with a primary (its store is new and no handshake has completed): its image holds nothing known of the primary's data; promote it only if the primary is lost for good (force)")]
+    NeverPaired,
+    #[error("this site's store lost state it had acknowledged to its primary (an amnesiac): its image may lack acknowledged writes anywhere, not only in recorded extents, until a full verified resync from the primary ends; promote it only if the primary is lost for good (force)")]
+    Amnesiac,
 }
 
 pub struct Secondary {
@@ -105,6 +122,16 @@ pub struct Secondary {
     divergent: BTreeSet<ExtentId>,
     /// Durable: save aside everything the next resync overwrites (see `Meta`).
     save_aside_on_resync: bool,
+    /// This store's identity, and what it remembers of its primary's (see `identity.rs`).
+    store_id: StoreId,
+    peer: PeerMemory,
+    /// Durable: this store lost acknowledged state; untrusted until a full resync ends.
+    amnesiac: bool,
+    /// The resync under way began as a full one (`ResyncBegin { full }`): its durable end is
+    /// what clears `amnesiac`.
+    resync_full: bool,
+    /// Why this store was last found an amnesiac at a handshake (for status and logs).
+    last_amnesia: Option<String>,
     connected: bool,
     /// Peer's hello processed and welcome sent.
     welcomed: bool,
@@ -158,6 +185,11 @@ impl Secondary {
             wrote_alone: state.wrote_alone,
             divergent: state.dirty.clone(),
             save_aside_on_resync: state.save_aside_on_resync,
+            store_id: state.store_id,
+            peer: state.peer,
+            amnesiac: state.amnesiac,
+            resync_full: false,
+            last_amnesia: None,
             connected: false,
             welcomed: false,
             welcome_due: false,
@@ -174,7 +206,7 @@ impl Secondary {
             saved: BTreeSet::new(),
             // Inconsistent at start: only a resync can vouch for the image again. The welcome
             // says so, and the primary starts one.
-            resyncing: !state.consistent,
+            resyncing: !state.consistent || state.amnesiac,
             resync_end: None,
             sync_inflight: None,
             applied_persist: None,
@@ -229,6 +261,18 @@ impl Secondary {
     pub fn split_brain_evidence(&self) -> bool {
         self.wrote_alone
     }
+    /// This store lost state it had acknowledged: nothing it says about its image is trusted
+    /// until a full verified resync ends.
+    pub fn is_amnesiac(&self) -> bool {
+        self.amnesiac
+    }
+    pub fn store_id(&self) -> StoreId {
+        self.store_id
+    }
+    /// The primary's store this site is paired with, once known.
+    pub fn peer_store(&self) -> Option<StoreId> {
+        self.peer.store
+    }
 
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
@@ -276,6 +320,10 @@ impl Secondary {
             on_link_loss: self.cfg.on_link_loss,
             authoritative: self.authoritative,
             wrote_alone: self.wrote_alone,
+            store: self.store_id,
+            remembers: self.peer.store.map(|store| Remembered { store, applied: Seq(0), generation: Generation(0) }),
+            promoted_from: None,
+            owes_full_resync: false,
         });
     }
 
@@ -299,8 +347,31 @@ impl Secondary {
             self.refuse(None, "invalid frame");
             return;
         }
-        if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, on_link_loss, authoritative, .. } = frame {
-            self.on_hello(epoch, role, volume_bytes, extent_bytes, on_link_loss, authoritative);
+        if let Frame::Hello {
+            epoch,
+            role,
+            volume_bytes,
+            extent_bytes,
+            on_link_loss,
+            authoritative,
+            store,
+            remembers,
+            owes_full_resync,
+            ..
+        } = frame
+        {
+            let hello = PeerHello {
+                epoch,
+                role,
+                volume_bytes,
+                extent_bytes,
+                policy: on_link_loss,
+                authoritative,
+                store,
+                remembers,
+                owes_full_resync,
+            };
+            self.on_hello(hello);
             self.progress();
             return;
         }
@@ -397,11 +468,15 @@ impl Secondary {
                     self.apply_blocked = None;
                 }
             }
-            PersistKind::Applied { through, consistent, resynced } => {
+            PersistKind::Applied { through, consistent, resynced, full_resynced } => {
                 self.applied_persist = None;
                 self.durable_applied = self.durable_applied.max(through);
                 if consistent {
                     self.consistent = true;
+                }
+                if full_resynced {
+                    self.amnesiac = false;
+                    self.stats.full_resyncs_completed += 1;
                 }
                 if resynced {
                     self.resyncing = self.resync_end.is_some();
@@ -483,13 +558,18 @@ impl Secondary {
                 if consistent {
                     batch.push(StoreWrite::Meta(Meta::Consistent(true)));
                 }
+                // Only the end of a full resync vouches for an amnesiac's whole image.
+                let full_resynced = resynced && self.resync_full && self.amnesiac;
                 if resynced {
                     self.resync_end = None;
                     batch.push(StoreWrite::Meta(Meta::WroteAlone(false)));
                     batch.push(StoreWrite::Meta(Meta::SaveAsideOnResync(false)));
                     batch.extend(self.divergent.iter().map(|e| StoreWrite::DelDirty(*e)));
                 }
-                let token = self.persist(PersistKind::Applied { through, consistent, resynced }, batch);
+                if full_resynced {
+                    batch.push(StoreWrite::Meta(Meta::Amnesiac(false)));
+                }
+                let token = self.persist(PersistKind::Applied { through, consistent, resynced, full_resynced }, batch);
                 self.applied_persist = Some(token);
             }
         }
@@ -505,8 +585,17 @@ impl Secondary {
         if self.connected && self.welcomed && self.peer_epoch == Some(self.epoch) && !force {
             return Err(PromoteError::PeerAlive(self.epoch.0));
         }
+        if self.amnesiac && !force {
+            return Err(PromoteError::Amnesiac);
+        }
+        if self.peer.store.is_none() && !force {
+            return Err(PromoteError::NeverPaired);
+        }
+        // Neither an amnesiac nor a store that never paired knows how far its peer's epoch
+        // went, nor which extents differ from the peer's image.
+        let untrusted = self.amnesiac || self.peer.store.is_none();
         self.promoting = true;
-        let new_epoch = self.epoch.next();
+        let new_epoch = if untrusted { Epoch(self.epoch.0.saturating_add(AMNESIAC_EPOCH_JUMP)) } else { self.epoch.next() };
         let mut batch = vec![
             StoreWrite::Meta(Meta::Epoch(new_epoch)),
             StoreWrite::Meta(Meta::Role(Role::Primary)),
@@ -517,7 +606,18 @@ impl Secondary {
             // set, it would outlive this epoch and make a later failback onto this site save
             // aside every extent it overwrites.
             StoreWrite::Meta(Meta::SaveAsideOnResync(false)),
+            StoreWrite::Meta(Meta::Peer(self.peer.across_role_change())),
+            StoreWrite::Meta(Meta::PromotedFrom(crate::frame::Position {
+                applied: self.durable_applied,
+                next_generation: self.next_generation,
+            })),
         ];
+        if untrusted {
+            // Promoted by force: nothing tells which extents may differ from the old primary,
+            // so its failback (onto whatever peer it meets next) checks the whole volume.
+            batch.push(StoreWrite::Meta(Meta::Amnesiac(false)));
+            batch.push(StoreWrite::Meta(Meta::FullResyncOwed(true)));
+        }
         batch.extend(self.record.iter().map(|(e, _)| StoreWrite::PutDirty(e)));
         batch.push(StoreWrite::ClearRecord);
         let report = PromoteReport {
@@ -525,6 +625,7 @@ impl Secondary {
             record_extents: self.record.len() as u64,
             authoritative: self.authoritative,
             consistent: self.consistent,
+            amnesiac: untrusted,
             applied: self.applied,
         };
         self.persist(PersistKind::Promote, batch);
@@ -536,7 +637,8 @@ impl Secondary {
 
     // ----- internals -----
 
-    fn on_hello(&mut self, epoch: Epoch, role: Role, volume_bytes: u64, extent_bytes: u64, policy: LinkLossPolicy, authoritative: bool) {
+    fn on_hello(&mut self, hello: PeerHello) {
+        let PeerHello { epoch, role, volume_bytes, extent_bytes, policy, authoritative, store, remembers, owes_full_resync } = hello;
         if volume_bytes != self.geo.volume_bytes() || extent_bytes != self.geo.extent_bytes() {
             self.refuse(Some(Refusal::Geometry), "peer volume geometry differs");
             return;
@@ -553,9 +655,12 @@ impl Secondary {
             self.refuse(Some(Refusal::Roles), "this site is being promoted");
             return;
         }
+        let mut batch = Vec::new();
+        if self.check_identity(epoch, store, remembers, owes_full_resync, &mut batch).is_err() {
+            return;
+        }
         self.peer_epoch = Some(epoch);
         self.link_down_since = None;
-        let mut batch = Vec::new();
         let degrades = policy == LinkLossPolicy::Degrade;
         if degrades != self.peer_may_degrade {
             self.peer_may_degrade = degrades;
@@ -564,6 +669,20 @@ impl Secondary {
         if epoch > self.epoch {
             self.epoch = epoch;
             batch.push(StoreWrite::Meta(Meta::Epoch(epoch)));
+            // A primary of a newer epoch numbers its writes in a sequence space of its own:
+            // what this site applied before counts nothing there. (A fenced or demoted site
+            // starts its new epoch so already; a secondary that saw its peer promoted while it
+            // was a secondary too, after the primary's store was lost, gets here. Kept, a
+            // position above the new primary's numbers would make this site drop its writes
+            // as already applied.) Its resync marker bridges the gap.
+            if self.applied > Seq(0) || self.high_water > Seq(0) {
+                self.applied = Seq(0);
+                self.durable_applied = Seq(0);
+                self.high_water = Seq(0);
+                self.catch_up_to = None;
+                batch.push(StoreWrite::Meta(Meta::Applied(Seq(0))));
+                batch.push(StoreWrite::Meta(Meta::ApplyHighWater(Seq(0))));
+            }
         }
         if !authoritative && self.authoritative {
             self.authoritative = false;
@@ -601,6 +720,9 @@ impl Secondary {
             applied: self.applied,
             consistent: self.consistent,
             authoritative: self.authoritative,
+            store: self.store_id,
+            next_generation: self.next_generation,
+            amnesiac: self.amnesiac,
         });
         let mut entries: Vec<RecordEntries> = Vec::new();
         for (e, g) in self.record.iter() {
@@ -731,13 +853,23 @@ impl Secondary {
                     self.stats.bytes_applied += op.len;
                     self.actions.push_back(Action::ApplyWrite { seq, op });
                 }
-                Apply::ResyncBegin { save_aside, .. } => {
+                Apply::ResyncBegin { save_aside, full, .. } => {
                     self.save_aside |= save_aside;
                     self.resync_end = None;
                     self.resyncing = true;
+                    self.resync_full = full;
+                    let mut batch = Vec::new();
                     if self.consistent {
                         self.consistent = false;
-                        let token = self.persist(PersistKind::ResyncBegin, vec![StoreWrite::Meta(Meta::Consistent(false))]);
+                        batch.push(StoreWrite::Meta(Meta::Consistent(false)));
+                    }
+                    if full && !self.amnesiac {
+                        // The primary found this store untrusted: say so durably before the
+                        // first copy lands, so that a promotion meanwhile needs force.
+                        self.mark_amnesiac(&mut batch);
+                    }
+                    if !batch.is_empty() {
+                        let token = self.persist(PersistKind::ResyncBegin, batch);
                         self.apply_blocked = Some(token);
                     }
                 }
@@ -760,8 +892,12 @@ impl Secondary {
     /// Whether media writes must first save the extent aside. Derived from durable state (this
     /// site's own split-brain evidence and divergent extents) so that it survives a restart
     /// in the middle of a failback, plus the primary's request for this resync.
+    /// An amnesiac's divergent extents are those a full resync's checks found stale here,
+    /// not writes of its own: they are copied, not saved aside (a rebuild onto a blank disk
+    /// would otherwise save the whole volume aside). An amnesiac that may hold writes of its
+    /// own says so with `wrote_alone` or `save_aside_on_resync`, or its primary asks.
     fn must_save_aside(&self) -> bool {
-        self.save_aside || self.wrote_alone || self.save_aside_on_resync || !self.divergent.is_empty()
+        self.save_aside || self.wrote_alone || self.save_aside_on_resync || (!self.divergent.is_empty() && !self.amnesiac)
     }
 
     fn refuse(&mut self, reason: Option<Refusal>, text: &str) {
@@ -796,6 +932,19 @@ impl Secondary {
         self.stats.durable_applied_seq = self.durable_applied.0;
         self.stats.reorder_bytes = self.reorder_bytes;
     }
+}
+
+/// A primary's hello, as `on_hello` reads it.
+struct PeerHello {
+    epoch: Epoch,
+    role: Role,
+    volume_bytes: u64,
+    extent_bytes: u64,
+    policy: LinkLossPolicy,
+    authoritative: bool,
+    store: StoreId,
+    remembers: Option<Remembered>,
+    owes_full_resync: bool,
 }
 
 fn apply_bytes(a: &Apply) -> u64 {

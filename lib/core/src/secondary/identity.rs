@@ -1,0 +1,105 @@
+//! The secondary's side of store identity (DRBD's generation identifiers, reduced to what
+//! geomirror needs): at a primary's hello, is this store the one the primary paired with,
+//! holding at least what it acknowledged, and is the primary's store the one this site
+//! paired with?
+//!
+//! Owns: the checks on `Hello { store, remembers }` and the transition into amnesia.
+//! Must not: trust this store's own flags once it is an amnesiac: `consistent` and
+//! `authoritative` are then false until a full resync's end is durable.
+
+use super::Secondary;
+use crate::frame::{Refusal, Remembered};
+use crate::ids::{Epoch, StoreId};
+use crate::store::{Meta, StoreWrite};
+
+impl Secondary {
+    /// Compares a primary's hello with this store. On `Err` the primary was refused (its
+    /// store is unknown here and it does not know this one); otherwise `batch` holds what
+    /// the handshake must persist before the welcome: the primary's identity, and this
+    /// store's amnesia when the primary remembers more than it holds.
+    pub(super) fn check_identity(
+        &mut self,
+        epoch: Epoch,
+        primary: StoreId,
+        remembers: Option<Remembered>,
+        owes_full_resync: bool,
+        batch: &mut Vec<StoreWrite>,
+    ) -> Result<(), ()> {
+        let lost = remembers.and_then(|r| self.lost_state(r));
+        #[cfg(feature = "mutations")]
+        let lost = if crate::mutations::trust_amnesiac() { None } else { lost };
+        let primary_knows_me = remembers.is_some_and(|r| r.store == self.store_id);
+        if let Some(known) = self.peer.store {
+            if known != primary && !primary_knows_me && !owes_full_resync && lost.is_none() && !self.amnesiac {
+                // Neither side knows the other: a rebuilt or replaced primary. It must not serve
+                // over this site's data; an operator promotes this site or resyncs from scratch.
+                // (A primary that knows this store paired with it, even if this site never
+                // learned its identity: a handshake cut short. A primary that owes a full
+                // resync was chosen by an operator over whatever this site holds, and checks
+                // all of it.)
+                self.stats.frames_refused += 1;
+                // In the primary's epoch (never older than this site's here), so that it reads it.
+                self.send(crate::frame::Frame::Refused { epoch, reason: Refusal::UnknownStore });
+                self.actions.push_back(crate::action::Action::Disconnect {
+                    reason: format!(
+                        "the primary's store {primary} is not the one this site paired with ({known}) and does not know this store: \
+                         refused; promote this site, or move its state aside to rebuild it from that primary"
+                    ),
+                });
+                return Err(());
+            }
+        }
+        if let Some(why) = lost {
+            if !self.amnesiac {
+                self.stats.amnesia_detected += 1;
+                self.last_amnesia = Some(why);
+                self.mark_amnesiac(batch);
+            }
+        }
+        if self.peer.store != Some(primary) {
+            self.peer.store = Some(primary);
+            batch.push(StoreWrite::Meta(Meta::Peer(self.peer)));
+        }
+        Ok(())
+    }
+
+    /// Why this store is not what the primary remembers of it, if it is not.
+    fn lost_state(&self, r: Remembered) -> Option<String> {
+        if r.store != self.store_id {
+            Some(format!("the primary paired with store {}, and this store is {}: its state was lost or replaced", r.store, self.store_id))
+        } else if r.applied > self.durable_applied {
+            Some(format!(
+                "the primary was told this store applied through sequence {}, and it holds {}: it lost acknowledged writes",
+                r.applied.0, self.durable_applied.0
+            ))
+        } else if r.generation >= self.next_generation {
+            Some(format!(
+                "the primary was answered generation {}, and this store's next is {}: it lost acknowledged record entries",
+                r.generation.0, self.next_generation.0
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Nothing this store says about its image can be trusted: it is an amnesiac, its record
+    /// is not authoritative and its image not consistent until a full resync ends, durably.
+    pub(super) fn mark_amnesiac(&mut self, batch: &mut Vec<StoreWrite>) {
+        self.amnesiac = true;
+        self.resyncing = true;
+        batch.push(StoreWrite::Meta(Meta::Amnesiac(true)));
+        if self.consistent {
+            self.consistent = false;
+            batch.push(StoreWrite::Meta(Meta::Consistent(false)));
+        }
+        if self.authoritative {
+            self.authoritative = false;
+            batch.push(StoreWrite::Meta(Meta::Authoritative(false)));
+        }
+    }
+
+    /// Why the last handshake found this store an amnesiac, for the operator.
+    pub fn amnesia_reason(&self) -> Option<&str> {
+        self.last_amnesia.as_deref()
+    }
+}
