@@ -66,7 +66,8 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
     let (secondary, s_thread) = Volume::start(&cfg("s.img"), Box::new(store), Some(s_out)).unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
     // The secondary never connects (it is no primary), so its peer address is never used.
-    let nowhere = Peer { address: "127.0.0.1:9".parse().unwrap(), name: "dc1".into(), bulk_bytes_per_sec: None };
+    let nowhere =
+        Peer { address: "127.0.0.1:9".parse().unwrap(), name: "dc1".into(), bulk_bytes_per_sec: None, liveness: tuning.liveness() };
     let (p_conns, s_conns) = (Arc::new(LinkConns::default()), Arc::new(LinkConns::default()));
     let s_task = tokio::spawn(link::run(
         secondary_ep,
@@ -77,7 +78,7 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
         stop_rx.clone(),
     ));
     // Paced, so that the chunked writer carries the bulk here.
-    let dc2 = Peer { address: emu.listen, name: "dc2".into(), bulk_bytes_per_sec: Some(20_000_000) };
+    let dc2 = Peer { address: emu.listen, name: "dc2".into(), bulk_bytes_per_sec: Some(20_000_000), liveness: tuning.liveness() };
     let p_task = tokio::spawn(link::run(
         primary_ep,
         dc2,
