@@ -100,3 +100,60 @@ fn a_demo_killed_with_sigkill_takes_its_sites_and_relays_with_it() {
         assert!(geomirror_tests::demo::exits_within(pid, Duration::from_secs(60)), "process {pid} outlived the demo");
     }
 }
+
+/// A primary killed while writing flat out over a congested link (wan-emu throttled to
+/// 1 Mbit/s at run time, its queue full, QUIC's round-trip estimate inflated by it) is
+/// noticed by the secondary, which then accepts an unforced promotion. Before the kill, a
+/// promotion is refused with how long until the primary is declared lost. The deadline is a
+/// failure bound derived from the demo's idle timeout (3 s), not a measurement: without an
+/// application-level liveness check the secondary still saw the primary connected more than
+/// a minute after the kill (`tests/bench/run detect` measures the time).
+#[test]
+fn a_primary_killed_under_load_on_a_congested_link_is_noticed_and_the_secondary_promotes() {
+    const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = Demo::start(Path::new(BIN), tmp.path(), &["--rtt-ms", "20", "--size", "128M"]);
+    let (dc1, dc2) = (demo.config("dc1"), demo.config("dc2"));
+    let volume = |config: &Path| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&geomirror(&["status", "--json"], config)).unwrap()["volumes"][0].clone()
+    };
+    let wait_for = |what: &str, limit: Duration, done: &dyn Fn() -> bool| {
+        let until = Instant::now() + limit;
+        while !done() {
+            assert!(Instant::now() < until, "{what} within {limit:?}: dc1 {:#}\ndc2 {:#}", volume(&dc1), volume(&dc2));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // While the primary is connected, a promotion is refused and says when that changes.
+    let out = Command::new(BIN).args(["promote", "--reason", "too early", "--config"]).arg(&dc2).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "promoted while the primary was connected: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        err.contains("was last heard from") && err.contains("declared lost after 3.0 s of silence") && err.contains("--force"),
+        "the refusal says how long until the primary is declared lost: {err}"
+    );
+
+    for towards in ["dc1", "dc2"] {
+        assert!(demo.wan(towards, "rate-mbps 1").starts_with("ok"));
+    }
+    let mut fio = tool("fio", "fio")
+        .args(["--name=load", "--ioengine=nbd", "--rw=write", "--bs=1m", "--iodepth=8", "--time_based", "--runtime=600"])
+        .arg(format!("--uri={}", demo.nbd_url(0)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Far more written than the throttled link carries, and the session up at the kill.
+    wait_for("dc1 lagging by 32 MiB with dc2 connected", Duration::from_secs(120), &|| {
+        volume(&dc1)["lag_bytes"].as_u64().unwrap_or(0) >= 32 << 20 && volume(&dc2)["link_up"] == true
+    });
+
+    rustix::process::kill_process(rustix::process::Pid::from_raw(demo.pid("dc1")).unwrap(), rustix::process::Signal::KILL).unwrap();
+    wait_for("dc2 reporting the link down after dc1's kill -9", 10 * IDLE_TIMEOUT, &|| volume(&dc2)["link_up"] == false);
+    let out = geomirror(&["promote", "--reason", "dc1 lost"], &dc2);
+    assert!(out.contains("primary"), "{out}");
+    assert_eq!(volume(&dc2)["role"], "primary");
+    let _ = fio.kill();
+    let _ = fio.wait();
+}
