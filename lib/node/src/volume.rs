@@ -855,7 +855,10 @@ impl Driver {
                         self.promote_waiters.push((Some(report), reply));
                     }
                     Err(geomirror_core::PromoteError::InProgress) => self.promote_waiters.push((None, reply)),
-                    Err(geomirror_core::PromoteError::PeerAlive(epoch)) => reply(Err(peer_alive(epoch, self.link_heard))),
+                    Err(e) => reply(Err(match e {
+                        geomirror_core::PromoteError::PeerAlive(epoch) => peer_alive(epoch, self.link_heard),
+                        other => other.to_string(),
+                    })),
                 },
             },
             Input::ResolveSplitBrain { reply } => match &mut self.core {
