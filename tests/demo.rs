@@ -47,6 +47,12 @@ impl Demo {
     /// sites serve and the link is up).
     pub fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Demo {
         let (port_base, nbd_port) = free_ports();
+        Demo::start_at(bin, dir, port_base, nbd_port, extra)
+    }
+
+    /// `start` on given ports: BASE+1..=BASE+122 as `geomirror demo --port-base` takes
+    /// them, and NBD at `nbd_port` and the next one.
+    pub fn start_at(bin: &Path, dir: &Path, port_base: u16, nbd_port: u16, extra: &[&str]) -> Demo {
         let stderr = dir.join("demo.stderr");
         let mut child = Command::new(bin)
             .args(["demo", "--dir"])

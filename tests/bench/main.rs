@@ -11,8 +11,12 @@
 //! `geomirror-bench modes` compares async, sync and predictive replication over the emulated
 //! WAN at several round-trip times, with forced failovers (see `modes`).
 //!
+//! `geomirror-bench detect` measures how long a secondary takes to notice a primary killed
+//! with `kill -9`, idle, under load and on slow or congested links (see `detect`).
+//!
 //! Timings live here, never in pass/fail tests.
 
+mod detect;
 mod modes;
 mod plot;
 mod record_rtt;
@@ -95,6 +99,43 @@ enum Bench {
         geomirror: Option<PathBuf>,
         #[arg(long)]
         markdown: bool,
+    },
+    /// Failure detection: from a `kill -9` of the primary to the secondary reporting the link
+    /// down, over fresh `geomirror demo` pairs.
+    ///
+    /// Scenarios: idle; fio writing 1 MiB sequentially at queue depth 8 flat out; the same on
+    /// a slow link (1 Mbit/s, configured so); and on a congested one (wan-emu throttled to
+    /// 1 Mbit/s at run time). The moment is the secondary's `replication session down` log
+    /// line; a status poll every 50 ms bounds it. Target: at most the idle timeout (3 s in the
+    /// demo) + 1 s. With --docs, the table goes into docs/benchmarks.md's `detect` section.
+    Detect {
+        /// Kills per scenario (median and max are reported).
+        #[arg(long, default_value_t = 10)]
+        kills: usize,
+        /// Scenarios to run.
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [detect::Scenario::Idle, detect::Scenario::Load, detect::Scenario::Slow, detect::Scenario::Congested])]
+        scenario: Vec<detect::Scenario>,
+        /// The emulated round-trip time.
+        #[arg(long, default_value_t = 20)]
+        rtt_ms: u64,
+        /// The emulated link's rate, and the sites' `[link] bandwidth_mbps` (not for `slow`).
+        #[arg(long, default_value_t = 100)]
+        rate_mbps: u64,
+        /// Seconds of writes before each kill.
+        #[arg(long, default_value_t = 10)]
+        load_s: u64,
+        /// Where the demos' directories go (default: the system's temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The demos' `--port-base` (NBD at BASE+130); default: free ports.
+        #[arg(long)]
+        port_base: Option<u16>,
+        /// Write the table into this page's `detect` section (e.g. docs/benchmarks.md).
+        #[arg(long)]
+        docs: Option<PathBuf>,
+        /// The geomirror binary (default: next to this one).
+        #[arg(long)]
+        geomirror: Option<PathBuf>,
     },
     /// Every system side by side: qemu-nbd, geomirror with no peer, and geomirror in async,
     /// sync and predictive modes over the emulated WAN.
@@ -225,6 +266,32 @@ fn main() -> Result<()> {
             let bin = geomirror_bin(geomirror)?;
             let o = record_rtt::Options { rtt_ms, rate_mbps, probes, probe_iops: probe_iops.max(1), rounds: rounds.max(1), pace_percent };
             record_rtt::run(&bin, &o, &layout, markdown)
+        }
+        Bench::Detect { kills, scenario, rtt_ms, rate_mbps, load_s, dir, port_base, docs, geomirror } => {
+            let bin = geomirror_bin(geomirror)?;
+            if let Some(d) = &docs {
+                report::check_docs(d, "detect")?;
+            }
+            let scratch = tempfile::tempdir()?;
+            let machine = report::machine(scratch.path());
+            let o = detect::Options { kills: kills.max(1), scenarios: scenario, rtt_ms, rate_mbps, load_s, dir, port_base };
+            let started = std::time::Instant::now();
+            let rows = detect::run(&bin, &o)?;
+            let table = detect::markdown(&rows);
+            println!("{table}");
+            if let Some(doc) = docs {
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                let when = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
+                let body = format!(
+                    "Run of {} (`tests/bench/run {}`, {:.0} min), `geomirror demo` at {rtt_ms} ms RTT, {rate_mbps} Mbit/s, `idle_timeout_ms` 3000, `keep_alive_ms` 500, {load_s} s of writes before each kill:\n\n{machine}\n{table}",
+                    String::from_utf8_lossy(&when.stdout).trim(),
+                    args.join(" "),
+                    started.elapsed().as_secs_f64() / 60.0,
+                );
+                report::write_docs(&doc, "detect", &body)?;
+                eprintln!("wrote {}", doc.display());
+            }
+            Ok(())
         }
         Bench::Modes {
             rtt_ms,

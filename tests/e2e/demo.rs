@@ -100,3 +100,74 @@ fn a_demo_killed_with_sigkill_takes_its_sites_and_relays_with_it() {
         assert!(geomirror_tests::demo::exits_within(pid, Duration::from_secs(60)), "process {pid} outlived the demo");
     }
 }
+
+/// A primary killed while writing flat out over a congested link (wan-emu throttled to
+/// 1 Mbit/s at run time, its queue built up by the load) is noticed by the
+/// secondary, which then accepts an unforced promotion. Before the kill, a promotion is
+/// refused with how long until the primary is declared lost. The deadline is a failure
+/// bound derived from the demo's idle timeout (3 s), not a measurement: with QUIC's idle
+/// timeout alone, which stretches to 3 × PTO as the queue inflates the round trip, the
+/// secondary still saw the primary connected more than a minute after the kill, and this
+/// test failed (`tests/bench/run detect` measures the time).
+#[test]
+fn a_primary_killed_under_load_on_a_congested_link_is_noticed_and_the_secondary_promotes() {
+    const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = Demo::start(Path::new(BIN), tmp.path(), &["--rtt-ms", "20", "--size", "128M"]);
+    let (dc1, dc2) = (demo.config("dc1"), demo.config("dc2"));
+    let volume = |config: &Path| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&geomirror(&["status", "--json"], config)).unwrap()["volumes"][0].clone()
+    };
+    // For a failure's message: a site's status, or why there is none (dc1 is killed).
+    let report = |config: &Path| {
+        let out = Command::new(BIN).args(["status", "--json", "--config"]).arg(config).output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let wait_for = |what: &str, limit: Duration, done: &dyn Fn() -> bool| {
+        let until = Instant::now() + limit;
+        while !done() {
+            assert!(Instant::now() < until, "{what} within {limit:?}:\ndc1: {}\ndc2: {}", report(&dc1), report(&dc2));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // While the primary is connected, a promotion is refused and says when that changes.
+    let out = Command::new(BIN).args(["promote", "--reason", "too early", "--config"]).arg(&dc2).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "promoted while the primary was connected: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        err.contains("was last heard from") && err.contains("declared lost after 3.0 s of silence") && err.contains("--force"),
+        "the refusal says how long until the primary is declared lost: {err}"
+    );
+
+    for towards in ["dc1", "dc2"] {
+        assert!(demo.wan(towards, "rate-mbps 1").starts_with("ok"));
+    }
+    let mut fio = tool("fio", "fio")
+        .args(["--name=load", "--ioengine=nbd", "--rw=write", "--bs=1m", "--iodepth=8", "--time_based", "--runtime=600"])
+        .arg(format!("--uri={}", demo.nbd_url(0)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The load keeps the throttled link busy for 20 s' worth of bytes (2.5 MB at 1 Mbit/s):
+    // wan-emu's queue has built up, and with it QUIC's round-trip estimate.
+    let carried = || -> u64 {
+        let status = demo.wan("dc2", "status");
+        let forward = status.split(" | ").find_map(|p| p.strip_prefix("forward: ")).unwrap_or_default().to_owned();
+        forward.split_whitespace().find_map(|w| w.strip_prefix("bytes=")).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    let before = carried();
+    wait_for("the throttled link carrying 2.5 MB of the load", Duration::from_secs(120), &|| carried() >= before + 2_500_000);
+    // The link may be up, or already declared lost: a probe's round trip on this queue can
+    // exceed the idle timeout (docs/protocol.md, "Link loss"). Either way the kill must be
+    // noticed in time.
+    eprintln!("at the kill: dc2 link_up {}, {}", volume(&dc2)["link_up"], demo.wan("dc2", "status").trim());
+    rustix::process::kill_process(rustix::process::Pid::from_raw(demo.pid("dc1")).unwrap(), rustix::process::Signal::KILL).unwrap();
+    wait_for("dc2 reporting the link down after dc1's kill -9", 10 * IDLE_TIMEOUT, &|| volume(&dc2)["link_up"] == false);
+    let out = geomirror(&["promote", "--reason", "dc1 lost"], &dc2);
+    assert!(out.contains("primary"), "{out}");
+    assert_eq!(volume(&dc2)["role"], "primary");
+    let _ = fio.kill();
+    let _ = fio.wait();
+}

@@ -206,6 +206,12 @@ pub enum Frame {
     Authoritative { epoch: Epoch },
     /// The sender refuses the connection; the receiver must not retry blindly.
     Refused { epoch: Epoch, reason: Refusal },
+    /// The link's liveness check on a control stream, in either direction: a probe, which
+    /// the receiver's link answers at once with the same `probe` and `echo` set. A side that
+    /// has had no echo of a probe sent in the last idle timeout declares the link lost. It
+    /// belongs to the link: it is answered and consumed there and never reaches a state
+    /// machine, so it carries no epoch.
+    KeepAlive { probe: u64, echo: bool },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +246,8 @@ impl Frame {
             | Frame::Differs { epoch, .. }
             | Frame::Authoritative { epoch }
             | Frame::Refused { epoch, .. } => *epoch,
+            // The link's own frame has no epoch; the oldest one makes a state machine refuse it.
+            Frame::KeepAlive { .. } => Epoch::default(),
         }
     }
 
@@ -259,6 +267,7 @@ impl Frame {
             Frame::Differs { .. } => "differs",
             Frame::Authoritative { .. } => "authoritative",
             Frame::Refused { .. } => "refused",
+            Frame::KeepAlive { .. } => "keep_alive",
         }
     }
 
@@ -419,6 +428,7 @@ mod tests {
             Frame::Authoritative { epoch: e },
             Frame::Refused { epoch: e, reason: Refusal::StaleEpoch },
             Frame::Refused { epoch: e, reason: Refusal::UnknownStore },
+            Frame::KeepAlive { probe: 1 << 40, echo: true },
         ]
     }
 

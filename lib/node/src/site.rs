@@ -123,7 +123,12 @@ impl RunningSite {
                 let lv: Vec<LinkVolume> =
                     volumes.iter().cloned().zip(link_volumes).map(|(volume, outbox)| LinkVolume { volume, outbox }).collect();
                 tracing::info!(site = cfg.name, ?role, peer = p.name, listen = %p.listen, peer_address = %p.address, "starting the replication link");
-                let peer = Peer { address: p.address, name: p.name.clone(), bulk_bytes_per_sec: p.tuning.bulk_bytes_per_sec };
+                let peer = Peer {
+                    address: p.address,
+                    name: p.name.clone(),
+                    bulk_bytes_per_sec: p.tuning.bulk_bytes_per_sec,
+                    liveness: p.tuning.liveness(),
+                };
                 Some(tokio::spawn(link::run(endpoint, peer, lv, refusals.clone(), conns.clone(), link_rx.clone())))
             }
         };

@@ -120,6 +120,29 @@ pub enum LinkEvent {
     Connected(u64),
     Disconnected(u64),
     Frame(u64, Frame),
+    /// The peer was last heard from `at`, and is declared lost after `silence` without a
+    /// word: what a refused promotion tells the operator.
+    Heard {
+        session: u64,
+        at: Instant,
+        silence: Duration,
+    },
+}
+
+/// Why a promotion is refused while the primary of `epoch` is connected: how long ago it
+/// was heard from and how long until it is declared lost, so the operator knows whether to
+/// wait or force.
+fn peer_alive(epoch: u64, heard: Option<(Instant, Duration)>) -> String {
+    let refused = geomirror_core::PromoteError::PeerAlive(epoch);
+    let Some((at, silence)) = heard else { return refused.to_string() };
+    let ago = at.elapsed();
+    let left = silence.saturating_sub(ago);
+    format!(
+        "the primary of epoch {epoch} was last heard from {:.1} s ago; it is declared lost after {:.1} s of silence, in {:.1} s; promoting before then would make two writers: wait, or use --force",
+        ago.as_secs_f64(),
+        silence.as_secs_f64(),
+        left.as_secs_f64()
+    )
 }
 
 /// What a volume asks of the link, in order, stamped with the session the volume was in
@@ -517,6 +540,7 @@ impl Volume {
         let driver = Driver {
             core,
             link_session: None,
+            link_heard: None,
             cfg: cfg.core.clone(),
             geo: cfg.geometry,
             outbox,
@@ -706,6 +730,9 @@ struct Driver {
     core: Machine,
     /// The link session the core is connected through, if any.
     link_session: Option<u64>,
+    /// When the current session's peer was last heard from, and the silence that declares it
+    /// lost (`LinkEvent::Heard`).
+    link_heard: Option<(Instant, Duration)>,
     serving: Arc<AtomicBool>,
     role: Arc<tokio::sync::watch::Sender<Role>>,
     cfg: CoreConfig,
@@ -872,7 +899,10 @@ impl Driver {
                         self.promote_waiters.push((Some(report), reply));
                     }
                     Err(geomirror_core::PromoteError::InProgress) => self.promote_waiters.push((None, reply)),
-                    Err(e) => reply(Err(e.to_string())),
+                    Err(e) => reply(Err(match e {
+                        geomirror_core::PromoteError::PeerAlive(epoch) => peer_alive(epoch, self.link_heard),
+                        other => other.to_string(),
+                    })),
                 },
             },
             Input::ResolveSplitBrain { reply } => match &mut self.core {
@@ -984,15 +1014,18 @@ impl Driver {
                     self.outbound(Outbound::Disconnect { session: old, reason: "replaced by a newer session".into() });
                 }
                 self.link_session = Some(session);
+                self.link_heard = None;
                 self.core.handle_connected(now);
             }
             LinkEvent::Disconnected(session) if self.link_session == Some(session) => {
                 self.link_session = None;
+                self.link_heard = None;
                 self.core.handle_disconnected(now);
             }
             LinkEvent::Frame(session, f) if self.link_session == Some(session) => self.core.handle_frame(now, f),
+            LinkEvent::Heard { session, at, silence } if self.link_session == Some(session) => self.link_heard = Some((at, silence)),
             // Of a session already replaced: ignored.
-            LinkEvent::Disconnected(_) | LinkEvent::Frame(..) => {}
+            LinkEvent::Disconnected(_) | LinkEvent::Frame(..) | LinkEvent::Heard { .. } => {}
         }
     }
 

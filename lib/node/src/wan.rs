@@ -275,13 +275,16 @@ fn status_line(cut: bool, fwd: &Direction, back: &Direction) -> String {
     let cfg = *fwd.cfg.lock().expect("not poisoned");
     let d = |x: &Direction| {
         let c = &x.counters;
+        // How long a datagram offered now would wait for the link: the queue's depth in time.
+        let queued = x.state.lock().expect("not poisoned").link_free.saturating_duration_since(Instant::now());
         format!(
-            "delivered={} bytes={} lost={} queue_dropped={} cut_dropped={}",
+            "delivered={} bytes={} lost={} queue_dropped={} cut_dropped={} queued_ms={}",
             c.delivered_packets.load(Ordering::Relaxed),
             c.delivered_bytes.load(Ordering::Relaxed),
             c.lost_packets.load(Ordering::Relaxed),
             c.queue_dropped_packets.load(Ordering::Relaxed),
-            c.cut_dropped_packets.load(Ordering::Relaxed)
+            c.cut_dropped_packets.load(Ordering::Relaxed),
+            queued.as_millis()
         )
     };
     format!(

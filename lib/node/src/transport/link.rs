@@ -21,11 +21,17 @@
 //! keeps the current incoming session per volume and drops frames of any other, so nothing
 //! of a dead connection reaches a volume after the next one started.
 //!
+//! Liveness: each side probes its peer on every control stream and declares the session
+//! lost when no probe sent in the last idle timeout was echoed (`liveness`); QUIC's own idle
+//! timeout stretches with the measured round trip and is only a backstop. Keep-alive frames
+//! are answered and consumed here; a volume learns only when the peer was last heard from.
+//!
 //! Must not: decide anything about frames. A volume learns `Connected` only once a stream
 //! of an authenticated connection exists, and `Disconnected` when it ends; the core does the
 //! rest (handshake, resend, resync).
 
 use super::framing::{read_frame, write_frame, FramingError, Preamble};
+use super::liveness::{KeepAlive, Liveness, Timing};
 use super::pace::{write_paced, Pacer};
 use super::tls::Refusals;
 use crate::volume::{LinkEvent, Outbound, Volume};
@@ -43,6 +49,8 @@ const BACKOFF_LAST: Duration = Duration::from_secs(5);
 /// QUIC application close code for a close the core asked for.
 const CLOSE_REFUSED: u32 = 1;
 const CLOSE_SHUTDOWN: u32 = 2;
+/// QUIC application close code for a peer declared lost: no keep-alive answered in time.
+const CLOSE_PEER_LOST: u32 = 3;
 /// TLS 1.3's certificate_required alert (RFC 8446), sent to a client that presents none.
 const CERTIFICATE_REQUIRED: u8 = 116;
 
@@ -60,6 +68,9 @@ pub struct Peer {
     pub name: String,
     /// The rate at which every data stream of a session together is paced.
     pub bulk_bytes_per_sec: Option<u64>,
+    /// How often the peer is probed, and how long a silence declares it lost, on either
+    /// side of a session.
+    pub liveness: Timing,
 }
 
 /// Where one volume's frames of one session go, and the connections to close on a
@@ -115,7 +126,15 @@ pub async fn run(
         tokio::spawn(route_outbox(i, lv.volume.name().to_owned(), lv.outbox, routes.clone()));
         handles.push(lv.volume);
     }
-    let accept = tokio::spawn(accept_loop(endpoint.clone(), handles.clone(), routes.clone(), refusals, conns.clone(), shutdown.clone()));
+    let accept = tokio::spawn(accept_loop(
+        endpoint.clone(),
+        peer.liveness,
+        handles.clone(),
+        routes.clone(),
+        refusals,
+        conns.clone(),
+        shutdown.clone(),
+    ));
     connect_loop(&endpoint, &peer, &handles, &routes, &conns, shutdown).await;
     endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutting down");
     let _ = accept.await;
@@ -261,18 +280,20 @@ impl Session<'_> {
         let _close = CloseOnDrop(vec![control.clone(), data.clone()]);
         let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
         let (merged_tx, mut merged) = mpsc::unbounded_channel::<(usize, Stream, Frame)>();
+        let live = Arc::new(Liveness::new(self.peer.liveness));
         let mut control_writers = Vec::new();
         for (i, v) in self.volumes.iter().enumerate() {
             let (send, recv) = control.open_bi().await.map_err(|e| format!("open a control stream: {e}"))?;
             let preamble = Preamble { stream: Stream::Control, session: self.session, volume: v.name().to_owned() };
-            control_writers.push(spawn_writer(send, Some(preamble), None, err_tx.clone()));
-            let (v, err, session) = (v.clone(), err_tx.clone(), self.session);
+            let writer = spawn_writer(send, Some(preamble), None, err_tx.clone());
+            control_writers.push(writer.clone());
+            let (v, err, session, live) = (v.clone(), err_tx.clone(), self.session, live.clone());
             tokio::spawn(async move {
                 let mut recv = recv;
                 let mut buf = Vec::new();
                 let end = loop {
                     match read_frame(&mut recv, &mut buf).await {
-                        Ok(Some(f)) => v.link(LinkEvent::Frame(session, f)),
+                        Ok(Some(f)) => received(&v, session, f, &live, &writer),
                         Ok(None) => break "the peer closed a control stream".to_string(),
                         Err(e) => break format!("control stream: {e}"),
                     }
@@ -293,12 +314,26 @@ impl Session<'_> {
         self.connected = true;
         for v in self.volumes {
             v.link(LinkEvent::Connected(self.session));
+            v.link(LinkEvent::Heard { session: self.session, at: live.heard_at(), silence: live.timing().silence });
         }
         tracing::info!(peer = %self.peer.address, peer_name = self.peer.name, session = self.session, "replication link up");
         // One ordered stream per (volume, data lane or resync), opened on first use.
         let mut lanes: HashMap<(usize, Stream), mpsc::UnboundedSender<Frame>> = HashMap::new();
+        let mut probes = probe_interval(live.timing());
         loop {
             tokio::select! {
+                _ = probes.tick() => {
+                    for w in &control_writers {
+                        let _ = w.send(live.probe());
+                    }
+                }
+                _ = tokio::time::sleep_until(live.deadline().into()) => {
+                    if live.is_lost() {
+                        let why = live.reason();
+                        control.close(VarInt::from_u32(CLOSE_PEER_LOST), why.as_bytes());
+                        return Err(why);
+                    }
+                }
                 Some((i, stream, f)) = merged.recv() => match stream {
                     Stream::Control => {
                         let _ = control_writers[i].send(f);
@@ -336,6 +371,30 @@ impl Session<'_> {
                 v.link(LinkEvent::Disconnected(self.session));
             }
         }
+    }
+}
+
+/// Every `keep_alive`, from now; a tick missed (a busy runtime) is not made up in a burst.
+fn probe_interval(t: Timing) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(t.keep_alive);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+/// A frame read from a control stream of `session`: a keep-alive is answered on the
+/// stream's `writer` (a probe) or heard (an echo, which the volume learns of); any other
+/// frame goes to the volume.
+fn received(v: &Volume, session: u64, f: Frame, live: &Liveness, writer: &mpsc::UnboundedSender<Frame>) {
+    match KeepAlive::of(f) {
+        Ok(KeepAlive::Answer(echo)) => {
+            let _ = writer.send(echo);
+        }
+        Ok(KeepAlive::Echo(probe)) => {
+            if live.echoed(probe) {
+                v.link(LinkEvent::Heard { session, at: live.heard_at(), silence: live.timing().silence });
+            }
+        }
+        Err(f) => v.link(LinkEvent::Frame(session, f)),
     }
 }
 
@@ -390,10 +449,12 @@ struct Accepting {
     routes: Routes,
     refusals: Arc<Refusals>,
     conns: Arc<LinkConns>,
+    liveness: Timing,
 }
 
 async fn accept_loop(
     endpoint: Endpoint,
+    liveness: Timing,
     volumes: Vec<Volume>,
     routes: Routes,
     refusals: Arc<Refusals>,
@@ -406,6 +467,7 @@ async fn accept_loop(
         routes,
         refusals,
         conns,
+        liveness,
     });
     loop {
         tokio::select! {
@@ -475,6 +537,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
     a.conns.set("control", &conn);
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
     let writer = spawn_writer(send, None, None, err_tx);
+    let keep_alive = writer.clone();
     // The accepting side answers on the control stream only: data streams belong to the
     // side that connected. A data frame asked for here is dropped (the core resends).
     let (tx, mut rx) = mpsc::unbounded_channel::<(Stream, Frame)>();
@@ -497,23 +560,44 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
         a.routes.lock().expect("not poisoned").insert((i, p.session), Route { tx, conns: vec![conn.clone()] });
         volume.link(LinkEvent::Connected(p.session));
     }
+    let live = Liveness::new(a.liveness);
+    volume.link(LinkEvent::Heard { session: p.session, at: live.heard_at(), silence: live.timing().silence });
     tracing::info!(volume = p.volume, session = p.session, remote = %conn.remote_address(), "replication session up");
-    let mut buf = Vec::new();
-    loop {
-        tokio::select! {
-            r = read_frame(&mut recv, &mut buf) => match r {
-                Ok(Some(f)) if is_current(&a, i, p.session) => volume.link(LinkEvent::Frame(p.session, f)),
-                Ok(Some(_)) => break,
-                Ok(None) => break,
+    // Reading a frame is not cancel-safe (a partial frame would be lost), so the reader is
+    // one future, polled to its end beside the timers rather than restarted by them.
+    let reading = async {
+        let mut buf = Vec::new();
+        loop {
+            match read_frame(&mut recv, &mut buf).await {
+                Ok(Some(f)) if is_current(&a, i, p.session) => received(&volume, p.session, f, &live, &keep_alive),
+                Ok(Some(_)) | Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(volume = p.volume, error = %e, "bad control stream; closing the connection");
                     conn.close(VarInt::from_u32(CLOSE_REFUSED), b"bad frame");
-                    break;
+                    return;
                 }
-            },
+            }
+        }
+    };
+    tokio::pin!(reading);
+    let mut probes = probe_interval(live.timing());
+    loop {
+        tokio::select! {
+            _ = &mut reading => break,
             Some(e) = err_rx.recv() => {
                 tracing::info!(volume = p.volume, error = e, "control stream write failed");
                 break;
+            }
+            _ = probes.tick() => {
+                let _ = keep_alive.send(live.probe());
+            }
+            _ = tokio::time::sleep_until(live.deadline().into()) => {
+                if live.is_lost() {
+                    let why = live.reason();
+                    tracing::warn!(volume = p.volume, session = p.session, why, "replication peer lost; closing the connection");
+                    conn.close(VarInt::from_u32(CLOSE_PEER_LOST), why.as_bytes());
+                    break;
+                }
             }
         }
     }

@@ -66,7 +66,8 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
     let (secondary, s_thread) = Volume::start(&cfg("s.img"), Box::new(store), Some(s_out)).unwrap();
     let (stop_tx, stop_rx) = watch::channel(false);
     // The secondary never connects (it is no primary), so its peer address is never used.
-    let nowhere = Peer { address: "127.0.0.1:9".parse().unwrap(), name: "dc1".into(), bulk_bytes_per_sec: None };
+    let nowhere =
+        Peer { address: "127.0.0.1:9".parse().unwrap(), name: "dc1".into(), bulk_bytes_per_sec: None, liveness: tuning.liveness() };
     let (p_conns, s_conns) = (Arc::new(LinkConns::default()), Arc::new(LinkConns::default()));
     let s_task = tokio::spawn(link::run(
         secondary_ep,
@@ -77,7 +78,7 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
         stop_rx.clone(),
     ));
     // Paced, so that the chunked writer carries the bulk here.
-    let dc2 = Peer { address: emu.listen, name: "dc2".into(), bulk_bytes_per_sec: Some(20_000_000) };
+    let dc2 = Peer { address: emu.listen, name: "dc2".into(), bulk_bytes_per_sec: Some(20_000_000), liveness: tuning.liveness() };
     let p_task = tokio::spawn(link::run(
         primary_ep,
         dc2,
@@ -116,4 +117,149 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
     assert!(a == b, "the secondary's image differs from the primary's after the drain");
     assert!(emu.status().contains("link=up"), "{}", emu.status());
     eprintln!("{}", emu.status());
+}
+
+/// The two sites' TLS, and a link tuned to probe every 100 ms and declare a peer lost after
+/// 1 s without an answer; QUIC's own keep-alive keeps every connection of these tests
+/// alive, so only the link's liveness check can end one.
+struct Silent {
+    ca: Ca,
+    tuning: LinkTuning,
+}
+
+impl Silent {
+    fn new() -> Silent {
+        let tuning = LinkTuning {
+            rtt: Duration::from_millis(10),
+            keep_alive: Duration::from_millis(100),
+            idle_timeout: Duration::from_secs(1),
+            ..LinkTuning::default()
+        };
+        Silent { ca: Ca::generate("t", Validity::days_from_now(1)).unwrap(), tuning }
+    }
+
+    fn tls(&self, site: &str) -> SiteTls {
+        let i = self.ca.issue_site(site, Validity::days_from_now(1)).unwrap();
+        SiteTls::from_pem(&i.cert_pem, &i.key_pem, &self.ca.issued().cert_pem).unwrap()
+    }
+
+    fn volume(
+        &self,
+        dir: &std::path::Path,
+        role: Role,
+    ) -> (Volume, std::thread::JoinHandle<()>, mpsc::UnboundedReceiver<crate::volume::Outbound>) {
+        let cfg = VolumeConfig {
+            name: "vol0".into(),
+            media: dir.join("v.img"),
+            geometry: Geometry::new(16 * MIB, MIB).unwrap(),
+            description: String::new(),
+            core: CoreConfig { mode: Mode::Predictive, ..CoreConfig::default() },
+        };
+        let (out, rx) = mpsc::unbounded_channel();
+        let (v, t) = Volume::start(&cfg, Box::new(MemoryStore::new(SiteState::fresh(role, StoreId(3)))), Some(out)).unwrap();
+        (v, t, rx)
+    }
+}
+
+async fn link_up(v: &Volume) -> bool {
+    let (tx, rx) = oneshot::channel();
+    v.status(move |s| {
+        let _ = tx.send(s.link_up);
+    });
+    rx.await.unwrap()
+}
+
+/// A failure bound for these tests (ten idle timeouts), not a measurement.
+const BOUND: Duration = Duration::from_secs(10);
+
+/// The connection closed with the link's "peer lost" code within `BOUND`.
+async fn closed_as_peer_lost(conn: &quinn::Connection) {
+    let why = tokio::time::timeout(BOUND, conn.closed()).await.expect("the silent side's connection closed within the bound");
+    match why {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(3), "closed as peer lost: {c:?}");
+            assert!(String::from_utf8_lossy(&c.reason).contains("no keep-alive answered"), "{c:?}");
+        }
+        other => panic!("closed as peer lost, not {other}"),
+    }
+}
+
+/// A primary whose process is alive at the QUIC level (its endpoint answers QUIC's pings)
+/// but answers no keep-alive probe is declared lost by the secondary: the volume sees the
+/// link down, and the connection is closed as "peer lost". With QUIC's idle timeout alone,
+/// the session stayed up as long as the endpoint did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_declares_a_primary_that_answers_no_probe_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Silent::new();
+    let ep = endpoint("127.0.0.1:0".parse().unwrap(), &t.tls("dc2"), "dc1", &t.tuning, Arc::new(Refusals::default())).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let (secondary, thread, outbox) = t.volume(dir.path(), Role::Secondary);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nowhere =
+        Peer { address: "127.0.0.1:9".parse().unwrap(), name: "dc1".into(), bulk_bytes_per_sec: None, liveness: t.tuning.liveness() };
+    let task = tokio::spawn(link::run(
+        ep,
+        nowhere,
+        vec![LinkVolume { volume: secondary.clone(), outbox }],
+        Arc::new(Refusals::default()),
+        Arc::new(LinkConns::default()),
+        stop_rx,
+    ));
+
+    // The silent primary: a real mTLS connection and a control stream, never read.
+    let fake = client_endpoint("127.0.0.1:0".parse().unwrap(), &t.tls("dc1"), &t.tuning, Arc::new(Refusals::default())).unwrap();
+    let conn = fake.connect(addr, "dc2").unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let preamble = super::framing::Preamble { stream: geomirror_core::Stream::Control, session: 7, volume: "vol0".into() };
+    send.write_all(&preamble.encode()).await.unwrap();
+
+    let until = tokio::time::Instant::now() + BOUND;
+    while !link_up(&secondary).await {
+        assert!(tokio::time::Instant::now() < until, "the secondary saw the session start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    closed_as_peer_lost(&conn).await;
+    let until = tokio::time::Instant::now() + BOUND;
+    while link_up(&secondary).await {
+        assert!(tokio::time::Instant::now() < until, "the secondary reports the link down once the primary is declared lost");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    secondary.stop();
+    thread.join().unwrap();
+}
+
+/// The other way round: a primary declares lost a secondary that accepts its connections
+/// and streams but answers no probe, and closes the session as "peer lost".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_declares_a_secondary_that_answers_no_probe_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Silent::new();
+    // The silent secondary: accepts both connections and the control stream, never reads.
+    let fake = endpoint("127.0.0.1:0".parse().unwrap(), &t.tls("dc2"), "dc1", &t.tuning, Arc::new(Refusals::default())).unwrap();
+    let peer = Peer { address: fake.local_addr().unwrap(), name: "dc2".into(), bulk_bytes_per_sec: None, liveness: t.tuning.liveness() };
+    let ep = client_endpoint("127.0.0.1:0".parse().unwrap(), &t.tls("dc1"), &t.tuning, Arc::new(Refusals::default())).unwrap();
+    let (primary, thread, outbox) = t.volume(dir.path(), Role::Primary);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(link::run(
+        ep,
+        peer,
+        vec![LinkVolume { volume: primary.clone(), outbox }],
+        Arc::new(Refusals::default()),
+        Arc::new(LinkConns::default()),
+        stop_rx,
+    ));
+
+    let control = fake.accept().await.unwrap().await.unwrap();
+    let _data = fake.accept().await.unwrap().await.unwrap();
+    let _stream = control.accept_bi().await.unwrap();
+    closed_as_peer_lost(&control).await;
+
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    primary.stop();
+    thread.join().unwrap();
 }

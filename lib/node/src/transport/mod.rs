@@ -8,6 +8,7 @@
 
 pub mod framing;
 pub mod link;
+pub mod liveness;
 pub mod pace;
 pub mod tls;
 
@@ -24,8 +25,10 @@ pub struct LinkTuning {
     pub bandwidth_bytes_per_sec: u64,
     /// The expected round-trip time: QUIC's first estimate, and the window size's basis.
     pub rtt: Duration,
+    /// How often each side probes the other (and QUIC sends its own keep-alive).
     pub keep_alive: Duration,
-    /// A connection silent this long is dead.
+    /// A peer that answered no probe sent this long ago is declared lost; also QUIC's idle
+    /// timeout, which quinn stretches to 3 × PTO on a slow path (a backstop only).
     pub idle_timeout: Duration,
     /// The rate at which bulk data (shipping, resync) is handed to QUIC, below the
     /// bandwidth, so that it never queues ahead of control on the path (see `pace`).
@@ -54,6 +57,12 @@ impl LinkTuning {
     /// at 100 ms and cap one stream near 160 Mbit/s on a 50 ms path.
     pub fn window_bytes(&self) -> u64 {
         (2 * self.bdp_bytes()).clamp(4 << 20, 1 << 30)
+    }
+
+    /// How the link checks that its peer is alive: a probe each keep-alive, and the peer
+    /// declared lost after an idle timeout without an answer (see `liveness`).
+    pub fn liveness(&self) -> liveness::Timing {
+        liveness::Timing { keep_alive: self.keep_alive, silence: self.idle_timeout }
     }
 
     pub fn transport(&self) -> TransportConfig {
