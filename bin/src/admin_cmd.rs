@@ -354,7 +354,7 @@ pub fn switchover(a: AdminArgs, peer: PeerArgs, reason: String, drain_timeout: u
     eprintln!("2/4 comparing the recorded extents on both sites");
     for v in &drained.volumes {
         let mut differ = Vec::new();
-        for chunk in v.record.chunks(4096) {
+        for chunk in v.record.chunks(geomirror_node::admin::limits::MAX_CHECKSUM_EXTENTS) {
             let req = serde_json::json!({ "volume": v.name, "extents": chunk });
             let here = call(&primary, "POST", "/v1/checksums", Some(req.clone()))?;
             let there = call(&secondary, "POST", "/v1/checksums", Some(req))?;

@@ -150,8 +150,8 @@ enum Command {
         admin: admin_cmd::AdminArgs,
         #[arg(long, default_value = "")]
         reason: String,
-        /// Seconds to wait for the peer to apply every write.
-        #[arg(long, default_value_t = 60)]
+        /// Seconds to wait for the peer to apply every write, 1 to 3600.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         drain_timeout: u64,
     },
     /// After a split brain, keep this site's data: the other site saves its own divergent
@@ -205,8 +205,8 @@ enum Command {
         peer: admin_cmd::PeerArgs,
         #[arg(long, default_value = "")]
         reason: String,
-        /// Seconds to wait for the peer to apply every write.
-        #[arg(long, default_value_t = 60)]
+        /// Seconds to wait for the peer to apply every write, 1 to 3600.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         drain_timeout: u64,
     },
 }

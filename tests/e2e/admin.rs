@@ -9,6 +9,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+#[path = "admin/limits.rs"]
+mod limits;
+
 const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 

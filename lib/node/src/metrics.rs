@@ -7,9 +7,12 @@
 //! once a second: each volume's status and its core's plain stats, the NBD front end's
 //! counters, refused handshakes, the QUIC connections' stats and the certificates' expiry.
 //!
+//! The admin API's connection gauges and refusal and timeout counters are fed directly as
+//! connections come and go (`admin_connections`, `admin_refused`, `admin_timeouts`).
+//!
 //! Labels are bounded: `site` (global), `volume`, `role`, `path` (hit or miss), `reason`,
-//! `kind`, `connection` (control or data) and `certificate` (site or ca); never an offset,
-//! an address or a request.
+//! `kind`, `pool`, `connection` (control or data) and `certificate` (site or ca); never an
+//! offset, an address or a request.
 //!
 //! Counters taken from a core's stats restart from zero when the volume changes role (a new
 //! state machine): Prometheus reads a drop as a counter reset, which `rate()` handles.
@@ -44,6 +47,9 @@ pub const LAG_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 pub const WRITES: &str = "geomirror_writes_total";
 pub const WRITE_LATENCY: &str = "geomirror_write_latency_seconds";
 pub const LAG_SAMPLED: &str = "geomirror_replication_lag_sampled_seconds";
+pub const ADMIN_CONNECTIONS: &str = "geomirror_admin_connections";
+pub const ADMIN_REFUSED: &str = "geomirror_admin_connections_refused_total";
+pub const ADMIN_TIMEOUTS: &str = "geomirror_admin_timeouts_total";
 
 static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
@@ -130,6 +136,23 @@ pub fn spawn_refresher(sources: Sources, mut shutdown: watch::Receiver<bool>) ->
             handle.run_upkeep();
         }
     }))
+}
+
+/// The admin API's connection slots in use, by pool (general, admin), set on every change
+/// so that a scrape sees the count of that moment.
+pub fn admin_connections(pool: &'static str, in_use: usize) {
+    gauge!(ADMIN_CONNECTIONS, "pool" => pool).set(in_use as f64);
+}
+
+/// `n` more admin connections refused after their handshake, by reason (0 creates the series).
+pub fn admin_refused(reason: &'static str, n: u64) {
+    counter!(ADMIN_REFUSED, "reason" => reason).increment(n);
+}
+
+/// `n` more admin connections or requests ended by a deadline, by kind (handshake, header,
+/// body; 0 creates the series).
+pub fn admin_timeouts(kind: &'static str, n: u64) {
+    counter!(ADMIN_TIMEOUTS, "kind" => kind).increment(n);
 }
 
 /// The current metrics in Prometheus's text format (empty without a recorder).
@@ -340,6 +363,9 @@ const CATALOGUE: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Counter, "geomirror_link_received_bytes_total", Unit::Bytes, "UDP bytes received on the link, by connection"),
     (Kind::Counter, "geomirror_link_lost_packets_total", Unit::Count, "Packets QUIC declared lost, by connection"),
     (Kind::Counter, "geomirror_link_congestion_events_total", Unit::Count, "QUIC congestion events, by connection"),
+    (Kind::Gauge, ADMIN_CONNECTIONS, Unit::Count, "Admin API connections holding a slot, by pool: general (tokens, metrics, anonymous) or admin (the reserve for admin certificates)"),
+    (Kind::Counter, ADMIN_REFUSED, Unit::Count, "Admin API connections refused with 503 after their handshake, by reason: address_limit (one source's share) or connection_limit (the general pool)"),
+    (Kind::Counter, ADMIN_TIMEOUTS, Unit::Count, "Admin API connections ended by a deadline, by kind: handshake, header (request head) or body"),
     (Kind::Gauge, "geomirror_certificate_expiry_timestamp_seconds", Unit::Seconds, "When the site's certificate (site) and the CA (ca) expire, Unix time"),
     (Kind::Gauge, "geomirror_build_info", Unit::Count, "1, labelled with the version"),
 ];

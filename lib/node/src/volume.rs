@@ -659,15 +659,18 @@ impl Volume {
     /// CRC-32C of each extent's content on this site's media (blocking; off the async
     /// threads). With the volume drained, both sites' answers must agree.
     pub fn checksums(&self, extents: &[u64], extent_bytes: u64) -> Result<Vec<u32>, HostError> {
-        let mut buf = vec![0u8; extent_bytes as usize];
+        // Every extent is checked by the geometry before any is read: an extent number times
+        // the extent size may wrap around to another extent.
+        let geo = Geometry::new(self.media.size_bytes(), extent_bytes).map_err(|_| HostError::OutOfRange)?;
+        if extents.iter().any(|e| !geo.contains(geomirror_core::ExtentId(*e))) {
+            return Err(HostError::OutOfRange);
+        }
+        let mut buf = vec![0u8; geo.extent_bytes() as usize];
         let mut out = Vec::with_capacity(extents.len());
         for e in extents {
-            let start = e * extent_bytes;
-            let len = extent_bytes.min(self.media.size_bytes().saturating_sub(start)) as usize;
-            if len == 0 {
-                return Err(HostError::OutOfRange);
-            }
-            self.media.read_at(&mut buf[..len], start).map_err(|_| HostError::Media)?;
+            let range = geo.extent_range(geomirror_core::ExtentId(*e));
+            let len = (range.end - range.start) as usize;
+            self.media.read_at(&mut buf[..len], range.start).map_err(|_| HostError::Media)?;
             out.push(crc32c::crc32c(&buf[..len]));
         }
         Ok(out)

@@ -1,194 +1,34 @@
-//! The admin API: status, promote and demote over HTTPS, for operators and the CLI.
+//! The admin API's routes and their JSON: status, promote, demote, drain, resume, checksums,
+//! split-brain resolution and `/metrics`.
 //!
-//! Owns: the HTTPS listener (TLS 1.3 with the site's certificate, ring only), who a caller
-//! is, and the JSON of each operation. A caller is either an admin certificate from the
-//! deployment's CA (`geomirror:admin:<name>`, made by `geomirror certs --admin`) or a
-//! bearer token read from `[admin] token_file`. Anonymous calls are refused (401), and so is
-//! a site certificate (403): replication identities are not admin identities. Every
-//! transition is logged with who asked and why. `GET /metrics` serves Prometheus, to an
-//! admin or to the bearer of `[admin] metrics_token_file`, which opens nothing else.
+//! Owns: what each operation asks of the volumes and what it answers, and the checks of the
+//! inputs that name a place in a volume (`checked_extents`: every extent is checked against
+//! the volume's geometry, without overflow, before anything is read).
 //!
-//! Must not: decide anything a core decides. Promotion and demotion are requests to the
-//! volumes' state machines, which refuse what is unsafe (two writers, an undrained demote).
+//! Must not: decide anything a core decides, or authenticate: every handler runs behind
+//! `auth::authenticate` and takes its `Operator` (or `AnyCaller`) as proof.
 
-use crate::certs::{ADMIN_URI_PREFIX, SITE_URI_PREFIX};
-use crate::transport::tls::{identities, provider, SiteTls, TlsError};
+use super::auth::{AnyCaller, Operator};
+use super::limits::MAX_CHECKSUM_EXTENTS;
+use super::{ApiError, AppState};
 use crate::volume::{PromoteOutcome, Volume, VolumeStatus};
-use axum::extract::{Extension, FromRequest, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use geomirror_core::Role;
+use axum::Json;
+use geomirror_core::{ExtentId, Geometry, HostError, Role};
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
-/// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a promotion or status request waits for the volumes' answers.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most admin connections at once; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 64;
 
-/// Where the admin API listens and which bearer token it accepts.
-#[derive(Clone, Debug)]
-pub struct AdminConfig {
-    pub listen: SocketAddr,
-    pub token: Option<String>,
-    /// A token good for `GET /metrics` only (Prometheus's).
-    pub metrics_token: Option<String>,
-}
-
-/// Who made a call, as far as the TLS handshake tells.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum PeerCert {
-    None,
-    Admin(String),
-    /// A replication identity (or a certificate naming no geomirror identity).
-    Other(Vec<String>),
-}
-
-/// An authenticated caller, for the logs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Caller {
-    Admin(String),
-    Token,
-}
-
-impl std::fmt::Display for Caller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Caller::Admin(name) => write!(f, "admin:{name}"),
-            Caller::Token => write!(f, "token"),
-        }
-    }
-}
-
-/// What the API acts on: the site's name and volumes.
-pub struct SiteControl {
-    pub site: String,
-    pub peer: Option<String>,
-    pub volumes: Vec<Volume>,
-    /// The paced bulk rate, for estimates of how long a failback takes.
-    pub bulk_bytes_per_sec: Option<u64>,
-}
-
-struct AppState {
-    site: Arc<SiteControl>,
-    token: Option<String>,
-    metrics_token: Option<String>,
-}
-
-/// An error as the API returns it: a status and a sentence for the operator.
-struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
-    }
-}
-
-/// Binds the admin listener and serves until `shutdown`. Returns the bound address.
-pub async fn start(
-    cfg: AdminConfig,
-    tls: &SiteTls,
-    site: Arc<SiteControl>,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<SocketAddr> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(tls)?));
-    let listener =
-        TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen for the admin API on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr()?;
-    let state = Arc::new(AppState { site, token: cfg.token, metrics_token: cfg.metrics_token });
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/v1/status", get(status))
-        .route("/v1/promote", post(promote))
-        .route("/v1/demote", post(demote))
-        .route("/v1/drain", post(drain))
-        .route("/v1/resume", post(resume))
-        .route("/v1/checksums", post(checksums))
-        .route("/v1/resolve-split-brain", post(resolve_split_brain))
-        .with_state(state);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => p.expect("never closed"),
-                _ = shutdown.changed() => return,
-            };
-            let (tcp, remote) = tokio::select! {
-                a = listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors, say: back off rather than spin.
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => return,
-            };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::info!(%remote, error = %e, "admin TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%remote, "admin TLS handshake timed out");
-                        return;
-                    }
-                };
-                let peer = peer_cert(stream.get_ref().1.peer_certificates());
-                let service = hyper_util::service::TowerToHyperService::new(app.layer(Extension(peer)));
-                let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
-                    tracing::debug!(%remote, error = %e, "admin connection ended");
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
-
-/// HTTPS with the site's certificate. Client certificates are optional at the TLS level
-/// (a token caller has none) but, when present, must chain to the deployment's CA.
-fn server_config(tls: &SiteTls) -> Result<rustls::ServerConfig, TlsError> {
-    let provider = provider();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(tls.roots.clone(), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(tls.chain.clone(), tls.key.clone_key())?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
-}
-
-fn peer_cert(certs: Option<&[rustls::pki_types::CertificateDer<'static>]>) -> PeerCert {
-    let Some(first) = certs.and_then(|c| c.first()) else { return PeerCert::None };
-    let ids = identities(first);
-    match ids.iter().find_map(|i| i.strip_prefix(ADMIN_URI_PREFIX)) {
-        Some(name) => PeerCert::Admin(name.to_owned()),
-        None => PeerCert::Other(ids),
-    }
-}
-
-/// Who is calling: an admin certificate, or the right bearer token; anyone else is refused.
-/// What every transition handler starts with: an authorized caller (checked before the body
-/// is read) and what it asks, the body being optional.
+/// What every transition handler starts with: an authorized caller and what it asks, the
+/// body being optional.
 struct Asked {
-    caller: Caller,
+    caller: super::Caller,
     req: TransitionRequest,
 }
 
@@ -196,44 +36,13 @@ impl FromRequest<Arc<AppState>> for Asked {
     type Rejection = Response;
 
     async fn from_request(request: Request, st: &Arc<AppState>) -> Result<Asked, Response> {
-        let (parts, body) = request.into_parts();
-        let peer = parts.extensions.get::<PeerCert>().cloned().unwrap_or(PeerCert::None);
-        let caller = authorize(&peer, &parts.headers, st.token.as_deref()).map_err(IntoResponse::into_response)?;
+        let (mut parts, body) = request.into_parts();
+        let Operator(caller) = <Operator as axum::extract::FromRequestParts<_>>::from_request_parts(&mut parts, st).await?;
         let body = Option::<Json<TransitionRequest>>::from_request(Request::from_parts(parts, body), st)
             .await
             .map_err(IntoResponse::into_response)?;
         Ok(Asked { caller, req: body.map(|Json(b)| b).unwrap_or_default() })
     }
-}
-
-fn authorize(peer: &PeerCert, headers: &HeaderMap, token: Option<&str>) -> Result<Caller, ApiError> {
-    if let PeerCert::Admin(name) = peer {
-        return Ok(Caller::Admin(name.clone()));
-    }
-    if let PeerCert::Other(ids) = peer {
-        let what = if ids.iter().any(|i| i.starts_with(SITE_URI_PREFIX)) {
-            "a site (replication) certificate"
-        } else {
-            "a certificate naming no admin"
-        };
-        return Err(ApiError(
-            StatusCode::FORBIDDEN,
-            format!("{what} is not an admin identity ({ids:?}); use an admin certificate from `geomirror certs --admin NAME`"),
-        ));
-    }
-    let bearer = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match (bearer, token) {
-        (Some(given), Some(want)) if constant_time_eq(given.trim().as_bytes(), want.as_bytes()) => Ok(Caller::Token),
-        (Some(_), _) => Err(ApiError(StatusCode::UNAUTHORIZED, "invalid token".into())),
-        (None, _) => Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "anonymous calls are refused: present an admin client certificate or a bearer token".into(),
-        )),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// One volume in a status answer.
@@ -384,12 +193,7 @@ async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&V
     }
 }
 
-async fn status(
-    State(st): State<Arc<AppState>>,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
-) -> Result<Json<StatusReport>, ApiError> {
-    authorize(&peer, &headers, st.token.as_deref())?;
+async fn status(State(st): State<Arc<AppState>>, _: Operator) -> Result<Json<StatusReport>, ApiError> {
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
         let mut report = VolumeReport::new(v.name(), &volume_status(v).await?, st.site.bulk_bytes_per_sec);
@@ -401,15 +205,9 @@ async fn status(
 
 /// `GET /metrics`: Prometheus's text format. An admin (certificate or token) may read it, and
 /// so may the metrics token, which is good for nothing else.
-async fn metrics(State(st): State<Arc<AppState>>, Extension(peer): Extension<PeerCert>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let metrics_token = st.metrics_token.as_deref().map(str::as_bytes);
-    let bearer = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let by_metrics_token = matches!((bearer, metrics_token), (Some(b), Some(t)) if constant_time_eq(b.trim().as_bytes(), t));
-    if !by_metrics_token {
-        authorize(&peer, &headers, st.token.as_deref())?;
-    }
+async fn metrics(_: AnyCaller) -> Response {
     let body = crate::metrics::render();
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 /// The body of `POST /v1/promote` and `POST /v1/demote`.
@@ -422,9 +220,26 @@ pub struct TransitionRequest {
     /// Promote even though the primary is connected and alive (two writers).
     #[serde(default)]
     pub force: bool,
-    /// Demote: how long to wait for the peer to apply everything (default 60 s).
+    /// Demote and drain: how long to wait for the peer to apply everything, 1 to 3600 s
+    /// (default 60 s).
     #[serde(default)]
     pub drain_timeout_secs: Option<u64>,
+}
+
+/// How long a demote or drain waits for the peer when the request does not say.
+const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 60;
+/// The longest wait a demote or drain may ask for: an hour is far beyond any drain that can
+/// succeed on a working link, and a forgotten request still ends.
+const MAX_DRAIN_TIMEOUT_SECS: u64 = 3600;
+
+/// The drain timeout a request asks for, refused when out of range rather than changed.
+fn drain_timeout(req: &TransitionRequest) -> Result<Duration, ApiError> {
+    match req.drain_timeout_secs.unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECS) {
+        s @ 1..=MAX_DRAIN_TIMEOUT_SECS => Ok(Duration::from_secs(s)),
+        s => {
+            Err(ApiError(StatusCode::BAD_REQUEST, format!("drain_timeout_secs is {s}: it must be between 1 and {MAX_DRAIN_TIMEOUT_SECS}")))
+        }
+    }
 }
 
 /// What a transition did, per volume.
@@ -506,7 +321,7 @@ async fn promote(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) 
 }
 
 async fn demote(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) -> Result<Json<TransitionReport>, ApiError> {
-    let drain = Duration::from_secs(req.drain_timeout_secs.unwrap_or(60).clamp(1, 3600));
+    let drain = drain_timeout(&req)?;
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, ?drain, "demote requested");
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
@@ -551,7 +366,7 @@ pub struct DrainedVolume {
 /// site stays drained until `POST /v1/resume` or `POST /v1/demote`. The first step of a
 /// switchover.
 async fn drain(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) -> Result<Json<DrainReport>, ApiError> {
-    let timeout = Duration::from_secs(req.drain_timeout_secs.unwrap_or(60).clamp(1, 3600));
+    let timeout = drain_timeout(&req)?;
     tracing::warn!(site = st.site.site, who = %caller, why = req.reason, ?timeout, "drain requested");
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
@@ -586,30 +401,58 @@ pub struct ChecksumRequest {
     pub extents: Vec<u64>,
 }
 
-/// Most extents one checksum request may name.
-const MAX_CHECKSUM_EXTENTS: usize = 1 << 20;
-
 /// CRC-32C of extents of a volume's media, on either role: a switchover compares the
 /// record's extents on both sites while the primary is drained.
 async fn checksums(
     State(st): State<Arc<AppState>>,
-    Extension(peer): Extension<PeerCert>,
-    headers: HeaderMap,
+    _: Operator,
     Json(req): Json<ChecksumRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&peer, &headers, st.token.as_deref())?;
     let Some(v) = st.site.volumes.iter().find(|v| v.name() == req.volume).cloned() else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no volume {:?} on this site", req.volume)));
     };
     if req.extents.len() > MAX_CHECKSUM_EXTENTS {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("at most {MAX_CHECKSUM_EXTENTS} extents per request")));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{} extents asked; at most {MAX_CHECKSUM_EXTENTS} per request: split the list", req.extents.len()),
+        ));
     }
-    let extent_bytes = volume_status(&v).await?.extent_bytes;
-    let sums = tokio::task::spawn_blocking(move || v.checksums(&req.extents, extent_bytes))
+    let geometry = volume_geometry(&v).await?;
+    checked_extents(v.name(), &geometry, &req.extents)?;
+    let name = v.name().to_owned();
+    let sums = tokio::task::spawn_blocking(move || v.checksums(&req.extents, geometry.extent_bytes()))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("cannot read those extents: {e:?}")))?;
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("the checksum task failed: {e}")))?
+        .map_err(|e| match e {
+            HostError::OutOfRange => ApiError(StatusCode::BAD_REQUEST, format!("volume {name}: an extent asked is past the end")),
+            e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("volume {name}: cannot read its media ({e:?}); see the site's log")),
+        })?;
     Ok(Json(serde_json::json!({ "volume": req.volume, "crc32c": sums })))
+}
+
+/// A volume's geometry: its size and the extent size its driver reports.
+async fn volume_geometry(v: &Volume) -> Result<Geometry, ApiError> {
+    let extent_bytes = volume_status(v).await?.extent_bytes;
+    Geometry::new(v.size_bytes(), extent_bytes)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("volume {}: its geometry is invalid: {e}", v.name())))
+}
+
+/// The one check of every admin input that names a place in a volume: each extent must be
+/// one of the volume's, compared by `Geometry` without multiplying (an extent number times
+/// the extent size can wrap around and land on another extent).
+fn checked_extents(volume: &str, geometry: &Geometry, extents: &[u64]) -> Result<(), ApiError> {
+    match extents.iter().find(|e| !geometry.contains(ExtentId(**e))) {
+        None => Ok(()),
+        Some(e) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "extent {e} is past the end of volume {volume}: it has {} extents of {} bytes, numbered 0 to {}",
+                geometry.extent_count(),
+                geometry.extent_bytes(),
+                geometry.extent_count() - 1
+            ),
+        )),
+    }
 }
 
 /// After a split brain, keeps this site's data: the peer saves its divergent extents aside
@@ -620,4 +463,78 @@ async fn resolve_split_brain(State(st): State<Arc<AppState>>, Asked { caller, re
         ask(v, OPERATION_TIMEOUT, Volume::resolve_split_brain).await?;
     }
     Ok(Json(serde_json::json!({ "site": st.site.site, "kept": true })))
+}
+
+/// Every route. `super::start` puts `auth::authenticate` in front of all of them (and of
+/// the fallback, so an unknown path or method is refused like any other before it is told
+/// apart).
+pub(super) fn router() -> axum::Router<Arc<AppState>> {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/promote", post(promote))
+        .route("/v1/demote", post(demote))
+        .route("/v1/drain", post(drain))
+        .route("/v1/resume", post(resume))
+        .route("/v1/checksums", post(checksums))
+        .route("/v1/resolve-split-brain", post(resolve_split_brain))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_are_checked_against_the_volume_without_wrapping() {
+        // 64 extents of 1 MiB. 2^44 + 5 extents of 1 MiB is 2^64 + 5 MiB: a multiplication
+        // would wrap to extent 5.
+        let g = Geometry::new(64 << 20, 1 << 20).unwrap();
+        assert!(checked_extents("vol0", &g, &[0, 63]).is_ok());
+        assert!(checked_extents("vol0", &g, &[]).is_ok());
+        for bad in [64, 65, (1 << 44) + 5, (1 << 44) + 255, u64::MAX / (1 << 20), u64::MAX] {
+            let e = checked_extents("vol0", &g, &[0, bad]).expect_err("past the end");
+            assert_eq!(e.0, StatusCode::BAD_REQUEST);
+            assert_eq!(e.1, format!("extent {bad} is past the end of volume vol0: it has 64 extents of 1048576 bytes, numbered 0 to 63"));
+        }
+        // A short last extent is still an extent.
+        let short = Geometry::new((2 << 20) + 4096, 1 << 20).unwrap();
+        assert!(checked_extents("vol0", &short, &[2]).is_ok());
+        assert!(checked_extents("vol0", &short, &[3]).is_err());
+    }
+
+    #[test]
+    fn a_volume_refuses_checksums_of_extents_that_would_wrap() {
+        use crate::config::VolumeConfig;
+        use crate::store::MemoryStore;
+        use geomirror_core::{CoreConfig, SiteState};
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = VolumeConfig {
+            name: "vol0".into(),
+            media: dir.path().join("vol0.img"),
+            geometry: Geometry::new(64 << 20, 1 << 20).unwrap(),
+            description: String::new(),
+            core: CoreConfig::default(),
+        };
+        let (v, driver) = Volume::start(&cfg, Box::new(MemoryStore::new(SiteState::fresh(Role::Primary))), None).unwrap();
+        let zeros = crc32c::crc32c(&vec![0u8; 1 << 20]);
+        assert_eq!(v.checksums(&[0, 5, 63], 1 << 20), Ok(vec![zeros; 3]));
+        for bad in [64, (1 << 44) + 5, (1 << 44) + 255, u64::MAX] {
+            assert_eq!(v.checksums(&[0, bad], 1 << 20), Err(HostError::OutOfRange), "extent {bad}");
+        }
+        v.stop();
+        driver.join().unwrap();
+    }
+
+    #[test]
+    fn a_drain_timeout_out_of_range_is_refused_not_changed() {
+        let asked = |s: Option<u64>| drain_timeout(&TransitionRequest { drain_timeout_secs: s, ..TransitionRequest::default() });
+        assert_eq!(asked(None).ok(), Some(Duration::from_secs(60)));
+        assert_eq!(asked(Some(1)).ok(), Some(Duration::from_secs(1)));
+        assert_eq!(asked(Some(3600)).ok(), Some(Duration::from_secs(3600)));
+        for bad in [0, 3601, u64::MAX] {
+            let e = asked(Some(bad)).expect_err("out of range");
+            assert_eq!((e.0, e.1), (StatusCode::BAD_REQUEST, format!("drain_timeout_secs is {bad}: it must be between 1 and 3600")));
+        }
+    }
 }
