@@ -438,8 +438,9 @@ impl Connection {
         }
     }
 
-    /// Sends the reply of a write, trim, zeroing or flush. The volume is done with the
-    /// request's payload by then, so only the reply's cost stays held.
+    /// Sends the reply of a write, trim, zeroing or flush. The payload is on the media by
+    /// then (what replication still ships of it counts against the lag bound, not here), so
+    /// only the reply's cost stays held.
     fn completion(&self, tx: &mpsc::UnboundedSender<Reply>, cookie: u64, mut permit: Held) -> crate::volume::Completion {
         let tx = tx.clone();
         let counters = self.counters.clone();
