@@ -79,6 +79,8 @@ pub struct PairOptions {
     pub wan: Vec<String>,
     /// The `[admin]` section's body.
     pub admin: String,
+    /// Settings of the `[nbd]` section besides `listen`.
+    pub nbd: String,
 }
 
 impl Default for PairOptions {
@@ -89,6 +91,7 @@ impl Default for PairOptions {
             size: "64M".into(),
             wan: vec!["--rtt-ms".into(), "10".into()],
             admin: "listen = \"127.0.0.1:0\"\n".into(),
+            nbd: String::new(),
         }
     }
 }
@@ -96,13 +99,14 @@ impl Default for PairOptions {
 /// Writes `dir/<me>.toml`: site `me`, volume `vol0` on `dir/<me>.img`, NBD on a free
 /// port, replication on `listen` (0: a free one), the peer at `peer_address`.
 pub fn site_config(dir: &Path, me: &str, peer: &str, role: &str, listen: u16, peer_address: u16, o: &PairOptions) -> PathBuf {
-    let PairOptions { link, replication, size, admin, .. } = o;
+    let PairOptions { link, replication, size, admin, nbd, .. } = o;
     let text = format!(
         r#"[site]
 name = "{me}"
 state_dir = "{me}-state"
 [nbd]
 listen = "127.0.0.1:0"
+{nbd}
 [peer]
 name = "{peer}"
 address = "127.0.0.1:{peer_address}"

@@ -420,6 +420,7 @@ fn options(rtt_ms: u64, rate_mbps: Option<u64>, mode: &str, o: &Options) -> Pair
         size: o.volume_bytes.to_string(),
         wan: vec!["--rtt-ms".into(), rtt_ms.to_string(), "--rate-mbps".into(), rate_mbps.unwrap_or(0).to_string()],
         admin: "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n".into(),
+        ..PairOptions::default()
     }
 }
 

@@ -1,11 +1,17 @@
 //! Bad NBD clients, from a raw socket: each bad input gets an NBD error or a clean close,
-//! nothing is written outside the volume, and the server keeps serving others.
+//! nothing is written outside the volume, and the server keeps serving others. Clients that
+//! send and never read their replies hold no more than the site's in-flight budget, while a
+//! client that reads keeps being answered.
 
-use geomirror_tests::site::Site;
+use geomirror_node::metrics::{NBD_BUDGET_EXHAUSTED, NBD_INFLIGHT, NBD_INFLIGHT_LIMIT, NBD_INFLIGHT_PEAK};
+use geomirror_node::nbd::budget::GUARANTEED_BYTES_PER_CONNECTION;
+use geomirror_tests::pair::{stop_both_and_compare, two_sites, PairOptions};
+use geomirror_tests::site::{run_ok, tool, Site};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
 const VOLUME_BYTES: u64 = 8 << 20;
@@ -23,6 +29,7 @@ const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 const READ: u16 = 0;
 const WRITE: u16 = 1;
 const TRIM: u16 = 4;
+const DISC: u16 = 2;
 const WRITE_ZEROES: u16 = 6;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
@@ -326,4 +333,211 @@ fn connections_over_the_cap_are_closed_at_once_and_a_freed_slot_is_reused() {
     leaving.expect_closed();
     still_serving(&s);
     drop(held);
+}
+
+const MIB: u64 = 1 << 20;
+/// The site's in-flight budget in the bounded-memory test, and its connection slots: each
+/// slot keeps a 2 MiB share, the other 48 MiB are the shared pool.
+const BUDGET_BYTES: u64 = 64 << 20;
+const BUDGET_CONNECTIONS: u64 = 8;
+const STUCK_CLIENTS: u64 = 4;
+/// Each stuck client sends this many 1 MiB writes, each followed by `READS_PER_WRITE` 1 MiB
+/// reads: 48 MiB of reads each, far more than the budget and the sockets' buffers hold.
+const STUCK_WRITES: u64 = 12;
+const READS_PER_WRITE: u64 = 4;
+/// Each stuck client writes its own 12 MiB of the 64 MiB volume; the reading client the
+/// 16 MiB after them.
+const REGION_BYTES: u64 = STUCK_WRITES * MIB;
+/// How long a stuck client's send may block: a hang guard, far beyond the test's length.
+const STUCK_SEND_DEADLINE: Duration = Duration::from_secs(600);
+/// How long the metrics may take to show what the test waits for.
+const METRICS_DEADLINE: Duration = Duration::from_secs(120);
+const ADMIN_TOKEN: &str = "nbd-budget-test-token-0123456789";
+
+/// A 1 MiB block that says which client wrote it and where.
+fn stamped(client: u64, k: u64) -> Vec<u8> {
+    (0..MIB / 8).flat_map(|w| ((client << 56) | (k << 32) | w).to_be_bytes()).collect()
+}
+
+fn write_cookie(k: u64) -> u64 {
+    k << 8
+}
+
+fn read_cookie(k: u64, j: u64) -> u64 {
+    (k << 8) | j
+}
+
+/// dc1's metrics, through its admin API with the admin token.
+fn scrape(dir: &Path, site: &Site) -> String {
+    let port = site.admin.expect("a site with a peer has an admin API").port();
+    run_ok(
+        tool("curl", "curl")
+            .args(["--silent", "--show-error", "--fail", "--cacert"])
+            .arg(dir.join("certs/ca.pem"))
+            .args(["--resolve", &format!("dc1:{port}:127.0.0.1")])
+            .args(["--header", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+            .arg(format!("https://dc1:{port}/metrics")),
+    )
+}
+
+/// The value of the series `name` whose labels include `label` (e.g. `limit="site"`).
+fn metric(text: &str, name: &str, label: &str) -> u64 {
+    let found = text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        (rest.starts_with('{') && rest.contains(label)).then(|| value.parse::<f64>().ok()).flatten()
+    });
+    found.unwrap_or_else(|| panic!("no {name} with {label} in the metrics:\n{text}")) as u64
+}
+
+struct Budget {
+    held: u64,
+    peak: u64,
+    limit: u64,
+    exhausted: u64,
+}
+
+fn budget(dir: &Path, site: &Site) -> Budget {
+    let text = scrape(dir, site);
+    Budget {
+        held: metric(&text, NBD_INFLIGHT, "site="),
+        peak: metric(&text, NBD_INFLIGHT_PEAK, "site="),
+        limit: metric(&text, NBD_INFLIGHT_LIMIT, "site="),
+        exhausted: metric(&text, NBD_BUDGET_EXHAUSTED, "limit=\"site\""),
+    }
+}
+
+/// Polls dc1's budget until `done`, checking at every look that it never went over.
+fn wait_for_budget(dir: &Path, site: &Site, what: &str, done: impl Fn(&Budget) -> bool) -> Budget {
+    let deadline = Instant::now() + METRICS_DEADLINE;
+    loop {
+        let b = budget(dir, site);
+        assert!(b.peak <= BUDGET_BYTES, "the site held {} MiB, over its {} MiB budget", b.peak / MIB, BUDGET_BYTES / MIB);
+        if done(&b) {
+            return b;
+        }
+        assert!(Instant::now() < deadline, "{what} never happened: {} MiB held, {} exhaustions", b.held / MIB, b.exhausted);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A client that sends all its requests at once (from a thread that blocks while the server
+/// does not read it) and reads no reply until told to.
+struct Stuck {
+    go: mpsc::Sender<()>,
+    sender: std::thread::JoinHandle<()>,
+    /// The writes acknowledged, once it has read every reply.
+    reader: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl Stuck {
+    fn start(site: &Site, id: u64) -> Stuck {
+        let mut reader = Raw::ready(site);
+        let s = reader.s.try_clone().unwrap();
+        s.set_write_timeout(Some(STUCK_SEND_DEADLINE)).unwrap();
+        let mut sender = Raw { s };
+        let base = id * REGION_BYTES;
+        let sender = std::thread::spawn(move || {
+            for k in 0..STUCK_WRITES {
+                sender.request(WRITE, 0, write_cookie(k), base + k * MIB, MIB as u32, &stamped(id, k));
+                for j in 1..=READS_PER_WRITE {
+                    sender.request(READ, 0, read_cookie(k, j), (k + j) % 64 * MIB, MIB as u32, &[]);
+                }
+            }
+            sender.request(DISC, 0, 0, 0, 0, &[]);
+        });
+        let (go, wait) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            wait.recv().expect("told to read");
+            let mut acked = Vec::new();
+            for _ in 0..STUCK_WRITES * (1 + READS_PER_WRITE) {
+                let (error, cookie) = reader.reply();
+                assert_eq!(error, 0, "request {cookie:#x} of stuck client {id} failed");
+                if cookie & 0xff == 0 {
+                    acked.push(cookie >> 8);
+                } else {
+                    reader.read_n(MIB as usize);
+                }
+            }
+            // Every reply owed was sent before the server closed on DISC.
+            reader.expect_closed();
+            acked.sort_unstable();
+            acked
+        });
+        Stuck { go, sender, reader }
+    }
+}
+
+/// Several clients send far more than the site's budget and do not read their replies. The
+/// bytes the site holds stay within the budget (its peak, read from the metrics at every
+/// look), the budget is seen spent, a client that reads its replies keeps being answered
+/// meanwhile, and once the stuck clients read, every one of their requests is answered and
+/// every write they were acknowledged is on both sites' media.
+#[test]
+fn clients_that_do_not_read_their_replies_hold_no_more_than_the_site_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("token"), format!("{ADMIN_TOKEN}\n")).unwrap();
+    let o = PairOptions {
+        admin: "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n".into(),
+        nbd: format!(
+            "max_connections = {BUDGET_CONNECTIONS}\nmax_inflight_bytes = {BUDGET_BYTES}\nmax_inflight_bytes_per_connection = \"32M\"\n"
+        ),
+        ..PairOptions::default()
+    };
+    let (dc1, dc2, _emu) = two_sites(Path::new(BIN), dir, &o);
+    assert_eq!(budget(dir, &dc1).limit, BUDGET_BYTES, "the limit is exported");
+
+    let stuck: Vec<Stuck> = (0..STUCK_CLIENTS).map(|id| Stuck::start(&dc1, id)).collect();
+    // Spent: the stuck clients hold their own shares and all of the pool, short of less
+    // than one 1 MiB request in each (the slots of the reading client and the unused ones
+    // keep their shares).
+    let share = GUARANTEED_BYTES_PER_CONNECTION as u64;
+    let spent = BUDGET_BYTES - (BUDGET_CONNECTIONS - STUCK_CLIENTS) * share - (STUCK_CLIENTS + 1) * MIB;
+    let full = wait_for_budget(dir, &dc1, "spending the budget", |b| b.held >= spent && b.exhausted > 0);
+    println!("budget spent: {} KiB held of {} KiB, {} waits", full.held >> 10, BUDGET_BYTES >> 10, full.exhausted);
+
+    // A client that reads its replies: writes, then reads back in requests of its whole
+    // share, each answered while the stuck clients hold everything else.
+    let good = STUCK_CLIENTS;
+    let base = good * REGION_BYTES;
+    let mut c = Raw::ready(&dc1);
+    for k in 0..16 {
+        c.request(WRITE, 0, k, base + k * MIB, MIB as u32, &stamped(good, k));
+        assert_eq!(c.reply(), (0, k), "write {k} of the reading client");
+    }
+    for k in (0..16).step_by(2) {
+        c.request(READ, 0, k, base + k * MIB, share as u32, &[]);
+        assert_eq!(c.reply(), (0, k), "read {k} of the reading client");
+        assert!(c.read_n(share as usize) == [stamped(good, k), stamped(good, k + 1)].concat(), "read {k} returned other data");
+    }
+    c.request(DISC, 0, 0, 0, 0, &[]);
+    c.expect_closed();
+    let meanwhile = wait_for_budget(dir, &dc1, "a look", |_| true);
+    assert!(meanwhile.held >= spent, "the stuck clients still hold the budget: {} MiB", meanwhile.held / MIB);
+
+    // The stuck clients read: every request they sent is answered, writes included.
+    for s in &stuck {
+        s.go.send(()).unwrap();
+    }
+    for (id, s) in stuck.into_iter().enumerate() {
+        assert_eq!(s.reader.join().expect("the stuck client's reader"), (0..STUCK_WRITES).collect::<Vec<_>>(), "stuck client {id}");
+        s.sender.join().expect("the stuck client's sender");
+    }
+    let end = wait_for_budget(dir, &dc1, "giving the budget back", |b| b.held == 0);
+    println!("at the end: peak {} KiB of {} KiB, {} waits", end.peak >> 10, BUDGET_BYTES >> 10, end.exhausted);
+    assert!(end.exhausted > 0);
+
+    // Nothing lost: both images are identical, and hold every acknowledged write.
+    stop_both_and_compare(dir, dc1, dc2);
+    let media = std::fs::read(dir.join("dc1.img")).unwrap();
+    let block = |client: u64, k: u64| &media[(client * REGION_BYTES + k * MIB) as usize..][..MIB as usize];
+    for client in 0..STUCK_CLIENTS {
+        for k in 0..STUCK_WRITES {
+            assert!(block(client, k) == stamped(client, k), "write {k} of stuck client {client} is not on the media");
+        }
+    }
+    for k in 0..16 {
+        assert!(block(good, k) == stamped(good, k), "write {k} of the reading client is not on the media");
+    }
 }

@@ -8,6 +8,7 @@
 //! against the config file's directory, not the working directory, so a site starts the same
 //! way from anywhere.
 
+use crate::nbd::budget::GUARANTEED_BYTES_PER_CONNECTION;
 use crate::nbd::handshake::MAX_NAME_BYTES;
 use crate::nbd::proto::MAX_BLOCK_BYTES;
 use crate::transport::LinkTuning;
@@ -276,6 +277,13 @@ pub struct NbdSection {
     /// requests wait unread. At least the 32 MiB maximum block size.
     #[serde(default = "default_inflight")]
     pub max_inflight_bytes_per_connection: Size,
+    /// Request bytes all connections together may have in flight: write payloads not yet
+    /// applied, read data not yet sent, replies waiting for a client that does not read.
+    /// When it is spent, connections are not read further until replies go out. Each
+    /// connection slot keeps a guaranteed 2 MiB of it, so it must be at least
+    /// `max_connections` × 2M plus 32M (one largest request) for the rest.
+    #[serde(default = "default_site_inflight")]
+    pub max_inflight_bytes: Size,
 }
 
 impl Default for NbdSection {
@@ -285,6 +293,7 @@ impl Default for NbdSection {
             max_connections: default_max_connections(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
             max_inflight_bytes_per_connection: default_inflight(),
+            max_inflight_bytes: default_site_inflight(),
         }
     }
 }
@@ -300,6 +309,12 @@ fn default_handshake_timeout_ms() -> u64 {
 }
 fn default_inflight() -> Size {
     Size(64 << 20)
+}
+/// 256 MiB: the guaranteed shares of the default 64 connections (128 MiB) and a shared pool
+/// in which two clients at once reach the 64 MiB per-connection depth. Without it the front
+/// end could be made to hold 64 × 64 MiB.
+fn default_site_inflight() -> Size {
+    Size(256 << 20)
 }
 fn default_extent_size() -> Size {
     Size(geomirror_core::geometry::DEFAULT_EXTENT_BYTES)
@@ -361,6 +376,8 @@ pub struct NbdConfig {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub max_inflight_bytes_per_connection: u64,
+    /// Over all connections; see `budget`.
+    pub max_inflight_bytes: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -399,6 +416,21 @@ impl SiteConfig {
             return Err(invalid(
                 "nbd.max_inflight_bytes_per_connection",
                 format!("must be between 32M (one largest request) and 4G, got {inflight} bytes"),
+            ));
+        }
+        let site_inflight = n.max_inflight_bytes.0;
+        let shares = n.max_connections as u64 * GUARANTEED_BYTES_PER_CONNECTION as u64;
+        let least = shares + MAX_BLOCK_BYTES as u64;
+        if site_inflight < least || site_inflight > 1 << 40 {
+            return Err(invalid(
+                "nbd.max_inflight_bytes",
+                format!(
+                    "must be between {}M ({} connections × {}M guaranteed to each, plus 32M for one largest request) and 1T, \
+                     got {site_inflight} bytes; raise it or lower nbd.max_connections",
+                    least >> 20,
+                    n.max_connections,
+                    GUARANTEED_BYTES_PER_CONNECTION >> 20
+                ),
             ));
         }
 
@@ -547,6 +579,7 @@ impl SiteConfig {
                 max_connections: n.max_connections as usize,
                 handshake_timeout: Duration::from_millis(n.handshake_timeout_ms),
                 max_inflight_bytes_per_connection: inflight,
+                max_inflight_bytes: site_inflight,
             },
             volumes,
         })
@@ -618,6 +651,7 @@ mod tests {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.nbd.listen, "127.0.0.1:10809".parse().unwrap());
         assert_eq!(c.nbd.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.nbd.max_inflight_bytes, 256 << 20);
         assert_eq!(c.volumes[0].media, PathBuf::from("/etc/geomirror/vol0.img"));
         assert_eq!(c.volumes[0].geometry.extent_bytes(), 1 << 20);
         assert_eq!(c.volumes[0].core.mode, Mode::Standalone);
@@ -631,6 +665,8 @@ mod tests {
         assert!(err(&GOOD.replace("\"vol0\"", "\"a/b\"")).contains("volume[0].name"));
         assert!(err(&GOOD.replace("[site]", "[nbd]\nlisten = \"nowhere\"\n[site]")).contains("nbd.listen"));
         assert!(err(&GOOD.replace("[site]", "[nbd]\nmax_inflight_bytes_per_connection = \"1M\"\n[site]")).contains("32M"));
+        let site_budget = err(&GOOD.replace("[site]", "[nbd]\nmax_connections = 150\n[site]"));
+        assert!(site_budget.contains("nbd.max_inflight_bytes") && site_budget.contains("between 332M"), "{site_budget}");
         assert!(err(&GOOD.replace("size", "sise")).contains("unknown field"));
         assert!(err("[site]\nname = \"x\"").contains("no [[volume]]"));
         assert!(err(&format!("{GOOD}\n[[volume]]\nname = \"vol0\"\nmedia = \"b\"\nsize = 4096")).contains("used by two volumes"));

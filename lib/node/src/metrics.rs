@@ -5,14 +5,15 @@
 //! every metric, the per-volume write handles the volume driver feeds on each ack
 //! (`VolumeMetrics`), and the refresher that turns everything else into gauges and counters
 //! once a second: each volume's status and its core's plain stats, the NBD front end's
-//! counters, refused handshakes, the QUIC connections' stats and the certificates' expiry.
+//! counters and in-flight budget, refused handshakes, the QUIC connections' stats and the
+//! certificates' expiry.
 //!
 //! The admin API's connection gauges and refusal and timeout counters are fed directly as
 //! connections come and go (`admin_connections`, `admin_refused`, `admin_timeouts`).
 //!
 //! Labels are bounded: `site` (global), `volume`, `role`, `path` (hit or miss), `reason`,
-//! `kind`, `pool`, `connection` (control or data) and `certificate` (site or ca); never an
-//! offset, an address or a request.
+//! `kind`, `pool`, `limit` (site or connection), `connection` (control or data) and
+//! `certificate` (site or ca); never an offset, an address or a request.
 //!
 //! Counters taken from a core's stats restart from zero when the volume changes role (a new
 //! state machine): Prometheus reads a drop as a counter reset, which `rate()` handles.
@@ -50,6 +51,10 @@ pub const LAG_SAMPLED: &str = "geomirror_replication_lag_sampled_seconds";
 pub const ADMIN_CONNECTIONS: &str = "geomirror_admin_connections";
 pub const ADMIN_REFUSED: &str = "geomirror_admin_connections_refused_total";
 pub const ADMIN_TIMEOUTS: &str = "geomirror_admin_timeouts_total";
+pub const NBD_INFLIGHT: &str = "geomirror_nbd_inflight_bytes";
+pub const NBD_INFLIGHT_PEAK: &str = "geomirror_nbd_inflight_peak_bytes";
+pub const NBD_INFLIGHT_LIMIT: &str = "geomirror_nbd_inflight_limit_bytes";
+pub const NBD_BUDGET_EXHAUSTED: &str = "geomirror_nbd_budget_exhausted_total";
 
 static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
@@ -292,6 +297,12 @@ fn nbd(n: &NbdCounters) {
     ] {
         counter!("geomirror_nbd_errors_total", "kind" => kind).absolute(get(value));
     }
+    let b = &n.inflight;
+    gauge!(NBD_INFLIGHT).set(get(&b.held_bytes) as f64);
+    gauge!(NBD_INFLIGHT_PEAK).set(get(&b.peak_bytes) as f64);
+    gauge!(NBD_INFLIGHT_LIMIT).set(get(&b.limit_bytes) as f64);
+    counter!(NBD_BUDGET_EXHAUSTED, "limit" => "site").absolute(get(&b.exhausted_site));
+    counter!(NBD_BUDGET_EXHAUSTED, "limit" => "connection").absolute(get(&b.exhausted_connection));
 }
 
 enum Kind {
@@ -355,6 +366,10 @@ const CATALOGUE: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Counter, "geomirror_media_errors_total", Unit::Count, "Errors of the local media"),
     (Kind::Counter, "geomirror_nbd_connections_total", Unit::Count, "NBD connections accepted"),
     (Kind::Counter, "geomirror_nbd_requests_total", Unit::Count, "NBD requests read"),
+    (Kind::Gauge, NBD_INFLIGHT, Unit::Bytes, "Bytes NBD requests read and not yet answered hold, over all connections: write payloads not yet applied, read data not yet sent, replies a client has not read"),
+    (Kind::Gauge, NBD_INFLIGHT_PEAK, Unit::Bytes, "The most geomirror_nbd_inflight_bytes has been since the site started"),
+    (Kind::Gauge, NBD_INFLIGHT_LIMIT, Unit::Bytes, "The site's bound on geomirror_nbd_inflight_bytes, [nbd] max_inflight_bytes"),
+    (Kind::Counter, NBD_BUDGET_EXHAUSTED, Unit::Count, "NBD requests that waited, their connection unread, because the site's in-flight budget (limit=site) or their connection's bound (limit=connection) was spent"),
     (Kind::Counter, "geomirror_nbd_errors_total", Unit::Count, "NBD errors by kind: error replies (inval, nospc, overflow, io, other), protocol violations, refused or timed-out handshakes, connections over the limit"),
     (Kind::Counter, "geomirror_handshakes_refused_total", Unit::Count, "Replication handshakes refused, by reason (unknown_ca, expired, wrong_identity, ...)"),
     (Kind::Gauge, "geomirror_link_rtt_seconds", Unit::Seconds, "QUIC's round-trip estimate, by connection (control, data)"),

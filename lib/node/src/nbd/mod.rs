@@ -1,8 +1,10 @@
 //! The NBD front end hosts connect to.
 //!
 //! `proto` and `handshake` are pure byte-level code (fuzzed); `server` is the async shell
-//! that accepts connections, bounds them, and hands requests to a volume.
+//! that accepts connections, bounds them, and hands requests to a volume; `budget` bounds the
+//! bytes requests hold over all connections.
 
+pub mod budget;
 pub mod handshake;
 pub mod proto;
 pub mod server;

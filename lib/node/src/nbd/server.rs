@@ -1,23 +1,30 @@
 //! The NBD server: accepts connections, runs the handshake, and serves requests.
 //!
-//! Owns: the connection cap, the handshake timeout, the per-connection bound on bytes in
-//! flight, the reader and writer of each connection, and the mapping of the core's host
-//! errors to NBD errors.
+//! Owns: the connection cap, the handshake timeout, the reader and writer of each
+//! connection, what each request costs in the in-flight budget, and the mapping of the
+//! core's host errors to NBD errors.
 //!
-//! Must not: check requests itself (`proto::check_request` is the one gate) or write to
-//! media (reads go to `Volume::read`, writes to the volume's driver).
+//! Must not: check requests itself (`proto::check_request` is the one gate), write to media
+//! (reads go to `Volume::read`, writes to the volume's driver), or account bytes in flight
+//! itself (`budget` does, for all connections of the site).
 //!
 //! Each connection is two tasks. The reader parses requests and submits them; every
-//! request first takes permits worth its payload (at least `MIN_REQUEST_COST`) from the
-//! connection's budget, and gives them back when its reply has been written, so a client
-//! that sends faster than it reads replies simply stops being read. The writer sends replies
-//! in completion order.
+//! request first takes its cost (its payload, at least `MIN_REQUEST_COST`) from the budget,
+//! before its payload is read, and holds it until its reply has been written; a write gives
+//! back all but `MIN_REQUEST_COST` once the volume has applied it. A client that sends
+//! faster than it reads replies, or a site whose budget is spent, simply stops being read.
+//! The writer sends replies in completion order.
+//!
+//! Outside the budget, each connection holds fixed buffers: `INPUT_BUFFER_BYTES` of input
+//! and `WRITE_BATCH_BYTES` (plus one reply) of output. A write's payload is read into its own
+//! buffer of exactly its size, so that no payload keeps a larger input buffer alive.
 
+use super::budget::{BudgetCounters, ConnectionBudget, Held, SiteBudget, GUARANTEED_BYTES_PER_CONNECTION};
 use super::handshake::{ExportInfo, Handshake, Negotiated, Step};
 use super::proto::*;
 use crate::config::NbdConfig;
 use crate::volume::Volume;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use geomirror_core::{HostError, WriteOp};
 use std::io;
 use std::net::SocketAddr;
@@ -28,9 +35,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-/// Permits a request without payload takes, so that the count of requests in flight is
-/// bounded too.
+/// What a request without payload costs (and a write keeps once applied, while its reply
+/// waits), so that the count of requests and replies in flight is bounded too.
 const MIN_REQUEST_COST: u32 = 4096;
+/// The reader's input buffer, and the most it reads ahead of the request it is parsing:
+/// enough to take many small requests in one read, small enough to stay outside the budget.
+const INPUT_BUFFER_BYTES: usize = 64 << 10;
 /// Replies are gathered up to this size before a write to the socket.
 const WRITE_BATCH_BYTES: usize = 256 << 10;
 /// Payload bytes of a refused write are read and dropped through a buffer of this size.
@@ -64,6 +74,8 @@ pub struct NbdCounters {
     pub errors_io: AtomicU64,
     pub errors_other: AtomicU64,
     pub protocol_violations: AtomicU64,
+    /// The site's in-flight budget.
+    pub inflight: Arc<BudgetCounters>,
 }
 
 impl NbdCounters {
@@ -95,12 +107,20 @@ pub struct NbdServer {
     volumes: Arc<Vec<Volume>>,
     cfg: NbdConfig,
     counters: Arc<NbdCounters>,
+    budget: Arc<SiteBudget>,
 }
 
 impl NbdServer {
     pub async fn bind(cfg: NbdConfig, volumes: Vec<Volume>) -> io::Result<NbdServer> {
         let listener = TcpListener::bind(cfg.listen).await?;
-        Ok(NbdServer { listener, volumes: Arc::new(volumes), cfg, counters: Arc::new(NbdCounters::default()) })
+        let counters = Arc::new(NbdCounters::default());
+        let budget = Arc::new(SiteBudget::new(
+            cfg.max_inflight_bytes,
+            cfg.max_connections,
+            GUARANTEED_BYTES_PER_CONNECTION,
+            counters.inflight.clone(),
+        ));
+        Ok(NbdServer { listener, volumes: Arc::new(volumes), cfg, counters, budget })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -146,6 +166,7 @@ impl NbdServer {
                         exports: exports.clone(),
                         cfg: self.cfg.clone(),
                         counters: self.counters.clone(),
+                        budget: self.budget.clone(),
                         shutdown: shutdown.clone(),
                         peer,
                     };
@@ -165,6 +186,7 @@ struct Connection {
     exports: Vec<ExportInfo>,
     cfg: NbdConfig,
     counters: Arc<NbdCounters>,
+    budget: Arc<SiteBudget>,
     shutdown: watch::Receiver<bool>,
     peer: SocketAddr,
 }
@@ -176,17 +198,37 @@ struct Input {
 }
 
 impl Input {
-    /// Makes `buf` hold at least `n` bytes. False if the client closed before sending them.
+    /// Makes `buf` hold at least `n` bytes (a request header), reading no more than the
+    /// buffer has room for. False if the client closed before sending them.
     async fn fill(&mut self, n: usize) -> io::Result<bool> {
-        if self.buf.len() < n {
-            self.buf.reserve(n - self.buf.len());
-        }
         while self.buf.len() < n {
+            if self.buf.capacity() == self.buf.len() {
+                // Nothing split off the buffer outlives the reader's use of it, so this moves
+                // the few unparsed bytes to the front of the same allocation instead of
+                // growing it.
+                self.buf.reserve(n - self.buf.len());
+            }
             if self.rd.read_buf(&mut self.buf).await? == 0 {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// The next `n` bytes, in a buffer of their own: what was read ahead is copied, the rest
+    /// is read straight into it. None if the client closed before sending them.
+    async fn take(&mut self, n: usize) -> io::Result<Option<Bytes>> {
+        let mut data = BytesMut::with_capacity(n);
+        let have = n.min(self.buf.len());
+        data.put_slice(&self.buf[..have]);
+        self.buf.advance(have);
+        while data.len() < n {
+            let room = n - data.len();
+            if self.rd.read_buf(&mut (&mut data).limit(room)).await? == 0 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(data.freeze()))
     }
 
     /// Reads and drops `n` bytes without holding more than one chunk.
@@ -217,14 +259,14 @@ struct Reply {
     cookie: u64,
     body: Body,
     /// Given back when the reply has been written.
-    _budget: OwnedSemaphorePermit,
+    _budget: Held,
 }
 
 impl Connection {
     async fn run(mut self, stream: TcpStream, slot: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
         let (rd, mut wr) = stream.into_split();
-        let mut input = Input { rd, buf: BytesMut::with_capacity(64 << 10) };
+        let mut input = Input { rd, buf: BytesMut::with_capacity(INPUT_BUFFER_BYTES) };
         let mut shutdown = self.shutdown.clone();
         let negotiated = tokio::select! {
             r = tokio::time::timeout(self.cfg.handshake_timeout, self.handshake(&mut input, &mut wr)) => r,
@@ -309,7 +351,7 @@ impl Connection {
         tx: mpsc::UnboundedSender<Reply>,
     ) -> io::Result<End> {
         let limits = Limits { export_bytes: volume.size_bytes(), structured: n.structured };
-        let budget = Arc::new(Semaphore::new(self.cfg.max_inflight_bytes_per_connection as usize));
+        let budget: ConnectionBudget = self.budget.connection(self.cfg.max_inflight_bytes_per_connection);
         loop {
             let more = tokio::select! {
                 more = input.fill(REQUEST_HEADER_BYTES) => more?,
@@ -336,7 +378,7 @@ impl Connection {
                 Err(refusal) => {
                     self.counters.error(refusal.error);
                     tracing::debug!(peer = %self.peer, ?header, reason = refusal.reason, "request refused");
-                    let permit = budget.clone().acquire_many_owned(MIN_REQUEST_COST).await.expect("never closed");
+                    let permit = budget.take(MIN_REQUEST_COST).await;
                     let reply = Reply {
                         cookie: header.cookie,
                         body: Body::Error { error: refusal.error, message: refusal.reason.into() },
@@ -359,7 +401,7 @@ impl Connection {
             match command {
                 Command::Disconnect => return Ok(End::Clean),
                 Command::Read { offset, len } => {
-                    let permit = budget.clone().acquire_many_owned(cost(len)).await.expect("never closed");
+                    let permit = budget.take(cost(len)).await;
                     let (volume, tx, counters) = (volume.clone(), tx.clone(), self.counters.clone());
                     let cookie = header.cookie;
                     tokio::task::spawn_blocking(move || {
@@ -374,33 +416,36 @@ impl Connection {
                     });
                 }
                 Command::Write { offset, len, fua } => {
-                    let permit = budget.clone().acquire_many_owned(cost(len)).await.expect("never closed");
-                    if !input.fill(len as usize).await? {
+                    let permit = budget.take(cost(len)).await;
+                    let Some(data) = input.take(len as usize).await? else {
                         return Ok(End::Clean);
-                    }
-                    let data = input.buf.split_to(len as usize).freeze();
+                    };
                     volume.write(WriteOp::data(offset, data), fua, self.completion(&tx, header.cookie, permit));
                 }
                 Command::Trim { offset, len, fua } => {
-                    let permit = budget.clone().acquire_many_owned(MIN_REQUEST_COST).await.expect("never closed");
+                    let permit = budget.take(MIN_REQUEST_COST).await;
                     volume.write(WriteOp::trim(offset, len as u64), fua, self.completion(&tx, header.cookie, permit));
                 }
                 Command::WriteZeroes { offset, len, fua } => {
-                    let permit = budget.clone().acquire_many_owned(MIN_REQUEST_COST).await.expect("never closed");
+                    let permit = budget.take(MIN_REQUEST_COST).await;
                     volume.write(WriteOp::zero(offset, len as u64), fua, self.completion(&tx, header.cookie, permit));
                 }
                 Command::Flush => {
-                    let permit = budget.clone().acquire_many_owned(MIN_REQUEST_COST).await.expect("never closed");
+                    let permit = budget.take(MIN_REQUEST_COST).await;
                     volume.flush(self.completion(&tx, header.cookie, permit));
                 }
             }
         }
     }
 
-    fn completion(&self, tx: &mpsc::UnboundedSender<Reply>, cookie: u64, permit: OwnedSemaphorePermit) -> crate::volume::Completion {
+    /// Sends the reply of a write, trim, zeroing or flush. The payload is on the media by
+    /// then (what replication still ships of it counts against the lag bound, not here), so
+    /// only the reply's cost stays held.
+    fn completion(&self, tx: &mpsc::UnboundedSender<Reply>, cookie: u64, mut permit: Held) -> crate::volume::Completion {
         let tx = tx.clone();
         let counters = self.counters.clone();
         Box::new(move |result| {
+            permit.shrink_to(MIN_REQUEST_COST);
             let body = match result {
                 Ok(()) => Body::Done,
                 Err(e) => {
