@@ -404,6 +404,10 @@ fn run_site(a: RunArgs) -> Result<()> {
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("geomirror").build().context("start the async runtime")?;
     runtime.block_on(async {
         let site = geomirror_node::site::RunningSite::start(cfg).await?;
+        // Before the addresses are printed: whoever waits for them may stop the site at once,
+        // and a signal without a handler would end it without a clean stop.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut int, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
         let mut out = std::io::stdout().lock();
         let role = match site.role {
             geomirror_core::Role::Primary => "primary",
@@ -427,9 +431,8 @@ fn run_site(a: RunArgs) -> Result<()> {
         }
         out.flush()?;
         drop(out);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         tracing::info!("stopping: finishing requests in flight and syncing media");
