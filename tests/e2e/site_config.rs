@@ -126,18 +126,18 @@ fn a_bad_certificate_or_media_path_leaves_nothing_behind() {
     let config = write_config(dir, "", "certs/nonexistent.pem", vol0);
     let before = tree(dir);
     let log = refused(&config);
-    assert!(log.contains("tls.cert: cannot read ") && log.contains("nonexistent.pem"), "{log}");
-    assert_eq!(tree(dir), before, "a refused start left files behind");
+    assert_eq!(tree(dir), before, "a refused start left files behind:\n{log}");
     assert!(!dir.join("state").exists() && !dir.join("vol0.img").exists());
+    assert!(log.contains("tls.cert: cannot read ") && log.contains("nonexistent.pem"), "{log}");
 
     let config = write_config(dir, "", "certs/dc1.pem", "name = \"vol0\"\nmedia = \"nodir/deeper/vol0.img\"");
     let before = tree(dir);
     let log = refused(&config);
+    assert_eq!(tree(dir), before, "a refused start left files behind:\n{log}");
+    assert!(!dir.join("nodir").exists(), "the media's directory was created");
     let media = dir.join("nodir/deeper/vol0.img");
     let want = format!("volume[0].media {}: the directory {} does not exist", media.display(), dir.join("nodir/deeper").display());
     assert!(log.contains(&want), "{log}");
-    assert_eq!(tree(dir), before, "a refused start left files behind");
-    assert!(!dir.join("nodir").exists(), "the media's directory was created");
 
     std::fs::create_dir(dir.join("adir")).unwrap();
     let config = write_config(dir, "", "certs/dc1.pem", "name = \"vol0\"\nmedia = \"adir\"");

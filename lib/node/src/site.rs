@@ -3,9 +3,9 @@
 //! Owns: the start order (every check that can fail first, `preflight` and the refusal of
 //! media without replication state, before any file or directory is created; then stores
 //! and media, then the link, then the NBD listener, so that no host is accepted before its
-//! volume can serve) and the stop order (stop accepting,
-//! finish the requests already read, let a primary drain to its peer for a bounded time,
-//! close the link, sync every volume, end).
+//! volume can serve) and the stop order (stop accepting, finish the requests already read,
+//! let a primary drain to its peer for a bounded time, close the link, sync every volume,
+//! end).
 //!
 //! Must not: hold policy. It wires the parts the config describes.
 
