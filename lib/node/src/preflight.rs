@@ -45,8 +45,9 @@ pub enum PreflightError {
         "{field} {path} holds a secret but is accessible to {who} (mode {mode:04o}): run `chmod 600 {path}`, or set allow_insecure_key_permissions = true in [site] to start anyway"
     )]
     Exposed { field: String, path: PathBuf, mode: u32, who: &'static str },
-    #[error("{field}: {source}")]
-    Tls { field: &'static str, source: TlsError },
+    /// A file that is read but holds no usable certificate or key (`error` says which).
+    #[error("{field}: {error}")]
+    Tls { field: &'static str, error: TlsError },
     #[error("tls.key {path} is not usable as this site's key: {source}")]
     Key { path: PathBuf, source: rustls::Error },
     #[error("tls.key {key} is not the private key of tls.cert {cert}: install the key made with that certificate")]
@@ -78,14 +79,13 @@ pub fn check(cfg: &SiteConfig) -> Result<Checked, PreflightError> {
     let me = Process::current();
     let allow = cfg.allow_insecure_key_permissions;
     check_private("tls.key", &p.key, &me, allow)?;
-    let tls = SiteTls::load(&p.cert, &p.key, &p.ca).map_err(|source| {
-        let field = match &source {
-            TlsError::Read { path, .. } | TlsError::Empty { path, .. } | TlsError::Ca { path, .. } => {
-                [("tls.cert", &p.cert), ("tls.key", &p.key), ("tls.ca", &p.ca)].into_iter().find(|(_, p)| *p == path).map_or("tls", |f| f.0)
-            }
-            _ => "tls",
-        };
-        PreflightError::Tls { field, source }
+    let field_of = |path: &Path| [("tls.cert", &p.cert), ("tls.key", &p.key), ("tls.ca", &p.ca)].into_iter().find(|(_, p)| *p == path);
+    let tls = SiteTls::load(&p.cert, &p.key, &p.ca).map_err(|error| match error {
+        TlsError::Read { path, source } => PreflightError::Read { field: field_of(&path).map_or("tls", |f| f.0), path, source },
+        TlsError::Empty { ref path, .. } | TlsError::Ca { ref path, .. } => {
+            PreflightError::Tls { field: field_of(path).map_or("tls", |f| f.0), error }
+        }
+        error => PreflightError::Tls { field: "tls", error },
     })?;
     // The key must be one rustls can sign with, and the certificate's: otherwise the first
     // handshake fails, long after the start looked fine.
@@ -164,16 +164,23 @@ fn missing(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
 }
 
+/// What a path is, in words, for a refusal.
 fn kind(m: &Metadata) -> &'static str {
     let t = m.file_type();
-    match () {
-        _ if t.is_dir() => "a directory",
-        _ if t.is_file() => "a regular file",
-        _ if t.is_block_device() => "a block device",
-        _ if t.is_char_device() => "a character device",
-        _ if t.is_fifo() => "a FIFO",
-        _ if t.is_socket() => "a socket",
-        _ => "not a regular file",
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
     }
 }
 
