@@ -201,6 +201,21 @@ impl Drop for Site {
     }
 }
 
+/// Writes a secret (a bearer token) readable by its owner only, as a site requires: it refuses
+/// a key or token file that others may read.
+pub fn write_secret(path: &Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(text.as_bytes()).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 /// Runs an external tool, failing loudly when it is missing (tests/run installs it).
 pub fn tool(name: &str, package: &str) -> Command {
     let found = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));

@@ -55,12 +55,16 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Start a site from its config file and serve its volumes over NBD until Ctrl-C.
     ///
-    /// Opens (or creates, sparse) each volume's media file, then listens for NBD clients and
-    /// prints one `nbd://` URL per volume on standard output; with a [peer], also the UDP
-    /// replication address and the admin API's https:// address, which also serves Prometheus
-    /// metrics at /metrics (docs/operations.md, "Watching"). Logs go to standard error; set
-    /// RUST_LOG=debug for every refused request. On Ctrl-C or SIGTERM the site stops
-    /// accepting, answers every request it has read, syncs the media and exits 0.
+    /// First checks the config and every file it names (media directories, certificates, a
+    /// key and token files readable by their owner only) and stops, creating nothing, at
+    /// the first problem, naming its field (docs/operations.md, "What a site checks before
+    /// it starts"). Then opens (or creates, sparse) each volume's media file, listens for
+    /// NBD clients and prints one `nbd://` URL per volume on standard output; with a [peer],
+    /// also the UDP replication address and the admin API's https:// address, which also
+    /// serves Prometheus metrics at /metrics (docs/operations.md, "Watching"). Logs go to
+    /// standard error; set RUST_LOG=debug for every refused request. On Ctrl-C or SIGTERM
+    /// the site stops accepting, answers every request it has read, syncs the media and
+    /// exits 0.
     ///
     /// The config is TOML; `deploy/site.example.toml` documents every field. A minimal one:
     ///
@@ -404,6 +408,10 @@ fn run_site(a: RunArgs) -> Result<()> {
         tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("geomirror").build().context("start the async runtime")?;
     runtime.block_on(async {
         let site = geomirror_node::site::RunningSite::start(cfg).await?;
+        // Before the addresses are printed: whoever waits for them may stop the site at once,
+        // and a signal without a handler would end it without a clean stop.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut int, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
         let mut out = std::io::stdout().lock();
         let role = match site.role {
             geomirror_core::Role::Primary => "primary",
@@ -427,9 +435,8 @@ fn run_site(a: RunArgs) -> Result<()> {
         }
         out.flush()?;
         drop(out);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         tracing::info!("stopping: finishing requests in flight and syncing media");

@@ -17,7 +17,7 @@
 use anyhow::{bail, Context, Result};
 use geomirror_sim::{read_trace, write_trace, Synthetic, SyntheticSpec, TraceFormat};
 use geomirror_tests::pair::{site_config, two_sites_both_ways, PairOptions, WanEmu};
-use geomirror_tests::site::{run_ok, tool, Site};
+use geomirror_tests::site::{run_ok, tool, write_secret, Site};
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -428,7 +428,7 @@ fn replicated_row(bin: &Path, o: &Options, rtt_ms: u64, system: System, job: &Jo
     let mode = system.mode().expect("a replicated system");
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    std::fs::write(dir.join("token"), format!("{TOKEN}\n"))?;
+    write_secret(&dir.join("token"), &format!("{TOKEN}\n"));
     let paced = options(rtt_ms, Some(o.rate_mbps), mode, o);
     let started = Instant::now();
     let phase = |what: &str| {

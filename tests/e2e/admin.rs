@@ -4,7 +4,7 @@
 
 use geomirror_node::admin_client::{AdminClient, Credentials};
 use geomirror_tests::pair::{stop_both_and_compare, two_sites_both_ways, PairOptions};
-use geomirror_tests::site::{tool, Site};
+use geomirror_tests::site::{tool, write_secret, Site};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ fn setup(dir: &Path) -> (Site, Site, geomirror_tests::pair::WanEmu, geomirror_te
 }
 
 fn setup_with(dir: &Path, o: PairOptions) -> (Site, Site, geomirror_tests::pair::WanEmu, geomirror_tests::pair::WanEmu) {
-    std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+    write_secret(&dir.join("token"), &format!("{TOKEN}\n"));
     let (dc1, dc2, a, b) = two_sites_both_ways(Path::new(BIN), dir, &o);
     remember(dir, "dc1", &dc1);
     remember(dir, "dc2", &dc2);

@@ -1,8 +1,8 @@
 //! deploy/ as an operator uses it: the two example site configs, started exactly as their
-//! comments describe (certificates from `geomirror certs`, tokens from `openssl rand`),
-//! with only paths and addresses substituted for one machine; the systemd unit checked by
-//! `systemd-analyze verify`; the Kubernetes manifests checked against the API's schemas
-//! by `kubernetes-validate`.
+//! comments describe (certificates from `geomirror certs`, tokens from `openssl rand` as
+//! docs/operations.md makes them), with only paths and addresses substituted for one
+//! machine; the systemd unit checked by `systemd-analyze verify`; the Kubernetes manifests
+//! checked against the API's schemas by `kubernetes-validate`.
 
 use geomirror_tests::site::{run_ok, tool, Site};
 use std::net::{TcpListener, UdpSocket};
@@ -55,16 +55,21 @@ fn the_two_example_sites_start_and_mirror_as_deploy_describes() {
     let etc = tmp.path().join("etc");
     // As the comments of deploy/dc1.toml say.
     run_ok(Command::new(BIN).args(["certs", "--dir"]).arg(etc.join("certs")).args(["--site", "dc1", "--site", "dc2", "--admin", "ops"]));
+    // As docs/operations.md says: owner-only, or the site refuses them.
+    run_ok(tool("openssl", "openssl").arg("version"));
     for token in ["admin.token", "metrics.token"] {
-        let hex = run_ok(tool("openssl", "openssl").args(["rand", "-hex", "32"]));
-        std::fs::write(etc.join(token), hex).unwrap();
+        run_ok(Command::new("sh").arg("-c").arg(format!("(umask 077 && openssl rand -hex 32 > {token})")).current_dir(&etc));
     }
     let (nbd1, nbd2, adm1, adm2, rep1, rep2) = (tcp_port(), tcp_port(), tcp_port(), tcp_port(), udp_port(), udp_port());
     let etc_s = etc.display().to_string();
     let mut configs = Vec::new();
     for (site, nbd, admin) in [("dc1", nbd1, adm1), ("dc2", nbd2, adm2)] {
         let text = std::fs::read_to_string(format!("{DEPLOY}/{site}.toml")).unwrap();
-        let var = tmp.path().join(format!("{site}-var")).display().to_string();
+        // /var/lib/geomirror exists before a site starts (the unit's StateDirectory=, the
+        // image's `install -d`, the pod's volume): a site creates no parent directories.
+        let var = tmp.path().join(format!("{site}-var"));
+        std::fs::create_dir(&var).unwrap();
+        let var = var.display().to_string();
         let own_ip = if site == "dc1" { "10.1.0.10" } else { "10.2.0.10" };
         let text = substitute(
             &format!("{site}.toml"),

@@ -11,6 +11,7 @@
 //! these identities; this module only issues. Certificates made with openssl work as long
 //! as they carry the same SANs (certs/README.md shows the commands).
 
+use crate::names::{self, NameError};
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
     SanType,
@@ -24,8 +25,8 @@ pub const ADMIN_URI_PREFIX: &str = "geomirror:admin:";
 
 #[derive(Debug, Error)]
 pub enum CertError {
-    #[error("{0:?} is not a valid name: use letters, digits, '.', '_' and '-'")]
-    Name(String),
+    #[error("{0}")]
+    Name(#[from] NameError),
     #[error("cannot make a certificate")]
     Rcgen(#[from] rcgen::Error),
     #[error("{path} already exists; pass --force to replace it (the old file is then lost)")]
@@ -63,13 +64,6 @@ pub struct Ca {
     key: KeyPair,
 }
 
-fn check_name(name: &str) -> Result<(), CertError> {
-    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
-        return Err(CertError::Name(name.into()));
-    }
-    Ok(())
-}
-
 fn params(common_name: &str, validity: Validity) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -83,7 +77,7 @@ fn params(common_name: &str, validity: Validity) -> CertificateParams {
 
 impl Ca {
     pub fn generate(deployment: &str, validity: Validity) -> Result<Ca, CertError> {
-        check_name(deployment)?;
+        names::check_name(deployment)?;
         let mut p = params(&format!("geomirror CA {deployment}"), validity);
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -105,7 +99,7 @@ impl Ca {
 
     /// A site's certificate: DNS name and `geomirror:site:<site>`, server and client use.
     pub fn issue_site(&self, site: &str, validity: Validity) -> Result<Issued, CertError> {
-        check_name(site)?;
+        names::check_site_name(site)?;
         let mut p = params(site, validity);
         p.subject_alt_names = vec![SanType::DnsName(site.try_into()?), SanType::URI(format!("{SITE_URI_PREFIX}{site}").try_into()?)];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -115,7 +109,7 @@ impl Ca {
 
     /// An operator's certificate for the admin API: `geomirror:admin:<name>`, client use only.
     pub fn issue_admin(&self, name: &str, validity: Validity) -> Result<Issued, CertError> {
-        check_name(name)?;
+        names::check_name(name)?;
         let mut p = params(&format!("admin {name}"), validity);
         p.subject_alt_names = vec![SanType::URI(format!("{ADMIN_URI_PREFIX}{name}").try_into()?)];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -182,7 +176,7 @@ pub fn write_deployment(
 
 fn write_pair(issued: &Issued, cert: &Path, key: &Path, force: bool) -> Result<(), CertError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     for (path, text, mode) in [(cert, &issued.cert_pem, 0o644), (key, &issued.key_pem, 0o600)] {
         if !force && path.exists() {
             return Err(CertError::Exists { path: path.to_owned() });
@@ -191,6 +185,8 @@ fn write_pair(issued: &Issued, cert: &Path, key: &Path, force: bool) -> Result<(
         // Write aside, then rename: a crash never leaves half a key behind.
         let tmp = path.with_extension("tmp");
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(err)?;
+        // `mode` applies only to a file the open creates: one left by a crash keeps its own.
+        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
         f.write_all(text.as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)?;
@@ -218,7 +214,10 @@ mod tests {
         let admin = ca.issue_admin("ops", Validity::days_from_now(30)).unwrap();
         assert_eq!(sans(&site.cert_pem), vec!["DNSName(dc1)", "URI(geomirror:site:dc1)"]);
         assert_eq!(sans(&admin.cert_pem), vec!["URI(geomirror:admin:ops)"]);
-        assert!(matches!(ca.issue_site("dc 1", Validity::days_from_now(1)), Err(CertError::Name(_))));
+        for bad in ["dc 1", "..", "-dc1", "a..b"] {
+            assert!(matches!(ca.issue_site(bad, Validity::days_from_now(1)), Err(CertError::Name(_))), "{bad}");
+        }
+        assert!(matches!(ca.issue_admin("../ops", Validity::days_from_now(1)), Err(CertError::Name(_))));
     }
 
     #[test]
@@ -229,7 +228,10 @@ mod tests {
         assert!(!w.ca_reused);
         assert_eq!(w.files.len(), 8);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(dir.path().join("dc1.key")).unwrap().permissions().mode() & 0o777, 0o600);
+        for key in ["ca.key", "dc1.key", "dc2.key", "admin-ops.key"] {
+            // A site refuses a key that others may read (preflight.rs).
+            assert_eq!(std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode() & 0o777, 0o600, "{key}");
+        }
         let ca_before = std::fs::read(dir.path().join("ca.pem")).unwrap();
         let dc1_before = std::fs::read(dir.path().join("dc1.pem")).unwrap();
         assert!(matches!(write_deployment(dir.path(), "t", &["dc1".into()], &[], v, false), Err(CertError::Exists { .. })));

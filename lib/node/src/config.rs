@@ -8,13 +8,17 @@
 //! against the config file's directory, not the working directory, so a site starts the same
 //! way from anywhere.
 
+use crate::names::{check_name, check_site_name};
 use crate::nbd::budget::GUARANTEED_BYTES_PER_CONNECTION;
 use crate::nbd::handshake::MAX_NAME_BYTES;
 use crate::nbd::proto::MAX_BLOCK_BYTES;
 use crate::transport::LinkTuning;
+use geomirror_core::geometry::GeometryError;
 use geomirror_core::{CoreConfig, FlushPolicy, Geometry, LagPolicy, LinkLossPolicy, Mode, Role};
+use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeSet;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,18 +38,40 @@ pub enum ConfigError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Size(pub u64);
 
+/// What a size may be written as, for errors.
+const SIZE_FORMS: &str = "a whole number of bytes or a string with a binary unit, like 4096 or \"8G\"";
+
+/// A visitor rather than an untagged enum: serde's untagged enums drop the reason a value
+/// failed ("data did not match any variant"), and the reason is what the operator needs.
+struct SizeVisitor;
+
+impl Visitor<'_> for SizeVisitor {
+    type Value = Size;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a size: {SIZE_FORMS}")
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Size, E> {
+        Ok(Size(n))
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Size, E> {
+        u64::try_from(n).map(Size).map_err(|_| E::custom(format!("{n} is negative; a size is {SIZE_FORMS}")))
+    }
+
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Size, E> {
+        Err(E::custom(format!("{n} is not a whole number; a size is {SIZE_FORMS}")))
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Size, E> {
+        parse_size(s).map(Size).map_err(E::custom)
+    }
+}
+
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Size(n)),
-            Raw::Text(s) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(SizeVisitor)
     }
 }
 
@@ -254,10 +280,18 @@ pub enum LagName {
 #[serde(deny_unknown_fields)]
 pub struct SiteSection {
     /// The site's name ("dc1"): shown in logs and status, and its identity to the peer.
+    /// A name as `names::NAME_RULE` says, and a DNS name (the peer's TLS server name).
     pub name: String,
-    /// Where the site keeps its durable state (a RocksDB store per volume). Required with a
-    /// peer; relative to the config file's directory.
+    /// Where the site keeps its durable state (a RocksDB store per volume, in
+    /// `state_dir/<volume name>`). Required with a peer; relative to the config file's
+    /// directory. Created at the first start if missing, but its parent must exist.
     pub state_dir: Option<PathBuf>,
+    /// Start even though the site's private key (`[tls] key`) or a token file (`[admin]
+    /// token_file`, `metrics_token_file`) may be read by other users (its mode gives group
+    /// or others access). Off by default: such a file stops the start, as ssh refuses such a
+    /// key. Each file let through is logged as a warning at every start.
+    #[serde(default)]
+    pub allow_insecure_key_permissions: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,10 +357,11 @@ fn default_extent_size() -> Size {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeSection {
-    /// The NBD export name ("vol0"): letters, digits, '.', '_' and '-'.
+    /// The NBD export name ("vol0"), also the name of the volume's store directory and its
+    /// metric label: a name as `names::NAME_RULE` says.
     pub name: String,
-    /// The media file, created sparse at `size` if missing. Relative paths are resolved
-    /// against the config file's directory.
+    /// The media file, created sparse at `size` if missing; its directory must exist.
+    /// Relative paths are resolved against the config file's directory.
     pub media: PathBuf,
     /// Volume size: a positive multiple of 4 KiB ("8G").
     pub size: Size,
@@ -348,6 +383,8 @@ pub struct SiteConfig {
     pub peer: Option<PeerConfig>,
     /// The admin API (sites with a peer).
     pub admin: Option<AdminSettings>,
+    /// Accept a private key or token file that others may read (with a warning).
+    pub allow_insecure_key_permissions: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -398,9 +435,9 @@ impl SiteConfig {
 
     /// Parses and validates `text`; `path` names the file in errors, `base` resolves paths.
     pub fn parse(text: &str, path: &Path, base: &Path) -> Result<SiteConfig, ConfigError> {
-        let file: SiteFile = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let file: SiteFile = serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| parse_error(path, text, e))?;
         let invalid = |field: &str, message: String| ConfigError::Invalid { path: path.to_owned(), field: field.to_owned(), message };
-        check_name(&file.site.name).map_err(|m| invalid("site.name", m))?;
+        check_site_name(&file.site.name).map_err(|e| invalid("site.name", e.to_string()))?;
 
         let n = &file.nbd;
         let listen: SocketAddr =
@@ -442,7 +479,7 @@ impl SiteConfig {
         let mut volumes = Vec::new();
         for (i, v) in file.volumes.iter().enumerate() {
             let field = |f: &str| format!("volume[{i}].{f}");
-            check_name(&v.name).map_err(|m| invalid(&field("name"), m))?;
+            check_name(&v.name).map_err(|e| invalid(&field("name"), e.to_string()))?;
             if !names.insert(v.name.clone()) {
                 return Err(invalid(&field("name"), format!("{:?} is used by two volumes", v.name)));
             }
@@ -450,7 +487,10 @@ impl SiteConfig {
             if !medias.insert(media.clone()) {
                 return Err(invalid(&field("media"), format!("{} is used by two volumes", media.display())));
             }
-            let geometry = Geometry::new(v.size.0, v.extent_size.0).map_err(|e| invalid(&field("size"), e.to_string()))?;
+            let geometry = Geometry::new(v.size.0, v.extent_size.0).map_err(|e| {
+                let f = if matches!(e, GeometryError::BadExtentSize(_)) { "extent_size" } else { "size" };
+                invalid(&field(f), e.to_string())
+            })?;
             if v.description.len() > MAX_NAME_BYTES {
                 return Err(invalid(&field("description"), "longer than 4096 bytes".into()));
             }
@@ -507,7 +547,7 @@ impl SiteConfig {
             (None, Some(_)) => return Err(invalid("tls", "TLS settings need a [peer] to talk to".into())),
             (Some(_), None) => return Err(invalid("tls", "a [peer] needs [tls] with ca, cert and key".into())),
             (Some(p), Some(t)) => {
-                check_name(&p.name).map_err(|m| invalid("peer.name", m))?;
+                check_site_name(&p.name).map_err(|e| invalid("peer.name", e.to_string()))?;
                 if p.name == file.site.name {
                     return Err(invalid("peer.name", "the peer must be another site than this one".into()));
                 }
@@ -573,6 +613,7 @@ impl SiteConfig {
         Ok(SiteConfig {
             peer,
             admin,
+            allow_insecure_key_permissions: file.site.allow_insecure_key_permissions,
             name: file.site.name,
             nbd: NbdConfig {
                 listen,
@@ -619,125 +660,24 @@ fn replication_core(r: &ReplicationSection) -> CoreConfig {
     }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 {
-        return Err(format!("{name:?} must be 1 to 64 characters long"));
+/// A deserialization error, with the field it happened in (`volume[0].size`) and its line
+/// where serde knows them; TOML syntax errors keep toml's own report, which shows the line.
+fn parse_error(path: &Path, text: &str, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let field = e.path().to_string();
+    let inner = e.into_inner();
+    if field == "." {
+        return ConfigError::Parse { path: path.to_owned(), message: inner.to_string() };
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
-        return Err(format!("{name:?} may hold only letters, digits, '.', '_' and '-'"));
-    }
-    Ok(())
+    let message = match inner.span() {
+        Some(span) => {
+            let line = 1 + text.as_bytes()[..span.start.min(text.len())].iter().filter(|b| **b == b'\n').count();
+            format!("{} (line {line})", inner.message())
+        }
+        None => inner.message().to_owned(),
+    };
+    ConfigError::Invalid { path: path.to_owned(), field, message }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<SiteConfig, ConfigError> {
-        SiteConfig::parse(text, Path::new("site.toml"), Path::new("/etc/geomirror"))
-    }
-
-    const GOOD: &str = r#"
-        [site]
-        name = "dc1"
-        [[volume]]
-        name = "vol0"
-        media = "vol0.img"
-        size = "1G"
-    "#;
-
-    #[test]
-    fn defaults_and_relative_paths() {
-        let c = parse(GOOD).unwrap();
-        assert_eq!(c.nbd.listen, "127.0.0.1:10809".parse().unwrap());
-        assert_eq!(c.nbd.handshake_timeout, Duration::from_secs(10));
-        assert_eq!(c.nbd.max_inflight_bytes, 256 << 20);
-        assert_eq!(c.volumes[0].media, PathBuf::from("/etc/geomirror/vol0.img"));
-        assert_eq!(c.volumes[0].geometry.extent_bytes(), 1 << 20);
-        assert_eq!(c.volumes[0].core.mode, Mode::Standalone);
-    }
-
-    #[test]
-    fn bad_values_name_their_field() {
-        let err = |text: &str| parse(text).unwrap_err().to_string();
-        assert!(err(&GOOD.replace("1G", "1000")).contains("volume[0].size"));
-        assert!(err(&GOOD.replace("\"1G\"", "\"1G\"\nextent_size = \"3M\"")).contains("not a power of two"));
-        assert!(err(&GOOD.replace("\"vol0\"", "\"a/b\"")).contains("volume[0].name"));
-        assert!(err(&GOOD.replace("[site]", "[nbd]\nlisten = \"nowhere\"\n[site]")).contains("nbd.listen"));
-        assert!(err(&GOOD.replace("[site]", "[nbd]\nmax_inflight_bytes_per_connection = \"1M\"\n[site]")).contains("32M"));
-        let site_budget = err(&GOOD.replace("[site]", "[nbd]\nmax_connections = 150\n[site]"));
-        assert!(site_budget.contains("nbd.max_inflight_bytes") && site_budget.contains("between 332M"), "{site_budget}");
-        assert!(err(&GOOD.replace("size", "sise")).contains("unknown field"));
-        assert!(err("[site]\nname = \"x\"").contains("no [[volume]]"));
-        assert!(err(&format!("{GOOD}\n[[volume]]\nname = \"vol0\"\nmedia = \"b\"\nsize = 4096")).contains("used by two volumes"));
-    }
-
-    /// The example configs in deploy/ are what operators copy: they must stay valid.
-    #[test]
-    fn the_example_configs_are_valid() {
-        for (name, text) in [
-            ("site.example.toml", include_str!("../../../deploy/site.example.toml")),
-            ("quickstart.toml", include_str!("../../../deploy/quickstart.toml")),
-            ("dc1.toml", include_str!("../../../deploy/dc1.toml")),
-            ("dc2.toml", include_str!("../../../deploy/dc2.toml")),
-        ] {
-            let c = parse(text).unwrap_or_else(|e| panic!("deploy/{name}: {e}"));
-            assert!(!c.volumes.is_empty());
-        }
-        // The site configs inside the Kubernetes ConfigMaps: the block under `<site>.toml: |`.
-        for (name, yaml) in
-            [("k8s/dc1.yaml", include_str!("../../../deploy/k8s/dc1.yaml")), ("k8s/dc2.yaml", include_str!("../../../deploy/k8s/dc2.yaml"))]
-        {
-            let start = yaml.find(".toml: |\n").unwrap_or_else(|| panic!("deploy/{name} has no site config")) + ".toml: |\n".len();
-            let toml: String = yaml[start..]
-                .lines()
-                .take_while(|l| l.starts_with("    ") || l.is_empty())
-                .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
-                .collect();
-            let c = parse(&toml).unwrap_or_else(|e| panic!("deploy/{name}'s config: {e}"));
-            assert!(c.peer.is_some() && c.admin.is_some(), "deploy/{name}");
-        }
-    }
-
-    #[test]
-    fn a_peer_needs_tls_and_state_and_the_record_must_cover_the_lag() {
-        let peer = r#"
-            [peer]
-            name = "dc2"
-            address = "127.0.0.1:7401"
-            listen = "127.0.0.1:7400"
-            initial_role = "primary"
-        "#;
-        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"dc1.pem\"\nkey = \"dc1.key\"\n";
-        let state = GOOD.replace("name = \"dc1\"", "name = \"dc1\"\nstate_dir = \"state\"");
-        let err = |text: &str| parse(text).unwrap_err().to_string();
-        assert!(err(&format!("{GOOD}{peer}")).contains("needs [tls]"));
-        assert!(err(&format!("{GOOD}{peer}{tls}")).contains("state_dir"));
-        assert!(err(&format!("{GOOD}{tls}")).contains("need a [peer]"));
-        assert!(err(&format!("{GOOD}[replication]\nmode = \"sync\"\n")).contains("need a [peer]"));
-        let c = parse(&format!("{state}{peer}{tls}")).unwrap();
-        let p = c.peer.unwrap();
-        assert_eq!((p.name.as_str(), p.initial_role, p.ca), ("dc2", Role::Primary, PathBuf::from("/etc/geomirror/ca.pem")));
-        assert_eq!(c.volumes[0].core.mode, Mode::Predictive);
-        let small = format!("{state}{peer}{tls}[replication]\nrecord_capacity_extents = 100\n");
-        assert!(err(&small).contains("cannot hold max_lag_bytes"), "{}", err(&small));
-        assert!(err(&format!("{state}{peer}{tls}[replication]\nmode = \"fast\"\n")).contains("unknown variant"));
-        assert!(err(&format!("{state}{}{tls}", peer.replace("dc2", "dc1"))).contains("another site"));
-        let degrade = format!("{state}{peer}{tls}[replication]\non_link_loss = \"degrade\"\nlink_loss_deadline_ms = 5000\n");
-        assert!(err(&degrade).contains("idle_timeout_ms"), "{}", err(&degrade));
-        assert_eq!(c.volumes[0].core.link_loss_detection_skew, Duration::from_secs(10), "the skew is the idle timeout");
-        assert_eq!(p.tuning.bulk_bytes_per_sec, Some(125_000_000 * 92 / 100), "bulk is paced at 92% of 1000 Mbit/s");
-        let pace = format!("{state}{peer}{tls}[link]\nbulk_pace_percent = 101\n");
-        assert!(err(&pace).contains("link.bulk_pace_percent"), "{}", err(&pace));
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_size("2 G"), Ok(2 << 30));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

@@ -1,10 +1,11 @@
 //! geomirror's shells: everything that touches the outside world around the sans-IO core.
 //!
-//! Owns: the NBD server (`nbd`), local media (`media`), the site configuration (`config`),
-//! the store behind the core's `Persist` actions (`store`), the per-volume driver that runs
-//! a core state machine and executes its actions (`volume`), the replication link
-//! (`transport`), the admin API (`admin`), Prometheus metrics (`metrics`), and the wiring of a
-//! whole site (`site`).
+//! Owns: the NBD server (`nbd`), local media (`media`), the site configuration (`config`)
+//! and the names it holds (`names`), the checks of a site's files before it starts
+//! (`preflight`), the store behind the core's `Persist` actions (`store`), the per-volume
+//! driver that runs a core state machine and executes its actions (`volume`), the
+//! replication link (`transport`), the admin API (`admin`), Prometheus metrics (`metrics`),
+//! and the wiring of a whole site (`site`).
 //!
 //! Must not: make replication decisions. Whether a write may be acknowledged, what is
 //! recorded, shipped or evicted is decided by `geomirror-core`; the shells only carry out
@@ -17,7 +18,9 @@ pub mod certs;
 pub mod config;
 pub mod media;
 pub mod metrics;
+pub mod names;
 pub mod nbd;
+pub mod preflight;
 pub mod site;
 pub mod store;
 pub mod transport;

@@ -5,8 +5,10 @@
 //! `WriteOp` to it: data with `pwrite`, zeroing (`ZERO_RANGE`) and trimming (`PUNCH_HOLE`)
 //! with `fallocate` where the file system supports it and plain zeros where it does not.
 //!
-//! Must not: decide anything. Ordering and durability rules come from the core's actions;
-//! this module only performs them and reports failures.
+//! Must not: decide anything, or create directories: the media's directory is the
+//! operator's, and a typo in its path must fail rather than grow a tree somewhere.
+//! Ordering and durability rules come from the core's actions; this module only performs
+//! them and reports failures.
 
 use geomirror_core::{WriteKind, WriteOp};
 use rustix::fs::{FallocateFlags, FlockOperation};
@@ -36,12 +38,10 @@ pub struct Media {
 }
 
 impl Media {
-    /// Opens the file, creating it sparse at `size_bytes` if it does not exist.
+    /// Opens the file, creating it sparse at `size_bytes` if it does not exist (its
+    /// directory must).
     pub fn open(path: &Path, size_bytes: u64) -> Result<Media, MediaError> {
         let open_err = |source| MediaError::Open { path: path.to_owned(), source };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(open_err)?;
-        }
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(open_err)?;
         rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).map_err(|_| MediaError::Locked { path: path.to_owned() })?;
         let actual = file.metadata().map_err(open_err)?.len();
@@ -130,7 +130,7 @@ mod tests {
     #[test]
     fn writes_zeroes_and_trims_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/vol.img");
+        let path = dir.path().join("vol.img");
         let m = Media::open(&path, 1 << 20).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
         m.apply(&WriteOp::data(4096, Bytes::from(vec![7u8; 65536]))).unwrap();
@@ -156,5 +156,13 @@ mod tests {
         let err = Media::open(&path, 2 << 20).err().unwrap();
         assert!(matches!(err, MediaError::SizeMismatch { actual, configured, .. } if actual == 1 << 20 && configured == 2 << 20));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20, "nothing is truncated");
+    }
+
+    #[test]
+    fn a_missing_directory_is_not_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no/such/vol.img");
+        assert!(matches!(Media::open(&path, 1 << 20), Err(MediaError::Open { .. })));
+        assert!(!dir.path().join("no").exists());
     }
 }

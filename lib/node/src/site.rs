@@ -1,18 +1,21 @@
 //! A whole site: its volumes, its NBD server and, with a peer, its replication link.
 //!
-//! Owns: the start order (stores and media first, then the link, then the NBD listener, so
-//! that no host is accepted before its volume can serve) and the stop order (stop accepting,
-//! finish the requests already read, let a primary drain to its peer for a bounded time,
-//! close the link, sync every volume, end).
+//! Owns: the start order (every check that can fail first, `preflight` and the refusal of
+//! media without replication state, before any file or directory is created; then stores
+//! and media, then the link, then the NBD listener, so that no host is accepted before its
+//! volume can serve) and the stop order (stop accepting, finish the requests already read,
+//! let a primary drain to its peer for a bounded time, close the link, sync every volume,
+//! end).
 //!
 //! Must not: hold policy. It wires the parts the config describes.
 
 use crate::admin::{self, AdminConfig, SiteControl};
 use crate::config::SiteConfig;
 use crate::nbd::server::{NbdCounters, NbdServer};
+use crate::preflight;
 use crate::store::{MemoryStore, RocksStore, Store};
 use crate::transport::link::{self, LinkConns, LinkVolume, Peer};
-use crate::transport::tls::{Refusals, SiteTls};
+use crate::transport::tls::Refusals;
 use crate::volume::Volume;
 use anyhow::{bail, Context};
 use geomirror_core::{Role, SiteState};
@@ -48,6 +51,9 @@ pub struct RunningSite {
 impl RunningSite {
     /// Opens every volume and starts serving. Must run inside a tokio runtime.
     pub async fn start(cfg: SiteConfig) -> anyhow::Result<RunningSite> {
+        // Nothing is created before every check that can fail has passed, so a refused start
+        // leaves the disk as it was.
+        let checked = preflight::check(&cfg)?;
         // Before the volumes: their write handles bind to the recorder installed now.
         crate::metrics::install(&cfg.name)?;
         let mut volumes = Vec::new();
@@ -102,12 +108,11 @@ impl RunningSite {
         let link = match &cfg.peer {
             None => None,
             Some(p) => {
-                let tls = SiteTls::load(&p.cert, &p.key, &p.ca).context("loading the site's certificates")?;
+                let tls = checked.tls.context("the checks load the certificates of a site with a peer")?;
                 certificates.extend(tls.not_after().map(|t| ("site", t)));
                 certificates.extend(tls.ca_not_after.map(|t| ("ca", t)));
                 if let Some(a) = &cfg.admin {
-                    let token = a.token_file.as_deref().map(|f| read_token(f, "admin.token_file")).transpose()?;
-                    let metrics_token = a.metrics_token_file.as_deref().map(|f| read_token(f, "admin.metrics_token_file")).transpose()?;
+                    let (token, metrics_token) = (checked.token, checked.metrics_token);
                     let control = Arc::new(SiteControl {
                         site: cfg.name.clone(),
                         peer: Some(p.name.clone()),
@@ -210,14 +215,4 @@ impl RunningSite {
         })
         .await;
     }
-}
-
-/// Reads a bearer token from `path` (the config field `field`): at least 16 characters.
-fn read_token(path: &std::path::Path, field: &str) -> anyhow::Result<String> {
-    let t = std::fs::read_to_string(path).with_context(|| format!("reading {field} {}", path.display()))?;
-    let t = t.trim().to_owned();
-    if t.len() < 16 {
-        bail!("{field} {} holds a token of {} characters; use at least 16 (e.g. `openssl rand -hex 32`)", path.display(), t.len());
-    }
-    Ok(t)
 }
