@@ -516,7 +516,8 @@ mod tests {
             description: String::new(),
             core: CoreConfig::default(),
         };
-        let (v, driver) = Volume::start(&cfg, Box::new(MemoryStore::new(SiteState::fresh(Role::Primary, geomirror_core::StoreId(1)))), None).unwrap();
+        let (v, driver) =
+            Volume::start(&cfg, Box::new(MemoryStore::new(SiteState::fresh(Role::Primary, geomirror_core::StoreId(1)))), None).unwrap();
         let zeros = crc32c::crc32c(&vec![0u8; 1 << 20]);
         assert_eq!(v.checksums(&[0, 5, 63], 1 << 20), Ok(vec![zeros; 3]));
         for bad in [64, (1 << 44) + 5, (1 << 44) + 255, u64::MAX] {
