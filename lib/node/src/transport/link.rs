@@ -385,16 +385,16 @@ fn probe_interval(t: Timing) -> tokio::time::Interval {
 /// stream's `writer` (a probe) or heard (an echo, which the volume learns of); any other
 /// frame goes to the volume.
 fn received(v: &Volume, session: u64, f: Frame, live: &Liveness, writer: &mpsc::UnboundedSender<Frame>) {
-    match KeepAlive::of(f) {
-        Ok(KeepAlive::Answer(echo)) => {
+    match KeepAlive::of(&f) {
+        Some(KeepAlive::Answer(echo)) => {
             let _ = writer.send(echo);
         }
-        Ok(KeepAlive::Echo(probe)) => {
+        Some(KeepAlive::Echo(probe)) => {
             if live.echoed(probe) {
                 v.link(LinkEvent::Heard { session, at: live.heard_at(), silence: live.timing().silence });
             }
         }
-        Err(f) => v.link(LinkEvent::Frame(session, f)),
+        None => v.link(LinkEvent::Frame(session, f)),
     }
 }
 

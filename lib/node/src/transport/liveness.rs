@@ -50,12 +50,12 @@ pub enum KeepAlive {
 }
 
 impl KeepAlive {
-    /// Sorts out a keep-alive; any other frame is handed back for the volume.
-    pub fn of(frame: Frame) -> Result<KeepAlive, Frame> {
-        match frame {
-            Frame::KeepAlive { probe, echo: false } => Ok(KeepAlive::Answer(Frame::KeepAlive { probe, echo: true })),
-            Frame::KeepAlive { probe, echo: true } => Ok(KeepAlive::Echo(probe)),
-            other => Err(other),
+    /// What a keep-alive asks; None for any other frame (it goes to the volume).
+    pub fn of(frame: &Frame) -> Option<KeepAlive> {
+        match *frame {
+            Frame::KeepAlive { probe, echo: false } => Some(KeepAlive::Answer(Frame::KeepAlive { probe, echo: true })),
+            Frame::KeepAlive { probe, echo: true } => Some(KeepAlive::Echo(probe)),
+            _ => None,
         }
     }
 }
@@ -137,10 +137,13 @@ mod tests {
     fn a_probe_is_answered_with_its_echo_and_other_frames_pass_through() {
         let live = Liveness::new(timing());
         let Frame::KeepAlive { probe, echo: false } = live.probe() else { panic!("a probe") };
-        assert_eq!(KeepAlive::of(Frame::KeepAlive { probe, echo: false }), Ok(KeepAlive::Answer(Frame::KeepAlive { probe, echo: true })));
-        assert_eq!(KeepAlive::of(Frame::KeepAlive { probe, echo: true }), Ok(KeepAlive::Echo(probe)));
+        assert_eq!(
+            KeepAlive::of(&Frame::KeepAlive { probe, echo: false }),
+            Some(KeepAlive::Answer(Frame::KeepAlive { probe, echo: true }))
+        );
+        assert_eq!(KeepAlive::of(&Frame::KeepAlive { probe, echo: true }), Some(KeepAlive::Echo(probe)));
         let other = Frame::Authoritative { epoch: geomirror_core::Epoch(3) };
-        assert_eq!(KeepAlive::of(other.clone()), Err(other));
+        assert_eq!(KeepAlive::of(&other), None);
     }
 
     /// The peer is heard from when the probe left, not when its echo came back: an echo
