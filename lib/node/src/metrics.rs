@@ -220,6 +220,11 @@ fn volume(v: &Volume, st: &VolumeStatus, bulk_bytes_per_sec: Option<u64>) {
     g("geomirror_record_authoritative", flag(st.authoritative));
     g("geomirror_image_consistent", flag(st.consistent));
     g("geomirror_split_brain", flag(st.split_brain));
+    g("geomirror_amnesiac", flag(st.amnesiac));
+    if let Some((checked, total)) = st.full_resync {
+        g("geomirror_full_resync_checked_extents", checked as f64);
+        g("geomirror_full_resync_total_extents", total as f64);
+    }
     g("geomirror_applied_sequence", st.durable_applied.0 as f64);
     g("geomirror_replication_lag_bytes", st.lag_bytes as f64);
     g("geomirror_replication_lag_seconds", st.lag_ms as f64 / 1000.0);
@@ -261,6 +266,8 @@ fn primary_stats(c: &impl Fn(&'static str, u64), p: &PrimaryStats) {
     c("geomirror_resync_copied_bytes_total", p.resync_bytes_copied);
     c("geomirror_resync_verified_bytes_total", p.resync_bytes_verified);
     c("geomirror_resync_mismatched_extents_total", p.resync_extents_mismatched);
+    c("geomirror_amnesiac_peers_detected_total", p.amnesiac_peers_detected);
+    c("geomirror_full_resyncs_completed_total", p.full_resyncs_completed);
     c("geomirror_failed_writes_total", p.failed_writes);
     c("geomirror_degraded_writes_total", p.degraded_writes);
     c("geomirror_throttled_writes_total", p.throttled_writes);
@@ -277,6 +284,8 @@ fn secondary_stats(c: &impl Fn(&'static str, u64), s: &SecondaryStats) {
     c("geomirror_extents_saved_aside_total", s.extents_saved_aside);
     c("geomirror_failback_verified_extents_total", s.extents_verified);
     c("geomirror_failback_mismatched_extents_total", s.extents_mismatched);
+    c("geomirror_amnesia_detected_total", s.amnesia_detected);
+    c("geomirror_full_resyncs_completed_total", s.full_resyncs_completed);
     c("geomirror_frames_refused_total", s.frames_refused);
 }
 
@@ -328,6 +337,17 @@ const CATALOGUE: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Gauge, "geomirror_record_authoritative", Unit::Count, "0 after a degrade: the record may not cover every difference until the next resync ends"),
     (Kind::Gauge, "geomirror_image_consistent", Unit::Count, "0 while a secondary is mid-resync: its image is not a prefix of the primary's history"),
     (Kind::Gauge, "geomirror_split_brain", Unit::Count, "1 while a split brain is detected and waits for an operator"),
+    (
+        Kind::Gauge,
+        "geomirror_amnesiac",
+        Unit::Count,
+        "1 while a store is an amnesiac (it lost state it had acknowledged): on a secondary its own, untrusted and not promoted without --force; on a primary its peer's, owed a full verified resync",
+    ),
+    (Kind::Gauge, "geomirror_full_resync_checked_extents", Unit::Count, "Extents the full verified resync under way has checked"),
+    (Kind::Gauge, "geomirror_full_resync_total_extents", Unit::Count, "Extents the full verified resync under way checks in all: the volume's"),
+    (Kind::Counter, "geomirror_amnesiac_peers_detected_total", Unit::Count, "Handshakes at which the peer's store turned out to be an amnesiac"),
+    (Kind::Counter, "geomirror_amnesia_detected_total", Unit::Count, "Handshakes at which this site's own store turned out to be an amnesiac"),
+    (Kind::Counter, "geomirror_full_resyncs_completed_total", Unit::Count, "Full verified resyncs completed (each makes an amnesiac trusted again)"),
     (Kind::Gauge, "geomirror_applied_sequence", Unit::Count, "Highest write sequence durably applied on the secondary"),
     (Kind::Gauge, "geomirror_replication_lag_bytes", Unit::Bytes, "Bytes written on the primary and not yet durably applied on the secondary"),
     (Kind::Gauge, "geomirror_replication_lag_seconds", Unit::Seconds, "Age of the oldest write the secondary may lack: the RPO now"),

@@ -10,7 +10,7 @@ use geomirror_node::admin::limits::{
 };
 use geomirror_node::admin_client::{AdminClient, Answer, Credentials};
 use geomirror_tests::pair::{PairOptions, WanEmu};
-use geomirror_tests::site::Site;
+use geomirror_tests::site::{write_secret, Site};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +28,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// dc1 and dc2 with the admin token and a metrics token.
 fn sites(dir: &Path) -> (Site, Site, WanEmu, WanEmu) {
-    std::fs::write(dir.join("metrics.token"), format!("{METRICS_TOKEN}\n")).unwrap();
+    write_secret(&dir.join("metrics.token"), &format!("{METRICS_TOKEN}\n"));
     let mut o: PairOptions = options();
     o.admin.push_str("metrics_token_file = \"metrics.token\"\n");
     setup_with(dir, o)

@@ -93,9 +93,9 @@ pub enum PromoteError {
     PeerAlive(u64),
     #[error("a promotion is already being persisted")]
     InProgress,
-    #[error("this site has never paired with a primary (its store is new and no handshake has completed): its image holds nothing known of the primary's data; promote it only if the primary is lost for good (force)")]
+    #[error("this site has never paired with a primary (its store is new and no handshake has completed): its image holds nothing known of the primary's data; promote it only if the primary is lost for good, with --force (force: true in the API)")]
     NeverPaired,
-    #[error("this site's store lost state it had acknowledged to its primary (an amnesiac): its image may lack acknowledged writes anywhere, not only in recorded extents, until a full verified resync from the primary ends; promote it only if the primary is lost for good (force)")]
+    #[error("this site's store lost state it had acknowledged to its primary (an amnesiac): its image may lack acknowledged writes anywhere, not only in recorded extents, until a full verified resync from the primary ends; promote it only if the primary is lost for good, with --force (force: true in the API)")]
     Amnesiac,
 }
 
