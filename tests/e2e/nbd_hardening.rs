@@ -477,7 +477,7 @@ impl Stuck {
 fn clients_that_do_not_read_their_replies_hold_no_more_than_the_site_budget() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    std::fs::write(dir.join("token"), format!("{ADMIN_TOKEN}\n")).unwrap();
+    geomirror_tests::site::write_secret(&dir.join("token"), &format!("{ADMIN_TOKEN}\n"));
     let o = PairOptions {
         admin: "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n".into(),
         nbd: format!(

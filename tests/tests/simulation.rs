@@ -30,7 +30,10 @@ fn a_thousand_seeds_keep_every_oracle() {
                 && t.evicted_generations > 0
                 && t.degraded_writes > 0
                 && t.writes_failed > 0
-                && t.extents_saved_aside > 0,
+                && t.extents_saved_aside > 0
+                && t.store_faults > 0
+                && t.amnesias_healed > 0
+                && t.recoveries > 0,
             "the seeds did not cover every fault: {t}"
         );
         // O1 after promotion is only checked strictly for quiet promotions: most must be.

@@ -34,6 +34,8 @@ pub(super) struct Identity {
     pub(super) promoted_from: Option<crate::frame::Position>,
     /// Counts full resyncs owed, so that the end of one does not clear a newer debt.
     owed_count: u64,
+    /// The end of a full resync is being made durable here: no other starts meanwhile.
+    pub(super) settling: bool,
     /// Why the last handshake found the peer an amnesiac, for the operator.
     pub(super) peer_amnesia: Option<String>,
 }
@@ -50,6 +52,7 @@ impl Identity {
             full_resync_owed: state.full_resync_owed,
             promoted_from: state.promoted_from,
             owed_count: 0,
+            settling: false,
             peer_amnesia: None,
         }
     }
@@ -69,6 +72,7 @@ impl Identity {
     }
 
     pub(super) fn full_resync_done(&mut self, n: u64, stats: &mut PrimaryStats) {
+        self.settling = false;
         if n == self.owed_count {
             self.full_resync_owed = false;
             stats.full_resyncs_completed += 1;
@@ -235,6 +239,7 @@ impl Primary {
     /// owed a full verified resync (durable before anything is shipped to it), and from now on
     /// it is remembered as it is.
     fn peer_is_amnesiac(&mut self, why: String, w: &Welcome) {
+        assert_eq!(self.link, super::LinkState::Handshake, "amnesia is found at a welcome, before anything is shipped");
         self.stats.amnesiac_peers_detected += 1;
         self.ident.peer_amnesia = Some(why);
         self.ident.full_resync_owed = true;
@@ -253,7 +258,10 @@ impl Primary {
 
     /// The end of a full resync was applied on the peer: the debt is settled, durably.
     pub(super) fn finish_full_resync(&mut self) {
+        assert!(self.ident.full_resync_owed, "a full resync ended that nobody owed");
+        assert!(self.sweep.is_none() && !self.resync_running, "the full resync's sweep is over before its end is settled");
         let n = self.ident.owed_count;
+        self.ident.settling = true;
         self.persist(PersistKind::FullResyncDone(n), Vec::new(), vec![StoreWrite::Meta(Meta::FullResyncOwed(false))]);
     }
 

@@ -1355,7 +1355,9 @@ impl Primary {
     /// is owed one, else of `needs_copy`. `skip` bridges an abandoned buffer (see
     /// `abandon_buffer`).
     fn start_resync(&mut self, skip: bool) {
-        let full = self.ident.full_resync_owed;
+        assert!(self.link == LinkState::Up || skip, "a resync starts on a live link, or bridges an abandoned buffer");
+        // (One whose end is being settled is done: what follows is an ordinary resync.)
+        let full = self.ident.full_resync_owed && !self.ident.settling;
         self.resync_running = true;
         self.resync_end = None;
         self.resync_full = full;
@@ -1375,7 +1377,7 @@ impl Primary {
         }
         // A full resync owed replaces a partial one under way: its marker tells the peer that
         // this resync's end vouches for the whole image.
-        let full_due = self.ident.full_resync_owed && !self.resync_full;
+        let full_due = self.ident.full_resync_owed && !self.resync_full && !self.ident.settling;
         if (!self.resync_running && (!self.needs_copy.is_empty() || self.force_resync)) || full_due {
             self.force_resync = false;
             self.start_resync(false);
@@ -1650,6 +1652,7 @@ impl Primary {
             && !self.persists.values().any(|(k, _)| *k == PersistKind::Undirty)
         {
             self.peer_authoritative = true;
+            assert!(!self.ident.full_resync_owed, "an amnesiac peer is told its record is authoritative before its full resync ended");
             self.send(Stream::Control, Frame::Authoritative { epoch: self.epoch });
         }
     }

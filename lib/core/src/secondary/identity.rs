@@ -85,6 +85,7 @@ impl Secondary {
     /// Nothing this store says about its image can be trusted: it is an amnesiac, its record
     /// is not authoritative and its image not consistent until a full resync ends, durably.
     pub(super) fn mark_amnesiac(&mut self, batch: &mut Vec<StoreWrite>) {
+        assert!(!self.promoting, "a site being promoted is not marked an amnesiac");
         self.amnesiac = true;
         self.resyncing = true;
         batch.push(StoreWrite::Meta(Meta::Amnesiac(true)));

@@ -422,8 +422,10 @@ impl Secondary {
                     self.reorder_bytes -= apply_bytes(&old);
                 }
             }
+            // An amnesiac's record becomes authoritative only after its full resync ended (the
+            // primary says so only then; an earlier word is not taken).
             Frame::Authoritative { .. } => {
-                if !self.authoritative {
+                if !self.authoritative && !self.amnesiac {
                     self.authoritative = true;
                     self.persist(PersistKind::Authoritative(true), vec![StoreWrite::Meta(Meta::Authoritative(true))]);
                 }
@@ -475,6 +477,7 @@ impl Secondary {
                     self.consistent = true;
                 }
                 if full_resynced {
+                    assert!(self.consistent, "an amnesiac is trusted again only with a consistent image");
                     self.amnesiac = false;
                     self.stats.full_resyncs_completed += 1;
                 }
@@ -549,7 +552,9 @@ impl Secondary {
                 self.sync_inflight = None;
                 // Consistent again only when both hold: no resync left unfinished, and media no
                 // longer ahead of what has been re-applied since a crash.
-                let resynced = self.resync_end.is_some_and(|end| through >= end);
+                // An amnesiac's image is vouched for by a full resync only: the end of any
+                // other leaves it as it was, flags and protections included.
+                let resynced = self.resync_end.is_some_and(|end| through >= end) && (!self.amnesiac || self.resync_full);
                 if self.catch_up_to.is_some_and(|hw| through >= hw) {
                     self.catch_up_to = None;
                 }
@@ -586,6 +591,7 @@ impl Secondary {
             return Err(PromoteError::PeerAlive(self.epoch.0));
         }
         if self.amnesiac && !force {
+            assert!(!self.authoritative && !self.consistent, "an amnesiac claims nothing about its image");
             return Err(PromoteError::Amnesiac);
         }
         if self.peer.store.is_none() && !force {
