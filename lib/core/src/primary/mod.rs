@@ -500,7 +500,8 @@ impl Primary {
     }
 
     /// Planned demotion after a drain: the peer holds everything, so this site becomes a
-    /// secondary whose image is consistent and whose (empty) record is authoritative.
+    /// secondary whose image is consistent; its (empty) record is authoritative once the new
+    /// primary says so.
     pub fn demote(&mut self) -> Result<(), HostError> {
         if self.phase != Phase::Draining || !self.is_drained() {
             return Err(HostError::NotServing);
@@ -510,7 +511,10 @@ impl Primary {
             StoreWrite::ClearRecord,
             StoreWrite::Meta(Meta::Role(Role::Secondary)),
             StoreWrite::Meta(Meta::Consistent(true)),
-            StoreWrite::Meta(Meta::Authoritative(true)),
+            // Equal images now, but the record vouches for nothing the new primary writes
+            // before it connects (in async or sync mode, or degraded, it writes outside any
+            // record): as for a new store, only the new primary's `Authoritative` says so.
+            StoreWrite::Meta(Meta::Authoritative(false)),
             StoreWrite::Meta(Meta::WroteAlone(false)),
             StoreWrite::Meta(Meta::FailbackPending(false)),
             // The peer holds everything this site wrote: the next resync has nothing of
@@ -649,7 +653,11 @@ impl Primary {
                 self.wrote_alone_persisting = false;
             }
             PersistKind::FailbackDone => self.failback_pending = false,
-            PersistKind::PeerMemory => self.ident.memory_persisted(),
+            PersistKind::PeerMemory => {
+                // Nothing waits for it: the write path runs on as if nothing happened.
+                self.ident.memory_persisted();
+                return;
+            }
             PersistKind::FullResyncOwed => {}
             PersistKind::FullResyncDone(n) => self.ident.full_resync_done(n, &mut self.stats),
             PersistKind::Demote => {

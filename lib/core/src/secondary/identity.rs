@@ -49,6 +49,7 @@ impl Secondary {
                 return Err(());
             }
         }
+        let was_lost = lost.is_some();
         if let Some(why) = lost {
             if !self.amnesiac {
                 self.stats.amnesia_detected += 1;
@@ -58,7 +59,13 @@ impl Secondary {
         }
         if self.peer.store != Some(primary) {
             self.peer.store = Some(primary);
-            batch.push(StoreWrite::Meta(Meta::Peer(self.peer)));
+            if was_lost {
+                batch.push(StoreWrite::Meta(Meta::Peer(self.peer)));
+            } else {
+                // Remembering the primary needs no wait: until it is durable, a restart only
+                // pairs with the same primary afresh. The welcome is not held back for it.
+                self.persist(super::PersistKind::PeerMemory, vec![StoreWrite::Meta(Meta::Peer(self.peer))]);
+            }
         }
         Ok(())
     }

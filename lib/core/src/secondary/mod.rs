@@ -56,6 +56,8 @@ enum PersistKind {
         full_resynced: bool,
     },
     Authoritative(bool),
+    /// What this site remembers of its primary's store.
+    PeerMemory,
     Promote,
     /// A failback check found blocks of the extent different: durable as divergent before
     /// the check counts as applied and before the primary is told which blocks.
@@ -504,7 +506,7 @@ impl Secondary {
                     self.send(Frame::Differs { epoch: self.epoch, seq, extent, blocks });
                 }
             }
-            PersistKind::Authoritative(_) | PersistKind::CatchUp => {}
+            PersistKind::Authoritative(_) | PersistKind::CatchUp | PersistKind::PeerMemory => {}
             PersistKind::Promote => {
                 self.actions.push_back(Action::RoleChanged { role: Role::Primary });
                 return;

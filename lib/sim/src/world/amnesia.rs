@@ -106,6 +106,11 @@ impl World {
         }
         self.history[s].clear();
         self.bases[s] = vec![(0, self.sites[s].media.current().to_vec())];
+        // The epochs this store wrote in went with it: nothing can present them again, so the
+        // other site taking one of those numbers later (it never heard of it) makes no second
+        // writer. O5 holds for the epochs a store still knows; a witness that hands out epochs
+        // (etcd) is what makes the numbers unique across such losses.
+        self.writers.retain(|_, w| *w != s);
         self.model_cache = None;
         let site = &mut self.sites[s];
         let holds_data = site.media.current().iter().any(|v| *v != 0);
