@@ -51,6 +51,9 @@ pub enum KeepAlive {
 
 impl KeepAlive {
     /// Sorts out a keep-alive; any other frame is handed back for the volume.
+    // The `Err` is the frame itself, moved back to the caller, not an error to propagate:
+    // boxing it would allocate for every frame on the link.
+    #[allow(clippy::result_large_err)]
     pub fn of(frame: Frame) -> Result<KeepAlive, Frame> {
         match frame {
             Frame::KeepAlive { probe, echo: false } => Ok(KeepAlive::Answer(Frame::KeepAlive { probe, echo: true })),
