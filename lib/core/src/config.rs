@@ -98,7 +98,9 @@ pub struct CoreConfig {
     pub on_lag_full: LagPolicy,
     /// Most bytes shipped and not yet acknowledged as applied (the data window).
     pub max_inflight_bytes: u64,
-    /// Most record updates awaiting an answer; further misses batch into the next one.
+    /// Most record updates awaiting an answer; further misses batch into the next one. At
+    /// most half of `secondary::MAX_QUEUED_RECORD_FRAMES`, so that the peer's queue always has
+    /// room for them and for evictions sent alone meanwhile.
     pub max_record_updates_in_flight: usize,
     /// Ordered data streams that bulk and resync data are spread over.
     pub data_lanes: u8,
@@ -159,6 +161,8 @@ impl Default for CoreConfig {
 pub enum ConfigError {
     #[error("{field} must be at least {min}, got {got}")]
     TooSmall { field: &'static str, min: u64, got: u64 },
+    #[error("{field} must be at most {max}, got {got}")]
+    TooLarge { field: &'static str, max: u64, got: u64 },
     #[error("flush_policy = remote needs a peer; a standalone site can only flush locally")]
     RemoteFlushWithoutPeer,
     #[error("reorder_buffer_bytes ({reorder}) must be at least max_inflight_bytes ({inflight}) plus one largest frame, or the secondary could be sent more than it may buffer")]
@@ -180,6 +184,14 @@ impl CoreConfig {
         min("predictor.max_streams", 1, self.predictor.max_streams as u64)?;
         min("predictor.max_ahead", self.predictor.pre_extend_within.max(1) as u64, self.predictor.max_ahead as u64)?;
         min("max_record_updates_in_flight", 1, self.max_record_updates_in_flight as u64)?;
+        let max_updates = crate::secondary::MAX_QUEUED_RECORD_FRAMES / 2;
+        if self.max_record_updates_in_flight > max_updates {
+            return Err(ConfigError::TooLarge {
+                field: "max_record_updates_in_flight",
+                max: max_updates as u64,
+                got: self.max_record_updates_in_flight as u64,
+            });
+        }
         min("data_lanes", 1, self.data_lanes as u64)?;
         min("max_inflight_bytes", 1 << 20, self.max_inflight_bytes)?;
         min("max_lag_bytes", self.max_inflight_bytes, self.max_lag_bytes)?;

@@ -3,10 +3,14 @@
 //! Owns: the versioned `Frame` enum and its codec: a 7-byte header (magic `GM`, version,
 //! big-endian payload length) followed by a postcard payload. The length is checked against
 //! `MAX_FRAME_BYTES` before any payload byte is decoded or any buffer allocated.
+//! `Frame::validate_for` then checks a frame against the receiver's volume: every extent it
+//! names inside the volume, and no more extents in one frame than the volume has, so that no
+//! handler iterates more than the volume holds whatever run lengths a peer claims.
 //! Must not: interpret frames. Epoch checks and state changes belong to the site state
 //! machines; this file only turns bytes into a typed value or a clear error.
 
-use crate::digest::BlockDigest;
+use crate::digest::{check_blocks, BlockDigest};
+use crate::geometry::Geometry;
 use crate::ids::{Epoch, ExtentId, Generation, Seq, StoreId};
 use crate::op::WriteOp;
 use crate::record::ExtentRun;
@@ -24,6 +28,11 @@ pub const MAX_FRAME_BYTES: u32 = 32 * 1024 * 1024 + 64 * 1024;
 /// Largest number of extent runs, record entries or hints in one frame. Keeps decoded frames
 /// small whatever the peer sends; longer lists are split across frames.
 pub const MAX_LIST_LEN: usize = 16 * 1024;
+/// Largest epoch a frame may carry. A site adopts its primary's epoch and a promotion adds one
+/// (2^20 for a forced one, see `secondary::AMNESIAC_EPOCH_JUMP`): half the range leaves room
+/// for more promotions than could ever happen, so that adopting a peer's epoch can never make
+/// a later promotion overflow.
+pub const MAX_EPOCH: Epoch = Epoch(u64::MAX >> 1);
 
 /// Which QUIC stream a frame travels on. Control frames never wait behind bulk data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -109,6 +118,20 @@ pub enum Apply {
     /// the extent as divergent (durably) and reports the blocks with `Differs` before any
     /// `Applied` that covers this item, and the primary then copies those blocks.
     Verify { extent: ExtentId, digests: Vec<BlockDigest> },
+}
+
+impl Apply {
+    /// Bytes an item counts for in the primary's retransmit buffer and data window and in the
+    /// secondary's reorder buffer: its payload or its digests, and at least 64 for its own
+    /// fields. Both sites count with this one function, so that the window the primary keeps
+    /// fits the reorder buffer the secondary allows (see `CoreConfig::validate`).
+    pub fn buffered_bytes(&self) -> u64 {
+        match self {
+            Apply::Write(op) => op.payload_bytes().max(64),
+            Apply::Verify { digests, .. } => (digests.len() as u64 * std::mem::size_of::<BlockDigest>() as u64).max(64),
+            Apply::ResyncBegin { .. } | Apply::ResyncEnd => 64,
+        }
+    }
 }
 
 /// What the sender of a `Hello` remembers of the receiver's store (its `PeerMemory`): the
@@ -272,33 +295,91 @@ impl Frame {
     }
 
     /// Structural checks a decoded frame must pass before a state machine sees it: list
-    /// lengths within `MAX_LIST_LEN`, payload lengths matching, no run past `u64`.
+    /// lengths within `MAX_LIST_LEN`, payload lengths matching, no run past `u64`, the epoch at
+    /// most `MAX_EPOCH`, and a data item's sequence number below `u64::MAX` (so that the one
+    /// after it exists).
     pub fn validate(&self) -> Result<(), FrameError> {
         let runs_ok = |runs: &[ExtentRun]| runs.len() <= MAX_LIST_LEN && runs.iter().all(|r| r.start.checked_add(r.len as u64).is_some());
-        let ok = match self {
-            Frame::RecordChunk { entries, .. } => {
-                entries.len() <= MAX_LIST_LEN && entries.iter().all(|e| e.run.start.checked_add(e.run.len as u64).is_some())
-            }
-            Frame::DivergentChunk { extents, .. } => runs_ok(extents),
-            Frame::RecordUpdate { missed, hints, evictions, .. } => {
-                runs_ok(missed)
-                    && hints.len() <= MAX_LIST_LEN
-                    && evictions.len() <= MAX_LIST_LEN
-                    && evictions.iter().all(|e| runs_ok(&e.extents))
-            }
-            Frame::RecordAnswer { added, .. } => runs_ok(added),
-            Frame::Evict { evictions, .. } => evictions.len() <= MAX_LIST_LEN && evictions.iter().all(|e| runs_ok(&e.extents)),
-            Frame::Data { apply: Apply::Write(op), .. } => op.is_well_formed() && op.offset.checked_add(op.len).is_some(),
-            Frame::Data { apply: Apply::Verify { digests, .. }, .. } => digests.len() <= MAX_LIST_LEN,
-            Frame::Differs { blocks, .. } => blocks.len() <= MAX_LIST_LEN / 8,
-            _ => true,
-        };
+        let ok = self.epoch() <= MAX_EPOCH
+            && match self {
+                Frame::RecordChunk { entries, .. } => {
+                    entries.len() <= MAX_LIST_LEN && entries.iter().all(|e| e.run.start.checked_add(e.run.len as u64).is_some())
+                }
+                Frame::DivergentChunk { extents, .. } => runs_ok(extents),
+                Frame::RecordUpdate { missed, hints, evictions, .. } => {
+                    runs_ok(missed)
+                        && hints.len() <= MAX_LIST_LEN
+                        && evictions.len() <= MAX_LIST_LEN
+                        && evictions.iter().all(|e| runs_ok(&e.extents))
+                }
+                Frame::RecordAnswer { added, .. } => runs_ok(added),
+                Frame::Evict { evictions, .. } => evictions.len() <= MAX_LIST_LEN && evictions.iter().all(|e| runs_ok(&e.extents)),
+                Frame::Data { seq, .. } if seq.0 == u64::MAX => false,
+                Frame::Data { apply: Apply::Write(op), .. } => op.is_well_formed() && op.offset.checked_add(op.len).is_some(),
+                Frame::Data { apply: Apply::Verify { digests, .. }, .. } => digests.len() <= MAX_LIST_LEN,
+                Frame::Differs { blocks, .. } => blocks.len() <= MAX_LIST_LEN / 8,
+                _ => true,
+            };
         if ok {
             Ok(())
         } else {
             Err(FrameError::Invalid(self.kind()))
         }
     }
+
+    /// `validate`, then the checks against the receiver's volume, made once at the entry of
+    /// both state machines so that no handler needs its own: every extent run non-empty and
+    /// inside the volume, the runs of each list (record entries, divergent extents, misses,
+    /// additions, and all of a frame's evictions together) naming no more extents than the
+    /// volume has, a data write inside the volume, and a failback check or difference of an
+    /// extent of the volume with one digest (one bit) per 4 KiB block of it. An honest peer's
+    /// lists name each extent once; its evictions name one twice only when it was re-added
+    /// and evicted again before they left, and a refusal there costs a reconnect, after which
+    /// the snapshot restores the record copy.
+    pub fn validate_for(&self, geo: &Geometry) -> Result<(), FrameError> {
+        self.validate()?;
+        let count = geo.extent_count();
+        let extent_blocks = |e: ExtentId| geo.contains(e).then(|| check_blocks(geo.extent_range(e).end - geo.extent_range(e).start));
+        let why = match self {
+            Frame::RecordChunk { entries, .. } => runs_in_volume(entries.iter().map(|e| &e.run), count),
+            Frame::DivergentChunk { extents, .. } => runs_in_volume(extents, count),
+            Frame::RecordUpdate { missed, evictions, .. } => {
+                runs_in_volume(missed, count).or_else(|| runs_in_volume(evictions.iter().flat_map(|e| &e.extents), count))
+            }
+            Frame::RecordAnswer { added, .. } => runs_in_volume(added, count),
+            Frame::Evict { evictions, .. } => runs_in_volume(evictions.iter().flat_map(|e| &e.extents), count),
+            Frame::Data { apply: Apply::Write(op), .. } => geo.check_range(op.offset, op.len).err().map(|_| "a write outside the volume"),
+            Frame::Data { apply: Apply::Verify { extent, digests }, .. } => (extent_blocks(*extent) != Some(digests.len()))
+                .then_some("a failback check of an extent outside the volume, or with another number of digests than it has blocks"),
+            Frame::Differs { extent, blocks, .. } => (extent_blocks(*extent).map(|n| n.div_ceil(8)) != Some(blocks.len()))
+                .then_some("a failback difference of an extent outside the volume, or with another bitmap size than it has blocks"),
+            _ => None,
+        };
+        match why {
+            None => Ok(()),
+            Some(why) => Err(FrameError::Volume { kind: self.kind(), why }),
+        }
+    }
+}
+
+/// Why `runs` do not fit a volume of `count` extents, if they do not: a run empty or past the
+/// end, or more extents in all than the volume has. Stops at the first fault, so its own work
+/// is bounded by the runs the frame holds.
+fn runs_in_volume<'a>(runs: impl IntoIterator<Item = &'a ExtentRun>, count: u64) -> Option<&'static str> {
+    let mut total = 0u64;
+    for r in runs {
+        if r.len == 0 {
+            return Some("an empty extent run");
+        }
+        if r.start.checked_add(r.len as u64).is_none_or(|end| end > count) {
+            return Some("an extent run past the end of the volume");
+        }
+        total += r.len as u64;
+        if total > count {
+            return Some("extent runs naming more extents than the volume has");
+        }
+    }
+    None
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -317,6 +398,8 @@ pub enum FrameError {
     Trailing(usize),
     #[error("{0} frame fails validation")]
     Invalid(&'static str),
+    #[error("{kind} frame does not fit this volume: {why}")]
+    Volume { kind: &'static str, why: &'static str },
     #[error("frame does not encode: {0}")]
     Encode(String),
 }
@@ -472,6 +555,63 @@ mod tests {
         };
         let bytes = encode(&f).unwrap();
         assert_eq!(decode(&bytes).unwrap_err(), FrameError::Invalid("data"));
+    }
+
+    #[test]
+    fn frames_are_checked_against_the_volume() {
+        // 10 extents of 1 MiB, the last one 4 KiB short.
+        let geo = Geometry::new((10 << 20) - 4096, 1 << 20).unwrap();
+        let e = Epoch(1);
+        let evict =
+            |runs: Vec<ExtentRun>| Frame::Evict { epoch: e, evictions: vec![Eviction { generation: Generation(1), extents: runs }] };
+        let run = |start, len| ExtentRun { start, len };
+        let fits = [
+            evict(vec![run(0, 10)]),
+            evict(vec![run(0, 5), run(5, 5)]),
+            Frame::Data { epoch: e, seq: Seq(1), apply: Apply::Write(WriteOp::zero((10 << 20) - 8192, 4096)) },
+            Frame::Data { epoch: e, seq: Seq(1), apply: Apply::Verify { extent: ExtentId(9), digests: vec![[0; 16]; 255] } },
+            Frame::Differs { epoch: e, seq: Seq(1), extent: ExtentId(0), blocks: vec![0; 32] },
+        ];
+        for f in fits {
+            assert_eq!(f.validate_for(&geo), Ok(()), "{f:?}");
+        }
+        let refused = [
+            (evict(vec![run(0, 11)]), "past the end"),
+            (evict(vec![run(9, u32::MAX)]), "past the end"),
+            (evict(vec![run(3, 0)]), "empty extent run"),
+            (evict(vec![run(0, 6), run(0, 5)]), "more extents than the volume has"),
+            (
+                Frame::RecordUpdate {
+                    epoch: e,
+                    id: 1,
+                    missed: vec![],
+                    hints: vec![],
+                    room: 0,
+                    evictions: (0..2).map(|g| Eviction { generation: Generation(g), extents: vec![run(0, 6)] }).collect(),
+                },
+                "more extents than the volume has",
+            ),
+            (Frame::RecordAnswer { epoch: e, id: 1, generation: Generation(1), added: vec![run(10, 1)] }, "past the end"),
+            (
+                Frame::RecordChunk { epoch: e, entries: vec![RecordEntries { run: run(0, u32::MAX), generation: Generation(1) }] },
+                "past the end",
+            ),
+            (Frame::DivergentChunk { epoch: e, extents: vec![run(u64::MAX, 0)] }, "empty"),
+            (Frame::Data { epoch: e, seq: Seq(1), apply: Apply::Write(WriteOp::zero((10 << 20) - 4096, 4096)) }, "outside the volume"),
+            (Frame::Data { epoch: e, seq: Seq(1), apply: Apply::Verify { extent: ExtentId(9), digests: vec![[0; 16]; 256] } }, "digests"),
+            (Frame::Data { epoch: e, seq: Seq(1), apply: Apply::Verify { extent: ExtentId(10), digests: vec![] } }, "outside"),
+            (Frame::Differs { epoch: e, seq: Seq(1), extent: ExtentId(0), blocks: vec![0; 31] }, "bitmap size"),
+        ];
+        for (f, why) in refused {
+            let err = f.validate_for(&geo).unwrap_err();
+            assert!(matches!(err, FrameError::Volume { .. }) && err.to_string().contains(why), "{f:?}: {err}");
+        }
+        // Structural limits come first, whatever the volume.
+        let last = Frame::Data { epoch: e, seq: Seq(u64::MAX), apply: Apply::ResyncEnd };
+        assert_eq!(last.validate_for(&geo), Err(FrameError::Invalid("data")));
+        let far = Frame::Authoritative { epoch: Epoch(MAX_EPOCH.0 + 1) };
+        assert_eq!(far.validate_for(&geo), Err(FrameError::Invalid("authoritative")));
+        assert_eq!(Frame::Authoritative { epoch: MAX_EPOCH }.validate_for(&geo), Ok(()));
     }
 
     proptest! {

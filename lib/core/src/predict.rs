@@ -421,10 +421,12 @@ impl Predictor {
                     let mut added = 0usize;
                     let mut i = 1i64;
                     while added < window && i <= 2 * self.cfg.max_ahead as i64 {
-                        let e = h.last as i64 + h.stride * i;
-                        if e < 0 || e as u64 >= limit {
-                            break;
-                        }
+                        // Hints come from the peer: a stride or a start far outside the volume
+                        // ends the walk rather than overflowing.
+                        let e = match h.stride.checked_mul(i).and_then(|d| i64::try_from(h.last).ok()?.checked_add(d)) {
+                            Some(e) if e >= 0 && (e as u64) < limit => e,
+                            _ => break,
+                        };
                         let before = out.len();
                         if !push(e, &mut out) {
                             return out;
@@ -595,6 +597,22 @@ mod tests {
         }
         let got = p.predict(&[], &[StreamHint { last: 10, stride: 1, run: 1, want: 0 }], 100, &r);
         assert_eq!(got.first(), Some(&ExtentId(20)));
+    }
+
+    #[test]
+    fn hints_far_outside_the_volume_predict_nothing() {
+        // Hints come from the peer: a start past `i64::MAX` or strides that overflow must end
+        // the walk, not wrap around into the volume (or panic with overflow checks on).
+        let mut p = Predictor::new(cfg(PredictorKind::Adaptive));
+        let r = Record::new(1000);
+        for h in [
+            StreamHint { last: u64::MAX, stride: 2, run: 4, want: 8 },
+            StreamHint { last: 1 << 62, stride: 1 << 62, run: 4, want: 8 },
+            StreamHint { last: 5, stride: i64::MIN, run: 4, want: 8 },
+            StreamHint { last: 5, stride: i64::MAX, run: 4, want: 8 },
+        ] {
+            assert_eq!(p.predict(&[], &[h], 100, &r), vec![], "{h:?}");
+        }
     }
 
     #[test]

@@ -183,6 +183,9 @@ pub struct Primary {
     pending_evictions: Vec<Eviction>,
     evictions_since: Option<Time>,
     resend_record_on_snapshot: bool,
+    /// Extents named by the snapshot chunks of this connection: an honest secondary names each
+    /// recorded and each divergent extent once, so past twice the volume it is refused.
+    snapshot_extents: u64,
     resync_end: Option<Seq>,
     resync_running: bool,
     /// The running resync checks extents by digest (a failback) rather than copying them.
@@ -279,6 +282,7 @@ impl Primary {
             pending_evictions: Vec::new(),
             evictions_since: None,
             resend_record_on_snapshot: true,
+            snapshot_extents: 0,
             resync_end: None,
             resync_running: false,
             resync_verifies: false,
@@ -676,6 +680,7 @@ impl Primary {
             return;
         }
         self.set_link(now, LinkState::Handshake);
+        self.snapshot_extents = 0;
         let hello = Frame::Hello {
             epoch: self.epoch,
             role: Role::Primary,
@@ -710,9 +715,19 @@ impl Primary {
     }
 
     pub fn handle_frame(&mut self, now: Time, frame: Frame) {
-        if frame.validate().is_err() {
-            self.refuse("invalid frame");
+        if let Err(e) = frame.validate_for(&self.geo) {
+            self.refuse(&format!("invalid frame from the secondary: {e}"));
             return;
+        }
+        if let Frame::RecordChunk { entries, .. } = &frame {
+            if self.snapshot_too_long(entries.iter().map(|e| e.run.len as u64).sum()) {
+                return;
+            }
+        }
+        if let Frame::DivergentChunk { extents, .. } = &frame {
+            if self.snapshot_too_long(runs_len(extents)) {
+                return;
+            }
         }
         if let Frame::Hello { epoch, role, volume_bytes, extent_bytes, wrote_alone, store, remembers, promoted_from, .. } = frame {
             self.ident.hello_store = Some(store);
@@ -761,36 +776,29 @@ impl Primary {
             }
             // A check's difference: the extent is copied (saved aside on the peer first), just
             // the blocks named when the check belongs to the running resync, else whole.
+            // (`validate_for` checked that the extent is in the volume and the bitmap its size.)
             Frame::Differs { seq, extent, blocks, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
-                let fits = |g: &Geometry| {
-                    let r = g.extent_range(extent);
-                    blocks.len() == check_blocks(r.end - r.start).div_ceil(8)
-                };
-                if !self.geo.contains(extent) || !fits(&self.geo) {
-                    self.refuse("a failback difference of an extent outside the volume, or of the wrong size");
-                } else {
-                    self.stats.resync_extents_mismatched += 1;
-                    // An amnesiac's stale extent is copied, not saved aside (the full resync's
-                    // `save_aside` says whether the peer may hold writes of its own).
-                    self.peer_save_aside |= !self.ident.full_resync_owed;
-                    self.needs_copy.insert(extent);
-                    if seq > self.resync_begin && self.resync_running {
-                        let mask = self.copy_blocks.entry(extent).or_insert_with(|| vec![0; blocks.len()]);
-                        for (m, b) in mask.iter_mut().zip(&blocks) {
-                            *m |= b;
-                        }
-                    } else {
-                        self.copy_blocks.remove(&extent);
+                self.stats.resync_extents_mismatched += 1;
+                // An amnesiac's stale extent is copied, not saved aside (the full resync's
+                // `save_aside` says whether the peer may hold writes of its own).
+                self.peer_save_aside |= !self.ident.full_resync_owed;
+                self.needs_copy.insert(extent);
+                if seq > self.resync_begin && self.resync_running {
+                    let mask = self.copy_blocks.entry(extent).or_insert_with(|| vec![0; blocks.len()]);
+                    for (m, b) in mask.iter_mut().zip(&blocks) {
+                        *m |= b;
                     }
-                    self.add_local_dirty(vec![extent]);
+                } else {
+                    self.copy_blocks.remove(&extent);
                 }
+                self.add_local_dirty(vec![extent]);
             }
             // What a demoted peer may hold of its own (in the snapshot; a failback check's
             // differences come again this way after a reconnect). Checked by a failback like
             // the rest of its set, or copied whole by another resync; saved aside on the peer
             // before any overwrite, and in the dirty map until then.
             Frame::DivergentChunk { extents, .. } if matches!(self.link, LinkState::Handshake | LinkState::Up) => {
-                let list: Vec<ExtentId> = from_runs(&extents).filter(|e| self.geo.contains(*e)).collect();
+                let list: Vec<ExtentId> = from_runs(&extents).collect();
                 if !list.is_empty() {
                     self.peer_save_aside |= !self.ident.full_resync_owed;
                     self.needs_copy.extend(list.iter().copied());
@@ -1238,8 +1246,10 @@ impl Primary {
         let Some(u) = self.updates.remove(&id) else {
             return;
         };
-        if runs_len(added) > self.geo.extent_count() {
-            self.refuse("record answer names more extents than the volume has");
+        if runs_len(added) > u.reserved {
+            // The secondary adds the misses and at most `room` predictions: more would grow the
+            // record copy past what this site allowed.
+            self.refuse(&format!("record answer {id} adds {} extents, more than the {} its update allowed", runs_len(added), u.reserved));
             return;
         }
         self.stats.record_answers += 1;
@@ -1254,9 +1264,6 @@ impl Primary {
             self.requested.remove(e);
         }
         for e in from_runs(added) {
-            if !self.geo.contains(e) {
-                continue;
-            }
             self.copy.insert(e, generation);
             self.generation_added.entry(generation).or_insert(now);
             if !missed.contains(&e) {
@@ -1802,6 +1809,18 @@ impl Primary {
         true
     }
 
+    /// Counts `named` more extents in this connection's snapshot chunks; past twice the volume
+    /// (its record and its divergent extents, each named once) the peer is refused.
+    fn snapshot_too_long(&mut self, named: u64) -> bool {
+        self.snapshot_extents += named;
+        let limit = 2 * self.geo.extent_count();
+        if self.snapshot_extents > limit {
+            self.refuse(&format!("the secondary's snapshot names more than {limit} extents, twice the volume's"));
+            return true;
+        }
+        false
+    }
+
     fn refuse(&mut self, reason: &str) {
         self.stats.frames_refused += 1;
         self.actions.push_back(Action::Disconnect { reason: reason.to_string() });
@@ -1895,8 +1914,5 @@ struct UnappliedGroup {
 }
 
 fn item_bytes(item: &Apply) -> u64 {
-    match item {
-        Apply::Write(op) => op.payload_bytes().max(64),
-        _ => 64,
-    }
+    item.buffered_bytes()
 }

@@ -15,12 +15,11 @@
 
 use crate::action::Action;
 use crate::config::CoreConfig;
-use crate::digest::check_blocks;
-use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Remembered, Role, Stream, StreamHint, MAX_LIST_LEN};
+use crate::frame::{Apply, Eviction, Frame, LinkLossPolicy, RecordEntries, Refusal, Remembered, Role, Stream, MAX_LIST_LEN};
 use crate::geometry::Geometry;
 use crate::ids::{Epoch, ExtentId, Generation, Seq, StoreId, Token};
 use crate::predict::Predictor;
-use crate::record::{from_runs, runs_len, to_runs, ExtentRun, Record};
+use crate::record::{from_runs, to_runs, ExtentRun, Record};
 use crate::stats::SecondaryStats;
 use crate::store::{Meta, PeerMemory, SiteState, StoreWrite};
 use crate::time::Time;
@@ -28,12 +27,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use thiserror::Error;
 
 mod identity;
+mod queue;
 
-#[derive(Clone, Debug)]
-enum Queued {
-    Update { id: u64, missed: Vec<ExtentId>, hints: Vec<StreamHint>, room: u32, evictions: Vec<Eviction> },
-    Evict(Vec<Eviction>),
-}
+use queue::{Queued, RecordQueue};
+pub use queue::{MAX_QUEUED_HINTS, MAX_QUEUED_RECORD_FRAMES, QUEUED_EXTENTS_PER_VOLUME};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum PersistKind {
@@ -144,7 +141,10 @@ pub struct Secondary {
     peer_may_degrade: bool,
     /// When the link to the primary was lost; None while connected.
     link_down_since: Option<Time>,
-    queue: VecDeque<Queued>,
+    /// Record updates and evictions waiting for the next record batch.
+    queue: RecordQueue,
+    /// The primary's hello on this connection was processed: a second one is refused.
+    hello_seen: bool,
     record_persist: Option<(Token, Record, Vec<Frame>)>,
     reorder: BTreeMap<Seq, Apply>,
     reorder_bytes: u64,
@@ -198,7 +198,8 @@ impl Secondary {
             peer_epoch: None,
             peer_may_degrade: state.peer_may_degrade,
             link_down_since: None,
-            queue: VecDeque::new(),
+            queue: RecordQueue::default(),
+            hello_seen: false,
             record_persist: None,
             reorder: BTreeMap::new(),
             reorder_bytes: 0,
@@ -314,6 +315,7 @@ impl Secondary {
         self.connected = true;
         self.welcomed = false;
         self.welcome_due = false;
+        self.hello_seen = false;
         self.send(Frame::Hello {
             epoch: self.epoch,
             role: Role::Secondary,
@@ -338,6 +340,7 @@ impl Secondary {
             self.lose_authority();
         }
         // Frames of a dead connection are not answered; the primary resends what matters.
+        self.hello_seen = false;
         self.queue.clear();
         self.reorder.clear();
         self.reorder_bytes = 0;
@@ -345,8 +348,14 @@ impl Secondary {
 
     pub fn handle_frame(&mut self, now: Time, frame: Frame) {
         let _ = now;
-        if frame.validate().is_err() {
-            self.refuse(None, "invalid frame");
+        if let Err(e) = frame.validate_for(&self.geo) {
+            self.refuse(None, &format!("invalid frame from the primary: {e}"));
+            return;
+        }
+        if matches!(frame, Frame::Hello { .. }) && std::mem::replace(&mut self.hello_seen, true) {
+            // One hello per connection: each answer is a whole record snapshot, which a peer
+            // must not be able to ask for again and again.
+            self.refuse(None, "a second hello on one connection");
             return;
         }
         if let Frame::Hello {
@@ -386,22 +395,13 @@ impl Secondary {
             return;
         }
         match frame {
-            Frame::RecordUpdate { id, missed, hints, room, evictions, .. } => {
-                if runs_len(&missed) > self.geo.extent_count() || from_runs(&missed).any(|e| !self.geo.contains(e)) {
-                    self.refuse(None, "record update names extents outside the volume");
+            Frame::RecordUpdate { .. } | Frame::Evict { .. } => {
+                if let Err(why) = self.queue.admit(frame, &self.geo) {
+                    self.refuse(None, &why);
                     return;
                 }
-                let missed = from_runs(&missed).collect();
-                self.queue.push_back(Queued::Update { id, missed, hints, room, evictions });
             }
-            Frame::Evict { evictions, .. } => self.queue.push_back(Queued::Evict(evictions)),
             Frame::Data { seq, apply, .. } => {
-                if let Apply::Write(op) = &apply {
-                    if self.geo.check_range(op.offset, op.len).is_err() {
-                        self.refuse(None, "data outside the volume");
-                        return;
-                    }
-                }
                 if seq <= self.applied {
                     return; // a retransmission of something already applied
                 }
@@ -415,13 +415,15 @@ impl Secondary {
                         return;
                     }
                 }
-                self.reorder_bytes += apply_bytes(&apply);
-                if self.reorder_bytes > self.cfg.reorder_buffer_bytes {
+                // Counted only once it is held: a refused item must not use up the buffer.
+                let bytes = apply.buffered_bytes();
+                if self.reorder_bytes + bytes > self.cfg.reorder_buffer_bytes {
                     self.refuse(None, "peer overran the reorder buffer");
                     return;
                 }
+                self.reorder_bytes += bytes;
                 if let Some(old) = self.reorder.insert(seq, apply) {
-                    self.reorder_bytes -= apply_bytes(&old);
+                    self.reorder_bytes -= old.buffered_bytes();
                 }
             }
             // An amnesiac's record becomes authoritative only after its full resync ended (the
@@ -774,7 +776,7 @@ impl Secondary {
                 }
             }
         };
-        while let Some(q) = self.queue.pop_front() {
+        for q in self.queue.take() {
             match q {
                 Queued::Evict(evictions) => evict(&mut work, &mut self.predictor, &mut batch, &mut self.stats, &evictions),
                 Queued::Update { id, missed, hints, room, evictions } => {
@@ -828,16 +830,8 @@ impl Secondary {
                 break;
             }
             let item = self.reorder.remove(&seq).expect("present");
-            self.reorder_bytes -= apply_bytes(&item);
+            self.reorder_bytes -= item.buffered_bytes();
             if let Apply::Verify { extent, digests } = item {
-                let fits = |g: &Geometry| {
-                    let r = g.extent_range(extent);
-                    digests.len() == check_blocks(r.end - r.start)
-                };
-                if !self.geo.contains(extent) || !fits(&self.geo) {
-                    self.refuse(None, "a failback check of an extent outside the volume, or of the wrong size");
-                    return;
-                }
                 // Applied only once this site's content is read and compared, and a difference
                 // is durable: nothing after it applies meanwhile.
                 let token = self.token();
@@ -953,11 +947,4 @@ struct PeerHello {
     store: StoreId,
     remembers: Option<Remembered>,
     owes_full_resync: bool,
-}
-
-fn apply_bytes(a: &Apply) -> u64 {
-    match a {
-        Apply::Write(op) => op.payload_bytes().max(64),
-        _ => 64,
-    }
 }
