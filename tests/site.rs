@@ -230,3 +230,23 @@ pub fn run_ok(cmd: &mut Command) -> String {
     assert!(out.status.success(), "{cmd:?} failed with {}:\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     stdout
 }
+
+/// Polls a site's status (`status` runs `geomirror status --json` or the like) until `done`
+/// holds for its first volume, for at most `limit` (a bound on failure, not a measurement);
+/// returns the whole status. `what` names the awaited state in the failure message.
+pub fn wait_for_volume(
+    limit: Duration,
+    what: &str,
+    mut status: impl FnMut() -> serde_json::Value,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let s = status();
+        if done(&s["volumes"][0]) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "never {what}: {s:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -4,10 +4,10 @@
 
 use geomirror_node::admin_client::{AdminClient, Credentials};
 use geomirror_tests::pair::{stop_both_and_compare, two_sites_both_ways, PairOptions};
-use geomirror_tests::site::{tool, write_secret, Site};
+use geomirror_tests::site::{tool, wait_for_volume, write_secret, Site};
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[path = "admin/limits.rs"]
 mod limits;
@@ -84,15 +84,7 @@ fn status_json(dir: &Path, site: &str) -> serde_json::Value {
 
 /// Polls `site`'s status until `done` holds for its volume, for at most a minute.
 fn wait_for(dir: &Path, site: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = status_json(dir, site);
-        if done(&s["volumes"][0]) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{site} never became {what}: {s:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_volume(Duration::from_secs(60), &format!("{site} {what}"), || status_json(dir, site), done)
 }
 
 /// Raw calls with each kind of caller, against the secondary.

@@ -8,7 +8,7 @@
 //! drained, authoritative, no debt, no flag.
 
 use geomirror_tests::pair::{stop_both_and_compare, two_sites_both_ways, PairOptions};
-use geomirror_tests::site::{output_within, tool, write_secret, Site};
+use geomirror_tests::site::{output_within, tool, wait_for_volume, write_secret, Site};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -53,18 +53,10 @@ fn status(dir: &Path, site: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Polls `site`'s status until `done` holds for its volume, for at most two minutes (a bound
-/// on failure, not a measurement).
+/// Polls `site`'s status until `done` holds for its volume, for at most two minutes;
+/// returns the volume's status.
 fn wait_for(dir: &Path, site: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = status(dir, site);
-        if done(&s["volumes"][0]) {
-            return s["volumes"][0].clone();
-        }
-        assert!(Instant::now() < deadline, "{site} never became {what}: {s:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_volume(Duration::from_secs(120), &format!("{site} {what}"), || status(dir, site), done)["volumes"][0].clone()
 }
 
 fn qemu_io(url: &str, command: &str) {
