@@ -380,6 +380,11 @@ struct SimulateArgs {
     /// With --seed: print every event and action to stderr.
     #[arg(long, requires = "seed")]
     trace: bool,
+    /// Also print each seed's trace hash, one `seed hash` line per seed in seed order: two
+    /// builds that print the same lines behaved identically on those seeds (a refactor's
+    /// check that it changed no behaviour).
+    #[arg(long, conflicts_with = "seed")]
+    hashes: bool,
 }
 
 fn main() -> Result<()> {
@@ -637,6 +642,11 @@ fn simulate(a: SimulateArgs) -> Result<()> {
     let reports = run_parallel_with_progress(&seeds, geomirror_sim::run_seed, |_| bar.inc(1));
     bar.finish_and_clear();
     let failed: Vec<_> = reports.iter().filter(|r| !r.violations.is_empty()).collect();
+    if a.hashes {
+        for r in &reports {
+            println!("{} {:016x}", r.seed, r.trace_hash);
+        }
+    }
     println!("{}", SeedTotals::of(&reports));
     for r in &failed {
         println!("{}", describe_failure(r));
