@@ -275,47 +275,56 @@ pub fn failback(a: AdminArgs, dry_run: bool) -> Result<()> {
     // The failback itself runs in the site as soon as the old primary is connected as a
     // secondary; this follows it until every volume is drained onto the peer.
     // Progress counts extents checked by digest (equal ones cross the WAN as 32 bytes) as
-    // well as those copied.
-    let done = |s: &StatusReport| s.volumes.iter().map(|v| v.resync_bytes_copied + v.resync_bytes_verified).sum::<u64>();
-    let total: u64 = (done(&s) + s.volumes.iter().map(|v| v.resync_remaining_bytes).sum::<u64>()).max(1);
-    let bar = indicatif::ProgressBar::new(total);
+    // well as those copied. The site counts bytes as it queues them for the peer, so the
+    // bar's position is what was queued and "to go" what the peer has yet to apply.
+    let queued = |s: &StatusReport| s.volumes.iter().map(|v| v.resync_bytes_copied + v.resync_bytes_verified).sum::<u64>();
+    let finished = |s: &StatusReport| s.volumes.iter().all(|v| v.link_up && v.drained && !v.resync_in_progress);
+    let already = finished(&s);
+    let bar = indicatif::ProgressBar::new(1);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    let start = done(&s);
-    let start_copied: u64 = s.volumes.iter().map(|v| v.resync_bytes_copied).sum();
-    loop {
-        let s = status(&client)?;
-        let progressed = done(&s) - start;
-        let copied: u64 = s.volumes.iter().map(|v| v.resync_bytes_copied).sum::<u64>() - start_copied;
+    let start = queued(&s);
+    let mut s = s;
+    while !finished(&s) {
+        let progressed = queued(&s) - start;
         let remaining: u64 = s.volumes.iter().map(|v| v.resync_remaining_bytes).sum();
         bar.set_length((progressed + remaining).max(1));
         bar.set_position(progressed);
         let linked = s.volumes.iter().all(|v| v.link_up);
         bar.set_message(if linked { "failing back" } else { "waiting for the old primary to connect" });
-        if linked && s.volumes.iter().all(|v| v.drained && !v.resync_in_progress) {
-            bar.finish_and_clear();
-            if a.json {
-                let checked = progressed.saturating_sub(copied);
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({ "site": s.site, "copied_bytes": copied, "checked_bytes": checked, "done": true })
-                    )?
-                );
-            } else {
-                println!(
-                    "failback done: {} copied, {} checked by digest on both sites; both sites hold the same data",
-                    format_bytes(copied),
-                    format_bytes(progressed.saturating_sub(copied))
-                );
-            }
-            return Ok(());
-        }
         std::thread::sleep(std::time::Duration::from_millis(500));
+        s = status(&client)?;
     }
+    bar.finish_and_clear();
+    // Totals since this site started: a failback that ended before this command ran (it
+    // starts by itself) is reported too, and nothing is subtracted.
+    let copied: u64 = s.volumes.iter().map(|v| v.resync_bytes_copied).sum();
+    let checked: u64 = s.volumes.iter().map(|v| v.resync_bytes_verified).sum();
+    let differed: u64 = s.volumes.iter().map(|v| v.resync_extents_mismatched).sum();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "site": s.site, "done": true, "already_done": already,
+                "copied_bytes": copied, "checked_bytes": checked, "extents_found_different": differed,
+            }))?
+        );
+    } else if copied + checked == 0 {
+        println!("nothing to fail back: the peer is connected and has applied every write of this site; both sites hold the same data");
+    } else {
+        println!(
+            "failback {}done: since {} started it copied {}, and checked {} by digest on both sites ({differed} extent(s) found different); \
+             the peer has applied all of it, so both sites hold the same data",
+            if already { "already " } else { "" },
+            s.site,
+            format_bytes(copied),
+            format_bytes(checked),
+        );
+    }
+    Ok(())
 }
 
 /// The peer of a switchover: its config file (for its admin address, name and CA).

@@ -189,6 +189,16 @@ fn all_meta(s: &SiteState) -> Vec<StoreWrite> {
     .collect()
 }
 
+/// What `examine` found in a store directory that passed its checks.
+enum Found {
+    /// A store of this schema whose identity file vouches for it.
+    Store,
+    /// A store made before store identities (no identity in it, no identity file).
+    WithoutIdentity,
+    /// No store: a new one is made.
+    Nothing,
+}
+
 impl RocksStore {
     /// Opens the store at `path`, or creates it with the state `create` gives (drawn only
     /// when the store does not exist yet: its identity is new). Refuses another schema
@@ -201,32 +211,30 @@ impl RocksStore {
         opts.set_paranoid_checks(true);
         opts.set_wal_recovery_mode(DBRecoveryMode::AbsoluteConsistency);
         opts.set_skip_checking_sst_file_sizes_on_db_open(false);
+        let file = identity_file::read(path).map_err(|what| StoreError::Corrupt { path: path.to_owned(), what })?;
+        // An existing store is examined read-only first. Opening for writing rewrites the
+        // MANIFEST and starts a new log even when the checks that follow refuse the store;
+        // a refused store must stay exactly as it was found, for forensics and for the
+        // operator's `mv` (and a supervisor restarting the site must not churn it).
+        let existing = DB::list_cf(&opts, path).ok();
+        if existing.as_ref().is_some_and(|cfs| CF_ALL.iter().all(|n| cfs.iter().any(|c| c == n))) {
+            let db = DB::open_cf_for_read_only(&opts, path, CF_ALL, false).map_err(|source| open_error(path, source))?;
+            let mut probe = RocksStore::over(db, path);
+            probe.examine(file)?;
+        }
         let cfs = CF_ALL.map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| open_error(path, source))?;
-        let mut store =
-            RocksStore { db, path: path.to_owned(), state: SiteState::fresh(Role::Secondary, StoreId(0)), checkpoint: 0, created: false };
-        let schema = store.get(CF_META, &keys::meta_key("schema"))?;
-        let file = identity_file::read(path).map_err(|what| store.corrupt(what))?;
-        match schema.as_deref() {
-            Some([v]) if *v == keys::SCHEMA_VERSION => {
-                store.state = store.read_state()?;
-                store.checkpoint = store.read_checkpoint()?;
-                store.check_identity(file)?;
+        let mut store = RocksStore::over(db, path);
+        match store.examine(file)? {
+            Found::Store => {}
+            Found::WithoutIdentity => {
+                // A store made before identities: it gets one now. Its peer has no memory of
+                // it either, so the next handshake pairs them afresh.
+                let id = super::new_store_id().map_err(|e| store.write_error(e))?;
+                tracing::warn!(path = %path.display(), store = %id, "a store without an identity (made by an older geomirror) gets one");
+                store.write(&[StoreWrite::Meta(Meta::StoreId(id))]).map_err(|e| store.write_error(e))?;
             }
-            Some([v]) => return Err(StoreError::Schema { path: path.to_owned(), found: *v, expected: keys::SCHEMA_VERSION }),
-            Some(_) => return Err(store.corrupt("the schema marker is malformed")),
-            None => {
-                if file.is_some() {
-                    // The identity file says a store was made here; RocksDB holds none of it.
-                    return Err(store.lost(format!(
-                        "its identity file ({}) names store {}, and the database holds nothing of it: its logs or table files are gone",
-                        identity_file::FILE_NAME,
-                        file.map_or(StoreId(0), |f| f.store)
-                    )));
-                }
-                if store.db.iterator_cf(store.cf(CF_RECORD), IteratorMode::Start).next().is_some() {
-                    return Err(store.corrupt("records exist but no schema marker"));
-                }
+            Found::Nothing => {
                 // A new store: the schema marker and the fresh state in one synced batch.
                 store.state = create().map_err(|e| store.write_error(e))?;
                 store.created = true;
@@ -242,23 +250,49 @@ impl RocksStore {
         Ok(store)
     }
 
+    fn over(db: DB, path: &Path) -> RocksStore {
+        RocksStore { db, path: path.to_owned(), state: SiteState::fresh(Role::Secondary, StoreId(0)), checkpoint: 0, created: false }
+    }
+
+    /// Reads the store's state and checks it against its identity file, writing nothing:
+    /// what is there, or why it is refused.
+    fn examine(&mut self, file: Option<Identity>) -> Result<Found, StoreError> {
+        let schema = self.get(CF_META, &keys::meta_key("schema"))?;
+        match schema.as_deref() {
+            Some([v]) if *v == keys::SCHEMA_VERSION => {
+                self.state = self.read_state()?;
+                self.checkpoint = self.read_checkpoint()?;
+                self.check_identity(file)
+            }
+            Some([v]) => Err(StoreError::Schema { path: self.path.clone(), found: *v, expected: keys::SCHEMA_VERSION }),
+            Some(_) => Err(self.corrupt("the schema marker is malformed")),
+            None => {
+                if let Some(f) = file {
+                    // The identity file says a store was made here; RocksDB holds none of it.
+                    return Err(self.lost(format!(
+                        "its identity file ({}) names store {}, and the database holds nothing of it: its logs or table files are gone",
+                        identity_file::FILE_NAME,
+                        f.store
+                    )));
+                }
+                if self.db.iterator_cf(self.cf(CF_RECORD), IteratorMode::Start).next().is_some() {
+                    return Err(self.corrupt("records exist but no schema marker"));
+                }
+                Ok(Found::Nothing)
+            }
+        }
+    }
+
     /// Whether this open created the store (it did not exist).
     pub fn created(&self) -> bool {
         self.created
     }
 
     /// The store's own record of its identity and checkpoint against the identity file's.
-    fn check_identity(&mut self, file: Option<Identity>) -> Result<(), StoreError> {
+    fn check_identity(&self, file: Option<Identity>) -> Result<Found, StoreError> {
         let id_in_store = self.get(CF_META, &keys::meta_key("store_id"))?.is_some();
         match file {
-            None if !id_in_store => {
-                // A store made before identities: it gets one now. Its peer has no memory of
-                // it either, so the next handshake pairs them afresh.
-                let id = super::new_store_id().map_err(|e| self.write_error(e))?;
-                tracing::warn!(path = %self.path.display(), store = %id, "a store without an identity (made by an older geomirror) gets one");
-                self.write(&[StoreWrite::Meta(Meta::StoreId(id))]).map_err(|e| self.write_error(e))?;
-                Ok(())
-            }
+            None if !id_in_store => Ok(Found::WithoutIdentity),
             None => Err(self.corrupt(format!(
                 "its identity file {} is missing, so nothing vouches that its newest log is all there",
                 identity_file::FILE_NAME
@@ -271,7 +305,7 @@ impl RocksStore {
                 "it holds checkpoint {} and its identity file says it reached checkpoint {}: a write-ahead log is missing or was cut short",
                 self.checkpoint, f.checkpoint
             ))),
-            Some(_) => Ok(()),
+            Some(_) => Ok(Found::Store),
         }
     }
 

@@ -227,6 +227,29 @@ fn files_ending(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> 
     v
 }
 
+/// Every file of the directory with its content: a refused open must leave it exactly so.
+fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
+    v.sort();
+    v
+}
+
+/// Opens twice (a supervisor restarting the site) and checks both refusals changed nothing.
+fn refused_twice_untouched(dir: &std::path::Path) -> StoreError {
+    let before = snapshot(dir);
+    let Err(first) = open_store(dir, Role::Secondary) else { panic!("the store must be refused") };
+    assert!(open_store(dir, Role::Secondary).is_err(), "refused again");
+    let after = snapshot(dir);
+    assert_eq!(
+        before.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        after.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        "a refused open adds or removes no file"
+    );
+    assert!(before == after, "a refused open leaves every file's content as it was");
+    first
+}
+
 #[test]
 fn a_new_store_has_an_identity_in_a_file_beside_it_and_its_state_in_table_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -252,12 +275,12 @@ fn a_deleted_write_ahead_log_is_refused_as_lost_state() {
     for l in logs {
         std::fs::remove_file(l).unwrap();
     }
-    match open_store(dir.path(), Role::Secondary) {
-        Err(e @ StoreError::Lost { .. }) => {
+    match refused_twice_untouched(dir.path()) {
+        e @ StoreError::Lost { .. } => {
             let text = e.to_string();
             assert!(text.contains("write-ahead log is missing") && text.contains("mv "), "{text}");
         }
-        other => panic!("a store that lost its newest log must be refused, got {:?}", other.map(|s| s.load())),
+        other => panic!("a store that lost its newest log must be refused as lost, got {other}"),
     }
 }
 
@@ -275,9 +298,9 @@ fn a_corrupted_write_ahead_log_is_refused_not_truncated() {
         *b ^= 0x5a;
     }
     std::fs::write(&log, bytes).unwrap();
-    match open_store(dir.path(), Role::Secondary) {
-        Err(StoreError::Corrupt { .. } | StoreError::Lost { .. }) => {}
-        other => panic!("a corrupted log must be refused, got {:?}", other.map(|s| s.load())),
+    match refused_twice_untouched(dir.path()) {
+        StoreError::Corrupt { .. } | StoreError::Lost { .. } => {}
+        other => panic!("a corrupted log must be refused as corrupt or lost, got {other}"),
     }
 }
 
