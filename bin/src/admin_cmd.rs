@@ -176,7 +176,11 @@ pub fn status(a: AdminArgs) -> Result<()> {
                         .unwrap_or("this store lost state it had acknowledged, or was created over media that held data")
                 );
             } else if !v.authoritative {
-                println!("  THE RECORD IS NOT AUTHORITATIVE: the primary degraded since the last resync");
+                println!(
+                    "  THE RECORD IS NOT AUTHORITATIVE: it may not name every extent that differs from the primary (a failback or \
+                     resync under way, a degrade or a link loss under on_link_loss = \"degrade\", or no primary has vouched \
+                     for this store yet); it becomes so once its primary's dirty map is empty"
+                );
             }
             if !v.consistent {
                 println!("  the image is mid-resync: not a prefix of the primary's history");

@@ -282,7 +282,7 @@ async fn promote(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) 
                         w.push("THIS SITE WAS AN AMNESIAC (promoted with --force): its store had lost state it acknowledged, so acknowledged writes may be missing anywhere on its image; its peer gets a full verified resync from it, saving aside whatever differs there");
                     }
                     if !r.authoritative {
-                        w.push("THE RECORD IS NOT AUTHORITATIVE: the old primary degraded (wrote without the record) since the last resync; writes it acknowledged meanwhile may be missing here, and extents outside the record may differ");
+                        w.push("THE RECORD IS NOT AUTHORITATIVE: the old primary may have written outside it (it degraded, a failback or resync was under way, or it never vouched for this store); writes it acknowledged meanwhile may be missing here, and extents outside the record may differ");
                     }
                     if !r.consistent {
                         w.push("THE IMAGE IS INCONSISTENT: a resync was under way, so it is not a prefix of the old primary's history");
