@@ -138,9 +138,12 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         return Err(e);
     }
     spinner.finish_and_clear();
-    print_summary(&dir, &a, &sites, &procs)?;
-
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // The roles the sites hold now, not the configs': a demo run again after the
+    // walkthrough's failover finds dc2 primary and dc1 its secondary.
+    let roles: Vec<String> = sites.iter().map(|s| current_role(&rt, &dir, s).unwrap_or_else(|| s.role.to_owned())).collect();
+    print_summary(&dir, &a, &sites, &roles, &procs)?;
+
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -364,32 +367,43 @@ fn client(dir: &Path, s: &SiteSpec) -> Result<AdminClient> {
     )
 }
 
-fn print_summary(dir: &Path, a: &DemoArgs, sites: &[SiteSpec], procs: &[Proc]) -> Result<()> {
+/// The role a running site reports for its first volume.
+fn current_role(rt: &tokio::runtime::Runtime, dir: &Path, s: &SiteSpec) -> Option<String> {
+    let c = client(dir, s).ok()?;
+    let (code, j) = rt.block_on(c.call("GET", "/v1/status", None)).ok()?;
+    (code == 200).then(|| j["volumes"][0]["role"].as_str().unwrap_or("").to_owned())
+}
+
+fn print_summary(dir: &Path, a: &DemoArgs, sites: &[SiteSpec], roles: &[String], procs: &[Proc]) -> Result<()> {
     let d = dir.display();
     let pid = |name: &str| procs.iter().find(|p| p.name == name).map_or(0, Proc::pid);
     let mut out = std::io::stdout().lock();
     writeln!(out, "geomirror demo: two sites on this machine, {} ms RTT and {} Mbit/s between them.\n", a.rtt_ms, a.rate_mbps)?;
-    for s in sites {
-        let serves = if s.role == "primary" { "" } else { "   (serves once promoted)" };
-        writeln!(out, "  {} ({}, pid {})", s.me, s.role, pid(s.me))?;
+    for (s, role) in sites.iter().zip(roles) {
+        let serves = if role == "primary" { "" } else { "   (serves once promoted)" };
+        writeln!(out, "  {} ({role}, pid {})", s.me, pid(s.me))?;
         writeln!(out, "    NBD      nbd://127.0.0.1:{}/vol0{serves}", s.nbd)?;
         writeln!(out, "    admin    https://127.0.0.1:{}   (its certificate names {})", s.admin, s.me)?;
         writeln!(out, "    metrics  https://127.0.0.1:{}/metrics", s.admin)?;
     }
+    // The walkthrough starts from whichever site is primary now.
+    let p = roles.iter().position(|r| r == "primary").unwrap_or(0);
+    let (pr, se) = (&sites[p], &sites[1 - p]);
+    let (pn, sn) = (pr.me, se.me);
     let steps = [
-        (format!("qemu-io -f raw nbd://127.0.0.1:{}/vol0 -c \"write -P 0xab 0 4M\" -c \"read -P 0xab 0 4M\"", sites[0].nbd), String::new()),
-        (format!("geomirror status --config {d}/dc1.toml"), "# role, link, hits and misses, record, lag".into()),
+        (format!("qemu-io -f raw nbd://127.0.0.1:{}/vol0 -c \"write -P 0xab 0 4M\" -c \"read -P 0xab 0 4M\"", pr.nbd), String::new()),
+        (format!("geomirror status --config {d}/{pn}.toml"), "# role, link, hits and misses, record, lag".into()),
         (
             format!(
-                "curl -s --cacert {d}/certs/ca.pem --resolve dc1:{a}:127.0.0.1 -H \"Authorization: Bearer $(cat {d}/metrics.token)\" https://dc1:{a}/metrics",
-                a = sites[0].admin
+                "curl -s --cacert {d}/certs/ca.pem --resolve {pn}:{a}:127.0.0.1 -H \"Authorization: Bearer $(cat {d}/metrics.token)\" https://{pn}:{a}/metrics",
+                a = pr.admin
             ),
             String::new(),
         ),
-        (format!("kill -9 {}", pid("dc1")), "# lose dc1; dc2 notices within 3 s".into()),
-        (format!("geomirror promote --config {d}/dc2.toml --reason \"dc1 lost\""), format!("# dc2 serves nbd://127.0.0.1:{}/vol0", sites[1].nbd)),
-        (format!("geomirror run --config {d}/dc1.toml"), "# dc1 returns, fences itself, joins as secondary".into()),
-        (format!("geomirror failback --config {d}/dc2.toml"), "# copies back only what differs".into()),
+        (format!("kill -9 {}", pid(pn)), format!("# lose {pn}; {sn} notices within 3 s")),
+        (format!("geomirror promote --config {d}/{sn}.toml --reason \"{pn} lost\""), format!("# {sn} serves nbd://127.0.0.1:{}/vol0", se.nbd)),
+        (format!("geomirror run --config {d}/{pn}.toml"), format!("# {pn} returns, fences itself, joins as secondary")),
+        (format!("geomirror failback --config {d}/{sn}.toml"), "# copies back only what differs".into()),
     ];
     let width = steps.iter().filter(|s| !s.1.is_empty()).map(|s| s.0.len()).max().unwrap_or(0);
     writeln!(out, "\nTry, in another terminal (docs: README.md, \"Walkthrough\"):")?;
