@@ -108,7 +108,7 @@ impl Primary {
     }
     /// Extents the full resync under way has reached, of the volume's; None when none runs.
     pub fn full_resync_progress(&self) -> Option<(u64, u64)> {
-        self.resync_full.then(|| (self.sweep.unwrap_or(0).min(self.geo.extent_count()), self.geo.extent_count()))
+        self.resync.full.then(|| (self.resync.sweep.unwrap_or(0).min(self.geo.extent_count()), self.geo.extent_count()))
     }
 
     /// A primary of a newer epoch: this site is superseded. When it is the store this site
@@ -218,7 +218,7 @@ impl Primary {
     /// with the batch that recorded it: reusing it would make the peer drop new writes as
     /// already applied).
     fn own_rollback(&self, w: &Welcome) -> Option<String> {
-        let reused = self.resend_record_on_snapshot && w.applied.0 >> 40 >= self.incarnation;
+        let reused = self.rec.resend_on_snapshot && w.applied.0 >> 40 >= self.incarnation;
         let ahead = w.applied >= self.next_seq;
         #[cfg(feature = "mutations")]
         if crate::mutations::trust_amnesiac() {
@@ -239,12 +239,12 @@ impl Primary {
     /// owed a full verified resync (durable before anything is shipped to it), and from now on
     /// it is remembered as it is.
     fn peer_is_amnesiac(&mut self, why: String, w: &Welcome) {
-        assert_eq!(self.link, super::LinkState::Handshake, "amnesia is found at a welcome, before anything is shipped");
+        assert_eq!(self.conn.link, super::LinkState::Handshake, "amnesia is found at a welcome, before anything is shipped");
         self.stats.amnesiac_peers_detected += 1;
         self.ident.peer_amnesia = Some(why);
         self.ident.full_resync_owed = true;
         self.ident.owed_count += 1;
-        self.peer_authoritative = false;
+        self.conn.peer_authoritative = false;
         // Positions count afresh from what this store acknowledges next.
         self.ident.peer = PeerMemory { store: Some(w.store), applied: Seq(0), generation: Generation(0) };
         self.ident.persisted = self.ident.peer;
@@ -253,13 +253,13 @@ impl Primary {
         self.persist(PersistKind::FullResyncOwed, Vec::new(), batch);
         // Whatever resync was under way covered only what was known to differ: the full one
         // replaces it (`drive_resync`).
-        self.resync_full = false;
+        self.resync.full = false;
     }
 
     /// The end of a full resync was applied on the peer: the debt is settled, durably.
     pub(super) fn finish_full_resync(&mut self) {
         assert!(self.ident.full_resync_owed, "a full resync ended that nobody owed");
-        assert!(self.sweep.is_none() && !self.resync_running, "the full resync's sweep is over before its end is settled");
+        assert!(self.resync.sweep.is_none() && !self.resync.running, "the full resync's sweep is over before its end is settled");
         let n = self.ident.owed_count;
         self.ident.settling = true;
         self.persist(PersistKind::FullResyncDone(n), Vec::new(), vec![StoreWrite::Meta(Meta::FullResyncOwed(false))]);
