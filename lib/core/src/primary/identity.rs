@@ -25,7 +25,10 @@ pub(super) struct Identity {
     /// The memory as last persisted (or being persisted), and when that persist was issued.
     persisted: PeerMemory,
     persist_at: Time,
-    persisting: bool,
+    pub(super) persisting: bool,
+    /// The generation of the memory as it is in the store now (the last persist that
+    /// completed): no write reaches the media resting on a newer record answer.
+    pub(super) durable_generation: Generation,
     /// The store the secondary named in its hello on this connection.
     pub(super) hello_store: Option<StoreId>,
     /// Durable: the peer needs a full verified resync before its record is trusted.
@@ -48,6 +51,7 @@ impl Identity {
             persisted: state.peer,
             persist_at: now,
             persisting: false,
+            durable_generation: state.peer.generation,
             hello_store: None,
             full_resync_owed: state.full_resync_owed,
             promoted_from: state.promoted_from,
@@ -67,8 +71,10 @@ impl Identity {
         (self.peer != self.persisted && !self.persisting).then(|| self.persist_at + cfg.peer_memory_persist_interval)
     }
 
-    pub(super) fn memory_persisted(&mut self) {
+    /// A persist of the memory holding generation `g` completed (persists complete in order).
+    pub(super) fn memory_persisted(&mut self, g: Generation) {
         self.persisting = false;
+        self.durable_generation = g;
     }
 
     pub(super) fn full_resync_done(&mut self, n: u64, stats: &mut PrimaryStats) {
@@ -276,10 +282,30 @@ impl Primary {
         }
     }
 
-    fn persist_memory_now(&mut self) {
+    pub(super) fn persist_memory_now(&mut self) {
         self.ident.persisted = self.ident.peer;
         self.ident.persisting = true;
-        self.persist(PersistKind::PeerMemory, Vec::new(), vec![StoreWrite::Meta(Meta::Peer(self.ident.peer))]);
+        let g = self.ident.peer.generation;
+        self.persist(PersistKind::PeerMemory(g), Vec::new(), vec![StoreWrite::Meta(Meta::Peer(self.ident.peer))]);
+    }
+
+    /// Whether a write to `extents` may reach the media as far as this site's memory of the
+    /// peer goes: every extent it covers through the record copy is of a generation the
+    /// memory holds durably. Otherwise a crash of this site would forget the answer the
+    /// write rests on, and a secondary whose store went back to before that answer (a
+    /// restored backup, say) would be taken as it is, its record lacking the extent where
+    /// the images differ. The cost is one synced store write per batch of answers, on the
+    /// miss path only: a hit rests on an answer remembered long ago.
+    pub(super) fn remembered_durably(&self, extents: &std::ops::Range<u64>) -> bool {
+        #[cfg(feature = "mutations")]
+        if crate::mutations::lazy_peer_memory() {
+            return true;
+        }
+        self.cfg.mode != crate::config::Mode::Predictive
+            || extents
+                .clone()
+                .map(crate::ids::ExtentId)
+                .all(|e| self.dirty.local.contains(&e) || self.rec.copy.generation_of(e).is_none_or(|g| g <= self.ident.durable_generation))
     }
 
     /// Persists the memory of the peer when it moved and the interval has passed.

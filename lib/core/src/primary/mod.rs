@@ -117,8 +117,9 @@ enum PersistKind {
     WroteAlone(bool),
     FailbackDone,
     Demote,
-    /// What this site remembers of its peer's store (see `identity.rs`).
-    PeerMemory,
+    /// What this site remembers of its peer's store (see `identity.rs`), with the
+    /// generation it holds.
+    PeerMemory(Generation),
     /// The peer's store was found an amnesiac: the full resync it is owed is durable.
     FullResyncOwed,
     /// The full resync numbered so (`full_resyncs_owed`) ended on the peer, durably.
@@ -395,12 +396,15 @@ impl Primary {
                 self.wrote_alone_persisting = false;
             }
             PersistKind::FailbackDone => self.resync.failback_pending = false,
-            PersistKind::PeerMemory => {
-                // Nothing waits for it: the write path runs on as if nothing happened.
-                self.ident.memory_persisted();
-                return;
+            PersistKind::PeerMemory(g) => {
+                self.ident.memory_persisted(g);
+                // Only writes resting on a newer record answer wait for it (`dispatch_ready`);
+                // otherwise the write path runs on as if nothing happened.
+                if self.waiting.is_empty() {
+                    return;
+                }
             }
-            PersistKind::FullResyncOwed => {}
+            PersistKind::FullResyncOwed => self.ident.memory_persisted(Generation(0)),
             PersistKind::FullResyncDone(n) => self.ident.full_resync_done(n, &mut self.stats),
             PersistKind::Demote => {
                 self.actions.push_back(Action::RoleChanged { role: Role::Secondary });
@@ -469,6 +473,9 @@ impl Primary {
                     for e in from_runs(std::slice::from_ref(&en.run)) {
                         self.rec.copy.insert(e, en.generation);
                     }
+                    // The peer holds this generation now: writes may rest on it, so it is
+                    // remembered like an answer's (`remembered_durably`).
+                    self.ident.peer.generation = self.ident.peer.generation.max(en.generation);
                     self.rec.generation_added.entry(en.generation).or_insert(now);
                 }
             }
@@ -576,6 +583,12 @@ impl Primary {
                 continue;
             }
             if w.extents.clone().any(|e| self.resync.reading.values().any(|r| r.0 == e)) {
+                continue;
+            }
+            if !self.remembered_durably(&w.extents) {
+                if !self.ident.persisting {
+                    self.persist_memory_now();
+                }
                 continue;
             }
             if self.buffer_bytes >= self.cfg.max_lag_bytes {

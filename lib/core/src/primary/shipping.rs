@@ -5,7 +5,6 @@
 use super::*;
 
 impl Primary {
-
     /// Remembers when host write `seq` was dispatched, for the lag in seconds. Writes within a
     /// millisecond share a group, and the groups are bounded: past the bound, neighbours merge
     /// under the older time, so the lag is never understated.

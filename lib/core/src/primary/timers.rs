@@ -5,7 +5,6 @@
 use super::*;
 
 impl Primary {
-
     /// The next instant at which `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t: Option<Time> = None;

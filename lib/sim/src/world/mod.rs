@@ -219,6 +219,9 @@ pub struct SimReport {
     /// full verified resync.
     pub store_faults: u64,
     pub amnesias_healed: u64,
+    /// Secondary stores gone back to a state their primary's durable memory cannot tell from
+    /// the present, with the primary crashed at the same instant (see `amnesia.rs`).
+    pub hidden_rollbacks: u64,
     /// Promotions an operator made because no site was primary (a primary's store was lost).
     pub recoveries: u64,
     pub max_record_len: u64,
