@@ -319,9 +319,9 @@ impl World {
             }
             return;
         }
-        // The scenario's own promotions come first; once it is over (or waits for a failback
-        // from stage 5 on), the operator steps in.
-        let choreographed = self.cfg.scenario != super::Scenario::Steady && (1..5).contains(&self.scenario_stage);
+        // The scenario's own promotions come first; once the promoted site serves (or the
+        // drill is over), the operator steps in.
+        let choreographed = self.cfg.scenario != super::Scenario::Steady && self.stage == super::Stage::Underway;
         let both_secondaries = (0..2).all(|s| matches!(self.sites[s].core, Some(Core::Secondary(_))));
         if choreographed || !both_secondaries {
             return;
