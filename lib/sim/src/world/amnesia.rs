@@ -83,6 +83,11 @@ impl World {
             let d = self.us(0, 2_000);
             self.schedule(d, super::Ev::StoreRollback { site });
         }
+        if f.hidden_rollback_ppm > 0 && self.rng.gen_range(0..1_000_000) < f.hidden_rollback_ppm {
+            let site = self.rng.gen_range(0..2);
+            let d = self.us(0, 200);
+            self.schedule(d, super::Ev::HiddenRollback { site });
+        }
     }
 
     /// The site crashes and its store is gone: it restarts from a new one (a new identity).
@@ -133,12 +138,6 @@ impl World {
         if self.amnesia.iter().any(Option::is_some) {
             return;
         }
-        if self.sites[s].store.durable().role == Role::Secondary && self.rng.gen_bool(0.5) {
-            if let Some(i) = self.hidden_rollback_target(s) {
-                self.hidden_rollback(s, i);
-                return;
-            }
-        }
         let Some(i) = self.rollback_target(s) else { return };
         if self.cfg.trace {
             eprintln!("{:>9}    site {s}: store rolled back by {} states", self.now.0, self.sites[s].history.len() - i);
@@ -156,7 +155,11 @@ impl World {
 
     /// Secondary `s`'s store goes back to its state `i`, which its primary's durable memory
     /// cannot tell apart from the present, and the primary crashes at the same instant.
-    fn hidden_rollback(&mut self, s: SiteId, i: usize) {
+    pub(super) fn hidden_rollback(&mut self, s: SiteId) {
+        if self.amnesia.iter().any(Option::is_some) || self.sites[s].store.durable().role != Role::Secondary {
+            return;
+        }
+        let Some(i) = self.hidden_rollback_target(s) else { return };
         let p = OTHER[s];
         if self.cfg.trace {
             eprintln!(

@@ -34,6 +34,9 @@ pub struct Faults {
     /// a disk that lost synced writes), at a crash: only to states the design promises to
     /// detect (see `amnesia.rs`).
     pub store_rollback_ppm: u32,
+    /// Per host request: the secondary's store goes back to a state its primary's durable
+    /// memory cannot tell from the present, and the primary crashes with it (`amnesia.rs`).
+    pub hidden_rollback_ppm: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -134,6 +137,7 @@ impl SimConfig {
                 media_error_ppm: 0,
                 store_loss_ppm: 0,
                 store_rollback_ppm: 0,
+                hidden_rollback_ppm: 0,
             },
             scenario,
             max_events: 2_000_000,
@@ -147,6 +151,7 @@ impl SimConfig {
         cfg.faults.store_loss_ppm = if r.gen_bool(0.2) { r.gen_range(0..4000) } else { 0 };
         cfg.faults.store_rollback_ppm = if r.gen_bool(0.2) { r.gen_range(0..6000) } else { 0 };
         cfg.core.peer_memory_persist_interval = Duration::from_millis(r.gen_range(1..40));
+        cfg.faults.hidden_rollback_ppm = if r.gen_bool(0.3) { r.gen_range(0..20000) } else { 0 };
         cfg
     }
 }

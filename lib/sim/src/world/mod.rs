@@ -166,6 +166,9 @@ enum Ev {
         blank: bool,
     },
     /// A crash after which the store holds an earlier durable state.
+    HiddenRollback {
+        site: SiteId,
+    },
     StoreRollback {
         site: SiteId,
     },
@@ -491,6 +494,7 @@ impl World {
             Ev::Crash { site } => self.crash(site),
             Ev::StoreLoss { site, blank } => self.store_loss(site, blank),
             Ev::StoreRollback { site } => self.store_rollback(site),
+            Ev::HiddenRollback { site } => self.hidden_rollback(site),
             Ev::Restart { site } => {
                 if self.sites[site].core.is_none() {
                     self.boot(site);
