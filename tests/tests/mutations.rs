@@ -74,6 +74,11 @@ fn a_failback_that_copies_one_differing_block_too_few_is_caught() {
 }
 
 #[test]
+fn resting_a_write_on_a_record_answer_not_yet_remembered_durably_is_caught() {
+    caught_by(Mutation::LazyPeerMemory, &["O2", "O7"]);
+}
+
+#[test]
 fn trusting_a_store_that_lost_state_makes_sites_differ_while_both_report_clean() {
     caught_by(Mutation::TrustAmnesiac, &["O7"]);
 }

@@ -33,6 +33,7 @@ fn a_thousand_seeds_keep_every_oracle() {
                 && t.extents_saved_aside > 0
                 && t.store_faults > 0
                 && t.amnesias_healed > 0
+                && t.hidden_rollbacks > 0
                 && t.recoveries > 0,
             "the seeds did not cover every fault: {t}"
         );

@@ -25,6 +25,10 @@ pub enum Mutation {
     /// Both sites skip the amnesia checks: a store that lost acknowledged state, or came back
     /// with another identity, is trusted as the store it was.
     TrustAmnesiac,
+    /// The primary lets a write rest on a record answer before its memory of the peer holds
+    /// that answer durably: after its crash, a secondary store gone back to before the
+    /// answer is not found out.
+    LazyPeerMemory,
 }
 
 thread_local! {
@@ -64,6 +68,10 @@ pub(crate) fn differs_drops_block(mut differing: Vec<u8>) -> Vec<u8> {
         }
     }
     differing
+}
+
+pub(crate) fn lazy_peer_memory() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::LazyPeerMemory))
 }
 
 pub(crate) fn trust_amnesiac() -> bool {

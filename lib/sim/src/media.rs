@@ -58,12 +58,6 @@ impl Media {
     pub fn crash(&mut self) {
         self.current = self.durable.clone();
     }
-
-    /// Replaces the whole image (used when a test starts both sites from the same content).
-    pub fn set_all(&mut self, image: &[u64]) {
-        self.current = image.to_vec();
-        self.durable = image.to_vec();
-    }
 }
 
 /// Payload bytes for a run of block stamps.

@@ -132,6 +132,7 @@ pub fn replay_one(
             media_error_ppm: 0,
             store_loss_ppm: 0,
             store_rollback_ppm: 0,
+            hidden_rollback_ppm: 0,
         },
         scenario: Scenario::Steady,
         max_events: 200_000_000,

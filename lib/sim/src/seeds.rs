@@ -91,6 +91,8 @@ pub struct SeedTotals {
     pub store_faults: u64,
     pub amnesias_healed: u64,
     pub recoveries: u64,
+    /// Store rollbacks hidden from a primary that crashed with them (invariant R held).
+    pub hidden_rollbacks: u64,
 }
 
 impl SeedTotals {
@@ -117,6 +119,7 @@ impl SeedTotals {
             t.store_faults += r.store_faults;
             t.amnesias_healed += r.amnesias_healed;
             t.recoveries += r.recoveries;
+            t.hidden_rollbacks += r.hidden_rollbacks;
         }
         t
     }
@@ -126,7 +129,7 @@ impl std::fmt::Display for SeedTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary)",
+            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary, {} rollbacks hidden from a primary that crashed with them)",
             self.seeds,
             self.writes_acked,
             self.crashes,
@@ -146,7 +149,8 @@ impl std::fmt::Display for SeedTotals {
             self.lost_acked_blocks_reported,
             self.store_faults,
             self.amnesias_healed,
-            self.recoveries
+            self.recoveries,
+            self.hidden_rollbacks
         )
     }
 }

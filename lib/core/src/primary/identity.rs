@@ -25,7 +25,10 @@ pub(super) struct Identity {
     /// The memory as last persisted (or being persisted), and when that persist was issued.
     persisted: PeerMemory,
     persist_at: Time,
-    persisting: bool,
+    pub(super) persisting: bool,
+    /// The generation of the memory as it is in the store now (the last persist that
+    /// completed): no write reaches the media resting on a newer record answer.
+    pub(super) durable_generation: Generation,
     /// The store the secondary named in its hello on this connection.
     pub(super) hello_store: Option<StoreId>,
     /// Durable: the peer needs a full verified resync before its record is trusted.
@@ -48,6 +51,7 @@ impl Identity {
             persisted: state.peer,
             persist_at: now,
             persisting: false,
+            durable_generation: state.peer.generation,
             hello_store: None,
             full_resync_owed: state.full_resync_owed,
             promoted_from: state.promoted_from,
@@ -67,8 +71,10 @@ impl Identity {
         (self.peer != self.persisted && !self.persisting).then(|| self.persist_at + cfg.peer_memory_persist_interval)
     }
 
-    pub(super) fn memory_persisted(&mut self) {
+    /// A persist of the memory holding generation `g` completed (persists complete in order).
+    pub(super) fn memory_persisted(&mut self, g: Generation) {
         self.persisting = false;
+        self.durable_generation = g;
     }
 
     pub(super) fn full_resync_done(&mut self, n: u64, stats: &mut PrimaryStats) {
@@ -108,7 +114,7 @@ impl Primary {
     }
     /// Extents the full resync under way has reached, of the volume's; None when none runs.
     pub fn full_resync_progress(&self) -> Option<(u64, u64)> {
-        self.resync_full.then(|| (self.sweep.unwrap_or(0).min(self.geo.extent_count()), self.geo.extent_count()))
+        self.resync.full.then(|| (self.resync.sweep.unwrap_or(0).min(self.geo.extent_count()), self.geo.extent_count()))
     }
 
     /// A primary of a newer epoch: this site is superseded. When it is the store this site
@@ -218,7 +224,7 @@ impl Primary {
     /// with the batch that recorded it: reusing it would make the peer drop new writes as
     /// already applied).
     fn own_rollback(&self, w: &Welcome) -> Option<String> {
-        let reused = self.resend_record_on_snapshot && w.applied.0 >> 40 >= self.incarnation;
+        let reused = self.rec.resend_on_snapshot && w.applied.0 >> 40 >= self.incarnation;
         let ahead = w.applied >= self.next_seq;
         #[cfg(feature = "mutations")]
         if crate::mutations::trust_amnesiac() {
@@ -239,12 +245,12 @@ impl Primary {
     /// owed a full verified resync (durable before anything is shipped to it), and from now on
     /// it is remembered as it is.
     fn peer_is_amnesiac(&mut self, why: String, w: &Welcome) {
-        assert_eq!(self.link, super::LinkState::Handshake, "amnesia is found at a welcome, before anything is shipped");
+        assert_eq!(self.conn.link, super::LinkState::Handshake, "amnesia is found at a welcome, before anything is shipped");
         self.stats.amnesiac_peers_detected += 1;
         self.ident.peer_amnesia = Some(why);
         self.ident.full_resync_owed = true;
         self.ident.owed_count += 1;
-        self.peer_authoritative = false;
+        self.conn.peer_authoritative = false;
         // Positions count afresh from what this store acknowledges next.
         self.ident.peer = PeerMemory { store: Some(w.store), applied: Seq(0), generation: Generation(0) };
         self.ident.persisted = self.ident.peer;
@@ -253,13 +259,13 @@ impl Primary {
         self.persist(PersistKind::FullResyncOwed, Vec::new(), batch);
         // Whatever resync was under way covered only what was known to differ: the full one
         // replaces it (`drive_resync`).
-        self.resync_full = false;
+        self.resync.full = false;
     }
 
     /// The end of a full resync was applied on the peer: the debt is settled, durably.
     pub(super) fn finish_full_resync(&mut self) {
         assert!(self.ident.full_resync_owed, "a full resync ended that nobody owed");
-        assert!(self.sweep.is_none() && !self.resync_running, "the full resync's sweep is over before its end is settled");
+        assert!(self.resync.sweep.is_none() && !self.resync.running, "the full resync's sweep is over before its end is settled");
         let n = self.ident.owed_count;
         self.ident.settling = true;
         self.persist(PersistKind::FullResyncDone(n), Vec::new(), vec![StoreWrite::Meta(Meta::FullResyncOwed(false))]);
@@ -276,10 +282,30 @@ impl Primary {
         }
     }
 
-    fn persist_memory_now(&mut self) {
+    pub(super) fn persist_memory_now(&mut self) {
         self.ident.persisted = self.ident.peer;
         self.ident.persisting = true;
-        self.persist(PersistKind::PeerMemory, Vec::new(), vec![StoreWrite::Meta(Meta::Peer(self.ident.peer))]);
+        let g = self.ident.peer.generation;
+        self.persist(PersistKind::PeerMemory(g), Vec::new(), vec![StoreWrite::Meta(Meta::Peer(self.ident.peer))]);
+    }
+
+    /// Whether a write to `extents` may reach the media as far as this site's memory of the
+    /// peer goes: every extent it covers through the record copy is of a generation the
+    /// memory holds durably. Otherwise a crash of this site would forget the answer the
+    /// write rests on, and a secondary whose store went back to before that answer (a
+    /// restored backup, say) would be taken as it is, its record lacking the extent where
+    /// the images differ. The cost is one synced store write per batch of answers, on the
+    /// miss path only: a hit rests on an answer remembered long ago.
+    pub(super) fn remembered_durably(&self, extents: &std::ops::Range<u64>) -> bool {
+        #[cfg(feature = "mutations")]
+        if crate::mutations::lazy_peer_memory() {
+            return true;
+        }
+        self.cfg.mode != crate::config::Mode::Predictive
+            || extents
+                .clone()
+                .map(crate::ids::ExtentId)
+                .all(|e| self.dirty.local.contains(&e) || self.rec.copy.generation_of(e).is_none_or(|g| g <= self.ident.durable_generation))
     }
 
     /// Persists the memory of the peer when it moved and the interval has passed.

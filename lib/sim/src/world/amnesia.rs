@@ -18,6 +18,12 @@
 //! invisible to the peer; the RocksDB shell's checks at open (absolute-consistency log
 //! recovery, the checkpoint in the identity file) are what catch its file-level causes.
 //! docs/protocol.md, "Store identity and amnesia", says so too.
+//!
+//! Such a hidden rollback must also be harmless, and one is injected to show it: a
+//! secondary's store goes back to the oldest state its primary's *durable* memory cannot
+//! tell from the present, and the primary crashes at the same instant (it forgets whatever
+//! it knew better in memory). No write may have reached the primary's media resting on a
+//! record answer that state lacks, so invariant R and O7 hold with no excuse.
 
 use super::{Core, SiteId, World, OTHER};
 use crate::media::Media;
@@ -76,6 +82,11 @@ impl World {
             let site = self.rng.gen_range(0..2);
             let d = self.us(0, 2_000);
             self.schedule(d, super::Ev::StoreRollback { site });
+        }
+        if f.hidden_rollback_ppm > 0 && self.rng.gen_range(0..1_000_000) < f.hidden_rollback_ppm {
+            let site = self.rng.gen_range(0..2);
+            let d = self.us(0, 200);
+            self.schedule(d, super::Ev::HiddenRollback { site });
         }
     }
 
@@ -140,6 +151,58 @@ impl World {
         site.store = geomirror_core::MemStore::new(state);
         self.amnesia[s] = Some(AmnesiaWatch::new(false, primary_rollback));
         self.ensure_restart(s);
+    }
+
+    /// Secondary `s`'s store goes back to its state `i`, which its primary's durable memory
+    /// cannot tell apart from the present, and the primary crashes at the same instant.
+    pub(super) fn hidden_rollback(&mut self, s: SiteId) {
+        if self.amnesia.iter().any(Option::is_some) || self.sites[s].store.durable().role != Role::Secondary {
+            return;
+        }
+        let Some(i) = self.hidden_rollback_target(s) else { return };
+        let p = OTHER[s];
+        if self.cfg.trace {
+            eprintln!(
+                "{:>9}    site {s}: store rolled back by {} states, hidden from its primary, which crashes",
+                self.now.0,
+                self.sites[s].history.len() - i
+            );
+        }
+        self.crash(s);
+        self.crash(p);
+        self.report.store_faults += 1;
+        self.report.hidden_rollbacks += 1;
+        let site = &mut self.sites[s];
+        let state = site.history[i].clone();
+        site.history.truncate(i + 1);
+        site.store = geomirror_core::MemStore::new(state);
+        self.ensure_restart(s);
+        self.ensure_restart(p);
+    }
+
+    /// The oldest earlier durable state of secondary `s` (same store, role, epoch and applied
+    /// position) that its primary's durable memory of the peer does not show as less than
+    /// acknowledged.
+    fn hidden_rollback_target(&self, s: SiteId) -> Option<usize> {
+        let me = self.sites[s].store.durable();
+        let other = self.sites[OTHER[s]].store.durable();
+        if other.role != Role::Primary || other.peer.store != Some(me.store_id) || other.epoch != me.epoch {
+            return None;
+        }
+        let history = &self.sites[s].history;
+        (0..history.len().saturating_sub(1)).find(|&i| {
+            let t = &history[i];
+            t.store_id == me.store_id
+                && t.role == me.role
+                && t.epoch == me.epoch
+                && t.next_generation > other.peer.generation
+                // Its applied position as now: only record entries went back (a primary whose
+                // shipping lags makes many such states). The media is not rolled back, so a
+                // store that went back in applied position too would claim a prefix its
+                // media is past, which no peer can check either.
+                && t.applied == me.applied
+                && t.apply_high_water == me.apply_high_water
+        })
     }
 
     /// A crash restarts the site only at quiet moments of the scenario; a store fault always
@@ -259,9 +322,9 @@ impl World {
             }
             return;
         }
-        // The scenario's own promotions come first; once it is over (or waits for a failback
-        // from stage 5 on), the operator steps in.
-        let choreographed = self.cfg.scenario != super::Scenario::Steady && (1..5).contains(&self.scenario_stage);
+        // The scenario's own promotions come first; once the promoted site serves (or the
+        // drill is over), the operator steps in.
+        let choreographed = self.cfg.scenario != super::Scenario::Steady && self.stage == super::Stage::Underway;
         let both_secondaries = (0..2).all(|s| matches!(self.sites[s].core, Some(Core::Secondary(_))));
         if choreographed || !both_secondaries {
             return;
