@@ -124,9 +124,11 @@ pub struct CoreConfig {
     /// the blocks that differ; off, it copies the whole failback set.
     pub verify_failback: bool,
     /// The primary persists what it remembers of its peer's acknowledgements (for amnesia
-    /// detection after its own restart) at most this often. In memory the memory is exact;
-    /// a longer interval only lets a rollback of the peer within that last interval before a
-    /// primary restart go unnoticed, and a shorter one costs a synced store write each time.
+    /// detection after its own restart) at most this often, and sooner when a write rests on
+    /// a record answer the persisted memory lacks. In memory the memory is exact; a longer
+    /// interval only lets an applied-position rollback of the peer within that last interval
+    /// before a primary restart go unnoticed (harmless: the peer's media keeps what it
+    /// applied), and a shorter one costs a synced store write each time.
     pub peer_memory_persist_interval: Duration,
 }
 

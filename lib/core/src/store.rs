@@ -82,8 +82,10 @@ pub enum Meta {
 /// or less than it acknowledged, is an amnesiac: never trusted as it is.
 ///
 /// The positions are a lower bound of what the peer acknowledged: kept exactly in memory,
-/// persisted at most every `CoreConfig::peer_memory_persist_interval`. A lower bound only
-/// makes the check less sensitive, never wrong.
+/// persisted at most every `CoreConfig::peer_memory_persist_interval`, except that no write
+/// reaches the primary's media resting on a generation the persisted memory lacks (see
+/// `Primary::remembered_durably`). A lower bound only makes the check less sensitive, never
+/// wrong.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerMemory {
     /// The peer's store identity; None until the first handshake of a new pair.
