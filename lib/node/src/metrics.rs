@@ -23,7 +23,7 @@
 use crate::nbd::server::NbdCounters;
 use crate::transport::link::LinkConns;
 use crate::transport::tls::{Refusals, REFUSAL_REASONS};
-use crate::volume::{Volume, VolumeStatus};
+use crate::volume::{Volume, VolumePhase, VolumeStatus};
 use geomirror_core::stats::{PrimaryStats, SecondaryStats};
 use geomirror_core::{Role, WritePath};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Histogram, Unit};
@@ -210,7 +210,7 @@ fn volume(v: &Volume, st: &VolumeStatus, bulk_bytes_per_sec: Option<u64>) {
     gauge!("geomirror_role", "volume" => name.clone(), "role" => "primary").set(flag(primary));
     gauge!("geomirror_role", "volume" => name.clone(), "role" => "secondary").set(flag(!primary));
     g("geomirror_epoch", st.epoch.0 as f64);
-    g("geomirror_fenced", flag(st.phase == "fenced"));
+    g("geomirror_fenced", flag(st.phase == VolumePhase::Fenced));
     g("geomirror_volume_failed", flag(st.failed));
     g("geomirror_link_up", flag(st.link_up));
     g("geomirror_record_extents", st.record_extents as f64);

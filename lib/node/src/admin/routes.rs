@@ -113,7 +113,7 @@ impl VolumeReport {
             name: name.to_owned(),
             role: role_name(s.role).into(),
             epoch: s.epoch.0,
-            phase: s.phase.into(),
+            phase: s.phase.as_str().into(),
             link_up: s.link_up,
             drained: s.drained,
             applied: s.durable_applied.0,
