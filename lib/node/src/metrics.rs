@@ -184,6 +184,7 @@ async fn refresh(s: &Sources) {
     }
     if let Some(l) = &s.link {
         for (conn, st) in l.stats() {
+            let conn = conn.as_str();
             gauge!("geomirror_link_rtt_seconds", "connection" => conn).set(st.path.rtt.as_secs_f64());
             gauge!("geomirror_link_congestion_window_bytes", "connection" => conn).set(st.path.cwnd as f64);
             counter!("geomirror_link_sent_bytes_total", "connection" => conn).absolute(st.udp_tx.bytes);

@@ -11,7 +11,7 @@
 use super::handle::Shared;
 use super::status;
 use super::store_thread::{self, StoreJob};
-use super::{Completion, Drained, Input, LinkEvent, Outbound, PromoteOutcome, Reply};
+use super::{Completion, Drained, Input, LinkEvent, Outbound, PeerAlive, PromoteOutcome, Refused, Reply};
 use crate::aside::Aside;
 use crate::config::VolumeConfig;
 use crate::media::Media;
@@ -19,7 +19,9 @@ use crate::metrics::VolumeMetrics;
 use crate::store::Store;
 use crate::volume::VolumeCounters;
 use bytes::Bytes;
-use geomirror_core::{Action, CoreConfig, Geometry, HostError, Machine, RequestId, Role, SiteState, Time, Token, WriteOp, WritePath};
+use geomirror_core::{
+    Action, CoreConfig, Geometry, HostError, Machine, Phase, RequestId, Role, SiteState, Time, Token, WriteOp, WritePath,
+};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -146,29 +148,13 @@ struct Demotion {
     reply: Reply<Drained>,
 }
 
-/// Why a promotion is refused while the primary of `epoch` is connected: how long ago it
-/// was heard from and how long until it is declared lost, so the operator knows whether to
-/// wait or force.
-fn peer_alive(epoch: u64, heard: Option<(Instant, Duration)>) -> String {
-    let refused = geomirror_core::PromoteError::PeerAlive(epoch);
-    let Some((at, silence)) = heard else { return refused.to_string() };
-    let ago = at.elapsed();
-    let left = silence.saturating_sub(ago);
-    format!(
-        "the primary of epoch {epoch} was last heard from {:.1} s ago; it is declared lost after {:.1} s of silence, in {:.1} s; promoting before then would make two writers: wait, or use --force",
-        ago.as_secs_f64(),
-        silence.as_secs_f64(),
-        left.as_secs_f64()
-    )
-}
-
 impl Driver {
     /// Whether this site holds nothing its peer still lacks: a serving primary once drained;
     /// a secondary or a fenced old primary always, since a newer primary has its writes'
     /// say now.
     fn nothing_to_drain(&self) -> bool {
         match &self.core {
-            Machine::Primary(p) => p.is_drained() || p.phase() == geomirror_core::Phase::Fenced,
+            Machine::Primary(p) => p.is_drained() || p.phase() == Phase::Fenced,
             Machine::Secondary(_) => true,
         }
     }
@@ -285,10 +271,11 @@ impl Driver {
                         self.promote_waiters.push((Some(report), reply));
                     }
                     Err(geomirror_core::PromoteError::InProgress) => self.promote_waiters.push((None, reply)),
-                    Err(e) => reply(Err(match e {
-                        geomirror_core::PromoteError::PeerAlive(epoch) => peer_alive(epoch, self.link_heard),
-                        other => other.to_string(),
-                    })),
+                    Err(geomirror_core::PromoteError::PeerAlive(epoch)) => {
+                        let heard = self.link_heard.map(|(at, silence)| (at.elapsed(), silence));
+                        reply(Err(Refused::PeerAlive(PeerAlive { epoch, heard })))
+                    }
+                    Err(e) => reply(Err(Refused::Promote(e))),
                 },
             },
             Input::ResolveSplitBrain { reply } => match &mut self.core {
@@ -297,8 +284,8 @@ impl Driver {
                     p.resolve_split_brain(now);
                     reply(Ok(()));
                 }
-                Machine::Primary(_) => reply(Err("no split brain is being held on this site (is the peer connected?)".into())),
-                Machine::Secondary(_) => reply(Err("run this on the site whose data you keep, the primary of the newer epoch".into())),
+                Machine::Primary(_) => reply(Err(Refused::NoSplitBrain)),
+                Machine::Secondary(_) => reply(Err(Refused::NotTheKeeper)),
             },
             Input::Resume => {
                 if let Machine::Primary(p) = &mut self.core {
@@ -307,12 +294,9 @@ impl Driver {
                     // host's writes waiting until its deadline. One already demoted is past
                     // the point of return and finishes.
                     if let Some(d) = self.demotion.take_if(|d| !d.demoted) {
-                        let what = if d.demote { "demotion" } else { "drain" };
-                        (d.reply)(Err(format!(
-                            "the {what} was ended by a resume before the peer had applied every write; the volume serves again"
-                        )));
+                        (d.reply)(Err(Refused::EndedByResume { demote: d.demote }));
                     }
-                    if self.demotion.is_none() && p.phase() == geomirror_core::Phase::Draining {
+                    if self.demotion.is_none() && p.phase() == Phase::Draining {
                         tracing::warn!(volume = %self.name, "drain ended: taking writes again");
                         p.end_drain(now);
                     }
@@ -320,14 +304,15 @@ impl Driver {
             }
             Input::Drain { deadline, demote, reply } => match &mut self.core {
                 Machine::Secondary(s) if demote => reply(Ok(Drained { epoch: s.epoch(), record: Vec::new() })),
-                Machine::Secondary(_) => reply(Err("a secondary has nothing to drain".into())),
-                Machine::Primary(_) if self.demotion.is_some() => reply(Err("a demotion is already under way".into())),
+                Machine::Secondary(_) => reply(Err(Refused::NothingToDrain)),
+                Machine::Primary(_) if self.demotion.is_some() => reply(Err(Refused::DemotionUnderWay)),
                 Machine::Primary(p) => match p.begin_drain() {
                     Ok(()) => {
                         tracing::warn!(volume = %self.name, ?deadline, demote, "draining: new writes wait until it ends");
                         self.demotion = Some(Demotion { deadline: Instant::now() + deadline, demote, demoted: false, reply });
                     }
-                    Err(e) => reply(Err(format!("cannot drain now ({e:?}): the primary is not serving"))),
+                    Err(_) if p.phase() == Phase::Starting => reply(Err(Refused::Starting)),
+                    Err(_) => reply(Err(Refused::Fenced)),
                 },
             },
             Input::Synced { token, result } => match result {
@@ -365,7 +350,7 @@ impl Driver {
                 Ok(()) => d.demoted = true,
                 Err(e) => {
                     let d = self.demotion.take().expect("present");
-                    (d.reply)(Err(format!("demotion refused: {e:?}")));
+                    (d.reply)(Err(Refused::DemotionRefused(e)));
                 }
             }
             self.execute();
@@ -373,7 +358,7 @@ impl Driver {
             p.end_drain(now);
             let d = self.demotion.take().expect("present");
             tracing::warn!(volume = %self.name, "the peer did not apply everything before the deadline; demotion abandoned, serving again");
-            (d.reply)(Err("the peer did not apply every write before the deadline (is the link up?); the volume serves again".into()));
+            (d.reply)(Err(Refused::DrainDeadline));
             self.execute();
         }
     }
@@ -550,13 +535,13 @@ impl Driver {
             reply(match (state.role, report) {
                 (Role::Primary, Some(r)) => Ok(PromoteOutcome::Promoted(r)),
                 (Role::Primary, None) => Ok(PromoteOutcome::AlreadyPrimary { epoch: state.epoch }),
-                (role, _) => Err(format!("the volume became {role:?} instead")),
+                (role, _) => Err(Refused::Became(role)),
             });
         }
         if let Some(d) = self.demotion.take() {
             (d.reply)(match state.role {
                 Role::Secondary => Ok(Drained { epoch: state.epoch, record: Vec::new() }),
-                Role::Primary => Err("the volume is still primary".into()),
+                Role::Primary => Err(Refused::StillPrimary),
             });
         }
         true

@@ -7,7 +7,7 @@
 //! Must not: touch the core; only the driver thread does.
 
 use super::driver;
-use super::{Completion, Drained, Input, LinkEvent, Outbound, PromoteOutcome, Reply, VolumeStatus};
+use super::{Completion, Drained, Input, LinkEvent, Outbound, PromoteOutcome, Refused, Reply, VolumeStatus};
 use crate::config::VolumeConfig;
 use crate::media::{Media, MediaError};
 use crate::store::Store;
@@ -181,9 +181,9 @@ impl Volume {
             // The driver has stopped: the request is answered, never dropped.
             match input {
                 Input::Write { done, .. } | Input::Flush { done } => done(Err(HostError::NotServing)),
-                Input::Promote { reply, .. } => reply(Err("the volume has stopped".into())),
-                Input::Drain { reply, .. } => reply(Err("the volume has stopped".into())),
-                Input::ResolveSplitBrain { reply } => reply(Err("the volume has stopped".into())),
+                Input::Promote { reply, .. } => reply(Err(Refused::Stopped)),
+                Input::Drain { reply, .. } => reply(Err(Refused::Stopped)),
+                Input::ResolveSplitBrain { reply } => reply(Err(Refused::Stopped)),
                 Input::Synced { .. }
                 | Input::Persisted { .. }
                 | Input::Stop

@@ -28,10 +28,12 @@
 
 mod driver;
 mod handle;
+mod refused;
 mod status;
 mod store_thread;
 
 pub use handle::{Volume, VolumeCounters};
+pub use refused::{PeerAlive, RefusalKind, Refused};
 pub use status::{VolumePhase, VolumeStatus};
 
 use geomirror_core::{Epoch, Frame, HostError, Stream, Token, WriteOp};
@@ -42,7 +44,7 @@ use std::time::{Duration, Instant};
 pub type Completion = Box<dyn FnOnce(Result<(), HostError>) + Send>;
 
 /// Called once with the result of an operator's request.
-pub type Reply<T> = Box<dyn FnOnce(Result<T, String>) + Send>;
+pub type Reply<T> = Box<dyn FnOnce(Result<T, Refused>) + Send>;
 
 /// A primary drained for a switchover: its peer holds every write. `record` lists the
 /// extents of the record, which a switchover compares on both sites before swapping.
