@@ -1,14 +1,18 @@
 //! Typed, validated settings of the core.
 //!
 //! Owns: `CoreConfig` and its enums, with every bound the core enforces as a named field.
+//! The policies an operator chooses deserialize by their lowercase names, as the site's
+//! config file spells them.
 //! Must not: parse files. The node shell reads TOML into its own config and builds this.
 
 use crate::frame::LinkLossPolicy;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use thiserror::Error;
 
 /// How writes are replicated. All three live in one core so benchmarks compare like with like.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The method: a predictive record on the secondary; hits ack at local speed.
     Predictive,
@@ -18,12 +22,15 @@ pub enum Mode {
     Async,
     /// No peer at all: a single site serving its volumes from local media. Nothing is
     /// recorded, shipped or tracked; a write is acknowledged once it is on local media (and
-    /// synced, for FUA). A peer added later starts from a full copy.
+    /// synced, for FUA). A peer added later starts from a full copy. Never read from a
+    /// config: a site without a peer is standalone.
+    #[serde(skip_deserializing)]
     Standalone,
 }
 
 /// What a FLUSH (or FUA) waits for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FlushPolicy {
     /// Durable on the primary's media.
     Local,
@@ -32,7 +39,8 @@ pub enum FlushPolicy {
 }
 
 /// What happens when unshipped data exceeds `max_lag_bytes`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LagPolicy {
     /// New writes wait until the lag falls.
     Throttle,

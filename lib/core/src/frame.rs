@@ -48,8 +48,10 @@ pub enum Stream {
     Resync,
 }
 
-/// The role a site plays in an epoch.
+/// The role a site plays in an epoch. On the wire by variant index (postcard); by its
+/// lowercase name in text (the site's config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     Primary,
     Secondary,
@@ -59,6 +61,7 @@ pub enum Role {
 /// timeout; carried in `Hello` so the secondary knows whether its record may stop being
 /// authoritative.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LinkLossPolicy {
     /// Writes to unrecorded extents are held, then fail after `link_loss_deadline`.
     Block,

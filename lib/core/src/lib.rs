@@ -2,8 +2,9 @@
 //!
 //! Owns: everything that decides. The record and its generations, prediction, eviction,
 //! sequence numbers, ordered apply, epochs and fencing, resync and failback planning, and the
-//! wire frames. Two state machines, [`Primary`] and [`Secondary`], take inputs through
-//! `handle_*(now, ..)` calls and emit [`Action`]s that a shell drains with `poll_action`.
+//! wire frames. Two state machines, [`Primary`] and [`Secondary`] (behind one dispatch,
+//! [`Machine`]), take inputs through `handle_*(now, ..)` calls and emit [`Action`]s that a
+//! shell drains with `poll_action`.
 //!
 //! Must not: perform I/O, read a clock, or draw randomness. No tokio, quinn, rocksdb, std::fs
 //! or std::net here; `tests/core_purity.rs` checks the dependency list and the sources. This
@@ -15,6 +16,7 @@ pub mod digest;
 pub mod frame;
 pub mod geometry;
 pub mod ids;
+pub mod machine;
 #[cfg(feature = "mutations")]
 pub mod mutations;
 pub mod op;
@@ -32,6 +34,7 @@ pub use digest::{block_digests, differing_blocks, BlockDigest, CHECK_BLOCK};
 pub use frame::{Frame, LinkLossPolicy, Role, Stream};
 pub use geometry::Geometry;
 pub use ids::{Epoch, ExtentId, Generation, RequestId, Seq, StoreId, Token};
+pub use machine::Machine;
 pub use op::{WriteKind, WriteOp};
 pub use primary::{FailbackPlan, LinkState, Phase, Primary};
 pub use record::Record;

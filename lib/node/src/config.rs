@@ -154,14 +154,7 @@ pub struct PeerSection {
     /// This site's replication port (UDP; QUIC).
     pub listen: String,
     /// The role this site takes at its first start; afterwards its store remembers.
-    pub initial_role: RoleName,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum RoleName {
-    Primary,
-    Secondary,
+    pub initial_role: Role,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,11 +193,11 @@ impl Default for LinkSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicationSection {
     /// predictive (the method), sync (every write waits for the secondary) or async.
-    pub mode: ModeName,
+    pub mode: Mode,
     /// local: FLUSH and FUA are durable on this site; remote: also applied on the peer.
-    pub flush_policy: FlushName,
+    pub flush_policy: FlushPolicy,
     /// block: misses wait, then fail; degrade: go on with a local dirty map.
-    pub on_link_loss: LinkLossName,
+    pub on_link_loss: LinkLossPolicy,
     /// Most extents the record holds. Must cover max_lag_bytes at the volume's extent size.
     pub record_capacity_extents: u64,
     /// How long a miss waits for the record update before on_link_loss applies.
@@ -214,7 +207,7 @@ pub struct ReplicationSection {
     /// Most bytes written but not yet applied on the peer.
     pub max_lag_bytes: Size,
     /// throttle: new writes wait; resync: copy dirty extents from media instead.
-    pub on_lag_full: LagName,
+    pub on_lag_full: LagPolicy,
     /// Most bytes shipped and not yet applied (the data window).
     pub max_inflight_bytes: Size,
     /// Data streams bulk data is spread over.
@@ -231,49 +224,20 @@ impl Default for ReplicationSection {
     fn default() -> Self {
         let c = CoreConfig::default();
         ReplicationSection {
-            mode: ModeName::Predictive,
-            flush_policy: FlushName::Local,
-            on_link_loss: LinkLossName::Block,
+            mode: Mode::Predictive,
+            flush_policy: FlushPolicy::Local,
+            on_link_loss: LinkLossPolicy::Block,
             record_capacity_extents: c.record_capacity_extents,
             record_update_timeout_ms: c.record_update_timeout.as_millis() as u64,
             link_loss_deadline_ms: c.link_loss_deadline.as_millis() as u64,
             max_lag_bytes: Size(c.max_lag_bytes),
-            on_lag_full: LagName::Throttle,
+            on_lag_full: LagPolicy::Throttle,
             max_inflight_bytes: Size(c.max_inflight_bytes),
             data_lanes: c.data_lanes,
             clean_generation_max_age_ms: c.clean_generation_max_age.map_or(0, |d| d.as_millis() as u64),
             verify_failback: c.verify_failback,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ModeName {
-    Predictive,
-    Sync,
-    Async,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum FlushName {
-    Local,
-    Remote,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LinkLossName {
-    Block,
-    Degrade,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LagName {
-    Throttle,
-    Resync,
 }
 
 #[derive(Debug, Deserialize)]
@@ -580,10 +544,7 @@ impl SiteConfig {
                     name: p.name.clone(),
                     address: addr("peer.address", &p.address)?,
                     listen: addr("peer.listen", &p.listen)?,
-                    initial_role: match p.initial_role {
-                        RoleName::Primary => Role::Primary,
-                        RoleName::Secondary => Role::Secondary,
-                    },
+                    initial_role: p.initial_role,
                     state_dir: resolve(state_dir),
                     ca: resolve(&t.ca),
                     cert: resolve(&t.cert),
@@ -630,27 +591,14 @@ impl SiteConfig {
 fn replication_core(r: &ReplicationSection) -> CoreConfig {
     let d = CoreConfig::default();
     CoreConfig {
-        mode: match r.mode {
-            ModeName::Predictive => Mode::Predictive,
-            ModeName::Sync => Mode::Sync,
-            ModeName::Async => Mode::Async,
-        },
-        flush_policy: match r.flush_policy {
-            FlushName::Local => FlushPolicy::Local,
-            FlushName::Remote => FlushPolicy::Remote,
-        },
-        on_link_loss: match r.on_link_loss {
-            LinkLossName::Block => LinkLossPolicy::Block,
-            LinkLossName::Degrade => LinkLossPolicy::Degrade,
-        },
+        mode: r.mode,
+        flush_policy: r.flush_policy,
+        on_link_loss: r.on_link_loss,
         record_capacity_extents: r.record_capacity_extents,
         record_update_timeout: Duration::from_millis(r.record_update_timeout_ms),
         link_loss_deadline: Duration::from_millis(r.link_loss_deadline_ms),
         max_lag_bytes: r.max_lag_bytes.0,
-        on_lag_full: match r.on_lag_full {
-            LagName::Throttle => LagPolicy::Throttle,
-            LagName::Resync => LagPolicy::Resync,
-        },
+        on_lag_full: r.on_lag_full,
         max_inflight_bytes: r.max_inflight_bytes.0,
         reorder_buffer_bytes: d.reorder_buffer_bytes.max(r.max_inflight_bytes.0 + geomirror_core::frame::MAX_FRAME_BYTES as u64),
         data_lanes: r.data_lanes,

@@ -142,6 +142,31 @@ fn a_peer_needs_tls_and_state_and_the_record_must_cover_the_lag() {
 }
 
 #[test]
+fn a_policy_is_one_of_its_lowercase_names_and_a_wrong_one_says_which() {
+    let peer = "[peer]\nname = \"dc2\"\naddress = \"127.0.0.1:7401\"\nlisten = \"127.0.0.1:7400\"\ninitial_role = \"primary\"\n";
+    let tls = "[tls]\nca = \"ca.pem\"\ncert = \"dc1.pem\"\nkey = \"dc1.key\"\n";
+    let site = format!("{}{peer}{tls}", GOOD.replace("name = \"dc1\"", "name = \"dc1\"\nstate_dir = \"state\""));
+    let with = |section: &str| parse(&format!("{site}{section}"));
+    let c = with("[replication]\nmode = \"async\"\nflush_policy = \"remote\"\non_lag_full = \"resync\"\n").unwrap();
+    let core = &c.volumes[0].core;
+    assert_eq!((core.mode, core.flush_policy, core.on_lag_full), (Mode::Async, FlushPolicy::Remote, LagPolicy::Resync));
+    let said = |section: &str| with(section).unwrap_err().to_string();
+    let expected = |field: &str, got: &str, names: &str| format!("{field}: unknown variant `{got}`, expected {names}");
+    for (section, field, got, names) in [
+        ("[replication]\nmode = \"fast\"\n", "replication.mode", "fast", "one of `predictive`, `sync`, `async`"),
+        // A site without a peer is standalone; a config cannot ask for it.
+        ("[replication]\nmode = \"standalone\"\n", "replication.mode", "standalone", "one of `predictive`, `sync`, `async`"),
+        ("[replication]\nflush_policy = \"Local\"\n", "replication.flush_policy", "Local", "`local` or `remote`"),
+        ("[replication]\non_link_loss = \"wait\"\n", "replication.on_link_loss", "wait", "`block` or `degrade`"),
+        ("[replication]\non_lag_full = \"drop\"\n", "replication.on_lag_full", "drop", "`throttle` or `resync`"),
+    ] {
+        assert!(said(section).contains(&expected(field, got, names)), "{}", said(section));
+    }
+    let role = parse(&site.replace("initial_role = \"primary\"", "initial_role = \"witness\"")).unwrap_err().to_string();
+    assert!(role.contains(&expected("peer.initial_role", "witness", "`primary` or `secondary`")), "{role}");
+}
+
+#[test]
 fn sizes() {
     assert_eq!(parse_size("4096"), Ok(4096));
     assert_eq!(parse_size("64K"), Ok(65536));

@@ -4,8 +4,9 @@
 //! and the names it holds (`names`), the checks of a site's files before it starts
 //! (`preflight`), the store behind the core's `Persist` actions (`store`), the per-volume
 //! driver that runs a core state machine and executes its actions (`volume`), the
-//! replication link (`transport`), the admin API (`admin`), Prometheus metrics (`metrics`),
-//! and the wiring of a whole site (`site`).
+//! replication link (`transport`), the admin API (`admin`), Prometheus metrics (`metrics`,
+//! the names and the recorder; `refresher`, what reads the rest into them), and the
+//! wiring of a whole site (`site`).
 //!
 //! Must not: make replication decisions. Whether a write may be acknowledged, what is
 //! recorded, shipped or evicted is decided by `geomirror-core`; the shells only carry out
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod names;
 pub mod nbd;
 pub mod preflight;
+pub mod refresher;
 pub mod site;
 pub mod store;
 pub mod transport;

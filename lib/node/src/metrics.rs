@@ -1,42 +1,25 @@
-//! Prometheus metrics: the one module that names them and exports them.
+//! Prometheus metrics: the one module that names them, describes them and records them.
 //!
 //! Owns: the process's recorder (metrics-exporter-prometheus, installed once, with explicit
-//! buckets so that latencies and lag aggregate across sites), the name, unit and help of
-//! every metric, the per-volume write handles the volume driver feeds on each ack
-//! (`VolumeMetrics`), and the refresher that turns everything else into gauges and counters
-//! once a second: each volume's status and its core's plain stats, the NBD front end's
-//! counters and in-flight budget, refused handshakes, the QUIC connections' stats and the
-//! certificates' expiry.
-//!
-//! The admin API's connection gauges and refusal and timeout counters are fed directly as
+//! buckets so that latencies and lag aggregate across sites), the name of every metric (a
+//! constant each, which the recorder's catalogue and every writer use) with its unit and
+//! help, the per-volume write handles the volume driver feeds on each ack (`VolumeMetrics`),
+//! and the admin API's connection gauges and refusal and timeout counters, fed directly as
 //! connections come and go (`admin_connections`, `admin_refused`, `admin_timeouts`).
+//! Everything else is set once a second by `crate::refresher`, which reads what it reports on.
 //!
 //! Labels are bounded: `site` (global), `volume`, `role`, `path` (hit or miss), `reason`,
 //! `kind`, `pool`, `limit` (site or connection), `connection` (control or data) and
 //! `certificate` (site or ca); never an offset, an address or a request.
 //!
-//! Counters taken from a core's stats restart from zero when the volume changes role (a new
-//! state machine): Prometheus reads a drop as a counter reset, which `rate()` handles.
-//!
-//! Must not: sit on a decision path. Nothing here is read back by replication.
+//! Must not: sit on a decision path, or read what it names (volumes, NBD, the link): it is a
+//! leaf that they all write to. Nothing here is read back by replication.
 
-use crate::nbd::server::NbdCounters;
-use crate::transport::link::LinkConns;
-use crate::transport::tls::{Refusals, REFUSAL_REASONS};
-use crate::volume::{Volume, VolumeStatus};
-use geomirror_core::stats::{PrimaryStats, SecondaryStats};
-use geomirror_core::{Role, WritePath};
+use geomirror_core::WritePath;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
-
-/// How often gauges are refreshed and histograms' upkeep runs.
-pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
-/// How long the refresher waits for a volume's status before skipping it this round.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Write latency buckets, seconds: from a local hit (tens of µs) to a miss over a long
 /// WAN, and writes held by a throttle or a link loss.
@@ -55,6 +38,72 @@ pub const NBD_INFLIGHT: &str = "geomirror_nbd_inflight_bytes";
 pub const NBD_INFLIGHT_PEAK: &str = "geomirror_nbd_inflight_peak_bytes";
 pub const NBD_INFLIGHT_LIMIT: &str = "geomirror_nbd_inflight_limit_bytes";
 pub const NBD_BUDGET_EXHAUSTED: &str = "geomirror_nbd_budget_exhausted_total";
+pub const ROLE: &str = "geomirror_role";
+pub const EPOCH: &str = "geomirror_epoch";
+pub const FENCED: &str = "geomirror_fenced";
+pub const VOLUME_FAILED: &str = "geomirror_volume_failed";
+pub const LINK_UP: &str = "geomirror_link_up";
+pub const RECORD_EXTENTS: &str = "geomirror_record_extents";
+pub const RECORD_BYTES: &str = "geomirror_record_bytes";
+pub const RECORD_CAPACITY_EXTENTS: &str = "geomirror_record_capacity_extents";
+pub const RECORD_CAPACITY_BYTES: &str = "geomirror_record_capacity_bytes";
+pub const RECORD_GENERATIONS: &str = "geomirror_record_generations";
+pub const RECORD_AUTHORITATIVE: &str = "geomirror_record_authoritative";
+pub const IMAGE_CONSISTENT: &str = "geomirror_image_consistent";
+pub const SPLIT_BRAIN: &str = "geomirror_split_brain";
+pub const AMNESIAC: &str = "geomirror_amnesiac";
+pub const FULL_RESYNC_CHECKED_EXTENTS: &str = "geomirror_full_resync_checked_extents";
+pub const FULL_RESYNC_TOTAL_EXTENTS: &str = "geomirror_full_resync_total_extents";
+pub const AMNESIAC_PEERS_DETECTED_TOTAL: &str = "geomirror_amnesiac_peers_detected_total";
+pub const AMNESIA_DETECTED_TOTAL: &str = "geomirror_amnesia_detected_total";
+pub const FULL_RESYNCS_COMPLETED_TOTAL: &str = "geomirror_full_resyncs_completed_total";
+pub const APPLIED_SEQUENCE: &str = "geomirror_applied_sequence";
+pub const REPLICATION_LAG_BYTES: &str = "geomirror_replication_lag_bytes";
+pub const REPLICATION_LAG_SECONDS: &str = "geomirror_replication_lag_seconds";
+pub const FAILBACK_DEBT_BYTES: &str = "geomirror_failback_debt_bytes";
+pub const FAILBACK_DEBT_SECONDS: &str = "geomirror_failback_debt_seconds";
+pub const RESYNC_IN_PROGRESS: &str = "geomirror_resync_in_progress";
+pub const RESYNC_REMAINING_BYTES: &str = "geomirror_resync_remaining_bytes";
+pub const RESYNC_REMAINING_SECONDS: &str = "geomirror_resync_remaining_seconds";
+pub const RESYNCS_STARTED_TOTAL: &str = "geomirror_resyncs_started_total";
+pub const RESYNC_COPIED_BYTES_TOTAL: &str = "geomirror_resync_copied_bytes_total";
+pub const RESYNC_VERIFIED_BYTES_TOTAL: &str = "geomirror_resync_verified_bytes_total";
+pub const RESYNC_MISMATCHED_EXTENTS_TOTAL: &str = "geomirror_resync_mismatched_extents_total";
+pub const RECORD_UPDATES_TOTAL: &str = "geomirror_record_updates_total";
+pub const RECORD_PRE_EXTENSIONS_TOTAL: &str = "geomirror_record_pre_extensions_total";
+pub const RECORD_ANSWERS_TOTAL: &str = "geomirror_record_answers_total";
+pub const RECORD_UPDATE_RTT_SECONDS: &str = "geomirror_record_update_rtt_seconds";
+pub const PREDICTED_EXTENTS_TOTAL: &str = "geomirror_predicted_extents_total";
+pub const PREDICTED_EXTENTS_USED_TOTAL: &str = "geomirror_predicted_extents_used_total";
+pub const EVICTED_EXTENTS_TOTAL: &str = "geomirror_evicted_extents_total";
+pub const EVICTED_GENERATIONS_TOTAL: &str = "geomirror_evicted_generations_total";
+pub const FAILED_WRITES_TOTAL: &str = "geomirror_failed_writes_total";
+pub const DEGRADED_WRITES_TOTAL: &str = "geomirror_degraded_writes_total";
+pub const THROTTLED_WRITES_TOTAL: &str = "geomirror_throttled_writes_total";
+pub const RECORD_FULL_WAITS_TOTAL: &str = "geomirror_record_full_waits_total";
+pub const FRAMES_REFUSED_TOTAL: &str = "geomirror_frames_refused_total";
+pub const APPLIED_WRITES_TOTAL: &str = "geomirror_applied_writes_total";
+pub const APPLIED_BYTES_TOTAL: &str = "geomirror_applied_bytes_total";
+pub const EXTENTS_SAVED_ASIDE_TOTAL: &str = "geomirror_extents_saved_aside_total";
+pub const FAILBACK_VERIFIED_EXTENTS_TOTAL: &str = "geomirror_failback_verified_extents_total";
+pub const FAILBACK_MISMATCHED_EXTENTS_TOTAL: &str = "geomirror_failback_mismatched_extents_total";
+pub const HOST_WRITE_BYTES_TOTAL: &str = "geomirror_host_write_bytes_total";
+pub const HOST_READS_TOTAL: &str = "geomirror_host_reads_total";
+pub const HOST_READ_BYTES_TOTAL: &str = "geomirror_host_read_bytes_total";
+pub const HOST_FLUSHES_TOTAL: &str = "geomirror_host_flushes_total";
+pub const MEDIA_ERRORS_TOTAL: &str = "geomirror_media_errors_total";
+pub const NBD_CONNECTIONS_TOTAL: &str = "geomirror_nbd_connections_total";
+pub const NBD_REQUESTS_TOTAL: &str = "geomirror_nbd_requests_total";
+pub const NBD_ERRORS_TOTAL: &str = "geomirror_nbd_errors_total";
+pub const HANDSHAKES_REFUSED_TOTAL: &str = "geomirror_handshakes_refused_total";
+pub const LINK_RTT_SECONDS: &str = "geomirror_link_rtt_seconds";
+pub const LINK_CONGESTION_WINDOW_BYTES: &str = "geomirror_link_congestion_window_bytes";
+pub const LINK_SENT_BYTES_TOTAL: &str = "geomirror_link_sent_bytes_total";
+pub const LINK_RECEIVED_BYTES_TOTAL: &str = "geomirror_link_received_bytes_total";
+pub const LINK_LOST_PACKETS_TOTAL: &str = "geomirror_link_lost_packets_total";
+pub const LINK_CONGESTION_EVENTS_TOTAL: &str = "geomirror_link_congestion_events_total";
+pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str = "geomirror_certificate_expiry_timestamp_seconds";
+pub const BUILD_INFO: &str = "geomirror_build_info";
 
 static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
@@ -73,7 +122,7 @@ pub fn install(site: &str) -> anyhow::Result<PrometheusHandle> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
     describe();
-    gauge!("geomirror_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     *installed = Some(handle.clone());
     Ok(handle)
 }
@@ -106,43 +155,6 @@ impl VolumeMetrics {
     }
 }
 
-/// What the refresher reads, besides each volume's status.
-pub struct Sources {
-    pub volumes: Vec<Volume>,
-    pub nbd: Arc<NbdCounters>,
-    /// With a peer: refused handshakes and the link's connections.
-    pub refusals: Option<Arc<Refusals>>,
-    pub link: Option<Arc<LinkConns>>,
-    /// The paced bulk rate, for failback and resync estimates in seconds.
-    pub bulk_bytes_per_sec: Option<u64>,
-    /// Each certificate's label and its notAfter, in Unix seconds.
-    pub certificates: Vec<(&'static str, i64)>,
-}
-
-/// Refreshes every gauge and counter each `REFRESH_INTERVAL` until `shutdown`, and runs the
-/// histograms' upkeep. Returns at once if no recorder is installed.
-pub fn spawn_refresher(sources: Sources, mut shutdown: watch::Receiver<bool>) -> Option<tokio::task::JoinHandle<()>> {
-    let handle = HANDLE.lock().expect("not poisoned").clone()?;
-    for (label, not_after) in &sources.certificates {
-        gauge!("geomirror_certificate_expiry_timestamp_seconds", "certificate" => *label).set(*not_after as f64);
-    }
-    for reason in REFUSAL_REASONS {
-        counter!("geomirror_handshakes_refused_total", "reason" => *reason).increment(0);
-    }
-    Some(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(REFRESH_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            refresh(&sources).await;
-            handle.run_upkeep();
-        }
-    }))
-}
-
 /// The admin API's connection slots in use, by pool (general, admin), set on every change
 /// so that a scrape sees the count of that moment.
 pub fn admin_connections(pool: &'static str, in_use: usize) {
@@ -160,158 +172,14 @@ pub fn admin_timeouts(kind: &'static str, n: u64) {
     counter!(ADMIN_TIMEOUTS, "kind" => kind).increment(n);
 }
 
+/// The installed recorder's handle, if any: the refresher runs its upkeep.
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE.lock().expect("not poisoned").clone()
+}
+
 /// The current metrics in Prometheus's text format (empty without a recorder).
 pub fn render() -> String {
     HANDLE.lock().expect("not poisoned").as_ref().map(PrometheusHandle::render).unwrap_or_default()
-}
-
-async fn refresh(s: &Sources) {
-    for v in &s.volumes {
-        let (tx, rx) = oneshot::channel();
-        v.status(move |st| {
-            let _ = tx.send(st);
-        });
-        match tokio::time::timeout(STATUS_TIMEOUT, rx).await {
-            Ok(Ok(st)) => volume(v, &st, s.bulk_bytes_per_sec),
-            _ => tracing::debug!(volume = v.name(), "no status for the metrics this round"),
-        }
-    }
-    nbd(&s.nbd);
-    if let Some(r) = &s.refusals {
-        for (reason, n) in r.snapshot() {
-            counter!("geomirror_handshakes_refused_total", "reason" => reason).absolute(n);
-        }
-    }
-    if let Some(l) = &s.link {
-        for (conn, st) in l.stats() {
-            gauge!("geomirror_link_rtt_seconds", "connection" => conn).set(st.path.rtt.as_secs_f64());
-            gauge!("geomirror_link_congestion_window_bytes", "connection" => conn).set(st.path.cwnd as f64);
-            counter!("geomirror_link_sent_bytes_total", "connection" => conn).absolute(st.udp_tx.bytes);
-            counter!("geomirror_link_received_bytes_total", "connection" => conn).absolute(st.udp_rx.bytes);
-            counter!("geomirror_link_lost_packets_total", "connection" => conn).absolute(st.path.lost_packets);
-            counter!("geomirror_link_congestion_events_total", "connection" => conn).absolute(st.path.congestion_events);
-        }
-    }
-}
-
-fn flag(b: bool) -> f64 {
-    if b {
-        1.0
-    } else {
-        0.0
-    }
-}
-
-fn volume(v: &Volume, st: &VolumeStatus, bulk_bytes_per_sec: Option<u64>) {
-    let name = v.name().to_owned();
-    let g = |metric: &'static str, value: f64| gauge!(metric, "volume" => name.clone()).set(value);
-    let c = |metric: &'static str, value: u64| counter!(metric, "volume" => name.clone()).absolute(value);
-    let primary = st.role == Role::Primary;
-    gauge!("geomirror_role", "volume" => name.clone(), "role" => "primary").set(flag(primary));
-    gauge!("geomirror_role", "volume" => name.clone(), "role" => "secondary").set(flag(!primary));
-    g("geomirror_epoch", st.epoch.0 as f64);
-    g("geomirror_fenced", flag(st.phase == "fenced"));
-    g("geomirror_volume_failed", flag(st.failed));
-    g("geomirror_link_up", flag(st.link_up));
-    g("geomirror_record_extents", st.record_extents as f64);
-    g("geomirror_record_bytes", (st.record_extents * st.extent_bytes) as f64);
-    g("geomirror_record_capacity_extents", st.record_capacity_extents as f64);
-    g("geomirror_record_capacity_bytes", (st.record_capacity_extents * st.extent_bytes) as f64);
-    g("geomirror_record_authoritative", flag(st.authoritative));
-    g("geomirror_image_consistent", flag(st.consistent));
-    g("geomirror_split_brain", flag(st.split_brain));
-    g("geomirror_amnesiac", flag(st.amnesiac));
-    if let Some((checked, total)) = st.full_resync {
-        g("geomirror_full_resync_checked_extents", checked as f64);
-        g("geomirror_full_resync_total_extents", total as f64);
-    }
-    g("geomirror_applied_sequence", st.durable_applied.0 as f64);
-    g("geomirror_replication_lag_bytes", st.lag_bytes as f64);
-    g("geomirror_replication_lag_seconds", st.lag_ms as f64 / 1000.0);
-    g("geomirror_failback_debt_bytes", st.failback_debt_bytes as f64);
-    g("geomirror_resync_in_progress", flag(st.resync_in_progress));
-    g("geomirror_resync_remaining_bytes", st.resync_remaining_bytes as f64);
-    if let Some(rate) = bulk_bytes_per_sec {
-        g("geomirror_failback_debt_seconds", st.failback_debt_bytes as f64 / rate.max(1) as f64);
-        g("geomirror_resync_remaining_seconds", st.resync_remaining_bytes as f64 / rate.max(1) as f64);
-    }
-    if primary {
-        histogram!(LAG_SAMPLED, "volume" => name.clone()).record(st.lag_ms as f64 / 1000.0);
-    }
-    let k = v.counters();
-    c("geomirror_host_write_bytes_total", k.write_bytes.load(Ordering::Relaxed));
-    c("geomirror_host_reads_total", k.reads.load(Ordering::Relaxed));
-    c("geomirror_host_read_bytes_total", k.read_bytes.load(Ordering::Relaxed));
-    c("geomirror_host_flushes_total", k.flushes.load(Ordering::Relaxed));
-    c("geomirror_media_errors_total", k.media_errors.load(Ordering::Relaxed));
-    if let Some(p) = &st.primary_stats {
-        g("geomirror_record_update_rtt_seconds", p.record_rtt_smoothed_us as f64 / 1e6);
-        g("geomirror_record_generations", p.record_generations as f64);
-        primary_stats(&c, p);
-    }
-    if let Some(s) = &st.secondary_stats {
-        secondary_stats(&c, s);
-    }
-}
-
-fn primary_stats(c: &impl Fn(&'static str, u64), p: &PrimaryStats) {
-    c("geomirror_record_updates_total", p.record_updates_sent);
-    c("geomirror_record_pre_extensions_total", p.pre_extensions_sent);
-    c("geomirror_record_answers_total", p.record_answers);
-    c("geomirror_predicted_extents_total", p.predicted_extents);
-    c("geomirror_predicted_extents_used_total", p.predicted_extents_used);
-    c("geomirror_evicted_extents_total", p.evicted_extents);
-    c("geomirror_evicted_generations_total", p.evicted_generations);
-    c("geomirror_resyncs_started_total", p.resyncs_started);
-    c("geomirror_resync_copied_bytes_total", p.resync_bytes_copied);
-    c("geomirror_resync_verified_bytes_total", p.resync_bytes_verified);
-    c("geomirror_resync_mismatched_extents_total", p.resync_extents_mismatched);
-    c("geomirror_amnesiac_peers_detected_total", p.amnesiac_peers_detected);
-    c("geomirror_full_resyncs_completed_total", p.full_resyncs_completed);
-    c("geomirror_failed_writes_total", p.failed_writes);
-    c("geomirror_degraded_writes_total", p.degraded_writes);
-    c("geomirror_throttled_writes_total", p.throttled_writes);
-    c("geomirror_record_full_waits_total", p.record_full_waits);
-    c("geomirror_frames_refused_total", p.frames_refused);
-}
-
-fn secondary_stats(c: &impl Fn(&'static str, u64), s: &SecondaryStats) {
-    c("geomirror_record_updates_total", s.record_updates);
-    c("geomirror_predicted_extents_total", s.extents_predicted);
-    c("geomirror_evicted_extents_total", s.extents_evicted);
-    c("geomirror_applied_writes_total", s.writes_applied);
-    c("geomirror_applied_bytes_total", s.bytes_applied);
-    c("geomirror_extents_saved_aside_total", s.extents_saved_aside);
-    c("geomirror_failback_verified_extents_total", s.extents_verified);
-    c("geomirror_failback_mismatched_extents_total", s.extents_mismatched);
-    c("geomirror_amnesia_detected_total", s.amnesia_detected);
-    c("geomirror_full_resyncs_completed_total", s.full_resyncs_completed);
-    c("geomirror_frames_refused_total", s.frames_refused);
-}
-
-fn nbd(n: &NbdCounters) {
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    counter!("geomirror_nbd_connections_total").absolute(get(&n.connections_accepted));
-    counter!("geomirror_nbd_requests_total").absolute(get(&n.requests));
-    for (kind, value) in [
-        ("inval", &n.errors_inval),
-        ("nospc", &n.errors_nospc),
-        ("overflow", &n.errors_overflow),
-        ("io", &n.errors_io),
-        ("other", &n.errors_other),
-        ("protocol_violation", &n.protocol_violations),
-        ("handshake_refused", &n.handshakes_refused),
-        ("handshake_timeout", &n.handshakes_timed_out),
-        ("connection_limit", &n.connections_refused_at_cap),
-    ] {
-        counter!("geomirror_nbd_errors_total", "kind" => kind).absolute(get(value));
-    }
-    let b = &n.inflight;
-    gauge!(NBD_INFLIGHT).set(get(&b.held_bytes) as f64);
-    gauge!(NBD_INFLIGHT_PEAK).set(get(&b.peak_bytes) as f64);
-    gauge!(NBD_INFLIGHT_LIMIT).set(get(&b.limit_bytes) as f64);
-    counter!(NBD_BUDGET_EXHAUSTED, "limit" => "site").absolute(get(&b.exhausted_site));
-    counter!(NBD_BUDGET_EXHAUSTED, "limit" => "connection").absolute(get(&b.exhausted_connection));
 }
 
 enum Kind {
@@ -324,85 +192,85 @@ enum Kind {
 const CATALOGUE: &[(Kind, &str, Unit, &str)] = &[
     (Kind::Counter, WRITES, Unit::Count, "Host writes acknowledged, by path: hit (nothing remote waited for) or miss (waited for a record update, or a local dirty-map store)"),
     (Kind::Histogram, WRITE_LATENCY, Unit::Seconds, "Host write latency, from arrival at the volume to the ack, by path"),
-    (Kind::Gauge, "geomirror_role", Unit::Count, "1 for the volume's present role, 0 for the other"),
-    (Kind::Gauge, "geomirror_epoch", Unit::Count, "The volume's epoch: bumped by every promotion"),
-    (Kind::Gauge, "geomirror_fenced", Unit::Count, "1 while this site is fenced: a newer epoch exists elsewhere"),
-    (Kind::Gauge, "geomirror_volume_failed", Unit::Count, "1 once the volume failed (media or store error) and stopped serving"),
-    (Kind::Gauge, "geomirror_link_up", Unit::Count, "1 while the volume's replication session is up"),
-    (Kind::Gauge, "geomirror_record_extents", Unit::Count, "Extents in the record (the primary's copy, or the secondary's durable record)"),
-    (Kind::Gauge, "geomirror_record_bytes", Unit::Bytes, "Bytes the record covers"),
-    (Kind::Gauge, "geomirror_record_capacity_extents", Unit::Count, "The record's bound, record_capacity_extents"),
-    (Kind::Gauge, "geomirror_record_capacity_bytes", Unit::Bytes, "The record's bound in bytes"),
-    (Kind::Gauge, "geomirror_record_generations", Unit::Count, "Generations in the primary's record copy"),
-    (Kind::Gauge, "geomirror_record_authoritative", Unit::Count, "0 after a degrade: the record may not cover every difference until the next resync ends"),
-    (Kind::Gauge, "geomirror_image_consistent", Unit::Count, "0 while a secondary is mid-resync: its image is not a prefix of the primary's history"),
-    (Kind::Gauge, "geomirror_split_brain", Unit::Count, "1 while a split brain is detected and waits for an operator"),
+    (Kind::Gauge, ROLE, Unit::Count, "1 for the volume's present role, 0 for the other"),
+    (Kind::Gauge, EPOCH, Unit::Count, "The volume's epoch: bumped by every promotion"),
+    (Kind::Gauge, FENCED, Unit::Count, "1 while this site is fenced: a newer epoch exists elsewhere"),
+    (Kind::Gauge, VOLUME_FAILED, Unit::Count, "1 once the volume failed (media or store error) and stopped serving"),
+    (Kind::Gauge, LINK_UP, Unit::Count, "1 while the volume's replication session is up"),
+    (Kind::Gauge, RECORD_EXTENTS, Unit::Count, "Extents in the record (the primary's copy, or the secondary's durable record)"),
+    (Kind::Gauge, RECORD_BYTES, Unit::Bytes, "Bytes the record covers"),
+    (Kind::Gauge, RECORD_CAPACITY_EXTENTS, Unit::Count, "The record's bound, record_capacity_extents"),
+    (Kind::Gauge, RECORD_CAPACITY_BYTES, Unit::Bytes, "The record's bound in bytes"),
+    (Kind::Gauge, RECORD_GENERATIONS, Unit::Count, "Generations in the primary's record copy"),
+    (Kind::Gauge, RECORD_AUTHORITATIVE, Unit::Count, "0 after a degrade: the record may not cover every difference until the next resync ends"),
+    (Kind::Gauge, IMAGE_CONSISTENT, Unit::Count, "0 while a secondary is mid-resync: its image is not a prefix of the primary's history"),
+    (Kind::Gauge, SPLIT_BRAIN, Unit::Count, "1 while a split brain is detected and waits for an operator"),
     (
         Kind::Gauge,
-        "geomirror_amnesiac",
+        AMNESIAC,
         Unit::Count,
         "1 while a store is an amnesiac (it lost state it had acknowledged): on a secondary its own, untrusted and not promoted without --force; on a primary its peer's, owed a full verified resync",
     ),
-    (Kind::Gauge, "geomirror_full_resync_checked_extents", Unit::Count, "Extents the full verified resync under way has checked"),
-    (Kind::Gauge, "geomirror_full_resync_total_extents", Unit::Count, "Extents the full verified resync under way checks in all: the volume's"),
-    (Kind::Counter, "geomirror_amnesiac_peers_detected_total", Unit::Count, "Handshakes at which the peer's store turned out to be an amnesiac"),
-    (Kind::Counter, "geomirror_amnesia_detected_total", Unit::Count, "Handshakes at which this site's own store turned out to be an amnesiac"),
-    (Kind::Counter, "geomirror_full_resyncs_completed_total", Unit::Count, "Full verified resyncs completed (each makes an amnesiac trusted again)"),
-    (Kind::Gauge, "geomirror_applied_sequence", Unit::Count, "Highest write sequence durably applied on the secondary"),
-    (Kind::Gauge, "geomirror_replication_lag_bytes", Unit::Bytes, "Bytes written on the primary and not yet durably applied on the secondary"),
-    (Kind::Gauge, "geomirror_replication_lag_seconds", Unit::Seconds, "Age of the oldest write the secondary may lack: the RPO now"),
+    (Kind::Gauge, FULL_RESYNC_CHECKED_EXTENTS, Unit::Count, "Extents the full verified resync under way has checked"),
+    (Kind::Gauge, FULL_RESYNC_TOTAL_EXTENTS, Unit::Count, "Extents the full verified resync under way checks in all: the volume's"),
+    (Kind::Counter, AMNESIAC_PEERS_DETECTED_TOTAL, Unit::Count, "Handshakes at which the peer's store turned out to be an amnesiac"),
+    (Kind::Counter, AMNESIA_DETECTED_TOTAL, Unit::Count, "Handshakes at which this site's own store turned out to be an amnesiac"),
+    (Kind::Counter, FULL_RESYNCS_COMPLETED_TOTAL, Unit::Count, "Full verified resyncs completed (each makes an amnesiac trusted again)"),
+    (Kind::Gauge, APPLIED_SEQUENCE, Unit::Count, "Highest write sequence durably applied on the secondary"),
+    (Kind::Gauge, REPLICATION_LAG_BYTES, Unit::Bytes, "Bytes written on the primary and not yet durably applied on the secondary"),
+    (Kind::Gauge, REPLICATION_LAG_SECONDS, Unit::Seconds, "Age of the oldest write the secondary may lack: the RPO now"),
     (Kind::Histogram, LAG_SAMPLED, Unit::Seconds, "The replication lag in seconds, sampled every second on a primary"),
-    (Kind::Gauge, "geomirror_failback_debt_bytes", Unit::Bytes, "What a failover now would copy back to this site afterwards"),
-    (Kind::Gauge, "geomirror_failback_debt_seconds", Unit::Seconds, "The failback debt at the paced bulk rate"),
-    (Kind::Gauge, "geomirror_resync_in_progress", Unit::Count, "1 while a resync (a failback) onto the peer runs"),
-    (Kind::Gauge, "geomirror_resync_remaining_bytes", Unit::Bytes, "What the running resync still has to check or copy"),
-    (Kind::Gauge, "geomirror_resync_remaining_seconds", Unit::Seconds, "The resync's remaining bytes at the paced bulk rate"),
-    (Kind::Counter, "geomirror_resyncs_started_total", Unit::Count, "Resyncs (failbacks) started by this primary"),
-    (Kind::Counter, "geomirror_resync_copied_bytes_total", Unit::Bytes, "Bytes a resync copied over the link"),
-    (Kind::Counter, "geomirror_resync_verified_bytes_total", Unit::Bytes, "Bytes a resync checked by digest on both sites instead of copying"),
-    (Kind::Counter, "geomirror_resync_mismatched_extents_total", Unit::Count, "Extents a resync's digest check found different (copied by block)"),
-    (Kind::Counter, "geomirror_record_updates_total", Unit::Count, "Record updates: sent by a primary, applied by a secondary"),
-    (Kind::Counter, "geomirror_record_pre_extensions_total", Unit::Count, "Record updates sent ahead of a stream, with no host write waiting"),
-    (Kind::Counter, "geomirror_record_answers_total", Unit::Count, "Record updates answered by the secondary"),
-    (Kind::Gauge, "geomirror_record_update_rtt_seconds", Unit::Seconds, "Record-update round trip, smoothed: one RTT plus the secondary's synced store write"),
-    (Kind::Counter, "geomirror_predicted_extents_total", Unit::Count, "Extents recorded beyond those missed: the predictor's guesses"),
-    (Kind::Counter, "geomirror_predicted_extents_used_total", Unit::Count, "Predicted extents a later write used (accuracy = used / predicted)"),
-    (Kind::Counter, "geomirror_evicted_extents_total", Unit::Count, "Extents evicted from the record"),
-    (Kind::Counter, "geomirror_evicted_generations_total", Unit::Count, "Generations evicted from the record"),
-    (Kind::Counter, "geomirror_failed_writes_total", Unit::Count, "Host writes failed (link-loss deadline, media error, fencing)"),
-    (Kind::Counter, "geomirror_degraded_writes_total", Unit::Count, "Writes acknowledged without the record (degrade policy) or, in sync mode, before the peer applied them"),
-    (Kind::Counter, "geomirror_throttled_writes_total", Unit::Count, "Host writes held back because the lag reached max_lag_bytes"),
-    (Kind::Counter, "geomirror_record_full_waits_total", Unit::Count, "Misses that waited because the record was full of extents not yet clean"),
-    (Kind::Counter, "geomirror_frames_refused_total", Unit::Count, "Peer frames refused as malformed or stale"),
-    (Kind::Counter, "geomirror_applied_writes_total", Unit::Count, "Shipped writes applied by a secondary"),
-    (Kind::Counter, "geomirror_applied_bytes_total", Unit::Bytes, "Shipped bytes applied by a secondary"),
-    (Kind::Counter, "geomirror_extents_saved_aside_total", Unit::Count, "Extents a secondary saved aside before a failback overwrote them"),
-    (Kind::Counter, "geomirror_failback_verified_extents_total", Unit::Count, "Failback digest checks answered by this (returning) site"),
-    (Kind::Counter, "geomirror_failback_mismatched_extents_total", Unit::Count, "Failback digest checks that found this site's extent different"),
-    (Kind::Counter, "geomirror_host_write_bytes_total", Unit::Bytes, "Bytes hosts wrote"),
-    (Kind::Counter, "geomirror_host_reads_total", Unit::Count, "Host reads"),
-    (Kind::Counter, "geomirror_host_read_bytes_total", Unit::Bytes, "Bytes hosts read"),
-    (Kind::Counter, "geomirror_host_flushes_total", Unit::Count, "Host flushes"),
-    (Kind::Counter, "geomirror_media_errors_total", Unit::Count, "Errors of the local media"),
-    (Kind::Counter, "geomirror_nbd_connections_total", Unit::Count, "NBD connections accepted"),
-    (Kind::Counter, "geomirror_nbd_requests_total", Unit::Count, "NBD requests read"),
+    (Kind::Gauge, FAILBACK_DEBT_BYTES, Unit::Bytes, "What a failover now would copy back to this site afterwards"),
+    (Kind::Gauge, FAILBACK_DEBT_SECONDS, Unit::Seconds, "The failback debt at the paced bulk rate"),
+    (Kind::Gauge, RESYNC_IN_PROGRESS, Unit::Count, "1 while a resync (a failback) onto the peer runs"),
+    (Kind::Gauge, RESYNC_REMAINING_BYTES, Unit::Bytes, "What the running resync still has to check or copy"),
+    (Kind::Gauge, RESYNC_REMAINING_SECONDS, Unit::Seconds, "The resync's remaining bytes at the paced bulk rate"),
+    (Kind::Counter, RESYNCS_STARTED_TOTAL, Unit::Count, "Resyncs (failbacks) started by this primary"),
+    (Kind::Counter, RESYNC_COPIED_BYTES_TOTAL, Unit::Bytes, "Bytes a resync copied over the link"),
+    (Kind::Counter, RESYNC_VERIFIED_BYTES_TOTAL, Unit::Bytes, "Bytes a resync checked by digest on both sites instead of copying"),
+    (Kind::Counter, RESYNC_MISMATCHED_EXTENTS_TOTAL, Unit::Count, "Extents a resync's digest check found different (copied by block)"),
+    (Kind::Counter, RECORD_UPDATES_TOTAL, Unit::Count, "Record updates: sent by a primary, applied by a secondary"),
+    (Kind::Counter, RECORD_PRE_EXTENSIONS_TOTAL, Unit::Count, "Record updates sent ahead of a stream, with no host write waiting"),
+    (Kind::Counter, RECORD_ANSWERS_TOTAL, Unit::Count, "Record updates answered by the secondary"),
+    (Kind::Gauge, RECORD_UPDATE_RTT_SECONDS, Unit::Seconds, "Record-update round trip, smoothed: one RTT plus the secondary's synced store write"),
+    (Kind::Counter, PREDICTED_EXTENTS_TOTAL, Unit::Count, "Extents recorded beyond those missed: the predictor's guesses"),
+    (Kind::Counter, PREDICTED_EXTENTS_USED_TOTAL, Unit::Count, "Predicted extents a later write used (accuracy = used / predicted)"),
+    (Kind::Counter, EVICTED_EXTENTS_TOTAL, Unit::Count, "Extents evicted from the record"),
+    (Kind::Counter, EVICTED_GENERATIONS_TOTAL, Unit::Count, "Generations evicted from the record"),
+    (Kind::Counter, FAILED_WRITES_TOTAL, Unit::Count, "Host writes failed (link-loss deadline, media error, fencing)"),
+    (Kind::Counter, DEGRADED_WRITES_TOTAL, Unit::Count, "Writes acknowledged without the record (degrade policy) or, in sync mode, before the peer applied them"),
+    (Kind::Counter, THROTTLED_WRITES_TOTAL, Unit::Count, "Host writes held back because the lag reached max_lag_bytes"),
+    (Kind::Counter, RECORD_FULL_WAITS_TOTAL, Unit::Count, "Misses that waited because the record was full of extents not yet clean"),
+    (Kind::Counter, FRAMES_REFUSED_TOTAL, Unit::Count, "Peer frames refused as malformed or stale"),
+    (Kind::Counter, APPLIED_WRITES_TOTAL, Unit::Count, "Shipped writes applied by a secondary"),
+    (Kind::Counter, APPLIED_BYTES_TOTAL, Unit::Bytes, "Shipped bytes applied by a secondary"),
+    (Kind::Counter, EXTENTS_SAVED_ASIDE_TOTAL, Unit::Count, "Extents a secondary saved aside before a failback overwrote them"),
+    (Kind::Counter, FAILBACK_VERIFIED_EXTENTS_TOTAL, Unit::Count, "Failback digest checks answered by this (returning) site"),
+    (Kind::Counter, FAILBACK_MISMATCHED_EXTENTS_TOTAL, Unit::Count, "Failback digest checks that found this site's extent different"),
+    (Kind::Counter, HOST_WRITE_BYTES_TOTAL, Unit::Bytes, "Bytes hosts wrote"),
+    (Kind::Counter, HOST_READS_TOTAL, Unit::Count, "Host reads"),
+    (Kind::Counter, HOST_READ_BYTES_TOTAL, Unit::Bytes, "Bytes hosts read"),
+    (Kind::Counter, HOST_FLUSHES_TOTAL, Unit::Count, "Host flushes"),
+    (Kind::Counter, MEDIA_ERRORS_TOTAL, Unit::Count, "Errors of the local media"),
+    (Kind::Counter, NBD_CONNECTIONS_TOTAL, Unit::Count, "NBD connections accepted"),
+    (Kind::Counter, NBD_REQUESTS_TOTAL, Unit::Count, "NBD requests read"),
     (Kind::Gauge, NBD_INFLIGHT, Unit::Bytes, "Bytes NBD requests read and not yet answered hold, over all connections: write payloads not yet applied, read data not yet sent, replies a client has not read"),
     (Kind::Gauge, NBD_INFLIGHT_PEAK, Unit::Bytes, "The most geomirror_nbd_inflight_bytes has been since the site started"),
     (Kind::Gauge, NBD_INFLIGHT_LIMIT, Unit::Bytes, "The site's bound on geomirror_nbd_inflight_bytes, [nbd] max_inflight_bytes"),
     (Kind::Counter, NBD_BUDGET_EXHAUSTED, Unit::Count, "NBD requests that waited, their connection unread, because the site's in-flight budget (limit=site) or their connection's bound (limit=connection) was spent"),
-    (Kind::Counter, "geomirror_nbd_errors_total", Unit::Count, "NBD errors by kind: error replies (inval, nospc, overflow, io, other), protocol violations, refused or timed-out handshakes, connections over the limit"),
-    (Kind::Counter, "geomirror_handshakes_refused_total", Unit::Count, "Replication handshakes refused, by reason (unknown_ca, expired, wrong_identity, ...)"),
-    (Kind::Gauge, "geomirror_link_rtt_seconds", Unit::Seconds, "QUIC's round-trip estimate, by connection (control, data)"),
-    (Kind::Gauge, "geomirror_link_congestion_window_bytes", Unit::Bytes, "QUIC's congestion window, by connection"),
-    (Kind::Counter, "geomirror_link_sent_bytes_total", Unit::Bytes, "UDP bytes sent on the link, by connection"),
-    (Kind::Counter, "geomirror_link_received_bytes_total", Unit::Bytes, "UDP bytes received on the link, by connection"),
-    (Kind::Counter, "geomirror_link_lost_packets_total", Unit::Count, "Packets QUIC declared lost, by connection"),
-    (Kind::Counter, "geomirror_link_congestion_events_total", Unit::Count, "QUIC congestion events, by connection"),
+    (Kind::Counter, NBD_ERRORS_TOTAL, Unit::Count, "NBD errors by kind: error replies (inval, nospc, overflow, io, other), protocol violations, refused or timed-out handshakes, connections over the limit"),
+    (Kind::Counter, HANDSHAKES_REFUSED_TOTAL, Unit::Count, "Replication handshakes refused, by reason (unknown_ca, expired, wrong_identity, ...)"),
+    (Kind::Gauge, LINK_RTT_SECONDS, Unit::Seconds, "QUIC's round-trip estimate, by connection (control, data)"),
+    (Kind::Gauge, LINK_CONGESTION_WINDOW_BYTES, Unit::Bytes, "QUIC's congestion window, by connection"),
+    (Kind::Counter, LINK_SENT_BYTES_TOTAL, Unit::Bytes, "UDP bytes sent on the link, by connection"),
+    (Kind::Counter, LINK_RECEIVED_BYTES_TOTAL, Unit::Bytes, "UDP bytes received on the link, by connection"),
+    (Kind::Counter, LINK_LOST_PACKETS_TOTAL, Unit::Count, "Packets QUIC declared lost, by connection"),
+    (Kind::Counter, LINK_CONGESTION_EVENTS_TOTAL, Unit::Count, "QUIC congestion events, by connection"),
     (Kind::Gauge, ADMIN_CONNECTIONS, Unit::Count, "Admin API connections holding a slot, by pool: general (tokens, metrics, anonymous) or admin (the reserve for admin certificates)"),
     (Kind::Counter, ADMIN_REFUSED, Unit::Count, "Admin API connections refused with 503 after their handshake, by reason: address_limit (one source's share) or connection_limit (the general pool)"),
     (Kind::Counter, ADMIN_TIMEOUTS, Unit::Count, "Admin API connections ended by a deadline, by kind: handshake, header (request head) or body"),
-    (Kind::Gauge, "geomirror_certificate_expiry_timestamp_seconds", Unit::Seconds, "When the site's certificate (site) and the CA (ca) expire, Unix time"),
-    (Kind::Gauge, "geomirror_build_info", Unit::Count, "1, labelled with the version"),
+    (Kind::Gauge, CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, Unit::Seconds, "When the site's certificate (site) and the CA (ca) expire, Unix time"),
+    (Kind::Gauge, BUILD_INFO, Unit::Count, "1, labelled with the version"),
 ];
 
 fn describe() {

@@ -145,7 +145,7 @@ impl RunningSite {
         let nbd_counters = server.counters();
         let (shutdown, rx) = watch::channel(false);
         let server = tokio::spawn(server.serve(rx));
-        let sources = crate::metrics::Sources {
+        let sources = crate::refresher::Sources {
             volumes: volumes.clone(),
             nbd: nbd_counters.clone(),
             refusals: cfg.peer.is_some().then(|| refusals.clone()),
@@ -153,7 +153,7 @@ impl RunningSite {
             bulk_bytes_per_sec: cfg.peer.as_ref().and_then(|p| p.tuning.bulk_bytes_per_sec),
             certificates,
         };
-        crate::metrics::spawn_refresher(sources, link_rx);
+        crate::refresher::spawn_refresher(sources, link_rx);
         Ok(RunningSite {
             name: cfg.name,
             nbd_addr,

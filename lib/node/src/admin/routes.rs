@@ -11,7 +11,7 @@
 use super::auth::{AnyCaller, Operator};
 use super::limits::MAX_CHECKSUM_EXTENTS;
 use super::{ApiError, AppState};
-use crate::volume::{PromoteOutcome, Volume, VolumeStatus};
+use crate::volume::{PromoteOutcome, RefusalKind, Reply, Volume, VolumeStatus};
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -113,7 +113,7 @@ impl VolumeReport {
             name: name.to_owned(),
             role: role_name(s.role).into(),
             epoch: s.epoch.0,
-            phase: s.phase.into(),
+            phase: s.phase.as_str().into(),
             link_up: s.link_up,
             drained: s.drained,
             applied: s.durable_applied.0,
@@ -177,8 +177,9 @@ async fn volume_status(v: &Volume) -> Result<VolumeStatus, ApiError> {
 }
 
 /// Asks a volume's driver for an operator's request and waits (up to `wait`) for its reply:
-/// a refusal becomes 409 with the volume's reason, silence 503.
-async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&Volume, crate::volume::Reply<T>)) -> Result<T, ApiError> {
+/// a refusal becomes 409 (it conflicts with the volume's role or state) or 503 (the volume
+/// cannot serve it now), with the volume's reason; silence becomes 503.
+async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&Volume, Reply<T>)) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
     send(
         v,
@@ -188,8 +189,15 @@ async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&V
     );
     match tokio::time::timeout(wait, rx).await {
         Ok(Ok(Ok(t))) => Ok(t),
-        Ok(Ok(Err(e))) => Err(ApiError(StatusCode::CONFLICT, format!("volume {}: {e}", v.name()))),
+        Ok(Ok(Err(e))) => Err(ApiError(refusal_status(e.kind()), format!("volume {}: {e}", v.name()))),
         _ => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("volume {} did not answer", v.name()))),
+    }
+}
+
+fn refusal_status(kind: RefusalKind) -> StatusCode {
+    match kind {
+        RefusalKind::Conflict => StatusCode::CONFLICT,
+        RefusalKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -38,9 +38,11 @@ use crate::volume::{LinkEvent, Outbound, Volume};
 use geomirror_core::{Frame, Role, Stream};
 use quinn::{Connection, Endpoint, VarInt};
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
 /// Reconnection backoff: from the first to the last, doubling.
@@ -53,6 +55,32 @@ const CLOSE_SHUTDOWN: u32 = 2;
 const CLOSE_PEER_LOST: u32 = 3;
 /// TLS 1.3's certificate_required alert (RFC 8446), sent to a client that presents none.
 const CERTIFICATE_REQUIRED: u8 = 116;
+
+/// Why an outgoing session ended (or never began). The link logs it and reconnects.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("{kind} connection: {source}")]
+    Connect { kind: ConnKind, source: quinn::ConnectError },
+    #[error("{kind} connection: {source}")]
+    Connection { kind: ConnKind, source: quinn::ConnectionError },
+    #[error("open a {kind} stream: {source}")]
+    Open { kind: ConnKind, source: quinn::ConnectionError },
+    #[error("stream preamble: {0}")]
+    Preamble(quinn::WriteError),
+    #[error("{stream}: {source}")]
+    Write { stream: String, source: FramingError },
+    #[error("the peer closed a control stream")]
+    ControlEnded,
+    #[error("control stream: {0}")]
+    ControlRead(FramingError),
+    /// No keep-alive was echoed within the idle timeout; the liveness check's reason.
+    #[error("{0}")]
+    PeerLost(String),
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("this site is no longer primary")]
+    NoLongerPrimary,
+}
 
 /// A volume as the link sees it: its handle and the frames it wants sent.
 pub struct LinkVolume {
@@ -88,21 +116,46 @@ struct Current {
     session: Option<u64>,
 }
 
-/// The QUIC connections of the latest session, by kind (`control`, `data`): what the link's
-/// metrics read (round-trip time, congestion window, bytes sent). Either side fills it: the
-/// connecting side with the connections it opened, the accepting side with those it took.
+/// The two QUIC connections of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConnKind {
+    /// Record updates, answers, hellos and keep-alives: never behind bulk data.
+    Control,
+    /// Host writes and resync copies.
+    Data,
+}
+
+impl ConnKind {
+    /// Its name in logs and in the metrics' `connection` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnKind::Control => "control",
+            ConnKind::Data => "data",
+        }
+    }
+}
+
+impl fmt::Display for ConnKind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The QUIC connections of the latest session, by kind: what the link's metrics read
+/// (round-trip time, congestion window, bytes sent). Either side fills it: the connecting
+/// side with the connections it opened, the accepting side with those it took.
 #[derive(Debug, Default)]
 pub struct LinkConns {
-    conns: Mutex<BTreeMap<&'static str, Connection>>,
+    conns: Mutex<BTreeMap<ConnKind, Connection>>,
 }
 
 impl LinkConns {
-    fn set(&self, kind: &'static str, conn: &Connection) {
+    fn set(&self, kind: ConnKind, conn: &Connection) {
         self.conns.lock().expect("not poisoned").insert(kind, conn.clone());
     }
 
     /// The stats of each connection still open, by kind; closed ones are forgotten.
-    pub fn stats(&self) -> Vec<(&'static str, quinn::ConnectionStats)> {
+    pub fn stats(&self) -> Vec<(ConnKind, quinn::ConnectionStats)> {
         let mut conns = self.conns.lock().expect("not poisoned");
         conns.retain(|_, c| c.close_reason().is_none());
         conns.iter().map(|(k, c)| (*k, c.stats())).collect()
@@ -233,9 +286,9 @@ async fn connect_loop(
         let mut roles: Vec<watch::Receiver<Role>> = volumes.iter().map(Volume::watch_role).collect();
         let result = tokio::select! {
             r = s.run() => r,
-            _ = shutdown.changed() => Err("shutting down".into()),
+            _ = shutdown.changed() => Err(SessionError::ShuttingDown),
             // A primary that fences itself stops connecting: it waits for the new primary.
-            _ = async { loop { futures_any(&mut roles).await; if !is_primary(volumes) { break } } } => Err("this site is no longer primary".into()),
+            _ = async { loop { futures_any(&mut roles).await; if !is_primary(volumes) { break } } } => Err(SessionError::NoLongerPrimary),
         };
         s.end();
         if s.connected {
@@ -245,7 +298,7 @@ async fn connect_loop(
             return;
         }
         if let Err(why) = &result {
-            tracing::warn!(peer = %peer.address, peer_name = peer.name, why, retry_in = ?backoff, "replication link down");
+            tracing::warn!(peer = %peer.address, peer_name = peer.name, %why, retry_in = ?backoff, "replication link down");
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -268,22 +321,26 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn run(&mut self) -> Result<(), String> {
-        let connect = |what: &'static str| {
+    async fn run(&mut self) -> Result<(), SessionError> {
+        let connect = |kind: ConnKind| {
             let c = self.endpoint.connect(self.peer.address, &self.peer.name);
-            async move { c.map_err(|e| format!("{what}: {e}"))?.await.map_err(|e| format!("{what}: {e}")) }
+            async move {
+                c.map_err(|source| SessionError::Connect { kind, source })?
+                    .await
+                    .map_err(|source| SessionError::Connection { kind, source })
+            }
         };
-        let control = connect("control connection").await?;
-        let data = connect("data connection").await?;
-        self.conns.set("control", &control);
-        self.conns.set("data", &data);
+        let control = connect(ConnKind::Control).await?;
+        let data = connect(ConnKind::Data).await?;
+        self.conns.set(ConnKind::Control, &control);
+        self.conns.set(ConnKind::Data, &data);
         let _close = CloseOnDrop(vec![control.clone(), data.clone()]);
-        let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
+        let (err_tx, mut err_rx) = mpsc::unbounded_channel::<SessionError>();
         let (merged_tx, mut merged) = mpsc::unbounded_channel::<(usize, Stream, Frame)>();
         let live = Arc::new(Liveness::new(self.peer.liveness));
         let mut control_writers = Vec::new();
         for (i, v) in self.volumes.iter().enumerate() {
-            let (send, recv) = control.open_bi().await.map_err(|e| format!("open a control stream: {e}"))?;
+            let (send, recv) = control.open_bi().await.map_err(|source| SessionError::Open { kind: ConnKind::Control, source })?;
             let preamble = Preamble { stream: Stream::Control, session: self.session, volume: v.name().to_owned() };
             let writer = spawn_writer(send, Some(preamble), None, err_tx.clone());
             control_writers.push(writer.clone());
@@ -294,8 +351,8 @@ impl Session<'_> {
                 let end = loop {
                     match read_frame(&mut recv, &mut buf).await {
                         Ok(Some(f)) => received(&v, session, f, &live, &writer),
-                        Ok(None) => break "the peer closed a control stream".to_string(),
-                        Err(e) => break format!("control stream: {e}"),
+                        Ok(None) => break SessionError::ControlEnded,
+                        Err(e) => break SessionError::ControlRead(e),
                     }
                 };
                 let _ = err.send(end);
@@ -331,7 +388,7 @@ impl Session<'_> {
                     if live.is_lost() {
                         let why = live.reason();
                         control.close(VarInt::from_u32(CLOSE_PEER_LOST), why.as_bytes());
-                        return Err(why);
+                        return Err(SessionError::PeerLost(why));
                     }
                 }
                 Some((i, stream, f)) = merged.recv() => match stream {
@@ -342,7 +399,7 @@ impl Session<'_> {
                         let tx = match lanes.get(&(i, bulk)) {
                             Some(tx) => tx.clone(),
                             None => {
-                                let send = data.open_uni().await.map_err(|e| format!("open a data stream: {e}"))?;
+                                let send = data.open_uni().await.map_err(|source| SessionError::Open { kind: ConnKind::Data, source })?;
                                 let preamble = Preamble { stream: bulk, session: self.session, volume: self.volumes[i].name().to_owned() };
                                 let tx = spawn_writer(send, Some(preamble), self.pacer.clone(), err_tx.clone());
                                 lanes.insert((i, bulk), tx.clone());
@@ -353,8 +410,8 @@ impl Session<'_> {
                     }
                 },
                 Some(e) = err_rx.recv() => return Err(e),
-                e = control.closed() => return Err(format!("control connection: {e}")),
-                e = data.closed() => return Err(format!("data connection: {e}")),
+                source = control.closed() => return Err(SessionError::Connection { kind: ConnKind::Control, source }),
+                source = data.closed() => return Err(SessionError::Connection { kind: ConnKind::Data, source }),
             }
         }
     }
@@ -416,14 +473,14 @@ fn spawn_writer(
     mut send: quinn::SendStream,
     preamble: Option<Preamble>,
     pacer: Option<Arc<Pacer>>,
-    err: mpsc::UnboundedSender<String>,
+    err: mpsc::UnboundedSender<SessionError>,
 ) -> mpsc::UnboundedSender<Frame> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
         let what = preamble.as_ref().map_or("reply stream".to_string(), |p| format!("{:?} stream of {}", p.stream, p.volume));
         if let Some(p) = &preamble {
             if let Err(e) = send.write_all(&p.encode()).await {
-                let _ = err.send(format!("stream preamble: {e}"));
+                let _ = err.send(SessionError::Preamble(e));
                 return;
             }
         }
@@ -433,7 +490,7 @@ fn spawn_writer(
                 None => write_frame(&mut send, &f).await,
             };
             if let Err(e) = written {
-                let _ = err.send(format!("{what}: {e}"));
+                let _ = err.send(SessionError::Write { stream: what, source: e });
                 return;
             }
         }
@@ -534,8 +591,8 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
         conn.close(VarInt::from_u32(CLOSE_REFUSED), b"a bidirectional stream must be a control stream");
         return;
     }
-    a.conns.set("control", &conn);
-    let (err_tx, mut err_rx) = mpsc::unbounded_channel::<String>();
+    a.conns.set(ConnKind::Control, &conn);
+    let (err_tx, mut err_rx) = mpsc::unbounded_channel::<SessionError>();
     let writer = spawn_writer(send, None, None, err_tx);
     let keep_alive = writer.clone();
     // The accepting side answers on the control stream only: data streams belong to the
@@ -585,7 +642,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
         tokio::select! {
             _ = &mut reading => break,
             Some(e) = err_rx.recv() => {
-                tracing::info!(volume = p.volume, error = e, "control stream write failed");
+                tracing::info!(volume = p.volume, error = %e, "control stream write failed");
                 break;
             }
             _ = probes.tick() => {
@@ -616,7 +673,7 @@ async fn data_stream(conn: Connection, mut recv: quinn::RecvStream, a: Arc<Accep
         conn.close(VarInt::from_u32(CLOSE_REFUSED), b"a unidirectional stream must be a data or resync stream");
         return;
     }
-    a.conns.set("data", &conn);
+    a.conns.set(ConnKind::Data, &conn);
     let mut buf = Vec::new();
     loop {
         match read_frame(&mut recv, &mut buf).await {

@@ -1,7 +1,7 @@
 //! Two real volumes replicating over QUIC with mutual TLS, through the WAN emulator: the
 //! link of `link.rs` in place of the in-process channel of `volume_pair_tests.rs`.
 
-use super::link::{self, LinkConns, LinkVolume, Peer};
+use super::link::{self, ConnKind, LinkConns, LinkVolume, Peer};
 use super::tls::{Refusals, SiteTls};
 use super::{client_endpoint, endpoint, LinkTuning};
 use crate::certs::{Ca, Validity};
@@ -102,10 +102,10 @@ async fn a_volume_replicates_over_quic_with_mtls_through_the_wan_emulator() {
     rx.await.unwrap();
     // What the link's metrics read: both connections, on both sides, with the data's bytes.
     let sent: std::collections::BTreeMap<_, _> = p_conns.stats().into_iter().map(|(k, st)| (k, st.udp_tx.bytes)).collect();
-    assert_eq!(sent.keys().copied().collect::<Vec<_>>(), ["control", "data"], "{sent:?}");
-    assert!(sent["data"] > 40 * MIB, "the primary's data connection sent the 40 MiB written: {sent:?}");
+    assert_eq!(sent.keys().copied().collect::<Vec<_>>(), [ConnKind::Control, ConnKind::Data], "{sent:?}");
+    assert!(sent[&ConnKind::Data] > 40 * MIB, "the primary's data connection sent the 40 MiB written: {sent:?}");
     let seen: Vec<_> = s_conns.stats().into_iter().map(|(k, st)| (k, st.path.rtt)).collect();
-    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), ["control", "data"], "{seen:?}");
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [ConnKind::Control, ConnKind::Data], "{seen:?}");
     let _ = stop_tx.send(true);
     let _ = tokio::join!(p_task, s_task);
     primary.stop();
