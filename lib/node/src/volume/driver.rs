@@ -77,6 +77,7 @@ pub(super) fn start(
         drain_waiters: Vec::new(),
         promote_waiters: Vec::new(),
         demotion: None,
+        amnesia_seen: AmnesiaSeen::default(),
     };
     let handle = std::thread::Builder::new().name(format!("volume-{}", cfg.name)).spawn(move || driver.run(rx)).expect("spawn");
     (tx, handle)
@@ -139,6 +140,18 @@ struct Driver {
     /// A planned demotion: drains until the deadline, then demotes; answered once the role
     /// changed.
     demotion: Option<Demotion>,
+    /// What the log last said of store identity (see `log_amnesia`).
+    amnesia_seen: AmnesiaSeen,
+}
+
+/// The amnesia events the log has reported: counters and states of the current machine.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct AmnesiaSeen {
+    peers_detected: u64,
+    self_detected: u64,
+    stepped_down: u64,
+    full_resync_running: bool,
+    full_resyncs_completed: u64,
 }
 
 struct Demotion {
@@ -201,6 +214,7 @@ impl Driver {
                 }
             }
             self.execute();
+            self.log_amnesia();
             self.progress_demotion();
             if !self.drain_waiters.is_empty() && self.nothing_to_drain() {
                 for f in std::mem::take(&mut self.drain_waiters) {
@@ -422,6 +436,53 @@ impl Driver {
     }
 
     /// Runs the core's actions until it has none, in the order emitted.
+    /// Logs each amnesia event once, as it happens: a peer found an amnesiac, this store
+    /// finding itself one, a primary stepping down over its own store, and a full verified
+    /// resync starting and ending. (The counters start over with each machine: a role
+    /// change resets what was seen.)
+    fn log_amnesia(&mut self) {
+        let name = &self.name;
+        let now = match &self.core {
+            Machine::Primary(p) => {
+                let s = p.stats();
+                AmnesiaSeen {
+                    peers_detected: s.amnesiac_peers_detected,
+                    self_detected: 0,
+                    stepped_down: s.stepped_down_amnesiac,
+                    full_resync_running: p.full_resync_progress().is_some(),
+                    full_resyncs_completed: s.full_resyncs_completed,
+                }
+            }
+            Machine::Secondary(s) => AmnesiaSeen {
+                self_detected: s.stats().amnesia_detected,
+                full_resyncs_completed: s.stats().full_resyncs_completed,
+                ..AmnesiaSeen::default()
+            },
+        };
+        let was = self.amnesia_seen;
+        if now == was {
+            return;
+        }
+        if now.peers_detected > was.peers_detected {
+            let why = self.core.primary().and_then(|p| p.peer_amnesia()).unwrap_or("").to_owned();
+            tracing::error!(volume = %name, why, "THE PEER IS AN AMNESIAC: its record is not trusted; a full verified resync of the whole volume follows (docs/operations.md, \"Amnesia\")");
+        }
+        if now.self_detected > was.self_detected {
+            let why = self.core.secondary().and_then(|s| s.amnesia_reason()).unwrap_or("").to_owned();
+            tracing::error!(volume = %name, why, "THIS STORE IS AN AMNESIAC: it lost state it had acknowledged; its primary rebuilds it with a full verified resync");
+        }
+        if now.stepped_down > was.stepped_down {
+            tracing::error!(volume = %name, "this primary's own store lost state: it stopped serving and waits for an operator to promote one site (docs/operations.md, \"Amnesia\")");
+        }
+        if now.full_resync_running && !was.full_resync_running {
+            tracing::warn!(volume = %name, "full verified resync started: every extent is compared by block digests, and the blocks that differ are copied");
+        }
+        if now.full_resyncs_completed > was.full_resyncs_completed {
+            tracing::warn!(volume = %name, "full verified resync ended: the peer's record is trusted again");
+        }
+        self.amnesia_seen = now;
+    }
+
     fn execute(&mut self) {
         while let Some(action) = self.core.poll_action() {
             if self.failed.load(Ordering::Acquire) {
