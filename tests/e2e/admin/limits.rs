@@ -140,6 +140,9 @@ fn strangers_are_refused_on_every_route_before_the_body_is_read() {
         }
         let a = send(&admin, "POST", "/v1/checksums", Some(("application/json", b"{\"volume\": \"vol0\"}".to_vec()))).await;
         assert!(a.status == 422 && text(&a).contains("extents"), "an admin is told which field is missing: {} {}", a.status, text(&a));
+        // In the JSON every other error answer has.
+        let j: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_else(|e| panic!("{e}: {}", text(&a)));
+        assert!(j["error"].as_str().is_some_and(|e| e.contains("extents")), "{j}");
         // A body over the limit, declared or not, is refused as too large.
         let over = vec![b' '; MAX_BODY_BYTES + 1];
         let a = send(&admin, "POST", "/v1/checksums", Some(("application/json", over))).await;
@@ -182,6 +185,10 @@ fn checksums_answer_for_extents_inside_the_volume_only() {
                 assert!(text(&a).contains(&want), "{extents:?}: {}", text(&a));
             }
         }
+        // Each extent once: repeating one would read it again per copy.
+        let a = ask(vec![3, 7, 3]).await;
+        assert_eq!(a.status, 400, "{}", text(&a));
+        assert!(text(&a).contains("extent 3 is asked more than once"), "{}", text(&a));
         let a = ask(vec![0; MAX_CHECKSUM_EXTENTS + 1]).await;
         assert_eq!(a.status, 400, "{}", text(&a));
         assert!(text(&a).contains(&format!("at most {MAX_CHECKSUM_EXTENTS} per request")), "{}", text(&a));

@@ -164,6 +164,10 @@ fn authorize(peer: &PeerCert, headers: &HeaderMap, st: &AppState, metrics_route:
             format!("{what} is not an admin identity ({ids:?}); use an admin certificate from `geomirror certs --admin NAME`"),
         ));
     }
+    // One credential per request: with two, which one counts would depend on the order.
+    if headers.get_all(header::AUTHORIZATION).iter().count() > 1 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "more than one Authorization header: send exactly one".into()));
+    }
     let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let Some(given) = bearer.map(|b| b.trim().as_bytes()) else {
         return Err(ApiError(StatusCode::UNAUTHORIZED, ANONYMOUS.into()));

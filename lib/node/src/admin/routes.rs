@@ -12,6 +12,7 @@ use super::auth::{AnyCaller, Operator};
 use super::limits::MAX_CHECKSUM_EXTENTS;
 use super::{ApiError, AppState};
 use crate::volume::{PromoteOutcome, RefusalKind, Reply, Volume, VolumeStatus};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -40,7 +41,7 @@ impl FromRequest<Arc<AppState>> for Asked {
         let Operator(caller) = <Operator as axum::extract::FromRequestParts<_>>::from_request_parts(&mut parts, st).await?;
         let body = Option::<Json<TransitionRequest>>::from_request(Request::from_parts(parts, body), st)
             .await
-            .map_err(IntoResponse::into_response)?;
+            .map_err(|e| bad_json(e).into_response())?;
         Ok(Asked { caller, req: body.map(|Json(b)| b).unwrap_or_default() })
     }
 }
@@ -414,8 +415,9 @@ pub struct ChecksumRequest {
 async fn checksums(
     State(st): State<Arc<AppState>>,
     _: Operator,
-    Json(req): Json<ChecksumRequest>,
+    req: Result<Json<ChecksumRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = req.map_err(bad_json)?;
     let Some(v) = st.site.volumes.iter().find(|v| v.name() == req.volume).cloned() else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no volume {:?} on this site", req.volume)));
     };
@@ -427,6 +429,12 @@ async fn checksums(
     }
     let geometry = volume_geometry(&v).await?;
     checked_extents(v.name(), &geometry, &req.extents)?;
+    // Each extent once: a list that repeats one would read it again per copy, and the cap
+    // above bounds the work only if the extents are distinct.
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(e) = req.extents.iter().find(|e| !seen.insert(**e)) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("extent {e} is asked more than once: name each extent once")));
+    }
     let name = v.name().to_owned();
     let sums = tokio::task::spawn_blocking(move || v.checksums(&req.extents, geometry.extent_bytes()))
         .await
@@ -436,6 +444,12 @@ async fn checksums(
             e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("volume {name}: cannot read its media ({e:?}); see the site's log")),
         })?;
     Ok(Json(serde_json::json!({ "volume": req.volume, "crc32c": sums })))
+}
+
+/// A body that is not the JSON a route takes, answered like every other error (`{"error": ...}`)
+/// with the status axum chose (400, 413, 415 or 422).
+fn bad_json(e: JsonRejection) -> ApiError {
+    ApiError(e.status(), e.body_text())
 }
 
 /// A volume's geometry: its size and the extent size its driver reports.
