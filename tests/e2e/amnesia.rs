@@ -91,21 +91,16 @@ fn copy_dir(from: &Path, to: &Path) {
 /// A clean site: linked, drained (primary) or authoritative and consistent (secondary), no
 /// amnesia. What both sites must report once the pair has healed.
 fn clean_primary(v: &serde_json::Value) -> bool {
-    v["role"] == "primary"
-        && v["link_up"] == true
-        && v["drained"] == true
-        && v["authoritative"] == true
-        && v["amnesiac"] == false
-        && v["split_brain"] == false
+    v["role"] == "primary" && v["drained"] == true && linked_and_trusted(v)
 }
 
 fn clean_secondary(v: &serde_json::Value) -> bool {
-    v["role"] == "secondary"
-        && v["link_up"] == true
-        && v["authoritative"] == true
-        && v["consistent"] == true
-        && v["amnesiac"] == false
-        && v["split_brain"] == false
+    v["role"] == "secondary" && v["consistent"] == true && linked_and_trusted(v)
+}
+
+/// What both roles must report to be clean: linked, authoritative, no amnesia, no split brain.
+fn linked_and_trusted(v: &serde_json::Value) -> bool {
+    v["link_up"] == true && v["authoritative"] == true && v["amnesiac"] == false && v["split_brain"] == false
 }
 
 #[test]
