@@ -1,11 +1,12 @@
 //! A whole site: its volumes, its NBD server and, with a peer, its replication link.
 //!
-//! Owns: the start order (every check that can fail first, `preflight` and the refusal of
-//! media without replication state, before any file or directory is created; then stores
-//! and media, then the link, then the NBD listener, so that no host is accepted before its
-//! volume can serve) and the stop order (stop accepting, finish the requests already read,
-//! let a primary drain to its peer for a bounded time, close the link, sync every volume,
-//! end).
+//! Owns: the start order (every check that can fail first, before any file or directory is
+//! created: `preflight`, binding the NBD listener and the replication port, a look that the
+//! admin address is free, the refusal of media without replication state; then stores and
+//! media, then the link and the admin API, then serving NBD, so that no host is answered
+//! before its volume can serve) and the stop order (stop accepting, finish the requests
+//! already read, let a primary drain to its peer for a bounded time, close the link, sync
+//! every volume, end).
 //!
 //! Must not: hold policy. It wires the parts the config describes.
 
@@ -54,6 +55,27 @@ impl RunningSite {
         // Nothing is created before every check that can fail has passed, so a refused start
         // leaves the disk as it was.
         let checked = preflight::check(&cfg)?;
+        // Then the addresses, still before anything is created: the NBD listener and the
+        // replication port are bound now (hosts and the peer wait in their queues until the
+        // volumes serve), and the admin address is tried (the admin API binds it once the
+        // volumes it controls exist).
+        let server = NbdServer::bind(cfg.nbd.clone())
+            .await
+            .with_context(|| format!("cannot listen for NBD clients on {} (nbd.listen)", cfg.nbd.listen))?;
+        let refusals = Arc::new(Refusals::default());
+        let endpoint = match &cfg.peer {
+            None => None,
+            Some(p) => {
+                let tls = checked.tls.as_ref().context("the checks load the certificates of a site with a peer")?;
+                let endpoint = crate::transport::endpoint(p.listen, tls, &p.name, &p.tuning, refusals.clone())
+                    .with_context(|| format!("cannot listen for the peer on {} (peer.listen)", p.listen))?;
+                Some(endpoint)
+            }
+        };
+        if let Some(a) = cfg.admin.as_ref().filter(|a| a.listen.port() != 0) {
+            std::net::TcpListener::bind(a.listen)
+                .with_context(|| format!("cannot listen for the admin API on {} (admin.listen)", a.listen))?;
+        }
         // Before the volumes: their write handles bind to the recorder installed now.
         crate::metrics::install(&cfg.name)?;
         let mut volumes = Vec::new();
@@ -99,15 +121,13 @@ impl RunningSite {
             bail!("the volumes of this site disagree about its role ({roles:?}); promote or demote them together");
         }
 
-        let refusals = Arc::new(Refusals::default());
         let conns = Arc::new(LinkConns::default());
         let mut certificates = Vec::new();
         let (link_shutdown, link_rx) = watch::channel(false);
         let mut link_addr = None;
         let mut admin_addr = None;
-        let link = match &cfg.peer {
-            None => None,
-            Some(p) => {
+        let link = match (&cfg.peer, endpoint) {
+            (Some(p), Some(endpoint)) => {
                 let tls = checked.tls.context("the checks load the certificates of a site with a peer")?;
                 certificates.extend(tls.not_after().map(|t| ("site", t)));
                 certificates.extend(tls.ca_not_after.map(|t| ("ca", t)));
@@ -122,8 +142,6 @@ impl RunningSite {
                     admin_addr =
                         Some(admin::start(AdminConfig { listen: a.listen, token, metrics_token }, &tls, control, link_rx.clone()).await?);
                 }
-                let endpoint = crate::transport::endpoint(p.listen, &tls, &p.name, &p.tuning, refusals.clone())
-                    .with_context(|| format!("cannot listen for the peer on {}", p.listen))?;
                 link_addr = Some(endpoint.local_addr()?);
                 let lv: Vec<LinkVolume> =
                     volumes.iter().cloned().zip(link_volumes).map(|(volume, outbox)| LinkVolume { volume, outbox }).collect();
@@ -136,15 +154,13 @@ impl RunningSite {
                 };
                 Some(tokio::spawn(link::run(endpoint, peer, lv, refusals.clone(), conns.clone(), link_rx.clone())))
             }
+            _ => None,
         };
 
-        let server = NbdServer::bind(cfg.nbd.clone(), volumes.clone())
-            .await
-            .with_context(|| format!("cannot listen for NBD clients on {}", cfg.nbd.listen))?;
         let nbd_addr = server.local_addr()?;
         let nbd_counters = server.counters();
         let (shutdown, rx) = watch::channel(false);
-        let server = tokio::spawn(server.serve(rx));
+        let server = tokio::spawn(server.serve(volumes.clone(), rx));
         let sources = crate::metrics::Sources {
             volumes: volumes.clone(),
             nbd: nbd_counters.clone(),

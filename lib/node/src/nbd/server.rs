@@ -113,7 +113,6 @@ pub fn nbd_error(e: HostError) -> NbdError {
 
 pub struct NbdServer {
     listener: TcpListener,
-    volumes: Arc<Vec<Volume>>,
     cfg: NbdConfig,
     counters: Arc<NbdCounters>,
     budget: Arc<SiteBudget>,
@@ -123,7 +122,8 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    pub async fn bind(cfg: NbdConfig, volumes: Vec<Volume>) -> io::Result<NbdServer> {
+    /// Binds the listener. Clients that connect wait in its queue until `serve`.
+    pub async fn bind(cfg: NbdConfig) -> io::Result<NbdServer> {
         let listener = TcpListener::bind(cfg.listen).await?;
         let counters = Arc::new(NbdCounters::default());
         let budget = Arc::new(SiteBudget::new(
@@ -133,7 +133,7 @@ impl NbdServer {
             counters.inflight.clone(),
         ));
         let slots = Arc::new(Semaphore::new(cfg.max_connections));
-        Ok(NbdServer { listener, volumes: Arc::new(volumes), cfg, counters, budget, slots })
+        Ok(NbdServer { listener, cfg, counters, budget, slots })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -150,12 +150,12 @@ impl NbdServer {
         self.slots.clone()
     }
 
-    /// Serves until `shutdown` turns true; then stops accepting, lets every connection
-    /// finish the requests it has read, and returns when all have closed.
-    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) {
+    /// Serves `volumes` until `shutdown` turns true; then stops accepting, lets every
+    /// connection finish the requests it has read, and returns when all have closed.
+    pub async fn serve(self, volumes: Vec<Volume>, mut shutdown: watch::Receiver<bool>) {
+        let volumes = Arc::new(volumes);
         let slots = self.slots.clone();
-        let exports: Vec<ExportInfo> = self
-            .volumes
+        let exports: Vec<ExportInfo> = volumes
             .iter()
             .map(|v| ExportInfo { name: v.name().into(), description: v.description().into(), size_bytes: v.size_bytes() })
             .collect();
@@ -181,7 +181,7 @@ impl NbdServer {
                     };
                     self.counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
                     let conn = Connection {
-                        volumes: self.volumes.clone(),
+                        volumes: volumes.clone(),
                         exports: exports.clone(),
                         cfg: self.cfg.clone(),
                         counters: self.counters.clone(),

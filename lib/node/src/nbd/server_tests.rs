@@ -97,12 +97,12 @@ async fn clients_that_go_away_without_reading_give_back_their_slots_and_budget()
         max_inflight_bytes_per_connection: 64 << 20,
         max_inflight_bytes: BUDGET_BYTES,
     };
-    let server = NbdServer::bind(cfg, vec![vol.clone()]).await.unwrap();
+    let server = NbdServer::bind(cfg).await.unwrap();
     let addr = server.local_addr().unwrap();
     let counters = server.counters();
     let slots = server.slots();
     let (stop, stopped) = watch::channel(false);
-    let serving = tokio::spawn(server.serve(stopped));
+    let serving = tokio::spawn(server.serve(vec![vol.clone()], stopped));
 
     let mut gone = Vec::new();
     for _ in 0..SLOTS {
