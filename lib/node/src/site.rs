@@ -5,8 +5,8 @@
 //! admin address is free, the refusal of media without replication state; then stores and
 //! media, then the link and the admin API, then serving NBD, so that no host is answered
 //! before its volume can serve) and the stop order (stop accepting, finish the requests
-//! already read, let a primary drain to its peer for a bounded time, close the link, sync
-//! every volume, end).
+//! already read, let a primary drain to its peer while its link is up, for a bounded time,
+//! close the link, sync every volume, end).
 //!
 //! Must not: hold policy. It wires the parts the config describes.
 
@@ -28,6 +28,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// How long a stopping primary waits for its peer to apply everything it wrote.
 const STOP_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// How often a stopping primary looks at its link again while it waits: the volume says
+/// when it is drained, but not when its link goes down, which ends the wait.
+const STOP_LINK_CHECK: Duration = Duration::from_millis(200);
 
 pub struct RunningSite {
     pub name: String,
@@ -193,27 +196,16 @@ impl RunningSite {
     }
 
     /// Stops accepting, lets connections finish what they have read, gives the primaries up
-    /// to `STOP_DRAIN_DEADLINE` to have their peer apply everything, then stops the link and
-    /// stops and syncs every volume. The deadline is for all volumes together: a site of
-    /// many volumes whose peer is gone waits it once, not once per volume.
+    /// to `STOP_DRAIN_DEADLINE` to have their peer apply everything while their link is up,
+    /// then stops the link and stops and syncs every volume. The deadline is for all volumes
+    /// together: a site of many volumes waits it once, not once per volume.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         if let Some(link) = self.link {
-            // Each volume's present role decides, not the configured one: a promoted
-            // secondary drains, and a fenced old primary has nothing to drain.
             let until = tokio::time::Instant::now() + STOP_DRAIN_DEADLINE;
             for v in &self.volumes {
-                let (tx, rx) = oneshot::channel();
-                v.when_drained(move || {
-                    let _ = tx.send(());
-                });
-                match tokio::time::timeout_at(until, rx).await {
-                    Ok(_) => tracing::info!(volume = v.name(), "drained: nothing left for the peer to apply"),
-                    Err(_) => {
-                        tracing::warn!(volume = v.name(), deadline = ?STOP_DRAIN_DEADLINE, "stopping before the peer applied every write; it resumes at the next start")
-                    }
-                }
+                drain_before_stop(v, until).await;
             }
             let _ = self.link_shutdown.send(true);
             let _ = link.await;
@@ -232,3 +224,58 @@ impl RunningSite {
         .await;
     }
 }
+
+/// Waits, until `until` at most, while waiting can help: while the volume is a primary whose
+/// link is up and whose peer has not applied everything. Each volume's present role decides,
+/// not the configured one: a promoted secondary drains, and a fenced old primary has nothing
+/// to drain. Says in the log how the wait ended, and whether writes are left for the next
+/// start.
+async fn drain_before_stop(v: &Volume, until: tokio::time::Instant) {
+    let (tx, mut drained) = oneshot::channel();
+    v.when_drained(move || {
+        let _ = tx.send(());
+    });
+    loop {
+        let (tx, rx) = oneshot::channel();
+        v.status(move |s| {
+            let _ = tx.send(s);
+        });
+        let Ok(s) = rx.await else { return };
+        if s.role != Role::Primary || s.phase == "fenced" || s.drained {
+            tracing::info!(volume = v.name(), "drained: nothing left for the peer to apply");
+            return;
+        }
+        if !s.link_up {
+            let (lag_bytes, resync_bytes) = (s.lag_bytes, s.resync_remaining_bytes);
+            if lag_bytes == 0 && resync_bytes == 0 && !s.amnesiac {
+                tracing::info!(volume = v.name(), "the peer is not connected; it had applied every write: stopping now");
+            } else {
+                tracing::warn!(
+                    volume = v.name(),
+                    lag_bytes,
+                    resync_bytes,
+                    "the peer is not connected: stopping now, before it applied every write; it resumes at the next start"
+                );
+            }
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            tracing::warn!(volume = v.name(), deadline = ?STOP_DRAIN_DEADLINE, lag_bytes = s.lag_bytes, "stopping before the peer applied every write; it resumes at the next start");
+            return;
+        }
+        tokio::select! {
+            r = &mut drained => {
+                if r.is_ok() {
+                    tracing::info!(volume = v.name(), "drained: nothing left for the peer to apply");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(until.min(now + STOP_LINK_CHECK)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "site_tests.rs"]
+mod tests;
