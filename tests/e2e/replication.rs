@@ -240,6 +240,13 @@ fn a_remote_flush_means_the_secondary_has_the_data() {
     assert!(text.contains("wrote 65536/65536"), "the hit was not acknowledged: {text}");
     assert!(!out.status.success(), "a remote flush succeeded with the link cut: {text}");
     emu.set_cut(false);
+    // A primary stops at once while its link is down, so the comparison waits for the link:
+    // a remote flush succeeds again once the secondary has applied every write (each try
+    // while the link is still down fails after the deadline).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !tool("qemu-io", "qemu-utils").args(["-f", "raw", &url, "-c", "flush"]).output().unwrap().status.success() {
+        assert!(std::time::Instant::now() < deadline, "a remote flush never succeeded again after the link came back");
+    }
     stop_and_compare(dir, primary, secondary);
     drop(emu);
 }

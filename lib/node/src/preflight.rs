@@ -1,8 +1,12 @@
 //! What a site checks on disk before it creates anything there.
 //!
-//! Owns: every check of the files and directories a validated config names that can fail:
+//! Owns: every check of the files and directories a validated config names that can fail,
+//! and of the addresses it listens on:
 //! - each volume's media: its directory exists (geomirror never creates the directories of
-//!   the files an operator names), and the media, if it exists, is a regular file;
+//!   the files an operator names), and the media, if it exists, is a regular file of the
+//!   volume's size (or empty: the start sizes it);
+//! - the TCP listeners (`nbd.listen` and, with a peer, `admin.listen`): not the same
+//!   address (the replication port is UDP, and may share a number with either);
 //! - with a peer, the state directory: a directory, or creatable (its parent exists), and
 //!   each volume's store in it a directory if present;
 //! - the site's certificate, key and CA: readable and parseable, the key the certificate's;
@@ -12,14 +16,16 @@
 //! `RunningSite::start` runs `check` before it creates a directory or a file, so a refused
 //! start leaves the disk as it was, and each refusal names the config field it is about.
 //!
-//! Must not: create, write, lock or open for writing anything; decide what a site does with
-//! the state it finds (`site.rs` does).
+//! Must not: create, write, lock or open for writing anything, or bind an address (the site
+//! binds its listeners itself, right after these checks); decide what a site does with the
+//! state it finds (`site.rs` does).
 
 use crate::config::SiteConfig;
 use crate::transport::tls::{self, SiteTls, TlsError};
 use rustls::sign::CertifiedKey;
 use std::fs::Metadata;
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -37,6 +43,12 @@ pub enum PreflightError {
     NoDirectory { field: String, path: PathBuf, dir: PathBuf },
     #[error("{field} {path} is {kind}; it must be a regular file (geomirror creates it, sparse, if it is missing)")]
     NotAFile { field: String, path: PathBuf, kind: &'static str },
+    #[error(
+        "{field} {path} is {actual} bytes but {size_field} is {configured} bytes; geomirror never truncates or grows media on its own: fix {size_field}, or move the file away to start empty"
+    )]
+    MediaSize { field: String, size_field: String, path: PathBuf, actual: u64, configured: u64 },
+    #[error("{first} and {second} are both {addr}: two listeners cannot share an address; give each its own port")]
+    SameAddress { first: &'static str, second: &'static str, addr: SocketAddr },
     #[error("{field} {path} is {kind}, not a directory")]
     NotADirectory { field: String, path: PathBuf, kind: &'static str },
     #[error("{field} {path}: cannot look it up")]
@@ -70,8 +82,9 @@ pub struct Checked {
 
 /// Runs every check, in the order of the config file; the first failure is returned.
 pub fn check(cfg: &SiteConfig) -> Result<Checked, PreflightError> {
+    check_listeners(cfg)?;
     for (i, v) in cfg.volumes.iter().enumerate() {
-        check_media(&format!("volume[{i}].media"), &v.media)?;
+        check_media(i, &v.media, v.geometry.volume_bytes())?;
     }
     let mut checked = Checked { tls: None, token: None, metrics_token: None };
     let Some(p) = &cfg.peer else { return Ok(checked) };
@@ -103,9 +116,31 @@ pub fn check(cfg: &SiteConfig) -> Result<Checked, PreflightError> {
     Ok(checked)
 }
 
-/// A volume's media: a regular file, or missing in a directory that exists.
-fn check_media(field: &str, path: &Path) -> Result<(), PreflightError> {
+/// The site's TCP listeners are on different addresses. Port 0 (any free port) never
+/// clashes; an unspecified address (`0.0.0.0`, `[::]`) clashes with every address of its
+/// port.
+fn check_listeners(cfg: &SiteConfig) -> Result<(), PreflightError> {
+    let Some(admin) = &cfg.admin else { return Ok(()) };
+    let (a, b) = (cfg.nbd.listen, admin.listen);
+    let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+    if a.port() != 0 && a.port() == b.port() && overlap {
+        return Err(PreflightError::SameAddress { first: "nbd.listen", second: "admin.listen", addr: b });
+    }
+    Ok(())
+}
+
+/// Volume `i`'s media: a regular file of the volume's size or empty, or missing in a
+/// directory that exists.
+fn check_media(i: usize, path: &Path, size_bytes: u64) -> Result<(), PreflightError> {
+    let field = &format!("volume[{i}].media");
     match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() != 0 && m.len() != size_bytes => Err(PreflightError::MediaSize {
+            field: field.into(),
+            size_field: format!("volume[{i}].size"),
+            path: path.into(),
+            actual: m.len(),
+            configured: size_bytes,
+        }),
         Ok(m) if m.is_file() => Ok(()),
         Ok(m) => Err(PreflightError::NotAFile { field: field.into(), path: path.into(), kind: kind(&m) }),
         Err(e) if missing(&e) => {
@@ -250,4 +285,4 @@ fn read_token(field: &'static str, path: &Path, me: &Process, allow: bool) -> Re
 
 #[cfg(test)]
 #[path = "preflight_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 
 /// A site config in `dir` (paths resolve against it) with a peer, its certificates and a
 /// token, plus `extra` lines at the end of `[site]`.
-fn config(dir: &Path, extra: &str, volume: &str) -> SiteConfig {
+pub(crate) fn config(dir: &Path, extra: &str, volume: &str) -> SiteConfig {
     let text = format!(
         r#"
         [site]
@@ -34,7 +34,7 @@ fn config(dir: &Path, extra: &str, volume: &str) -> SiteConfig {
 }
 
 /// A directory with certificates for dc1 and dc2 and a good token, both owner-only.
-fn deployment() -> tempfile::TempDir {
+pub(crate) fn deployment() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     write_deployment(&tmp.path().join("certs"), "t", &["dc1".into(), "dc2".into()], &[], Validity::days_from_now(30), false).unwrap();
     write_secret(&tmp.path().join("admin.token"), "0123456789abcdef0123\n", 0o600);
@@ -180,4 +180,84 @@ fn group_read_is_allowed_only_where_root_shares_a_file_with_our_group() {
     assert_eq!(exposure(0o660, 0, 999, &me), Some("its group"), "the group may not write it");
     assert_eq!(exposure(0o444, 0, 999, &me), Some("its group and all users"));
     assert_eq!(exposure(0o604, 999, 999, &me), Some("all users"));
+}
+
+/// `cfg` with every listener on a free port of its own (port 0), as a site that starts.
+pub(crate) fn on_free_ports(mut cfg: SiteConfig) -> SiteConfig {
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    cfg.nbd.listen = any;
+    cfg.admin.as_mut().unwrap().listen = any;
+    cfg.peer.as_mut().unwrap().listen = any;
+    cfg
+}
+
+/// Starts a site that must be refused; returns the refusal, and checks that the start
+/// created nothing in `dir`.
+async fn refused_start(dir: &Path, cfg: SiteConfig) -> String {
+    let before = tree(dir);
+    let e = match crate::site::RunningSite::start(cfg).await {
+        Ok(_) => panic!("the site started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert_eq!(tree(dir), before, "a refused start creates nothing: {e}");
+    e
+}
+
+#[tokio::test]
+async fn media_of_another_size_is_refused_before_anything_is_created() {
+    let tmp = deployment();
+    let media = "media = \"vol0.img\"";
+    std::fs::write(tmp.path().join("vol0.img"), vec![0u8; 1 << 20]).unwrap();
+    let e = err(&config(tmp.path(), "", media));
+    assert!(e.starts_with("volume[0].media ") && e.contains("is 1048576 bytes but volume[0].size is 16777216 bytes"), "{e}");
+    let e = refused_start(tmp.path(), on_free_ports(config(tmp.path(), "", media))).await;
+    assert!(e.contains("volume[0].size"), "{e}");
+    // An empty file is sized at the start; one of the volume's size is taken as it is.
+    for len in [0, 16 << 20] {
+        std::fs::File::options().write(true).open(tmp.path().join("vol0.img")).unwrap().set_len(len).unwrap();
+        check(&config(tmp.path(), "", media)).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn listeners_on_one_address_are_refused_before_anything_is_created() {
+    let tmp = deployment();
+    let media = "media = \"vol0.img\"";
+    let with = |nbd: &str, admin: &str, peer: &str| {
+        let mut c = on_free_ports(config(tmp.path(), "", media));
+        c.nbd.listen = nbd.parse().unwrap();
+        c.admin.as_mut().unwrap().listen = admin.parse().unwrap();
+        c.peer.as_mut().unwrap().listen = peer.parse().unwrap();
+        c
+    };
+    let e = err(&with("127.0.0.1:7399", "127.0.0.1:7399", "127.0.0.1:0"));
+    assert_eq!(e, "nbd.listen and admin.listen are both 127.0.0.1:7399: two listeners cannot share an address; give each its own port");
+    let e = err(&with("0.0.0.0:7399", "127.0.0.1:7399", "127.0.0.1:0"));
+    assert!(e.starts_with("nbd.listen and admin.listen"), "every address of a port includes the loopback one: {e}");
+    let e = refused_start(tmp.path(), with("127.0.0.1:7399", "127.0.0.1:7399", "127.0.0.1:0")).await;
+    assert!(e.starts_with("nbd.listen and admin.listen"), "{e}");
+    // Any free port twice, two addresses of one port, and the replication port (UDP) with
+    // the number of a TCP one are all fine.
+    check(&with("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0")).unwrap();
+    check(&with("127.0.0.1:7399", "127.0.0.2:7399", "127.0.0.1:7399")).unwrap();
+}
+
+#[tokio::test]
+async fn listen_addresses_in_use_are_refused_before_anything_is_created() {
+    let tmp = deployment();
+    let media = "media = \"vol0.img\"";
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = on_free_ports(config(tmp.path(), "", media));
+    c.nbd.listen = taken.local_addr().unwrap();
+    let e = refused_start(tmp.path(), c).await;
+    assert!(e.starts_with(&format!("cannot listen for NBD clients on {} (nbd.listen)", taken.local_addr().unwrap())), "{e}");
+    let mut c = on_free_ports(config(tmp.path(), "", media));
+    c.admin.as_mut().unwrap().listen = taken.local_addr().unwrap();
+    let e = refused_start(tmp.path(), c).await;
+    assert!(e.starts_with("cannot listen for the admin API on ") && e.contains("(admin.listen)"), "{e}");
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut c = on_free_ports(config(tmp.path(), "", media));
+    c.peer.as_mut().unwrap().listen = taken.local_addr().unwrap();
+    let e = refused_start(tmp.path(), c).await;
+    assert!(e.starts_with("cannot listen for the peer on ") && e.contains("(peer.listen)"), "{e}");
 }

@@ -1,11 +1,12 @@
 //! A whole site: its volumes, its NBD server and, with a peer, its replication link.
 //!
-//! Owns: the start order (every check that can fail first, `preflight` and the refusal of
-//! media without replication state, before any file or directory is created; then stores
-//! and media, then the link, then the NBD listener, so that no host is accepted before its
-//! volume can serve) and the stop order (stop accepting, finish the requests already read,
-//! let a primary drain to its peer for a bounded time, close the link, sync every volume,
-//! end).
+//! Owns: the start order (every check that can fail first, before any file or directory is
+//! created: `preflight`, binding the NBD listener and the replication port, a look that the
+//! admin address is free, the refusal of media without replication state; then stores and
+//! media, then the link and the admin API, then serving NBD, so that no host is answered
+//! before its volume can serve) and the stop order (stop accepting, finish the requests
+//! already read, let a primary drain to its peer while its link is up, for a bounded time,
+//! close the link, sync every volume, end).
 //!
 //! Must not: hold policy. It wires the parts the config describes.
 
@@ -27,6 +28,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// How long a stopping primary waits for its peer to apply everything it wrote.
 const STOP_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// How often a stopping primary looks at its link again while it waits: the volume says
+/// when it is drained, but not when its link goes down, which ends the wait.
+const STOP_LINK_CHECK: Duration = Duration::from_millis(200);
 
 pub struct RunningSite {
     pub name: String,
@@ -54,6 +58,27 @@ impl RunningSite {
         // Nothing is created before every check that can fail has passed, so a refused start
         // leaves the disk as it was.
         let checked = preflight::check(&cfg)?;
+        // Then the addresses, still before anything is created: the NBD listener and the
+        // replication port are bound now (hosts and the peer wait in their queues until the
+        // volumes serve), and the admin address is tried (the admin API binds it once the
+        // volumes it controls exist).
+        let server = NbdServer::bind(cfg.nbd.clone())
+            .await
+            .with_context(|| format!("cannot listen for NBD clients on {} (nbd.listen)", cfg.nbd.listen))?;
+        let refusals = Arc::new(Refusals::default());
+        let endpoint = match &cfg.peer {
+            None => None,
+            Some(p) => {
+                let tls = checked.tls.as_ref().context("the checks load the certificates of a site with a peer")?;
+                let endpoint = crate::transport::endpoint(p.listen, tls, &p.name, &p.tuning, refusals.clone())
+                    .with_context(|| format!("cannot listen for the peer on {} (peer.listen)", p.listen))?;
+                Some(endpoint)
+            }
+        };
+        if let Some(a) = cfg.admin.as_ref().filter(|a| a.listen.port() != 0) {
+            std::net::TcpListener::bind(a.listen)
+                .with_context(|| format!("cannot listen for the admin API on {} (admin.listen)", a.listen))?;
+        }
         // Before the volumes: their write handles bind to the recorder installed now.
         crate::metrics::install(&cfg.name)?;
         let mut volumes = Vec::new();
@@ -99,15 +124,13 @@ impl RunningSite {
             bail!("the volumes of this site disagree about its role ({roles:?}); promote or demote them together");
         }
 
-        let refusals = Arc::new(Refusals::default());
         let conns = Arc::new(LinkConns::default());
         let mut certificates = Vec::new();
         let (link_shutdown, link_rx) = watch::channel(false);
         let mut link_addr = None;
         let mut admin_addr = None;
-        let link = match &cfg.peer {
-            None => None,
-            Some(p) => {
+        let link = match (&cfg.peer, endpoint) {
+            (Some(p), Some(endpoint)) => {
                 let tls = checked.tls.context("the checks load the certificates of a site with a peer")?;
                 certificates.extend(tls.not_after().map(|t| ("site", t)));
                 certificates.extend(tls.ca_not_after.map(|t| ("ca", t)));
@@ -122,8 +145,6 @@ impl RunningSite {
                     admin_addr =
                         Some(admin::start(AdminConfig { listen: a.listen, token, metrics_token }, &tls, control, link_rx.clone()).await?);
                 }
-                let endpoint = crate::transport::endpoint(p.listen, &tls, &p.name, &p.tuning, refusals.clone())
-                    .with_context(|| format!("cannot listen for the peer on {}", p.listen))?;
                 link_addr = Some(endpoint.local_addr()?);
                 let lv: Vec<LinkVolume> =
                     volumes.iter().cloned().zip(link_volumes).map(|(volume, outbox)| LinkVolume { volume, outbox }).collect();
@@ -136,15 +157,13 @@ impl RunningSite {
                 };
                 Some(tokio::spawn(link::run(endpoint, peer, lv, refusals.clone(), conns.clone(), link_rx.clone())))
             }
+            _ => None,
         };
 
-        let server = NbdServer::bind(cfg.nbd.clone(), volumes.clone())
-            .await
-            .with_context(|| format!("cannot listen for NBD clients on {}", cfg.nbd.listen))?;
         let nbd_addr = server.local_addr()?;
         let nbd_counters = server.counters();
         let (shutdown, rx) = watch::channel(false);
-        let server = tokio::spawn(server.serve(rx));
+        let server = tokio::spawn(server.serve(volumes.clone(), rx));
         let sources = crate::refresher::Sources {
             volumes: volumes.clone(),
             nbd: nbd_counters.clone(),
@@ -177,27 +196,16 @@ impl RunningSite {
     }
 
     /// Stops accepting, lets connections finish what they have read, gives the primaries up
-    /// to `STOP_DRAIN_DEADLINE` to have their peer apply everything, then stops the link and
-    /// stops and syncs every volume. The deadline is for all volumes together: a site of
-    /// many volumes whose peer is gone waits it once, not once per volume.
+    /// to `STOP_DRAIN_DEADLINE` to have their peer apply everything while their link is up,
+    /// then stops the link and stops and syncs every volume. The deadline is for all volumes
+    /// together: a site of many volumes waits it once, not once per volume.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         if let Some(link) = self.link {
-            // Each volume's present role decides, not the configured one: a promoted
-            // secondary drains, and a fenced old primary has nothing to drain.
             let until = tokio::time::Instant::now() + STOP_DRAIN_DEADLINE;
             for v in &self.volumes {
-                let (tx, rx) = oneshot::channel();
-                v.when_drained(move || {
-                    let _ = tx.send(());
-                });
-                match tokio::time::timeout_at(until, rx).await {
-                    Ok(_) => tracing::info!(volume = v.name(), "drained: nothing left for the peer to apply"),
-                    Err(_) => {
-                        tracing::warn!(volume = v.name(), deadline = ?STOP_DRAIN_DEADLINE, "stopping before the peer applied every write; it resumes at the next start")
-                    }
-                }
+                drain_before_stop(v, until).await;
             }
             let _ = self.link_shutdown.send(true);
             let _ = link.await;
@@ -216,3 +224,58 @@ impl RunningSite {
         .await;
     }
 }
+
+/// Waits, until `until` at most, while waiting can help: while the volume is a primary whose
+/// link is up and whose peer has not applied everything. Each volume's present role decides,
+/// not the configured one: a promoted secondary drains, and a fenced old primary has nothing
+/// to drain. Says in the log how the wait ended, and whether writes are left for the next
+/// start.
+async fn drain_before_stop(v: &Volume, until: tokio::time::Instant) {
+    let (tx, mut drained) = oneshot::channel();
+    v.when_drained(move || {
+        let _ = tx.send(());
+    });
+    loop {
+        let (tx, rx) = oneshot::channel();
+        v.status(move |s| {
+            let _ = tx.send(s);
+        });
+        let Ok(s) = rx.await else { return };
+        if s.role != Role::Primary || s.phase == "fenced" || s.drained {
+            tracing::info!(volume = v.name(), "drained: nothing left for the peer to apply");
+            return;
+        }
+        if !s.link_up {
+            let (lag_bytes, resync_bytes) = (s.lag_bytes, s.resync_remaining_bytes);
+            if lag_bytes == 0 && resync_bytes == 0 && !s.amnesiac {
+                tracing::info!(volume = v.name(), "the peer is not connected; it had applied every write: stopping now");
+            } else {
+                tracing::warn!(
+                    volume = v.name(),
+                    lag_bytes,
+                    resync_bytes,
+                    "the peer is not connected: stopping now, before it applied every write; it resumes at the next start"
+                );
+            }
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            tracing::warn!(volume = v.name(), deadline = ?STOP_DRAIN_DEADLINE, lag_bytes = s.lag_bytes, "stopping before the peer applied every write; it resumes at the next start");
+            return;
+        }
+        tokio::select! {
+            r = &mut drained => {
+                if r.is_ok() {
+                    tracing::info!(volume = v.name(), "drained: nothing left for the peer to apply");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(until.min(now + STOP_LINK_CHECK)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "site_tests.rs"]
+mod tests;

@@ -11,3 +11,5 @@ pub mod server;
 
 #[cfg(test)]
 mod robustness;
+#[cfg(test)]
+mod server_tests;

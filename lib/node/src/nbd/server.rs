@@ -15,6 +15,14 @@
 //! faster than it reads replies, or a site whose budget is spent, simply stops being read.
 //! The writer sends replies in completion order.
 //!
+//! A connection ends as soon as its client has hung up (closed or reset the socket; `HangUp`
+//! sees it without reading) or its socket no longer takes replies, whatever the reader was
+//! waiting for: requests read and not yet submitted are dropped, and those still unread in
+//! the socket are never served (a client that hangs up gets no reply anyway; NBD calls this
+//! a hard disconnect). Requests already submitted finish, their replies written if the
+//! socket still takes them and dropped if not; the slot is given back once the last has
+//! finished, so a free slot holds nothing of the budget.
+//!
 //! Outside the budget, each connection holds fixed buffers: `INPUT_BUFFER_BYTES` of input
 //! and `WRITE_BATCH_BYTES` (plus one reply) of output. A write's payload is read into its own
 //! buffer of exactly its size, so that no payload keeps a larger input buffer alive.
@@ -28,12 +36,13 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use geomirror_core::{HostError, WriteOp};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 /// What a request without payload costs (and a write keeps once applied, while its reply
 /// waits), so that the count of requests and replies in flight is bounded too.
@@ -104,14 +113,17 @@ pub fn nbd_error(e: HostError) -> NbdError {
 
 pub struct NbdServer {
     listener: TcpListener,
-    volumes: Arc<Vec<Volume>>,
     cfg: NbdConfig,
     counters: Arc<NbdCounters>,
     budget: Arc<SiteBudget>,
+    /// One permit per connection, held until the connection has ended and given back all it
+    /// held.
+    slots: Arc<Semaphore>,
 }
 
 impl NbdServer {
-    pub async fn bind(cfg: NbdConfig, volumes: Vec<Volume>) -> io::Result<NbdServer> {
+    /// Binds the listener. Clients that connect wait in its queue until `serve`.
+    pub async fn bind(cfg: NbdConfig) -> io::Result<NbdServer> {
         let listener = TcpListener::bind(cfg.listen).await?;
         let counters = Arc::new(NbdCounters::default());
         let budget = Arc::new(SiteBudget::new(
@@ -120,7 +132,8 @@ impl NbdServer {
             GUARANTEED_BYTES_PER_CONNECTION,
             counters.inflight.clone(),
         ));
-        Ok(NbdServer { listener, volumes: Arc::new(volumes), cfg, counters, budget })
+        let slots = Arc::new(Semaphore::new(cfg.max_connections));
+        Ok(NbdServer { listener, cfg, counters, budget, slots })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -131,12 +144,18 @@ impl NbdServer {
         self.counters.clone()
     }
 
-    /// Serves until `shutdown` turns true; then stops accepting, lets every connection
-    /// finish the requests it has read, and returns when all have closed.
-    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) {
-        let slots = Arc::new(Semaphore::new(self.cfg.max_connections));
-        let exports: Vec<ExportInfo> = self
-            .volumes
+    /// The connection slots: all of them can be taken once every connection has ended.
+    #[cfg(test)]
+    pub(crate) fn slots(&self) -> Arc<Semaphore> {
+        self.slots.clone()
+    }
+
+    /// Serves `volumes` until `shutdown` turns true; then stops accepting, lets every
+    /// connection finish the requests it has read, and returns when all have closed.
+    pub async fn serve(self, volumes: Vec<Volume>, mut shutdown: watch::Receiver<bool>) {
+        let volumes = Arc::new(volumes);
+        let slots = self.slots.clone();
+        let exports: Vec<ExportInfo> = volumes
             .iter()
             .map(|v| ExportInfo { name: v.name().into(), description: v.description().into(), size_bytes: v.size_bytes() })
             .collect();
@@ -162,7 +181,7 @@ impl NbdServer {
                     };
                     self.counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
                     let conn = Connection {
-                        volumes: self.volumes.clone(),
+                        volumes: volumes.clone(),
                         exports: exports.clone(),
                         cfg: self.cfg.clone(),
                         counters: self.counters.clone(),
@@ -249,6 +268,35 @@ impl Input {
     }
 }
 
+/// Tells when the client has hung up (closed its side, or reset the connection) without
+/// reading from the socket: the requests it sent before are still there, and reading them
+/// to find the end would undo the backpressure. It watches a duplicate of the socket's
+/// descriptor, registered on its own, so that waiting for the hang-up never consumes a
+/// readiness the reader waits for.
+struct HangUp(TcpStream);
+
+impl HangUp {
+    fn watch(stream: &TcpStream) -> io::Result<HangUp> {
+        let dup = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
+        Ok(HangUp(TcpStream::from_std(dup)?))
+    }
+
+    async fn wait(&self) {
+        loop {
+            match self.0.ready(Interest::READABLE).await {
+                Ok(ready) if ready.is_read_closed() => return,
+                Ok(_) => {
+                    // More input, not its end: forget this readiness (of the duplicate only)
+                    // and wait for the next change.
+                    let _ = self.0.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                }
+                // The runtime is going away, and the connection with it.
+                Err(_) => return,
+            }
+        }
+    }
+}
+
 enum Body {
     Done,
     Read { offset: u64, data: Bytes },
@@ -265,6 +313,13 @@ struct Reply {
 impl Connection {
     async fn run(mut self, stream: TcpStream, slot: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
+        let hang_up = match HangUp::watch(&stream) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, error = %e, "cannot watch the connection for the client hanging up; closed");
+                return;
+            }
+        };
         let (rd, mut wr) = stream.into_split();
         let mut input = Input { rd, buf: BytesMut::with_capacity(INPUT_BUFFER_BYTES) };
         let mut shutdown = self.shutdown.clone();
@@ -288,15 +343,31 @@ impl Connection {
         let volume = self.volumes[negotiated.export].clone();
         tracing::info!(peer = %self.peer, volume = volume.name(), structured = negotiated.structured, "client connected");
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_replies(wr, rx, negotiated.structured));
-        let end = match self.transmission(&mut input, &volume, negotiated, tx).await {
-            Ok(end) => end,
-            Err(e) => {
-                tracing::debug!(peer = %self.peer, error = %e, "connection read ended");
+        let (broken_tx, broken) = oneshot::channel();
+        let writer = tokio::spawn(write_replies(wr, rx, negotiated.structured, broken_tx));
+        // Reading stops as soon as the client has hung up or no reply can reach it, whatever
+        // the reader waits for (the budget, most often): what it read and has not submitted
+        // is dropped, and the requests still unread in the socket are never served.
+        let end = tokio::select! {
+            r = self.transmission(&mut input, &volume, negotiated, tx) => match r {
+                Ok(end) => end,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "connection read ended");
+                    End::Clean
+                }
+            },
+            _ = hang_up.wait() => {
+                tracing::debug!(peer = %self.peer, "client hung up; the requests not yet started are dropped");
+                End::Clean
+            }
+            Ok(()) = broken => {
+                tracing::debug!(peer = %self.peer, "replies cannot be sent; the requests not yet started are dropped");
                 End::Clean
             }
         };
-        // Every reply still owed is written before the connection closes.
+        // Every reply still owed is written before the connection closes (or dropped, if the
+        // socket no longer takes them), and every request has ended: the connection gives
+        // its slot back holding nothing.
         let mut wr = match writer.await {
             Ok(Ok(wr)) => Some(wr),
             _ => None,
@@ -458,8 +529,28 @@ impl Connection {
     }
 }
 
-/// Writes replies as they complete, gathering those already queued into one socket write.
-async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, structured: bool) -> io::Result<OwnedWriteHalf> {
+/// Writes replies as they complete, until every request of the connection has ended. If the
+/// socket fails, says so on `broken` (the reader stops) and drops the replies still to come
+/// as they complete, which gives their budget back.
+async fn write_replies(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    structured: bool,
+    broken: oneshot::Sender<()>,
+) -> io::Result<OwnedWriteHalf> {
+    match send_replies(&mut wr, &mut rx, structured).await {
+        Ok(()) => Ok(wr),
+        Err(e) => {
+            let _ = broken.send(());
+            drop(wr);
+            while rx.recv().await.is_some() {}
+            Err(e)
+        }
+    }
+}
+
+/// Sends replies as they complete, gathering those already queued into one socket write.
+async fn send_replies(wr: &mut OwnedWriteHalf, rx: &mut mpsc::UnboundedReceiver<Reply>, structured: bool) -> io::Result<()> {
     let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES);
     let mut sent: Vec<Reply> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -491,6 +582,5 @@ async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<R
         // The budget of these replies is given back only now that they are on the wire.
         sent.clear();
     }
-    wr.flush().await?;
-    Ok(wr)
+    wr.flush().await
 }

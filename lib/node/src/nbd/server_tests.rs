@@ -1,0 +1,138 @@
+//! The NBD server over real sockets, against a standalone volume: what a connection holds
+//! comes back when its client goes away, whatever the connection was waiting for.
+
+use super::proto::*;
+use super::server::NbdServer;
+use crate::config::{NbdConfig, VolumeConfig};
+use crate::store::MemoryStore;
+use crate::volume::Volume;
+use bytes::{BufMut, BytesMut};
+use geomirror_core::{CoreConfig, Geometry, Mode, Role, SiteState};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+const MIB: u32 = 1 << 20;
+const VOLUME_BYTES: u64 = 64 << 20;
+const SLOTS: usize = 4;
+/// Each slot's 2 MiB share, and a pool of two 32 MiB reads.
+const BUDGET_BYTES: u64 = SLOTS as u64 * (2 << 20) + (64 << 20);
+/// Longest the test waits for what it expects; a hang fails it.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+fn volume(dir: &std::path::Path) -> (Volume, std::thread::JoinHandle<()>) {
+    let cfg = VolumeConfig {
+        name: "vol0".into(),
+        media: dir.join("vol0.img"),
+        geometry: Geometry::new(VOLUME_BYTES, MIB as u64).unwrap(),
+        description: String::new(),
+        core: CoreConfig { mode: Mode::Standalone, ..CoreConfig::default() },
+    };
+    let store = MemoryStore::new(SiteState::fresh(Role::Primary, crate::store::new_store_id().unwrap()));
+    Volume::start(&cfg, Box::new(store), None).unwrap()
+}
+
+/// A client in the transmission phase of `vol0`.
+async fn client(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting[..8], NBDMAGIC.to_be_bytes());
+    let mut hello = BytesMut::new();
+    hello.put_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    hello.put_u64(IHAVEOPT);
+    hello.put_u32(OPT_EXPORT_NAME);
+    hello.put_u32(4);
+    hello.put_slice(b"vol0");
+    s.write_all(&hello).await.unwrap();
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).await.unwrap();
+    assert_eq!(export[..8], VOLUME_BYTES.to_be_bytes());
+    s
+}
+
+fn read_request(out: &mut BytesMut, cookie: u64, offset: u64, len: u32) {
+    out.put_u32(REQUEST_MAGIC);
+    out.put_u16(0);
+    out.put_u16(CMD_READ);
+    out.put_u64(cookie);
+    out.put_u64(offset);
+    out.put_u32(len);
+}
+
+/// Sends 32 MiB reads until the socket takes no more (the server has stopped reading it,
+/// its budget spent), and reads no reply. Returns how many requests were sent.
+fn pipeline_until_full(s: &TcpStream) -> usize {
+    let mut batch = BytesMut::new();
+    for i in 0..1024 {
+        read_request(&mut batch, i, (i % 2) * (32 << 20), 32 * MIB);
+    }
+    let mut sent = 0;
+    loop {
+        match s.try_write(&batch[sent % batch.len()..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return sent / REQUEST_HEADER_BYTES,
+            Err(e) => panic!("sending requests: {e}"),
+        }
+    }
+}
+
+/// Clients pipeline far more large reads than the site's budget holds, read no reply, and
+/// go away: some with replies queued for them (their sockets are reset), some that never
+/// got one (their sockets see a plain close), all with thousands of requests still unread in
+/// the server's socket. Every slot and every byte of the budget comes back without serving
+/// those requests, and the site then serves a new client's large read at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_go_away_without_reading_give_back_their_slots_and_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, driver) = volume(dir.path());
+    let cfg = NbdConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_connections: SLOTS,
+        handshake_timeout: HANG_GUARD,
+        max_inflight_bytes_per_connection: 64 << 20,
+        max_inflight_bytes: BUDGET_BYTES,
+    };
+    let server = NbdServer::bind(cfg).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let counters = server.counters();
+    let slots = server.slots();
+    let (stop, stopped) = watch::channel(false);
+    let serving = tokio::spawn(server.serve(vec![vol.clone()], stopped));
+
+    let mut gone = Vec::new();
+    for _ in 0..SLOTS {
+        gone.push(client(addr).await);
+    }
+    let mut unread = 0;
+    for s in &gone {
+        unread += pipeline_until_full(s);
+    }
+    println!("{unread} requests sent and never to be answered");
+    drop(gone);
+
+    let all = tokio::time::timeout(HANG_GUARD, slots.acquire_many(SLOTS as u32))
+        .await
+        .expect("every connection of a client gone ends, and gives its slot back")
+        .unwrap();
+    assert_eq!(counters.inflight.held_bytes.load(Ordering::Relaxed), 0, "the budget is all back");
+    drop(all);
+
+    // A new client's read, larger than its share, needs the pool: it is served.
+    let mut c = client(addr).await;
+    let mut request = BytesMut::new();
+    read_request(&mut request, 7, 0, 4 * MIB);
+    c.write_all(&request).await.unwrap();
+    let mut reply = vec![0u8; 16 + 4 * MIB as usize];
+    tokio::time::timeout(HANG_GUARD, c.read_exact(&mut reply)).await.expect("the read is answered").unwrap();
+    assert_eq!(reply[..16], [&SIMPLE_REPLY_MAGIC.to_be_bytes()[..], &[0; 4], &7u64.to_be_bytes()].concat());
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(HANG_GUARD, serving).await.expect("the server stops").unwrap();
+    vol.stop();
+    tokio::task::spawn_blocking(move || driver.join().unwrap()).await.unwrap();
+}
