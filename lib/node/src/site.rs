@@ -241,7 +241,7 @@ async fn drain_before_stop(v: &Volume, until: tokio::time::Instant) {
             let _ = tx.send(s);
         });
         let Ok(s) = rx.await else { return };
-        if s.role != Role::Primary || s.phase == "fenced" || s.drained {
+        if s.role != Role::Primary || s.phase == crate::volume::VolumePhase::Fenced || s.drained {
             tracing::info!(volume = v.name(), "drained: nothing left for the peer to apply");
             return;
         }
