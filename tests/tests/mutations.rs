@@ -79,6 +79,11 @@ fn resting_a_write_on_a_record_answer_not_yet_remembered_durably_is_caught() {
 }
 
 #[test]
+fn a_data_window_counted_short_is_caught_by_the_cores_own_invariants() {
+    caught_by(Mutation::MiscountWindow, &["invariants"]);
+}
+
+#[test]
 fn trusting_a_store_that_lost_state_makes_sites_differ_while_both_report_clean() {
     caught_by(Mutation::TrustAmnesiac, &["O7"]);
 }

@@ -29,6 +29,9 @@ pub enum Mutation {
     /// that answer durably: after its crash, a secondary store gone back to before the
     /// answer is not found out.
     LazyPeerMemory,
+    /// The primary counts each item it ships one byte short in its data window: caught by
+    /// `check_invariants` at once, long before the window's drift could show.
+    MiscountWindow,
 }
 
 thread_local! {
@@ -72,6 +75,10 @@ pub(crate) fn differs_drops_block(mut differing: Vec<u8>) -> Vec<u8> {
 
 pub(crate) fn lazy_peer_memory() -> bool {
     ACTIVE.with(|a| a.get() == Some(Mutation::LazyPeerMemory))
+}
+
+pub(crate) fn miscount_window() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::MiscountWindow))
 }
 
 pub(crate) fn trust_amnesiac() -> bool {

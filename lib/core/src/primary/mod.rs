@@ -34,6 +34,7 @@ use std::time::Duration;
 mod dirty;
 mod handshake;
 mod identity;
+mod invariants;
 mod misses;
 mod resync;
 mod shipping;
@@ -556,6 +557,10 @@ impl Primary {
         self.maybe_authoritative();
         self.maybe_persist_peer_memory(now);
         self.refresh_stats();
+        #[cfg(debug_assertions)]
+        if let Err(e) = self.check_invariants() {
+            panic!("primary invariant broken: {e}");
+        }
     }
 
     /// An extent is covered when a write to it may reach local media without breaking

@@ -86,6 +86,10 @@ impl Primary {
             let (seq, apply) = (*seq, item.clone());
             self.ship_next = seq.next();
             self.shipped_bytes += bytes;
+            #[cfg(feature = "mutations")]
+            if crate::mutations::miscount_window() {
+                self.shipped_bytes -= 1;
+            }
             let stream = if self.resync_seqs.contains(&seq) { Stream::Resync } else { Stream::Data((seq.0 % lanes) as u8) };
             self.send(stream, Frame::Data { epoch: self.epoch, seq, apply });
         }

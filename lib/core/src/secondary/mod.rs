@@ -715,6 +715,36 @@ impl Secondary {
         self.apply_ready();
         self.sync_applied();
         self.refresh_stats();
+        #[cfg(debug_assertions)]
+        if let Err(e) = self.check_invariants() {
+            panic!("secondary invariant broken: {e}");
+        }
+    }
+
+    /// Checks every invariant; the first broken one, described. Run at the end of each
+    /// `progress` with debug assertions, and after every event in the simulation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let reordered: u64 = self.reorder.values().map(Apply::buffered_bytes).sum();
+        if reordered != self.reorder_bytes {
+            return Err(format!("the reorder buffer holds {reordered} bytes but counts {}", self.reorder_bytes));
+        }
+        if self.reorder_bytes > self.cfg.reorder_buffer_bytes {
+            return Err(format!("the reorder buffer holds {} bytes, over its {}", self.reorder_bytes, self.cfg.reorder_buffer_bytes));
+        }
+        if let Some(s) = self.reorder.keys().find(|s| **s <= self.applied) {
+            return Err(format!("item {} waits in the reorder buffer but is applied", s.0));
+        }
+        if self.durable_applied > self.applied {
+            return Err(format!("durably applied {} past applied {}", self.durable_applied.0, self.applied.0));
+        }
+        // Generations are handed out in order: the record holds none not yet handed out.
+        if let Some((e, g)) = self.record.iter().find(|(_, g)| *g >= self.next_generation) {
+            return Err(format!("extent {} is recorded in generation {}, not below the next {}", e.0, g.0, self.next_generation.0));
+        }
+        if self.amnesiac && self.authoritative {
+            return Err("an amnesiac's record is taken as authoritative".into());
+        }
+        Ok(())
     }
 
     /// Welcome and snapshot, once nothing record-related is being persisted: a snapshot must

@@ -48,6 +48,7 @@ impl World {
 
     /// The oracles checked after every event.
     pub(super) fn check_all(&mut self) {
+        self.check_invariants();
         self.watch_amnesia();
         if self.amnesia.iter().all(Option::is_none) {
             self.check_r();
@@ -56,6 +57,22 @@ impl World {
         self.check_o1();
         self.check_o3();
         self.check_save_aside();
+    }
+
+    /// The cores' own invariants (`check_invariants`), in every build: a broken one is a bug
+    /// in the core, named at the step that broke it, before any oracle sees its effect.
+    fn check_invariants(&mut self) {
+        for s in 0..2 {
+            let broken = match &self.sites[s].core {
+                Some(Core::Primary(p)) => p.check_invariants().err().map(|e| format!("primary (site {s}): {e}")),
+                Some(Core::Secondary(x)) => x.check_invariants().err().map(|e| format!("secondary (site {s}): {e}")),
+                None => None,
+            };
+            if let Some(detail) = broken {
+                self.violate("invariants", detail);
+                return;
+            }
+        }
     }
 
     /// O2, invariant R: every extent where the media may differ is in a durable record (or a
