@@ -12,6 +12,10 @@ pub(super) struct Conn {
     pub(super) peer_save_aside: bool,
     pub(super) peer_authoritative: bool,
     pub(super) peer_consistent: bool,
+    /// This connection's welcome has come (one per connection).
+    pub(super) welcomed: bool,
+    /// The first sequence number dispatched after the last welcome.
+    pub(super) welcome_seq: Seq,
 }
 
 impl Conn {
@@ -24,6 +28,8 @@ impl Conn {
             peer_save_aside: false,
             peer_authoritative: true,
             peer_consistent: true,
+            welcomed: false,
+            welcome_seq: Seq(0),
         }
     }
 }
@@ -36,6 +42,7 @@ impl Primary {
         }
         self.set_link(now, LinkState::Handshake);
         self.rec.snapshot_extents = 0;
+        self.conn.welcomed = false;
         let hello = Frame::Hello {
             epoch: self.epoch,
             role: Role::Primary,

@@ -64,9 +64,12 @@ impl Primary {
         // connection's snapshot has made the copy whole again (invariant R at its source).
         // A peer found an amnesiac holds no record worth the name: every extent may differ
         // until its full verified resync ends, which is what stands in for R meanwhile.
+        // Only writes dispatched since this connection's welcome: the copy of an earlier
+        // connection is the peer's word, which a dishonest peer can take back at the next
+        // welcome (no check on this site can tell; an honest peer's snapshot holds it all).
         let settled = self.phase != Phase::Fenced && self.conn.link != LinkState::Handshake && !self.ident.full_resync_owed;
         if settled {
-            for (seq, d) in &self.dispatched {
+            for (seq, d) in self.dispatched.range(self.conn.welcome_seq..) {
                 if let Some(e) = d.extents.clone().find(|e| !self.covers(ExtentId(*e))) {
                     return Err(format!("write {} is on its way to the media but extent {e} is not covered", seq.0));
                 }

@@ -454,11 +454,18 @@ impl Primary {
             Frame::Welcome { applied, authoritative, consistent, store, next_generation, amnesiac, .. }
                 if self.conn.link == LinkState::Handshake =>
             {
+                if std::mem::replace(&mut self.conn.welcomed, true) {
+                    // The copy is rebuilt from one welcome's snapshot: a second one would clear
+                    // it under writes already dispatched on the first.
+                    self.refuse("a second welcome on one connection");
+                    return;
+                }
                 let welcome = identity::Welcome { applied, store, next_generation, amnesiac };
                 if self.check_welcome(welcome).is_err() {
                     return;
                 }
                 self.conn.peer_applied_at_welcome = applied;
+                self.conn.welcome_seq = self.next_seq;
                 // An amnesiac's word on its record is not taken.
                 self.conn.peer_authoritative = authoritative && !self.ident.full_resync_owed;
                 self.conn.peer_consistent = consistent;

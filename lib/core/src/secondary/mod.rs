@@ -731,9 +731,6 @@ impl Secondary {
         if self.reorder_bytes > self.cfg.reorder_buffer_bytes {
             return Err(format!("the reorder buffer holds {} bytes, over its {}", self.reorder_bytes, self.cfg.reorder_buffer_bytes));
         }
-        if let Some(s) = self.reorder.keys().find(|s| **s <= self.applied) {
-            return Err(format!("item {} waits in the reorder buffer but is applied", s.0));
-        }
         if self.durable_applied > self.applied {
             return Err(format!("durably applied {} past applied {}", self.durable_applied.0, self.applied.0));
         }
@@ -861,6 +858,14 @@ impl Secondary {
             }
             let item = self.reorder.remove(&seq).expect("present");
             self.reorder_bytes -= item.buffered_bytes();
+            if seq != next {
+                // A resync marker that bridges an abandoned buffer: what waits below it will
+                // never apply (the resync copies those extents), so it leaves the buffer.
+                let keep = self.reorder.split_off(&seq);
+                for (_, stale) in std::mem::replace(&mut self.reorder, keep) {
+                    self.reorder_bytes -= stale.buffered_bytes();
+                }
+            }
             if let Apply::Verify { extent, digests } = item {
                 // Applied only once this site's content is read and compared, and a difference
                 // is durable: nothing after it applies meanwhile.
