@@ -554,6 +554,12 @@ impl Secondary {
         if let Some((t, through)) = self.sync_inflight {
             if t == token {
                 self.sync_inflight = None;
+                if self.promoting {
+                    // The promotion's batch is the last word of this role: a resync's end
+                    // persisted after it would delete the divergent extents from what is now
+                    // the new primary's failback set (and clear its split-brain evidence).
+                    return;
+                }
                 // Consistent again only when both hold: no resync left unfinished, and media no
                 // longer ahead of what has been re-applied since a crash.
                 // An amnesiac's image is vouched for by a full resync only: the end of any
