@@ -184,3 +184,20 @@ pub fn stop_both_and_compare(dir: &Path, mut first: Site, mut second: Site) -> (
     assert!(out.contains("Images are identical"), "{out}");
     (first_log, second_log)
 }
+
+/// `two_sites_both_ways` with each site's admin API on a port of its own (port 0) and the
+/// token `token` in `<dir>/token`; notes each admin address in `<dir>/<site>.admin` (see
+/// `remember_admin`). Other options come from `o`.
+pub fn two_sites_with_admin(bin: &Path, dir: &Path, token: &str, o: PairOptions) -> (Site, Site, WanEmu, WanEmu) {
+    crate::site::write_secret(&dir.join("token"), &format!("{token}\n"));
+    let o = PairOptions { admin: "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n".into(), ..o };
+    let (dc1, dc2, a, b) = two_sites_both_ways(bin, dir, &o);
+    remember_admin(dir, "dc1", &dc1);
+    remember_admin(dir, "dc2", &dc2);
+    (dc1, dc2, a, b)
+}
+
+/// Notes where a site's admin API listens (port 0 in its config), in `<dir>/<name>.admin`.
+pub fn remember_admin(dir: &Path, name: &str, site: &Site) {
+    std::fs::write(dir.join(format!("{name}.admin")), site.admin.expect("the site serves its admin API").to_string()).unwrap();
+}

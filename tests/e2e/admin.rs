@@ -3,8 +3,8 @@
 //! `geomirror` CLI and by a raw HTTPS client.
 
 use geomirror_node::admin_client::{AdminClient, Credentials};
-use geomirror_tests::pair::{stop_both_and_compare, two_sites_both_ways, PairOptions};
-use geomirror_tests::site::{tool, wait_for_volume, write_secret, Site};
+use geomirror_tests::pair::{remember_admin, stop_both_and_compare, two_sites_with_admin, PairOptions};
+use geomirror_tests::site::{tool, wait_for_volume, Site};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -24,16 +24,12 @@ fn setup(dir: &Path) -> (Site, Site, geomirror_tests::pair::WanEmu, geomirror_te
 }
 
 fn setup_with(dir: &Path, o: PairOptions) -> (Site, Site, geomirror_tests::pair::WanEmu, geomirror_tests::pair::WanEmu) {
-    write_secret(&dir.join("token"), &format!("{TOKEN}\n"));
-    let (dc1, dc2, a, b) = two_sites_both_ways(Path::new(BIN), dir, &o);
-    remember(dir, "dc1", &dc1);
-    remember(dir, "dc2", &dc2);
-    (dc1, dc2, a, b)
+    two_sites_with_admin(Path::new(BIN), dir, TOKEN, o)
 }
 
 /// Notes where a site's admin API listens (port 0 in the config), for `cli`.
 fn remember(dir: &Path, name: &str, site: &Site) {
-    std::fs::write(dir.join(format!("{name}.admin")), site.admin.unwrap().to_string()).unwrap();
+    remember_admin(dir, name, site);
 }
 
 /// `geomirror <command> --config <site>.toml` as the admin `ops`, plus `extra`, at the

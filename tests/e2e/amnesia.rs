@@ -7,8 +7,8 @@
 //! build, which ended with the images differing in 5 MiB while both sites reported linked,
 //! drained, authoritative, no debt, no flag.
 
-use geomirror_tests::pair::{stop_both_and_compare, two_sites_both_ways, PairOptions};
-use geomirror_tests::site::{output_within, run_ok, tool, wait_for_volume, write_secret, Site};
+use geomirror_tests::pair::{remember_admin, stop_both_and_compare, two_sites_with_admin, PairOptions};
+use geomirror_tests::site::{output_within, run_ok, tool, wait_for_volume, Site};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -23,17 +23,12 @@ fn setup(dir: &Path) -> (Site, Site, geomirror_tests::pair::WanEmu, geomirror_te
 
 /// `setup` from other options (the admin section is this file's, with its token).
 fn setup_with(dir: &Path, o: PairOptions) -> (Site, Site, geomirror_tests::pair::WanEmu, geomirror_tests::pair::WanEmu) {
-    write_secret(&dir.join("token"), &format!("{TOKEN}\n"));
-    let o = PairOptions { admin: "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n".into(), ..o };
-    let (dc1, dc2, a, b) = two_sites_both_ways(Path::new(BIN), dir, &o);
-    remember(dir, "dc1", &dc1);
-    remember(dir, "dc2", &dc2);
-    (dc1, dc2, a, b)
+    two_sites_with_admin(Path::new(BIN), dir, TOKEN, o)
 }
 
 /// Notes where a site's admin API listens (port 0 in the config), for `cli`.
 fn remember(dir: &Path, name: &str, site: &Site) {
-    std::fs::write(dir.join(format!("{name}.admin")), site.admin.unwrap().to_string()).unwrap();
+    remember_admin(dir, name, site);
 }
 
 /// `geomirror <command> --config <site>.toml` with the site's token, plus `extra`.

@@ -50,9 +50,11 @@ fn a_thousand_seeds_keep_every_oracle() {
 /// Seeds past the default range that once broke an oracle, kept as regressions:
 /// - 2165: a media sync finished while a promotion was being persisted, and the resync end
 ///   it completed deleted the divergent extents from the new primary's failback set (O2).
+const REGRESSION_SEEDS: &[u64] = &[2165];
+
 #[test]
 fn seeds_that_once_failed_keep_every_oracle() {
-    for seed in [2165] {
+    for &seed in REGRESSION_SEEDS {
         let r = run_seed(seed);
         assert!(r.violations.is_empty(), "{}", describe_failure(&r));
     }
