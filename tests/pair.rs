@@ -185,12 +185,14 @@ pub fn stop_both_and_compare(dir: &Path, mut first: Site, mut second: Site) -> (
     (first_log, second_log)
 }
 
-/// `two_sites_both_ways` with each site's admin API on a port of its own (port 0) and the
-/// token `token` in `<dir>/token`; notes each admin address in `<dir>/<site>.admin` (see
+/// `two_sites_both_ways` with each site's admin API (on port 0 unless `o` says otherwise)
+/// taking the token `token` from `<dir>/token`; notes each admin address in `<dir>/<site>.admin` (see
 /// `remember_admin`). Other options come from `o`.
 pub fn two_sites_with_admin(bin: &Path, dir: &Path, token: &str, o: PairOptions) -> (Site, Site, WanEmu, WanEmu) {
     crate::site::write_secret(&dir.join("token"), &format!("{token}\n"));
-    let o = PairOptions { admin: "listen = \"127.0.0.1:0\"\ntoken_file = \"token\"\n".into(), ..o };
+    // The options' [admin] section (port 0 by default), plus the token unless it names one.
+    let admin = if o.admin.contains("token_file") { o.admin.clone() } else { format!("{}token_file = \"token\"\n", o.admin) };
+    let o = PairOptions { admin, ..o };
     let (dc1, dc2, a, b) = two_sites_both_ways(bin, dir, &o);
     remember_admin(dir, "dc1", &dc1);
     remember_admin(dir, "dc2", &dc2);
