@@ -4,6 +4,7 @@
 
 use geomirror_node::admin_client::{AdminClient, Credentials};
 use geomirror_tests::pair::{remember_admin, stop_both_and_compare, two_sites_with_admin, PairOptions};
+use geomirror_tests::qemu::{qemu_io, qemu_io_command};
 use geomirror_tests::site::{tool, wait_for_volume, Site};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -139,15 +140,12 @@ fn failover_then_the_old_primary_fences_and_fails_back() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (mut dc1, dc2, to_dc2, _to_dc1) = setup(dir);
-    let qemu_io = |url: &str, cmd: &str| tool("qemu-io", "qemu-utils").args(["-f", "raw", url, "-c", cmd]).output().unwrap();
-    let out = qemu_io(dc1.url("vol0"), "write -P 0x5a 0 8M");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    qemu_io(dc1.url("vol0"), &["write -P 0x5a 0 8M"]);
     wait_for(dir, "dc1", "drained", |v| v["drained"] == true && v["lag_bytes"] == 0 && v["lag_seconds"] == 0.0);
     // The link fails silently (dc1 notices only after its idle timeout), dc1 acknowledges a
     // write to a recorded extent that never reaches dc2, and dies.
     to_dc2.set_cut(true);
-    let out = qemu_io(dc1.url("vol0"), "write -P 0x99 1M 64k");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    qemu_io(dc1.url("vol0"), &["write -P 0x99 1M 64k"]);
     // Status shows the write the peer lacks, and its age growing: the RPO of a failover now.
     wait_for(dir, "dc1", "a lag of one write, growing", |v| {
         v["lag_bytes"].as_u64().unwrap() >= 65536 && v["lag_seconds"].as_f64().unwrap() >= 0.5
@@ -179,17 +177,15 @@ fn failover_then_the_old_primary_fences_and_fails_back() {
 
     // The promoted site serves what the old primary wrote, and takes new writes. The write
     // dc1 acknowledged last is missing here, inside a recorded extent (O1 allows that).
-    let out = qemu_io(dc2.url("vol0"), "read -P 0x5a 0 8M");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    let out = qemu_io(dc2.url("vol0"), "write -P 0x6b 16M 4M");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    qemu_io(dc2.url("vol0"), &["read -P 0x5a 0 8M"]);
+    qemu_io(dc2.url("vol0"), &["write -P 0x6b 16M 4M"]);
 
     // The old primary returns, finds epoch 2, fences itself and joins as secondary: its
     // hosts are refused, and the new primary copies it the failback set.
     dc1.start_again();
     remember(dir, "dc1", &dc1);
     wait_for(dir, "dc1", "a secondary of epoch 2", |v| v["role"] == "secondary" && v["epoch"] == 2);
-    let refused = qemu_io(dc1.url("vol0"), "write -P 0x77 0 4k");
+    let refused = qemu_io_command(dc1.url("vol0"), &["write -P 0x77 0 4k"]).output().unwrap();
     assert!(!refused.status.success(), "a fenced site took a host write");
     let s = wait_for(dir, "dc2", "drained onto dc1", |v| v["drained"] == true && v["link_up"] == true);
     let copied = s["volumes"][0]["resync_bytes_copied"].as_u64().unwrap();
@@ -250,7 +246,7 @@ fn a_switchover_round_trip_under_load_loses_nothing() {
     let (dc1, dc2, _to_dc2, _to_dc1) = setup(dir);
     let write = |url: &str, i: u64| {
         let cmd = format!("write -P {} {} 16k", i % 250 + 1, BLOCKS_AT + i * 16384);
-        tool("qemu-io", "qemu-utils").args(["-f", "raw", url, "-c", &cmd]).output().unwrap().status.success()
+        qemu_io_command(url, &[cmd]).output().unwrap().status.success()
     };
     wait_for(dir, "dc1", "linked", |v| v["link_up"] == true);
     let dry = cli(dir, "failback", "dc1", &["--dry-run"]);
@@ -298,7 +294,7 @@ fn a_switchover_round_trip_under_load_loses_nothing() {
         let new_url = if to == "dc2" { dc2.url("vol0") } else { dc1.url("vol0") };
         for i in &acked {
             let cmd = format!("read -P {} {} 16k", i % 250 + 1, BLOCKS_AT + i * 16384);
-            let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", new_url, "-c", &cmd]).output().unwrap();
+            let out = qemu_io_command(new_url, &[cmd]).output().unwrap();
             assert!(out.status.success(), "acknowledged write {i} is missing on {to}: {}", String::from_utf8_lossy(&out.stdout));
         }
         eprintln!("switchover {from} -> {to}: {} acknowledged writes all present", acked.len());
@@ -321,11 +317,7 @@ fn a_promotion_after_a_degrade_warns_loudly() {
         ..options()
     };
     let (mut dc1, mut dc2, to_dc2, to_dc1) = setup_with(dir, o);
-    let qemu_io = |url: &str, cmd: &str| {
-        let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", url, "-c", cmd]).output().unwrap();
-        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stdout));
-    };
-    qemu_io(dc1.url("vol0"), "write -P 0x11 0 4M");
+    qemu_io(dc1.url("vol0"), &["write -P 0x11 0 4M"]);
     wait_for(dir, "dc1", "drained", |v| v["drained"] == true);
     let before = status_json(dir, "dc2");
     assert_eq!(before["volumes"][0]["authoritative"], true, "{before:#}");
@@ -333,7 +325,7 @@ fn a_promotion_after_a_degrade_warns_loudly() {
     // record update has timed out, and kept in dc1's dirty map.
     to_dc2.set_cut(true);
     to_dc1.set_cut(true);
-    qemu_io(dc1.url("vol0"), "write -P 0x44 40M 64k");
+    qemu_io(dc1.url("vol0"), &["write -P 0x44 40M 64k"]);
     wait_for(dir, "dc1", "degraded", |v| v["authoritative"] == false);
     dc1.kill();
     // The secondary knows the primary may degrade (its Hello said so): once the link has
@@ -344,8 +336,8 @@ fn a_promotion_after_a_degrade_warns_loudly() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("WARNING: THE RECORD IS NOT AUTHORITATIVE"), "the promotion did not warn:\n{said}");
     // The warning was warranted: the degraded write is not here, and nothing recorded it.
-    qemu_io(dc2.url("vol0"), "read -P 0x11 0 4M");
-    qemu_io(dc2.url("vol0"), "read -P 0 40M 64k");
+    qemu_io(dc2.url("vol0"), &["read -P 0x11 0 4M"]);
+    qemu_io(dc2.url("vol0"), &["read -P 0 40M 64k"]);
     let text = String::from_utf8_lossy(&cli(dir, "status", "dc2", &[]).stdout).into_owned();
     assert!(text.contains("primary of epoch 2"), "{text}");
     let (exit, log) = dc2.stop();
@@ -383,8 +375,7 @@ fn a_resume_abandons_a_demotion_that_is_waiting_for_the_peer() {
     assert_eq!(s["volumes"][0]["role"], "primary", "{s:#}");
     // The host's writes flow again (the policy is block, so with the link cut a miss fails:
     // a read shows the site answers, and the drain no longer holds anything).
-    let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", dc1.url("vol0"), "-c", "read 0 64k"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    qemu_io(dc1.url("vol0"), &["read 0 64k"]);
 }
 
 /// Split brain: the link is cut, the secondary is promoted while the old primary keeps
@@ -396,11 +387,7 @@ fn a_split_brain_is_reported_on_both_sides_and_nothing_is_destroyed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (dc1, dc2, to_dc2, to_dc1) = setup(dir);
-    let qemu_io = |url: &str, cmd: &str| {
-        let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", url, "-c", cmd]).output().unwrap();
-        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stdout));
-    };
-    qemu_io(dc1.url("vol0"), "write -P 0x11 0 8M");
+    qemu_io(dc1.url("vol0"), &["write -P 0x11 0 8M"]);
     wait_for(dir, "dc1", "drained", |v| v["drained"] == true);
     to_dc2.set_cut(true);
     to_dc1.set_cut(true);
@@ -408,8 +395,8 @@ fn a_split_brain_is_reported_on_both_sides_and_nothing_is_destroyed() {
     let out = cli(dir, "promote", "dc2", &["--reason", "dc1 unreachable"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Both take writes: dc1 to an extent it had recorded, dc2 anywhere.
-    qemu_io(dc1.url("vol0"), "write -P 0x22 2M 64k");
-    qemu_io(dc2.url("vol0"), "write -P 0x33 4M 64k");
+    qemu_io(dc1.url("vol0"), &["write -P 0x22 2M 64k"]);
+    qemu_io(dc2.url("vol0"), &["write -P 0x33 4M 64k"]);
     to_dc2.set_cut(false);
     to_dc1.set_cut(false);
     wait_for(dir, "dc2", "reporting a split brain", |v| v["split_brain"] == true);
@@ -621,7 +608,7 @@ fn failover_drill_with_a_stamped_history() {
     wait_for(dir, "dc2", "failing back", |v| v["resync_in_progress"] == true && v["resync_bytes_copied"].as_u64().unwrap() > 0);
     to_dc1.set_cut(true);
     to_dc2.set_cut(true);
-    let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", dc2.url("vol0"), "-c", "write -P 0x5e 8M 1M"]).output().unwrap();
+    let out = qemu_io_command(dc2.url("vol0"), &["write -P 0x5e 8M 1M"]).output().unwrap();
     assert!(out.status.success(), "a host write during the failback failed: {}", String::from_utf8_lossy(&out.stdout));
     let during = status_json(dir, "dc2");
     assert_eq!(during["volumes"][0]["resync_in_progress"], true, "{during:#}");

@@ -8,7 +8,9 @@
 //! drained, authoritative, no debt, no flag.
 
 use geomirror_tests::pair::{remember_admin, stop_both_and_compare, two_sites_with_admin, PairOptions};
+use geomirror_tests::qemu::{qemu_io, qemu_io_command};
 use geomirror_tests::site::{output_within, run_ok, tool, wait_for_volume, Site};
+use geomirror_tests::wait;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -59,12 +61,6 @@ fn wait_for(dir: &Path, site: &str, what: &str, done: impl Fn(&serde_json::Value
     wait_for_volume(Duration::from_secs(120), &format!("{site} {what}"), || status(dir, site), done)["volumes"][0].clone()
 }
 
-fn qemu_io(url: &str, command: &str) {
-    let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", url, "-c", command]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && !text.contains("failed"), "qemu-io {command}: {text}");
-}
-
 /// The files of a RocksDB directory ending with `suffix`.
 fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().ends_with(suffix)).collect()
@@ -105,14 +101,14 @@ fn a_secondary_whose_log_was_deleted_is_refused_flagged_and_not_promoted_until_i
     let (mut dc1, mut dc2, to_dc2, _to_dc1) = setup(dir);
 
     // 1. Eight MiB written and drained.
-    qemu_io(dc1.url("vol0"), "write -P 0x11 0 8M");
+    qemu_io(dc1.url("vol0"), &["write -P 0x11 0 8M"]);
     wait_for(dir, "dc1", "drained", |v| v["drained"] == true && v["lag_bytes"] == 0);
 
     // 2. The link slows and is cut; eight more MiB to the recorded extents are hits,
     // acknowledged at once, and lag.
     assert!(to_dc2.command("rate-mbps 1").starts_with("ok"));
     to_dc2.set_cut(true);
-    qemu_io(dc1.url("vol0"), "write -P 0x22 0 8M");
+    qemu_io(dc1.url("vol0"), &["write -P 0x22 0 8M"]);
     wait_for(dir, "dc1", "8 MiB behind", |v| v["lag_bytes"].as_u64().unwrap() >= 8 * MIB);
 
     // 3. kill -9 of the secondary, and its write-ahead log deleted.
@@ -176,7 +172,7 @@ fn a_secondary_store_restored_from_an_older_copy_is_found_out_by_its_primary() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (dc1, mut dc2, _to_dc2, _to_dc1) = setup(dir);
-    qemu_io(dc1.url("vol0"), "write -P 0x11 0 8M");
+    qemu_io(dc1.url("vol0"), &["write -P 0x11 0 8M"]);
     wait_for(dir, "dc1", "drained", |v| v["drained"] == true && v["lag_bytes"] == 0);
 
     // A copy of the secondary's store, taken while it is stopped: whole and consistent, so
@@ -189,7 +185,7 @@ fn a_secondary_store_restored_from_an_older_copy_is_found_out_by_its_primary() {
     remember(dir, "dc2", &dc2);
 
     // The secondary acknowledges more, then its store is put back to the copy.
-    qemu_io(dc1.url("vol0"), "write -P 0x33 8M 8M");
+    qemu_io(dc1.url("vol0"), &["write -P 0x33 8M 8M"]);
     wait_for(dir, "dc1", "drained", |v| v["drained"] == true && v["lag_bytes"] == 0);
     let (status_code, log) = dc2.stop();
     assert!(status_code.success(), "{log}");
@@ -208,8 +204,7 @@ fn a_secondary_store_restored_from_an_older_copy_is_found_out_by_its_primary() {
     assert!(reason.contains("lost acknowledged") || reason.contains("amnesiac"), "{v1:#}");
     // The metrics say so too (refreshed every second: read until they do, within a bound).
     let admin = dc1.admin.unwrap().port();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait::until(Duration::from_secs(30), "the detection and the full resync counted", || {
         let out = tool("curl", "curl")
             .args(["-s", "--cacert"])
             .arg(dir.join("certs/ca.pem"))
@@ -221,23 +216,18 @@ fn a_secondary_store_restored_from_an_older_copy_is_found_out_by_its_primary() {
         let metrics = String::from_utf8_lossy(&out.stdout).to_string();
         let counted = |name: &str| metrics.lines().any(|l| l.starts_with(name) && !l.ends_with(" 0"));
         if counted("geomirror_amnesiac_peers_detected_total") && counted("geomirror_full_resyncs_completed_total") {
-            break;
+            Ok(())
+        } else {
+            Err(metrics)
         }
-        assert!(Instant::now() < deadline, "the detection and the full resync are not counted:\n{metrics}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
     stop_both_and_compare(dir, dc1, dc2);
 }
 
 /// Whether `image` holds `pattern` in every byte of `len` bytes at `offset` (a media file of
 /// a stopped or killed site).
 fn holds(image: &Path, pattern: u8, offset: u64, len: u64) -> bool {
-    let out = tool("qemu-io", "qemu-utils")
-        .args(["-f", "raw"])
-        .arg(image)
-        .args(["-c", &format!("read -P {pattern:#04x} {offset} {len}")])
-        .output()
-        .unwrap();
+    let out = qemu_io_command(image, &[format!("read -P {pattern:#04x} {offset} {len}")]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("read {len}/{len} bytes")), "qemu-io read of {}: {text}", image.display());
     !text.contains("verification failed")
@@ -251,15 +241,14 @@ fn cp_a(from: &Path, to: &Path) {
 /// Polls both sites until both report clean in one round, for at most `limit`; returns
 /// their volumes' statuses.
 fn wait_for_clean_pair(dir: &Path, limit: Duration) -> (serde_json::Value, serde_json::Value) {
-    let deadline = Instant::now() + limit;
-    loop {
+    wait::until(limit, "the pair reported clean", || {
         let (v1, v2) = (status(dir, "dc1")["volumes"][0].clone(), status(dir, "dc2")["volumes"][0].clone());
         if clean_primary(&v1) && clean_secondary(&v2) {
-            return (v1, v2);
+            Ok((v1, v2))
+        } else {
+            Err(format!("\ndc1 {v1:#}\ndc2 {v2:#}"))
         }
-        assert!(Instant::now() < deadline, "the pair never reported clean:\ndc1 {v1:#}\ndc2 {v2:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
 }
 
 /// The double fault of a second adversarial review, which ended with the images differing in
@@ -279,17 +268,17 @@ fn a_secondary_store_rolled_back_past_an_answer_the_crashed_primary_rested_write
     let (mut dc1, mut dc2, to_dc2, to_dc1) = setup_with(dir, PairOptions { size: "256M".into(), wan, ..PairOptions::default() });
 
     // 1. One extent written and drained.
-    qemu_io(dc1.url("vol0"), "write -P 0x01 0 1M");
+    qemu_io(dc1.url("vol0"), &["write -P 0x01 0 1M"]);
     wait_for(dir, "dc1", "drained", |v| v["drained"] == true && v["lag_bytes"] == 0);
 
     // 2. A miss far from it, then a copy of the secondary's state directory taken while both
     // sites run (the reviewer's `cp -a`), then 6 MiB of misses: recorded on the secondary
     // synchronously and acknowledged to the host, but far from shipped at 8 Mbit/s.
-    qemu_io(dc1.url("vol0"), "write -P 0x02 20M 64k");
+    qemu_io(dc1.url("vol0"), &["write -P 0x02 20M 64k"]);
     let (state, snapshot) = (dir.join("dc2-state"), dir.join("snap/S1"));
     std::fs::create_dir(dir.join("snap")).unwrap();
     cp_a(&state, &snapshot);
-    qemu_io(dc1.url("vol0"), "write -P 0x03 200M 6M");
+    qemu_io(dc1.url("vol0"), &["write -P 0x03 200M 6M"]);
     let written = Instant::now();
 
     // 3. Both sites die at once, within a second of the write.

@@ -4,10 +4,12 @@
 //! with Ctrl-C. Every command is the one the demo prints.
 
 use geomirror_tests::demo::Demo;
-use geomirror_tests::site::{run_ok, tool, Site};
+use geomirror_tests::qemu::qemu_io;
+use geomirror_tests::site::{run_ok, tool, wait_for_volume, Site};
+use geomirror_tests::wait;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
 
@@ -15,9 +17,12 @@ fn geomirror(args: &[&str], config: &Path) -> String {
     run_ok(Command::new(BIN).args(args).arg("--config").arg(config).env("RUST_BACKTRACE", "0"))
 }
 
+fn status(config: &Path) -> serde_json::Value {
+    serde_json::from_str(&geomirror(&["status", "--json"], config)).unwrap()
+}
+
 fn role(config: &Path) -> String {
-    let s: serde_json::Value = serde_json::from_str(&geomirror(&["status", "--json"], config)).unwrap();
-    s["volumes"][0]["role"].as_str().unwrap_or("?").to_owned()
+    status(config)["volumes"][0]["role"].as_str().unwrap_or("?").to_owned()
 }
 
 #[test]
@@ -35,41 +40,21 @@ fn the_walkthrough_fails_over_and_back_with_the_commands_the_demo_prints() {
     let (dc1, dc2) = (demo.config("dc1"), demo.config("dc2"));
     assert_eq!((role(&dc1), role(&dc2)), ("primary".into(), "secondary".into()));
 
-    run_ok(tool("qemu-io", "qemu-utils").args(["-f", "raw", &demo.nbd_url(0), "-c", "write -P 0xab 0 4M", "-c", "flush"]));
+    qemu_io(demo.nbd_url(0), &["write -P 0xab 0 4M", "flush"]);
     // The write is on dc2 once dc1 has nothing left to ship.
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s: serde_json::Value = serde_json::from_str(&geomirror(&["status", "--json"], &dc1)).unwrap();
-        if s["volumes"][0]["lag_bytes"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < until, "dc1 did not drain: {s:#}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_volume(Duration::from_secs(60), "dc1 drained", || status(&dc1), |v| v["lag_bytes"] == 0);
 
     // Lose dc1, promote dc2: it serves the data at once.
     rustix::process::kill_process(rustix::process::Pid::from_raw(demo.pid("dc1")).unwrap(), rustix::process::Signal::KILL).unwrap();
     // dc2 refuses to promote while it still sees dc1 alive: wait until it noticed the loss.
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s: serde_json::Value = serde_json::from_str(&geomirror(&["status", "--json"], &dc2)).unwrap();
-        if s["volumes"][0]["link_up"] == false {
-            break;
-        }
-        assert!(Instant::now() < until, "dc2 did not notice dc1's loss: {s:#}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_volume(Duration::from_secs(30), "dc2 noticed dc1's loss", || status(&dc2), |v| v["link_up"] == false);
     let out = geomirror(&["promote", "--reason", "dc1 lost"], &dc2);
     assert!(out.contains("primary"), "{out}");
-    run_ok(tool("qemu-io", "qemu-utils").args(["-f", "raw", &demo.nbd_url(1), "-c", "read -P 0xab 0 4M", "-c", "write -P 0xcd 8M 1M"]));
+    qemu_io(demo.nbd_url(1), &["read -P 0xab 0 4M", "write -P 0xcd 8M 1M"]);
 
     // dc1 returns by hand from the demo's config: it fences itself and joins as secondary.
     let mut back = Site::from_config(Path::new(BIN), &dc1);
-    let until = Instant::now() + Duration::from_secs(60);
-    while role(&dc1) != "secondary" {
-        assert!(Instant::now() < until, "the old primary did not join as secondary");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_volume(Duration::from_secs(60), "the old primary joined as secondary", || status(&dc1), |v| v["role"] == "secondary");
     let out = geomirror(&["failback"], &dc2);
     assert!(!out.is_empty(), "failback says what it did");
 
@@ -124,11 +109,7 @@ fn a_primary_killed_under_load_on_a_congested_link_is_noticed_and_the_secondary_
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     };
     let wait_for = |what: &str, limit: Duration, done: &dyn Fn() -> bool| {
-        let until = Instant::now() + limit;
-        while !done() {
-            assert!(Instant::now() < until, "{what} within {limit:?}:\ndc1: {}\ndc2: {}", report(&dc1), report(&dc2));
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait::until(limit, what, || if done() { Ok(()) } else { Err(format!("\ndc1: {}\ndc2: {}", report(&dc1), report(&dc2))) });
     };
 
     // While the primary is connected, a promotion is refused and says when that changes.

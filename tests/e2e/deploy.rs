@@ -4,11 +4,13 @@
 //! machine; the systemd unit checked by `systemd-analyze verify`; the Kubernetes manifests
 //! checked against the API's schemas by `kubernetes-validate`.
 
+use geomirror_tests::qemu::qemu_io;
 use geomirror_tests::site::{run_ok, tool, Site};
+use geomirror_tests::wait;
 use std::net::{TcpListener, UdpSocket};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
@@ -38,15 +40,14 @@ fn status(config: &Path) -> serde_json::Value {
 
 /// Polls the primary's status until `done` holds, up to a minute.
 fn wait_status(config: &Path, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait::until(Duration::from_secs(60), what, || {
         let s = status(config);
         if done(&s) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("status: {s:#}"))
         }
-        assert!(Instant::now() < until, "{what}: not within a minute; status: {s:#}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
 }
 
 #[test]
@@ -101,15 +102,7 @@ fn the_two_example_sites_start_and_mirror_as_deploy_describes() {
     assert_eq!((s["site"].as_str(), s["volumes"][0]["role"].as_str()), (Some("dc1"), Some("primary")), "{s:#}");
     assert_eq!(status(&configs[1])["volumes"][0]["role"], "secondary");
 
-    run_ok(tool("qemu-io", "qemu-utils").args([
-        "-f",
-        "raw",
-        &format!("nbd://127.0.0.1:{nbd1}/db0"),
-        "-c",
-        "write -P 0x5a 0 4M",
-        "-c",
-        "write -P 0xa5 40G 1M",
-    ]));
+    qemu_io(format!("nbd://127.0.0.1:{nbd1}/db0"), &["write -P 0x5a 0 4M", "write -P 0xa5 40G 1M"]);
     wait_status(&configs[0], "dc1 drained", |s| s["volumes"][0]["lag_bytes"] == 0 && s["volumes"][0]["applied"].as_u64() > Some(0));
     let (st1, log1) = dc1.stop();
     assert!(st1.success(), "{log1}");

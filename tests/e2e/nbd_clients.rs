@@ -3,6 +3,7 @@
 //! it against what the clients read and against the media file itself once the site has
 //! stopped.
 
+use geomirror_tests::qemu::qemu_io;
 use geomirror_tests::site::{run_ok, tool, Site};
 use std::path::Path;
 
@@ -11,17 +12,6 @@ const MIB: u64 = 1 << 20;
 
 fn one_volume(size: &str) -> String {
     format!("[[volume]]\nname = \"vol0\"\nmedia = \"vol0.img\"\nsize = \"{size}\"\n")
-}
-
-fn qemu_io(url: &str, commands: &[String]) -> String {
-    let mut cmd = tool("qemu-io", "qemu-utils");
-    cmd.args(["-f", "raw", url]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = run_ok(&mut cmd);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
-    out
 }
 
 /// A deterministic pseudo-random buffer (xorshift), so a failure can be reproduced.
@@ -97,9 +87,9 @@ fn qemu_io_patterns_at_many_offsets_sizes_with_fua_flush_zero_and_discard() {
 #[test]
 fn data_survives_a_restart() {
     let mut site = Site::start(Path::new(BIN), &one_volume("16M"));
-    qemu_io(site.url("vol0"), &["write -P 0x5a 1048576 1048576".into()]);
+    qemu_io(site.url("vol0"), &["write -P 0x5a 1048576 1048576"]);
     site.restart();
-    qemu_io(site.url("vol0"), &["read -P 0x5a 1048576 1048576".into(), "read -P 0 0 1048576".into()]);
+    qemu_io(site.url("vol0"), &["read -P 0x5a 1048576 1048576", "read -P 0 0 1048576"]);
 }
 
 #[test]

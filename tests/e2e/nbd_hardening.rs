@@ -7,11 +7,12 @@ use geomirror_node::metrics::{NBD_BUDGET_EXHAUSTED, NBD_INFLIGHT, NBD_INFLIGHT_L
 use geomirror_node::nbd::budget::GUARANTEED_BYTES_PER_CONNECTION;
 use geomirror_tests::pair::{stop_both_and_compare, two_sites, PairOptions};
 use geomirror_tests::site::{run_ok, tool, Site};
+use geomirror_tests::wait;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_geomirror");
 const VOLUME_BYTES: u64 = 8 << 20;
@@ -409,16 +410,15 @@ fn budget(dir: &Path, site: &Site) -> Budget {
 
 /// Polls dc1's budget until `done`, checking at every look that it never went over.
 fn wait_for_budget(dir: &Path, site: &Site, what: &str, done: impl Fn(&Budget) -> bool) -> Budget {
-    let deadline = Instant::now() + METRICS_DEADLINE;
-    loop {
+    wait::until(METRICS_DEADLINE, what, || {
         let b = budget(dir, site);
         assert!(b.peak <= BUDGET_BYTES, "the site held {} MiB, over its {} MiB budget", b.peak / MIB, BUDGET_BYTES / MIB);
         if done(&b) {
-            return b;
+            Ok(b)
+        } else {
+            Err(format!("{} MiB held, {} exhaustions", b.held / MIB, b.exhausted))
         }
-        assert!(Instant::now() < deadline, "{what} never happened: {} MiB held, {} exhaustions", b.held / MIB, b.exhausted);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
 }
 
 /// A client that sends all its requests at once (from a thread that blocks while the server

@@ -7,6 +7,7 @@
 
 use geomirror_tests::demo::Demo;
 use geomirror_tests::site::{run_ok, tool};
+use geomirror_tests::wait;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -81,7 +82,8 @@ impl Prometheus {
     /// Waits (up to the deadline) until every query returns a finite sample; returns the
     /// ones that never did, with why.
     fn wait_for_data(&self, queries: &[(String, String)], deadline: Instant) -> Vec<String> {
-        loop {
+        let limit = deadline.saturating_duration_since(Instant::now());
+        let missing = wait::within(limit, Duration::from_secs(2), || {
             let missing: Vec<String> = queries
                 .iter()
                 .filter_map(|(what, q)| match self.query(q) {
@@ -90,11 +92,13 @@ impl Prometheus {
                     Err(e) => Some(format!("{what}: {q}: {e}")),
                 })
                 .collect();
-            if missing.is_empty() || Instant::now() >= deadline {
-                return missing;
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(missing)
             }
-            std::thread::sleep(Duration::from_secs(2));
-        }
+        });
+        missing.err().unwrap_or_default()
     }
 }
 
@@ -210,8 +214,7 @@ fn prometheus_scrapes_both_sites_and_every_panel_and_alert_has_data() {
         assert!(demo.wan(towards, "cut").starts_with("ok link=cut"));
     }
     let link_down = alerts.iter().find(|a| a.0 == "alert GeomirrorLinkDown").expect("a link-down alert").1.clone();
-    let until = Instant::now() + Duration::from_secs(60);
-    let sites_down = loop {
+    let sites_down = wait::within(Duration::from_secs(60), Duration::from_secs(1), || {
         let down: Vec<String> = prom
             .query(&link_down)
             .unwrap()
@@ -219,11 +222,13 @@ fn prometheus_scrapes_both_sites_and_every_panel_and_alert_has_data() {
             .filter(|s| s.1 == 1.0)
             .map(|s| s.0["site"].as_str().unwrap_or("?").to_owned())
             .collect();
-        if down.len() == 2 || Instant::now() >= until {
-            break down;
+        if down.len() == 2 {
+            Ok(down)
+        } else {
+            Err(down)
         }
-        std::thread::sleep(Duration::from_secs(1));
-    };
+    })
+    .unwrap_or_else(|down| down);
     eprintln!("[{:?}] link down on both sites", started.elapsed());
     assert_eq!(sites_down.len(), 2, "the link-down expression is true on both sites once the link is cut: {sites_down:?}");
     for towards in ["dc1", "dc2"] {

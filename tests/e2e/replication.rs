@@ -7,7 +7,9 @@ use geomirror_core::ExtentId;
 use geomirror_node::certs::{Ca, Validity};
 use geomirror_node::store::{RocksStore, Store};
 use geomirror_tests::pair::{self, replication_port, PairOptions, WanEmu};
+use geomirror_tests::qemu::{qemu_io, qemu_io_command};
 use geomirror_tests::site::{run_ok, tool, Site};
+use geomirror_tests::wait;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -74,16 +76,6 @@ fn stop_and_compare(dir: &Path, primary: Site, secondary: Site) {
     assert!(log.contains("drained"), "the primary stopped without draining:\n{log}");
 }
 
-fn qemu_io(url: &str, commands: &[String]) {
-    let mut cmd = tool("qemu-io", "qemu-utils");
-    cmd.args(["-f", "raw", url]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = run_ok(&mut cmd);
-    assert!(!out.contains("Pattern verification failed") && !out.contains("failed"), "{out}");
-}
-
 /// Writes `pattern` over `[first, first + count)` MiB, one MiB per write.
 fn write_mib(url: &str, first: u64, count: u64, pattern: u8) {
     let cmds: Vec<String> = (first..first + count).map(|m| format!("write -P {pattern:#x} {} 1M", m << 20)).collect();
@@ -116,7 +108,7 @@ fn two_sites_mirror_a_volume_over_mtls_quic_through_wan_emu() {
     );
 
     // The secondary serves no host I/O while it is the secondary.
-    let read = tool("qemu-io", "qemu-utils").args(["-f", "raw", secondary.url("vol0"), "-c", "read 0 4096"]).output().unwrap();
+    let read = qemu_io_command(secondary.url("vol0"), &["read 0 4096"]).output().unwrap();
     assert!(!read.status.success(), "a secondary served a read: {}", String::from_utf8_lossy(&read.stdout));
 
     // Stopping the primary drains it: the secondary has applied every write.
@@ -169,9 +161,9 @@ fn under_block_a_miss_fails_after_the_deadline_while_the_link_is_cut() {
     write_mib(&url, 0, 4, 0x11);
     emu.set_cut(true);
     // A recorded extent (just written): a hit, acknowledged at once although the link is cut.
-    qemu_io(&url, &["write -P 0x12 0 64k".into()]);
+    qemu_io(&url, &["write -P 0x12 0 64k"]);
     // Far from anything recorded: a miss, held, then failed.
-    let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", &url, "-c", &format!("write -P 0x66 {} 64k", 60 << 20)]).output().unwrap();
+    let out = qemu_io_command(&url, &[format!("write -P 0x66 {} 64k", 60 << 20)]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("write failed"), "the miss did not fail: {text}");
     emu.set_cut(false);
@@ -232,10 +224,8 @@ fn a_remote_flush_means_the_secondary_has_the_data() {
     emu.set_cut(true);
     // qemu-io's default cache mode is writethrough (every write with FUA); writeback keeps
     // the write plain, so that only the flush needs the peer.
-    let out = tool("qemu-io", "qemu-utils")
-        .args(["-t", "writeback", "-f", "raw", &url, "-c", &format!("write -P 0x79 {} 64k", 10 << 20), "-c", "flush"])
-        .output()
-        .unwrap();
+    let out =
+        qemu_io_command(&url, &[format!("write -P 0x79 {} 64k", 10 << 20), "flush".into()]).args(["-t", "writeback"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("wrote 65536/65536"), "the hit was not acknowledged: {text}");
     assert!(!out.status.success(), "a remote flush succeeded with the link cut: {text}");
@@ -243,10 +233,14 @@ fn a_remote_flush_means_the_secondary_has_the_data() {
     // A primary stops at once while its link is down, so the comparison waits for the link:
     // a remote flush succeeds again once the secondary has applied every write (each try
     // while the link is still down fails after the deadline).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !tool("qemu-io", "qemu-utils").args(["-f", "raw", &url, "-c", "flush"]).output().unwrap().status.success() {
-        assert!(std::time::Instant::now() < deadline, "a remote flush never succeeded again after the link came back");
-    }
+    wait::until(std::time::Duration::from_secs(60), "a remote flush succeeding again after the link came back", || {
+        let out = qemu_io_command(&url, &["flush"]).output().unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    });
     stop_and_compare(dir, primary, secondary);
     drop(emu);
 }
@@ -298,11 +292,14 @@ fn fio_verified(dir: &Path, url: &str, name: &str, offset_mib: u64, size_mib: u6
 /// Waits until the file's allocated size reaches `bytes`: the host's writes are landing.
 fn wait_until_allocated(path: &Path, bytes: u64) {
     use std::os::unix::fs::MetadataExt;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::metadata(path).map_or(0, |m| m.blocks() * 512) < bytes {
-        assert!(std::time::Instant::now() < deadline, "{} never reached {bytes} bytes allocated", path.display());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait::until(std::time::Duration::from_secs(60), &format!("{bytes} bytes allocated in {}", path.display()), || {
+        let allocated = std::fs::metadata(path).map_or(0, |m| m.blocks() * 512);
+        if allocated >= bytes {
+            Ok(())
+        } else {
+            Err(format!("{allocated} bytes allocated"))
+        }
+    });
 }
 
 /// O2 on real processes: every 1 MiB extent where the two media differ is in the secondary's
@@ -428,7 +425,7 @@ fn the_secondary_refuses_a_primary_with_the_wrong_certificate() {
         std::fs::write(certs.join("dc1.pem"), c).unwrap();
         std::fs::write(certs.join("dc1.key"), k).unwrap();
         let mut primary = Site::from_config(Path::new(BIN), &primary_config);
-        let out = tool("qemu-io", "qemu-utils").args(["-f", "raw", primary.url("vol0"), "-c", "write -P 0x66 0 64k"]).output().unwrap();
+        let out = qemu_io_command(primary.url("vol0"), &["write -P 0x66 0 64k"]).output().unwrap();
         assert!(!out.status.success(), "{reason}: a write was recorded through a refused link");
         primary.kill();
     }

@@ -240,13 +240,12 @@ pub fn wait_for_volume(
     mut status: impl FnMut() -> serde_json::Value,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
+    crate::wait::until(limit, what, || {
         let s = status();
         if done(&s["volumes"][0]) {
-            return s;
+            Ok(s)
+        } else {
+            Err(format!("{s:#}"))
         }
-        assert!(std::time::Instant::now() < deadline, "never {what}: {s:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
 }

@@ -3,7 +3,9 @@
 
 pub mod demo;
 pub mod pair;
+pub mod qemu;
 pub mod site;
+pub mod wait;
 
 pub use geomirror_sim::{describe_failure, run_parallel};
 use geomirror_sim::{run_seed, SimReport};
