@@ -15,10 +15,18 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The version `--version` prints; a build with the core's deliberate bugs (the mutation
+/// tests' feature) says so, and the e2e tests refuse to run such a binary.
+const VERSION: &str = if geomirror_core::MUTATIONS_COMPILED_IN {
+    concat!(env!("CARGO_PKG_VERSION"), " (mutations compiled in: deliberate bugs, not for serving hosts)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 #[derive(Parser)]
 #[command(
     name = "geomirror",
-    version,
+    version = VERSION,
     about = "Predictive geo-replication of block volumes between two datacenters",
     long_about = "geomirror mirrors block volumes from a primary site to a secondary site. The secondary keeps a \
 durable, predictive record of the extents the host is about to write: writes to recorded extents are \

@@ -2,7 +2,8 @@
 //! comments describe (certificates from `geomirror certs`, tokens from `openssl rand` as
 //! docs/operations.md makes them), with only paths and addresses substituted for one
 //! machine; the systemd unit checked by `systemd-analyze verify`; the Kubernetes manifests
-//! checked against the API's schemas by `kubernetes-validate`.
+//! checked against the API's schemas by `kubernetes-validate`; and the binary itself, built
+//! without the core's deliberate bugs.
 
 use geomirror_tests::qemu::qemu_io;
 use geomirror_tests::site::{run_ok, tool, Site};
@@ -130,4 +131,14 @@ fn the_two_example_sites_start_and_mirror_as_deploy_describes() {
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !said.contains("ERROR") && said.matches("passed").count() == 10, "kubernetes-validate:\n{said}");
+}
+
+/// The binary these tests run (and a deployment installs) has none of the core's deliberate
+/// bugs: the `mutations` feature is enabled only by tests/mutations, outside the workspace,
+/// so no feature unification can compile it into `geomirror`. A build that has it says so in
+/// its version.
+#[test]
+fn the_binary_under_test_has_no_deliberate_bugs_compiled_in() {
+    let out = run_ok(Command::new(BIN).arg("--version"));
+    assert_eq!(out, format!("geomirror {}\n", env!("CARGO_PKG_VERSION")), "the binary under test was built with the mutations feature");
 }

@@ -19,6 +19,11 @@ pub mod ids;
 pub mod machine;
 #[cfg(feature = "mutations")]
 pub mod mutations;
+
+/// Whether this build has the deliberate bugs of the `mutations` feature compiled in; the
+/// `geomirror` binary says so in its version, and an end-to-end test checks that the binary
+/// it runs never has them.
+pub const MUTATIONS_COMPILED_IN: bool = cfg!(feature = "mutations");
 pub mod op;
 pub mod predict;
 pub mod primary;

@@ -2,11 +2,12 @@
 //! catch it within a bounded number of seeds, with the oracle that guards against it.
 //!
 //! The bugs live in `geomirror-core` behind the `mutations` feature and a per-thread switch,
-//! so they are off everywhere else, including in other tests of this same build.
+//! so they are off in every other test of this build. Only this package, outside the
+//! workspace (see its Cargo.toml), builds the core with that feature: the binaries the
+//! workspace builds never contain the bugs.
 
 use geomirror_core::mutations::{self, Mutation};
-use geomirror_sim::{run_seed, SimReport};
-use geomirror_tests::run_parallel;
+use geomirror_sim::{run_parallel, run_seed, SimReport};
 
 fn hunt(m: Mutation, seeds: u64) -> Vec<SimReport> {
     let list: Vec<u64> = (0..seeds).collect();
@@ -86,4 +87,9 @@ fn a_data_window_counted_short_is_caught_by_the_cores_own_invariants() {
 #[test]
 fn trusting_a_store_that_lost_state_makes_sites_differ_while_both_report_clean() {
     caught_by(Mutation::TrustAmnesiac, &["O7"]);
+}
+
+#[test]
+fn this_build_says_it_has_the_deliberate_bugs() {
+    assert!(geomirror_core::MUTATIONS_COMPILED_IN, "the marker the geomirror binary's version reads does not follow the feature");
 }
