@@ -3,7 +3,8 @@
 //! `geomirror-bench nbd` runs the same fio jobs (ioengine=nbd) against qemu-nbd serving a
 //! file and against `geomirror run` with no peer serving an identical file, interleaved
 //! round by round so that both see the same machine, and prints throughput ratios and
-//! p50/p99 latency side by side.
+//! p50/p99 latency side by side; with `--neighbour`, each job again with a CPU-bound process
+//! (`stress-ng --cpu 1`) running beside the server for the length of each run.
 //!
 //! `geomirror-bench record-rtt` measures the record-update round trip on an emulated WAN,
 //! idle and under saturating bulk writes (see `record_rtt`).
@@ -27,7 +28,7 @@ use clap::{Parser, Subcommand};
 use geomirror_tests::site::{run_ok, tool, Site};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 #[derive(Parser)]
 #[command(name = "geomirror-bench", about = "Benchmarks geomirror against the alternatives with real clients, side by side in one run")]
@@ -44,6 +45,10 @@ enum Bench {
     /// and 32. Each round runs every job on both servers, alternating which goes first; the
     /// table shows the median over rounds. Dirty pages are synced between runs so each run
     /// starts from the same page-cache state.
+    ///
+    /// With --neighbour, each job also gets a row run beside a CPU-bound neighbour:
+    /// `stress-ng --cpu 1` (Debian's stress-ng) runs for the length of each fio run, on both
+    /// servers alike, as a storage daemon shares its host with the workloads it serves.
     Nbd {
         /// Seconds per fio run.
         #[arg(long, default_value_t = 10)]
@@ -63,6 +68,10 @@ enum Bench {
         /// Run only the jobs whose name contains this text (e.g. "QD1"); repeatable.
         #[arg(long)]
         only: Vec<String>,
+        /// Also run each job beside a CPU-bound neighbour (`stress-ng --cpu 1`), as a row of
+        /// its own.
+        #[arg(long)]
+        neighbour: bool,
     },
     /// The record-update round trip, idle and under saturating bulk writes.
     ///
@@ -254,13 +263,14 @@ struct Figures {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Bench::Nbd { runtime, rounds, size, geomirror, markdown, only } => {
+        Bench::Nbd { runtime, rounds, size, geomirror, markdown, only, neighbour } => {
             let bin = geomirror_bin(geomirror)?;
             let jobs: Vec<&Job> = JOBS.iter().filter(|j| only.is_empty() || only.iter().any(|o| j.name.contains(o.as_str()))).collect();
             if jobs.is_empty() {
                 bail!("no job matches {only:?}; the jobs are: {}", JOBS.iter().map(|j| j.name).collect::<Vec<_>>().join(", "));
             }
-            nbd(&bin, &jobs, runtime, rounds.max(1), &size, markdown)
+            let neighbours: &[bool] = if neighbour { &[false, true] } else { &[false] };
+            nbd(&bin, &jobs, neighbours, runtime, rounds.max(1), &size, markdown)
         }
         Bench::RecordRtt { rtt_ms, rate_mbps, probes, probe_iops, rounds, pace_percent, layout, geomirror, markdown } => {
             let bin = geomirror_bin(geomirror)?;
@@ -417,7 +427,13 @@ fn geomirror_bin(given: Option<PathBuf>) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn nbd(bin: &Path, jobs: &[&Job], runtime: u64, rounds: usize, size: &str, markdown: bool) -> Result<()> {
+/// Runs every job on both servers, once for each entry of `neighbours` (false: alone; true:
+/// beside a CPU-bound neighbour), and prints a row for each.
+fn nbd(bin: &Path, jobs: &[&Job], neighbours: &[bool], runtime: u64, rounds: usize, size: &str, markdown: bool) -> Result<()> {
+    if neighbours.contains(&true) {
+        // Checked before anything starts: fails loudly, naming the package, if it is missing.
+        tool("stress-ng", "stress-ng");
+    }
     let bytes = geomirror_node::config::parse_size(size).map_err(anyhow::Error::msg)?;
     let site = Site::start(bin, &format!("[[volume]]\nname = \"vol0\"\nmedia = \"vol0.img\"\nsize = {bytes}\n"));
     let qemu_file = site.path("qemu.img");
@@ -425,36 +441,42 @@ fn nbd(bin: &Path, jobs: &[&Job], runtime: u64, rounds: usize, size: &str, markd
     let qemu = QemuNbd::start(&qemu_file)?;
     let servers = [("qemu-nbd", qemu.url.clone()), ("geomirror", site.url("vol0").to_owned())];
     eprintln!(
-        "qemu-nbd at {}, geomirror at {}; {} job(s) x {} round(s) x {runtime} s each",
+        "qemu-nbd at {}, geomirror at {}; {} job(s) x {} condition(s) x {} round(s) x {runtime} s each",
         servers[0].1,
         servers[1].1,
         jobs.len(),
+        neighbours.len(),
         rounds
     );
 
     let mut table = Vec::new();
     for job in jobs {
-        let mut runs: [Vec<Figures>; 2] = [Vec::new(), Vec::new()];
-        for round in 0..rounds {
-            // Alternate which server goes first, so neither always inherits the other's
-            // writeback.
-            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-            for i in order {
-                run_ok(&mut Command::new("sync"));
-                let f = fio(&servers[i].1, job.args, runtime, true, &site.dir)?;
-                eprintln!(
-                    "  {:<30} {:<10} round {}: {:>8.1} MiB/s  p50 {:>7.1} us  p99 {:>7.1} us",
-                    job.name,
-                    servers[i].0,
-                    round + 1,
-                    f.mib_s,
-                    f.p50_us,
-                    f.p99_us
-                );
-                runs[i].push(f);
+        for &with_neighbour in neighbours {
+            let name = if with_neighbour { format!("{}, CPU-bound neighbour", job.name) } else { job.name.to_string() };
+            let mut runs: [Vec<Figures>; 2] = [Vec::new(), Vec::new()];
+            for round in 0..rounds {
+                // Alternate which server goes first, so neither always inherits the other's
+                // writeback.
+                let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+                for i in order {
+                    run_ok(&mut Command::new("sync"));
+                    let neighbour = with_neighbour.then(|| Neighbour::start(runtime)).transpose()?;
+                    let f = fio(&servers[i].1, job.args, runtime, true, &site.dir)?;
+                    drop(neighbour);
+                    eprintln!(
+                        "  {:<50} {:<10} round {}: {:>8.1} MiB/s  p50 {:>7.1} us  p99 {:>7.1} us",
+                        name,
+                        servers[i].0,
+                        round + 1,
+                        f.mib_s,
+                        f.p50_us,
+                        f.p99_us
+                    );
+                    runs[i].push(f);
+                }
             }
+            table.push((name, median(&runs[0]), median(&runs[1])));
         }
-        table.push((job.name, median(&runs[0]), median(&runs[1])));
     }
     drop(qemu);
     print_table(&table, markdown);
@@ -470,13 +492,13 @@ fn median(runs: &[Figures]) -> Figures {
     Figures { mib_s: pick(|f| f.mib_s), iops: pick(|f| f.iops), p50_us: pick(|f| f.p50_us), p99_us: pick(|f| f.p99_us) }
 }
 
-fn print_table(rows: &[(&str, Figures, Figures)], markdown: bool) {
+fn print_table(rows: &[(String, Figures, Figures)], markdown: bool) {
     let header = ["job", "qemu-nbd MiB/s", "geomirror MiB/s", "ratio", "qemu-nbd p50 / p99 us", "geomirror p50 / p99 us"];
     let lines: Vec<[String; 6]> = rows
         .iter()
         .map(|(name, q, g)| {
             [
-                name.to_string(),
+                name.clone(),
                 format!("{:.1} ({:.0} IOPS)", q.mib_s, q.iops),
                 format!("{:.1} ({:.0} IOPS)", g.mib_s, g.iops),
                 format!("{:.2}x", g.mib_s / q.mib_s),
@@ -553,5 +575,32 @@ impl Drop for QemuNbd {
         if let Some(pid) = rustix::process::Pid::from_raw(self.pid) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
+    }
+}
+
+/// A CPU-bound process beside the servers for the length of one fio run: `stress-ng --cpu 1`,
+/// one worker spinning on arithmetic. Stopped (SIGTERM, then reaped) when dropped.
+struct Neighbour(Child);
+
+impl Neighbour {
+    /// Starts the neighbour for a run of `runtime` seconds. Its own `--timeout` (the run plus
+    /// a minute) ends it should this harness die without stopping it.
+    fn start(runtime: u64) -> Result<Neighbour> {
+        let child = tool("stress-ng", "stress-ng")
+            .args(["--cpu", "1", "--quiet", "--timeout"])
+            .arg(format!("{}s", runtime + 60))
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting stress-ng")?;
+        Ok(Neighbour(child))
+    }
+}
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = self.0.wait();
     }
 }
