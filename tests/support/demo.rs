@@ -1,5 +1,7 @@
 //! `geomirror demo` as a test sees it: started on free ports in a temporary directory,
 //! its printed summary, and a stop by SIGINT (Ctrl-C) that must end every process cleanly.
+//!
+//! Must not: leave any of the demo's processes behind when a test ends.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};

@@ -1,5 +1,9 @@
-//! Helpers for the tests in `tests/`: which seeds to run, from the environment; and real
-//! `geomirror` processes for the end-to-end tests in `tests/e2e/`.
+//! Helpers for the tests in `tests/` and the benchmarks: which seeds to run, from the
+//! environment; real `geomirror` processes for the end-to-end tests in `tests/e2e/`; qemu-io;
+//! waiting on a condition.
+//!
+//! Must not: enable geomirror-core's `mutations` feature (bin dev-depends on this package, so
+//! it would reach the binary the e2e tests run), or measure time for a verdict.
 
 pub mod demo;
 pub mod pair;

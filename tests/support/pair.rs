@@ -1,6 +1,8 @@
 //! Two real sites and the WAN between them, for end-to-end tests and the benchmarks: a
 //! `geomirror wan-emu` process in front of the secondary, and site configs written into one
 //! directory with certificates from `geomirror certs`.
+//!
+//! Must not: decide what a test expects of the pair; it only starts, stops and compares.
 
 use crate::site::{run_ok, tool, Site};
 use std::io::{BufRead, BufReader, Write};

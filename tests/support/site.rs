@@ -1,5 +1,8 @@
 //! A real `geomirror run` process for end-to-end tests: started from a config written into
 //! a temporary directory, stopped with SIGTERM, and checked to exit cleanly.
+//!
+//! Must not: leave a process running after its test (a stop past its limit is a SIGKILL and
+//! a reap), or skip a test whose tool is missing.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
