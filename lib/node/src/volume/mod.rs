@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 pub type Completion = Box<dyn FnOnce(Result<(), HostError>) + Send>;
 
 /// Called once with the result of an operator's request.
-pub type Reply<T> = Box<dyn FnOnce(Result<T, Refused>) + Send>;
+pub type OperatorReply<T> = Box<dyn FnOnce(Result<T, Refused>) + Send>;
 
 /// A primary drained for a switchover: its peer holds every write. `record` lists the
 /// extents of the record, which a switchover compares on both sites before swapping.
@@ -63,9 +63,19 @@ pub enum PromoteOutcome {
     AlreadyPrimary { epoch: Epoch },
 }
 
+/// What a primary does once drained: a drain and a planned demotion are the same wait for
+/// the peer, and differ only in this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterDrain {
+    /// Stay drained (writes wait) until `Resume` or a demotion.
+    Hold,
+    /// Become a secondary of the same epoch.
+    Demote,
+}
+
 /// What the driver thread is handed: host requests, completions of its threads, link
 /// events and operators' requests.
-enum Input {
+enum ToDriver {
     Write {
         op: WriteOp,
         fua: bool,
@@ -80,7 +90,8 @@ enum Input {
         token: Token,
         result: io::Result<()>,
     },
-    /// Store batches made durable together, each with the machine that asked for it.
+    /// Store batches made durable together, each with the `Driver::role_changes` of the
+    /// machine that asked for it.
     Persisted {
         done: Vec<(u64, Token)>,
         result: io::Result<()>,
@@ -91,19 +102,18 @@ enum Input {
     WhenDrained(Box<dyn FnOnce() + Send>),
     Promote {
         force: bool,
-        reply: Reply<PromoteOutcome>,
+        reply: OperatorReply<PromoteOutcome>,
     },
     Drain {
         deadline: Duration,
-        /// Demote once drained; otherwise stay drained (writes wait) until `Resume`.
-        demote: bool,
-        reply: Reply<Drained>,
+        then: AfterDrain,
+        reply: OperatorReply<Drained>,
     },
     Resume,
     /// Keep this primary's data after a split brain: the peer saves its own aside and is
     /// resynced from here.
     ResolveSplitBrain {
-        reply: Reply<()>,
+        reply: OperatorReply<()>,
     },
     /// Finish what was accepted, sync, and end the thread.
     Stop,
