@@ -34,7 +34,7 @@ use super::framing::{read_frame, write_frame, FramingError, Preamble};
 use super::liveness::{KeepAlive, Liveness, Timing};
 use super::pace::{write_paced, Pacer};
 use super::tls::Refusals;
-use crate::volume::{LinkEvent, Outbound, Volume};
+use crate::volume::{LinkEvent, Outbound, SessionId, Volume};
 use geomirror_core::{Frame, Role, Stream};
 use quinn::{Connection, Endpoint, VarInt};
 use std::collections::{BTreeMap, HashMap};
@@ -109,11 +109,11 @@ struct Route {
 }
 
 /// Routes by volume index and session.
-type Routes = Arc<Mutex<HashMap<(usize, u64), Route>>>;
+type Routes = Arc<Mutex<HashMap<(usize, SessionId), Route>>>;
 
 /// The accepting side's view of one volume: its current incoming session.
 struct Current {
-    session: Option<u64>,
+    session: Option<SessionId>,
 }
 
 /// The two QUIC connections of a session.
@@ -206,7 +206,7 @@ async fn route_outbox(i: usize, name: String, mut outbox: mpsc::UnboundedReceive
             }
             Outbound::Disconnect { session, reason } => {
                 if let Some(r) = routes.get(&(i, session)) {
-                    tracing::warn!(volume = name, session, reason, "closing the link to the peer");
+                    tracing::warn!(volume = name, session = session.0, reason, "closing the link to the peer");
                     for c in &r.conns {
                         c.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
                     }
@@ -218,9 +218,9 @@ async fn route_outbox(i: usize, name: String, mut outbox: mpsc::UnboundedReceive
 
 /// A new session id: unique across both sites' sessions in practice (the clock in
 /// nanoseconds, mixed with the process id).
-fn new_session_id() -> u64 {
+fn new_session_id() -> SessionId {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    nanos ^ ((std::process::id() as u64) << 40)
+    SessionId(nanos ^ ((std::process::id() as u64) << 40))
 }
 
 fn is_primary(volumes: &[Volume]) -> bool {
@@ -315,7 +315,7 @@ struct Session<'a> {
     volumes: &'a [Volume],
     routes: &'a Routes,
     conns: &'a LinkConns,
-    session: u64,
+    session: SessionId,
     pacer: Option<Arc<Pacer>>,
     connected: bool,
 }
@@ -373,7 +373,7 @@ impl Session<'_> {
             v.link(LinkEvent::Connected(self.session));
             v.link(LinkEvent::Heard { session: self.session, at: live.heard_at(), silence: live.timing().silence });
         }
-        tracing::info!(peer = %self.peer.address, peer_name = self.peer.name, session = self.session, "replication link up");
+        tracing::info!(peer = %self.peer.address, peer_name = self.peer.name, session = self.session.0, "replication link up");
         // One ordered stream per (volume, data lane or resync), opened on first use.
         let mut lanes: HashMap<(usize, Stream), mpsc::UnboundedSender<Frame>> = HashMap::new();
         let mut probes = probe_interval(live.timing());
@@ -441,7 +441,7 @@ fn probe_interval(t: Timing) -> tokio::time::Interval {
 /// A frame read from a control stream of `session`: a keep-alive is answered on the
 /// stream's `writer` (a probe) or heard (an echo, which the volume learns of); any other
 /// frame goes to the volume.
-fn received(v: &Volume, session: u64, f: Frame, live: &Liveness, writer: &mpsc::UnboundedSender<Frame>) {
+fn received(v: &Volume, session: SessionId, f: Frame, live: &Liveness, writer: &mpsc::UnboundedSender<Frame>) {
     match KeepAlive::of(&f) {
         Some(KeepAlive::Answer(echo)) => {
             let _ = writer.send(echo);
@@ -581,7 +581,7 @@ async fn attach(conn: &Connection, recv: &mut quinn::RecvStream, a: &Accepting) 
     }
 }
 
-fn is_current(a: &Accepting, i: usize, session: u64) -> bool {
+fn is_current(a: &Accepting, i: usize, session: SessionId) -> bool {
     a.current.lock().expect("not poisoned").get(&i).is_some_and(|c| c.session == Some(session))
 }
 
@@ -619,7 +619,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
     }
     let live = Liveness::new(a.liveness);
     volume.link(LinkEvent::Heard { session: p.session, at: live.heard_at(), silence: live.timing().silence });
-    tracing::info!(volume = p.volume, session = p.session, remote = %conn.remote_address(), "replication session up");
+    tracing::info!(volume = p.volume, session = p.session.0, remote = %conn.remote_address(), "replication session up");
     // Reading a frame is not cancel-safe (a partial frame would be lost), so the reader is
     // one future, polled to its end beside the timers rather than restarted by them.
     let reading = async {
@@ -651,7 +651,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
             _ = tokio::time::sleep_until(live.deadline().into()) => {
                 if live.is_lost() {
                     let why = live.reason();
-                    tracing::warn!(volume = p.volume, session = p.session, why, "replication peer lost; closing the connection");
+                    tracing::warn!(volume = p.volume, session = p.session.0, why, "replication peer lost; closing the connection");
                     conn.close(VarInt::from_u32(CLOSE_PEER_LOST), why.as_bytes());
                     break;
                 }
@@ -663,7 +663,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
     if current.get(&i).is_some_and(|c| c.session == Some(p.session)) {
         current.insert(i, Current { session: None });
         volume.link(LinkEvent::Disconnected(p.session));
-        tracing::info!(volume = p.volume, session = p.session, "replication session down");
+        tracing::info!(volume = p.volume, session = p.session.0, "replication session down");
     }
 }
 

@@ -11,7 +11,7 @@
 use super::handle::Shared;
 use super::status;
 use super::store_thread::{self, StoreJob};
-use super::{AfterDrain, Completion, Drained, LinkEvent, OperatorReply, Outbound, PeerAlive, PromoteOutcome, Refused, ToDriver};
+use super::{AfterDrain, Completion, Drained, LinkEvent, OperatorReply, Outbound, PeerAlive, PromoteOutcome, Refused, SessionId, ToDriver};
 use crate::aside::Aside;
 use crate::config::VolumeConfig;
 use crate::media::Media;
@@ -103,7 +103,7 @@ fn spawn_sync(name: &str, media: Arc<Media>, back: mpsc::Sender<ToDriver>) -> mp
 struct Driver {
     core: Machine,
     /// The link session the core is connected through, if any.
-    link_session: Option<u64>,
+    link_session: Option<SessionId>,
     /// When the current session's peer was last heard from, and the silence that declares it
     /// lost (`LinkEvent::Heard`).
     link_heard: Option<(Instant, Duration)>,
@@ -547,12 +547,12 @@ impl Driver {
                 }
                 Action::Ack { request, result, path } => self.answer_path(request, result, path),
                 Action::Send { stream, frame } => {
-                    let session = self.link_session.unwrap_or(0);
+                    let session = self.link_session.unwrap_or(SessionId::NONE);
                     self.outbound(Outbound::Send { session, stream, frame })
                 }
                 Action::Disconnect { reason } => {
                     tracing::warn!(volume = %self.name, reason, "closing the link to the peer");
-                    let session = self.link_session.unwrap_or(0);
+                    let session = self.link_session.unwrap_or(SessionId::NONE);
                     self.outbound(Outbound::Disconnect { session, reason });
                 }
                 Action::RoleChanged { role } => {

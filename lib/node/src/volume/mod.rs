@@ -119,19 +119,29 @@ enum ToDriver {
     Stop,
 }
 
+/// A link session: one connection (or pair of connections) between the sites, named in
+/// every stream's preamble, every link event and every frame a volume sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl SessionId {
+    /// What a volume stamps on what it asks while it has no session: no route has it.
+    pub const NONE: SessionId = SessionId(0);
+}
+
 /// What the link tells a volume. Each event names the link session it belongs to; the
 /// volume ignores events of any session but its current one, so nothing of a dead
 /// connection reaches the core after the next one started.
 #[derive(Debug)]
 pub enum LinkEvent {
     /// An authenticated connection to the peer exists (its certificate was checked).
-    Connected(u64),
-    Disconnected(u64),
-    Frame(u64, Frame),
+    Connected(SessionId),
+    Disconnected(SessionId),
+    Frame(SessionId, Frame),
     /// The peer was last heard from `at`, and is declared lost after `silence` without a
     /// word: what a refused promotion tells the operator.
     Heard {
-        session: u64,
+        session: SessionId,
         at: Instant,
         silence: Duration,
     },
@@ -142,13 +152,13 @@ pub enum LinkEvent {
 #[derive(Debug, PartialEq)]
 pub enum Outbound {
     Send {
-        session: u64,
+        session: SessionId,
         stream: Stream,
         frame: Frame,
     },
     /// Close the connection (a refusal or a protocol error); the link reconnects later.
     Disconnect {
-        session: u64,
+        session: SessionId,
         reason: String,
     },
 }
