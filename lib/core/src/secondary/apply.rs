@@ -78,6 +78,8 @@ impl Secondary {
                 self.ordered.blocked = Some(token);
                 break;
             }
+            debug_assert!(seq > self.applied, "an item applies once, past what is applied");
+            debug_assert!(seq <= self.high_water, "media sees nothing past the durable high-water mark");
             let item = self.ordered.reorder.remove(&seq).expect("present");
             self.ordered.reorder_bytes -= item.buffered_bytes();
             if seq != next {
@@ -171,6 +173,7 @@ impl Secondary {
         if t != token {
             return;
         }
+        debug_assert_eq!(self.ordered.blocked, Some(token), "a check blocks applying until its read is compared");
         self.ordered.verifying = None;
         self.stats.extents_verified += 1;
         let equal = differing.iter().all(|b| *b == 0);
@@ -195,6 +198,7 @@ impl Secondary {
     pub fn handle_media_synced(&mut self, _now: Time, token: Token) {
         if let Some((t, through)) = self.sync_inflight {
             if t == token {
+                debug_assert!(self.applied_persist.is_none(), "a media sync starts only once the last position is durable");
                 self.sync_inflight = None;
                 if self.promoting {
                     // The promotion's batch is the last word of this role: a resync's end

@@ -4,7 +4,7 @@
 //! bug in the core, found at the step that broke it rather than by an oracle much later.
 //! Must not: change any state.
 
-use super::Secondary;
+use super::{PersistKind, Secondary};
 use crate::frame::Apply;
 
 impl Secondary {
@@ -27,6 +27,19 @@ impl Secondary {
         // Generations are handed out in order: the record holds none not yet handed out.
         if let Some((e, g)) = self.record.iter().find(|(_, g)| *g >= self.next_generation) {
             return Err(format!("extent {} is recorded in generation {}, not below the next {}", e.0, g.0, self.next_generation.0));
+        }
+        self.records.queue.check()?;
+        // The batch being persisted and what blocks applying are each a store write (or a
+        // check's read) still outstanding: otherwise nothing would ever release them.
+        if let Some((t, _, _)) = &self.records.persisting {
+            if self.persists.get(t) != Some(&PersistKind::Record) {
+                return Err(format!("the record batch {} being persisted is not an outstanding record write", t.0));
+            }
+        }
+        if let Some(t) = self.ordered.blocked {
+            if !self.persists.contains_key(&t) && self.ordered.verifying.map(|v| v.0) != Some(t) {
+                return Err(format!("applying is blocked by {}, neither an outstanding store write nor a check", t.0));
+            }
         }
         if self.amnesiac && self.authoritative {
             return Err("an amnesiac's record is taken as authoritative".into());

@@ -353,6 +353,7 @@ impl Secondary {
             }
             PersistKind::Authoritative(_) | PersistKind::CatchUp | PersistKind::PeerMemory => {}
             PersistKind::Promote => {
+                debug_assert!(self.promoting, "only a promotion persists one");
                 self.actions.push_back(Action::RoleChanged { role: Role::Primary });
                 return;
             }

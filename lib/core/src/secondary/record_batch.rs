@@ -84,10 +84,12 @@ impl Secondary {
             }
         }
         self.records.persisting = Some((token, work, answers));
+        debug_assert!(self.records.queue.is_empty(), "a record batch takes every queued frame");
     }
 
     /// The batch is durable: its record becomes the durable one, and its answers leave.
     pub(super) fn record_batch_persisted(&mut self, token: Token) {
+        debug_assert!(self.records.persisting.is_some(), "a record write completes only the batch being persisted");
         if let Some((t, work, answers)) = self.records.persisting.take() {
             debug_assert_eq!(t, token);
             self.record = work;
