@@ -290,6 +290,7 @@ impl Primary {
             && self.conn.link == LinkState::Up
     }
 
+    #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }

@@ -133,6 +133,7 @@ impl Primary {
     }
 
     /// The next instant at which `handle_timeout` has work to do.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t: Option<Time> = None;
         let mut at = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));

@@ -229,11 +229,13 @@ impl Secondary {
         self.peer.store
     }
 
+    #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
 
     /// The one timer: when a primary that degrades could first write outside the record.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Time> {
         match self.conn.link_down_since {
             Some(since) if self.peer_may_degrade && self.authoritative => Some(self.authority_deadline(since)),
