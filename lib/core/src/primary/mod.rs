@@ -346,6 +346,7 @@ impl Primary {
             return;
         };
         if let Some(d) = self.dispatched.get_mut(&seq) {
+            debug_assert!(!d.local_done, "a local write is reported done once");
             d.local_done = true;
             let extents = d.extents.clone();
             for e in extents {
@@ -371,6 +372,7 @@ impl Primary {
     pub fn handle_media_synced(&mut self, now: Time, token: Token) {
         if let Some((t, through)) = self.sync_inflight {
             if t == token {
+                debug_assert!(through <= self.last_dispatched(), "a sync covers only what was dispatched");
                 self.sync_inflight = None;
                 self.local_synced = self.local_synced.max(through);
                 self.clean_dirty();
@@ -632,6 +634,8 @@ impl Primary {
     }
 
     fn dispatch_write(&mut self, now: Time, w: Waiting) {
+        debug_assert!(self.covered(&w.extents), "a write reaches media only when covered");
+        debug_assert!(self.remembered_durably(&w.extents), "a write reaches media only resting on answers remembered durably");
         if !w.counted_miss {
             self.stats.hits += 1;
         }
@@ -698,6 +702,7 @@ impl Primary {
         }
         for (seq, result) in done {
             let d = self.remove_dispatched(seq).expect("present");
+            debug_assert!(d.local_done, "an ack leaves only after its local write");
             if result.is_ok() && self.cfg.mode == Mode::Sync && self.applied_ack < seq {
                 self.stats.degraded_writes += 1;
             }
