@@ -8,7 +8,9 @@
 //! replaced) and is dropped.
 //!
 //! Must not: decide anything itself. Every shell, the node's driver and the simulation's
-//! sites, holds one of these so that neither repeats the dispatch.
+//! sites, holds one of these so that neither repeats the dispatch. Inputs only one role
+//! takes from the host or the operator (host writes and flushes, promotion, drains) are the
+//! shell's to route, since what it answers at the other role is the shell's own.
 
 use crate::{Action, CoreConfig, Epoch, Frame, Geometry, Primary, Role, Secondary, SiteState, Time, Token};
 use bytes::Bytes;
@@ -71,6 +73,7 @@ impl Machine {
         }
     }
 
+    #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
         match self {
             Machine::Primary(p) => p.poll_action(),
@@ -78,10 +81,20 @@ impl Machine {
         }
     }
 
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Time> {
         match self {
             Machine::Primary(p) => p.poll_timeout(),
             Machine::Secondary(s) => s.poll_timeout(),
+        }
+    }
+
+    /// The role's own invariants (`Primary::check_invariants`, `Secondary::check_invariants`):
+    /// the first broken one, described.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        match self {
+            Machine::Primary(p) => p.check_invariants(),
+            Machine::Secondary(s) => s.check_invariants(),
         }
     }
 

@@ -244,10 +244,6 @@ impl MemStore {
         found
     }
 
-    pub fn staged_batches(&self) -> usize {
-        self.staged.len()
-    }
-
     /// Only what has been synced: the state the oracles judge and a restart reloads.
     pub fn durable(&self) -> &SiteState {
         &self.durable

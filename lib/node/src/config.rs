@@ -75,8 +75,19 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// Why a size was refused; the sentence quotes what was given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{given:?}: unknown unit {unit:?} (use K, M, G or T)")]
+    UnknownUnit { given: String, unit: String },
+    #[error("{given:?} is not a size (examples: 4096, 64K, 1M, 2G)")]
+    NotANumber { given: String },
+    #[error("{given:?} is too large")]
+    TooLarge { given: String },
+}
+
 /// Parses "4096", "64K", "1M", "1MiB", "2G", "1T" (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         None => (t, 1u64),
@@ -88,13 +99,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 "M" => 1 << 20,
                 "G" => 1 << 30,
                 "T" => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown unit {:?} (use K, M, G or T)", &t[i..])),
+                _ => return Err(SizeError::UnknownUnit { given: s.to_owned(), unit: t[i..].to_owned() }),
             };
             (&t[..i], m)
         }
     };
-    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (examples: 4096, 64K, 1M, 2G)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    let n: u64 = num.trim().parse().map_err(|_| SizeError::NotANumber { given: s.to_owned() })?;
+    n.checked_mul(mult).ok_or_else(|| SizeError::TooLarge { given: s.to_owned() })
 }
 
 /// The file as written. See `deploy/` for a commented example.

@@ -5,7 +5,7 @@
 
 use crate::config::VolumeConfig;
 use crate::store::{MemoryStore, RocksStore};
-use crate::volume::{LinkEvent, Outbound, Volume, VolumeStatus};
+use crate::volume::{LinkEvent, Outbound, SessionId, Volume, VolumeStatus};
 use bytes::Bytes;
 use geomirror_core::{CoreConfig, Geometry, HostError, Mode, Role, SiteState, StoreId, WriteOp};
 use std::path::Path;
@@ -53,17 +53,17 @@ fn link(
 ) -> mpsc::UnboundedReceiver<()> {
     let (tick_tx, tick_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        secondary.link(LinkEvent::Connected(1));
-        primary.link(LinkEvent::Connected(1));
+        secondary.link(LinkEvent::Connected(SessionId(1)));
+        primary.link(LinkEvent::Connected(SessionId(1)));
         loop {
             tokio::select! {
                 Some(o) = from_p.recv() => match o {
-                    Outbound::Send { frame, .. } => secondary.link(LinkEvent::Frame(1, frame)),
+                    Outbound::Send { frame, .. } => secondary.link(LinkEvent::Frame(SessionId(1), frame)),
                     Outbound::Disconnect { reason, .. } => panic!("primary disconnected: {reason}"),
                 },
                 Some(o) = from_s.recv() => match o {
                     Outbound::Send { frame, .. } => {
-                        primary.link(LinkEvent::Frame(1, frame));
+                        primary.link(LinkEvent::Frame(SessionId(1), frame));
                         let _ = tick_tx.send(());
                     }
                     Outbound::Disconnect { reason, .. } => panic!("secondary disconnected: {reason}"),

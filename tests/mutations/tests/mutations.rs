@@ -82,9 +82,24 @@ fn resting_a_write_on_a_record_answer_not_yet_remembered_durably_is_caught() {
     caught_by(Mutation::LazyPeerMemory, &["O2", "O7"]);
 }
 
+/// Acceptance of `check_invariants`: a bug that breaks one of its checks is caught by that
+/// check, on every seed that catches it at all, before any oracle sees an effect. Only the
+/// simulation's `invariants` step names that oracle, and only the primary's window check says
+/// "the window counts", so neither can pass for the other.
 #[test]
 fn a_data_window_counted_short_is_caught_by_the_cores_own_invariants() {
-    caught_by(Mutation::MiscountWindow, &["invariants"]);
+    let reports = hunt(Mutation::MiscountWindow, 200);
+    let first: Vec<_> = reports.iter().filter_map(|r| r.violations.first().map(|v| (r.seed, v))).collect();
+    assert!(!first.is_empty(), "MiscountWindow was not caught by any of 200 seeds");
+    println!("MiscountWindow: caught by {} of 200 seeds; first: seed {} ({})", first.len(), first[0].0, first[0].1.detail);
+    for (seed, v) in first {
+        assert!(
+            v.oracle == "invariants" && v.detail.contains("the window counts"),
+            "seed {seed}: MiscountWindow was first caught by {} ({}), not by the primary's own window check",
+            v.oracle,
+            v.detail
+        );
+    }
 }
 
 #[test]

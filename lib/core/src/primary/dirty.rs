@@ -98,9 +98,9 @@ impl Primary {
             return;
         }
         // Extents a waiting host write needs stay covered, as in `evict`: withdrawing one
-        // while the write waits for another to be persisted made the write miss again, and
-        // a write spanning extents could chase its own coverage forever (found by the bench:
-        // sync mode, qemu-img convert's 2 MiB writes across 1 MiB extents).
+        // while the write waits for another to be persisted makes the write miss again, and
+        // a write spanning extents (2 MiB writes across 1 MiB extents in sync mode) could
+        // chase its own coverage forever.
         #[cfg(feature = "mutations")]
         let pin = !crate::mutations::undirty_waiting();
         #[cfg(not(feature = "mutations"))]

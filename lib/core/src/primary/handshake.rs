@@ -161,13 +161,14 @@ impl Primary {
             return false;
         }
         self.phase = Phase::Fenced;
-        for (_, w) in std::mem::take(&mut self.waiting) {
+        let (waiting, dispatched, flushes) = self.take_pending();
+        for (_, w) in waiting {
             self.ack(w.request, Err(HostError::Fenced));
         }
-        for (_, d) in std::mem::take(&mut self.dispatched) {
+        for (_, d) in dispatched {
             self.ack_write(d.request, Err(HostError::Fenced), d.path);
         }
-        for f in std::mem::take(&mut self.flushes) {
+        for f in flushes {
             self.ack(f.request, Err(HostError::Fenced));
         }
         // The local dirty map stays: it names extents this site may hold that the new primary

@@ -3,6 +3,7 @@
 //! Each names a bookkeeping fact the write path relies on; a broken one is a bug in the
 //! core, found at the step that broke it rather than by an oracle much later.
 
+use super::timers::Instants;
 use super::*;
 
 impl Primary {
@@ -73,6 +74,26 @@ impl Primary {
                 if let Some(e) = d.extents.clone().find(|e| !self.covers(ExtentId(*e))) {
                     return Err(format!("write {} is on its way to the media but extent {e} is not covered", seq.0));
                 }
+            }
+        }
+        // The timer table mirrors the maps whose deadlines it orders.
+        let mirrors = [
+            ("waiting writes", Instants::collect(self.waiting.values().map(|w| w.arrived)), &self.timers.waiting),
+            (
+                "undegraded waiting writes",
+                Instants::collect(self.waiting.values().filter(|w| !w.degraded).map(|w| w.arrived)),
+                &self.timers.undegraded,
+            ),
+            ("flushes", Instants::collect(self.flushes.iter().map(|f| f.arrived)), &self.timers.flushes),
+            (
+                "dispatched writes with a deadline",
+                Instants::collect(self.dispatched.values().filter(|d| self.needs_deadline(d)).map(|d| d.at)),
+                &self.timers.dispatched,
+            ),
+        ];
+        for (what, held, indexed) in mirrors {
+            if held != *indexed {
+                return Err(format!("the timer table's instants of {what} are {indexed:?} but the map holds {held:?}"));
             }
         }
         // An amnesiac peer is never told its record is authoritative before its full resync.

@@ -187,6 +187,9 @@ pub struct Primary {
     /// Store identity: this site's, the peer's as remembered, and the full resync an
     /// amnesiac peer is owed (see `identity.rs`).
     ident: identity::Identity,
+    /// The instants the deadlines of waiting writes, flushes and dispatched writes count
+    /// from, mirrored from those maps (`timers.rs`).
+    timers: timers::Timers,
 }
 
 impl Primary {
@@ -232,6 +235,7 @@ impl Primary {
             actions: VecDeque::new(),
             stats: PrimaryStats::default(),
             ident: identity::Identity::new(state, now),
+            timers: timers::Timers::default(),
         };
         p.persist(PersistKind::Start, Vec::new(), vec![StoreWrite::Meta(Meta::Incarnation(incarnation))]);
         p.refresh_stats();
@@ -286,6 +290,7 @@ impl Primary {
             && self.conn.link == LinkState::Up
     }
 
+    #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
@@ -317,7 +322,7 @@ impl Primary {
         self.consider_pre_extension(obs.stream);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
-        self.waiting.insert(
+        self.insert_waiting(
             arrival,
             Waiting { request, op, fua, arrived: now, extents, hint: obs.hint, counted_miss: false, degraded: false, throttled: false },
         );
@@ -329,7 +334,7 @@ impl Primary {
             self.ack(request, Err(HostError::Fenced));
             return;
         }
-        self.flushes.push(Flush { request, through: self.last_dispatched(), arrived: now });
+        self.push_flush(Flush { request, through: self.last_dispatched(), arrived: now });
         self.request_sync(now);
         self.progress(now);
     }
@@ -341,6 +346,7 @@ impl Primary {
             return;
         };
         if let Some(d) = self.dispatched.get_mut(&seq) {
+            debug_assert!(!d.local_done, "a local write is reported done once");
             d.local_done = true;
             let extents = d.extents.clone();
             for e in extents {
@@ -354,7 +360,7 @@ impl Primary {
             if !ok {
                 // The media's content is now unknown: the extents are copied again by a resync
                 // before they can be clean, and the host is told its write failed.
-                let d = self.dispatched.remove(&seq).expect("present");
+                let d = self.remove_dispatched(seq).expect("present");
                 self.resync.needs_copy.extend(d.extents.clone().map(ExtentId));
                 self.stats.failed_writes += 1;
                 self.ack_write(d.request, Err(HostError::Media), d.path);
@@ -366,6 +372,7 @@ impl Primary {
     pub fn handle_media_synced(&mut self, now: Time, token: Token) {
         if let Some((t, through)) = self.sync_inflight {
             if t == token {
+                debug_assert!(through <= self.last_dispatched(), "a sync covers only what was dispatched");
                 self.sync_inflight = None;
                 self.local_synced = self.local_synced.max(through);
                 self.clean_dirty();
@@ -621,12 +628,14 @@ impl Primary {
                 }
                 break;
             }
-            let w = self.waiting.remove(&k).expect("present");
+            let w = self.remove_waiting(k).expect("present");
             self.dispatch_write(now, w);
         }
     }
 
     fn dispatch_write(&mut self, now: Time, w: Waiting) {
+        debug_assert!(self.covered(&w.extents), "a write reaches media only when covered");
+        debug_assert!(self.remembered_durably(&w.extents), "a write reaches media only resting on answers remembered durably");
         if !w.counted_miss {
             self.stats.hits += 1;
         }
@@ -652,7 +661,7 @@ impl Primary {
         };
         let token = self.token();
         self.tokens.insert(token, seq);
-        self.dispatched.insert(
+        self.insert_dispatched(
             seq,
             Dispatched {
                 request: w.request,
@@ -692,7 +701,8 @@ impl Primary {
             }
         }
         for (seq, result) in done {
-            let d = self.dispatched.remove(&seq).expect("present");
+            let d = self.remove_dispatched(seq).expect("present");
+            debug_assert!(d.local_done, "an ack leaves only after its local write");
             if result.is_ok() && self.cfg.mode == Mode::Sync && self.applied_ack < seq {
                 self.stats.degraded_writes += 1;
             }
@@ -709,7 +719,7 @@ impl Primary {
         while i < self.flushes.len() {
             let f = &self.flushes[i];
             if self.local_synced >= f.through && (!remote || self.applied_ack >= f.through) {
-                let f = self.flushes.remove(i);
+                let f = self.remove_flush(i);
                 self.ack(f.request, Ok(()));
             } else {
                 i += 1;

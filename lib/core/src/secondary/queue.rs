@@ -62,6 +62,31 @@ impl RecordQueue {
         std::mem::take(self).frames
     }
 
+    /// The counts equal the sums they cache, and the queue is within its bounds.
+    pub(super) fn check(&self) -> Result<(), String> {
+        let evicted = |evictions: &[Eviction]| evictions.iter().map(|e| runs_len(&e.extents)).sum::<u64>();
+        let (mut extents, mut hints) = (0u64, 0usize);
+        for q in &self.frames {
+            match q {
+                Queued::Update { missed, hints: h, evictions, .. } => {
+                    extents += missed.len() as u64 + evicted(evictions);
+                    hints += h.len();
+                }
+                Queued::Evict(evictions) => extents += evicted(evictions),
+            }
+        }
+        if extents != self.extents || hints != self.hints {
+            return Err(format!(
+                "the record queue names {extents} extents and {hints} hints but counts {} and {}",
+                self.extents, self.hints
+            ));
+        }
+        if self.frames.len() > MAX_QUEUED_RECORD_FRAMES || self.hints > MAX_QUEUED_HINTS {
+            return Err(format!("the record queue holds {} frames and {} hints, over its bounds", self.frames.len(), self.hints));
+        }
+        Ok(())
+    }
+
     /// Queues a `RecordUpdate` or an `Evict` that passed `Frame::validate_for`, or says why
     /// the connection must close instead (the frame is then dropped). Any other frame is a
     /// caller's mistake and is refused too.

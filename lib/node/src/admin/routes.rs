@@ -11,7 +11,7 @@
 use super::auth::{AnyCaller, Operator};
 use super::limits::MAX_CHECKSUM_EXTENTS;
 use super::{ApiError, AppState};
-use crate::volume::{PromoteOutcome, RefusalKind, Reply, Volume, VolumeStatus};
+use crate::volume::{OperatorReply, PromoteOutcome, RefusalKind, Volume, VolumeStatus};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
@@ -180,7 +180,7 @@ async fn volume_status(v: &Volume) -> Result<VolumeStatus, ApiError> {
 /// Asks a volume's driver for an operator's request and waits (up to `wait`) for its reply:
 /// a refusal becomes 409 (it conflicts with the volume's role or state) or 503 (the volume
 /// cannot serve it now), with the volume's reason; silence becomes 503.
-async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&Volume, Reply<T>)) -> Result<T, ApiError> {
+async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&Volume, OperatorReply<T>)) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
     send(
         v,

@@ -13,6 +13,7 @@ use geomirror_core::StoreId;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use thiserror::Error;
 
 pub const FILE_NAME: &str = "GEOMIRROR-STORE";
 const HEADER: &str = "geomirror store";
@@ -28,14 +29,24 @@ pub fn path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
+/// Why an identity file that exists could not be taken.
+#[derive(Debug, Error)]
+pub enum IdentityFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{} is malformed", path.display())]
+    Malformed { path: PathBuf },
+}
+
 /// Reads the identity file of the store at `dir`; `Ok(None)` when there is none.
-pub fn read(dir: &Path) -> Result<Option<Identity>, String> {
-    let text = match fs::read_to_string(path(dir)) {
+pub fn read(dir: &Path) -> Result<Option<Identity>, IdentityFileError> {
+    let path = path(dir);
+    let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read {}: {e}", path(dir).display())),
+        Err(source) => return Err(IdentityFileError::Read { path, source }),
     };
-    parse(&text).map(Some).ok_or_else(|| format!("{} is malformed", path(dir).display()))
+    parse(&text).map(Some).ok_or(IdentityFileError::Malformed { path })
 }
 
 /// Parses the bytes of an identity file.
@@ -97,7 +108,7 @@ mod tests {
         for junk in ["", "geomirror store\nid 1\ncheckpoint 2\n", "other\n", "geomirror store\ncheckpoint 3\n", "geomirror store\nid x y\n"]
         {
             fs::write(path(dir.path()), junk).unwrap();
-            assert!(read(dir.path()).is_err(), "{junk:?} must be refused");
+            assert!(matches!(read(dir.path()), Err(IdentityFileError::Malformed { .. })), "{junk:?} must be refused");
         }
     }
 }

@@ -211,7 +211,7 @@ impl RocksStore {
         opts.set_paranoid_checks(true);
         opts.set_wal_recovery_mode(DBRecoveryMode::AbsoluteConsistency);
         opts.set_skip_checking_sst_file_sizes_on_db_open(false);
-        let file = identity_file::read(path).map_err(|what| StoreError::Corrupt { path: path.to_owned(), what })?;
+        let file = identity_file::read(path).map_err(|e| StoreError::Corrupt { path: path.to_owned(), what: e.to_string() })?;
         // An existing store is examined read-only first. Opening for writing rewrites the
         // MANIFEST and starts a new log even when the checks that follow refuse the store;
         // a refused store must stay exactly as it was found, for forensics and for the

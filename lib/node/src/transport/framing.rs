@@ -7,6 +7,7 @@
 //!
 //! Must not: interpret frames beyond decoding and validating them.
 
+use crate::volume::SessionId;
 use geomirror_core::frame::{self, FrameError, HEADER_BYTES};
 use geomirror_core::{Frame, Stream};
 use thiserror::Error;
@@ -35,7 +36,7 @@ pub struct Preamble {
     pub stream: Stream,
     /// Chosen by the primary per connection attempt; the secondary drops frames of streams
     /// whose session is no longer the volume's current one.
-    pub session: u64,
+    pub session: SessionId,
     pub volume: String,
 }
 
@@ -51,7 +52,7 @@ impl Preamble {
         b.push(PREAMBLE_VERSION);
         b.push(kind);
         b.push(lane);
-        b.extend(self.session.to_be_bytes());
+        b.extend(self.session.0.to_be_bytes());
         b.push(self.volume.len().min(MAX_NAME_BYTES) as u8);
         b.extend(&self.volume.as_bytes()[..self.volume.len().min(MAX_NAME_BYTES)]);
         b
@@ -72,7 +73,7 @@ impl Preamble {
             2 => Stream::Resync,
             _ => return Err(FramingError::Preamble("unknown stream kind")),
         };
-        let session = u64::from_be_bytes(h[5..13].try_into().expect("8 bytes"));
+        let session = SessionId(u64::from_be_bytes(h[5..13].try_into().expect("8 bytes")));
         let mut name = vec![0u8; h[13] as usize];
         r.read_exact(&mut name).await?;
         let volume = String::from_utf8(name).map_err(|_| FramingError::Preamble("volume name is not UTF-8"))?;
@@ -121,8 +122,8 @@ mod tests {
     #[tokio::test]
     async fn frames_and_preambles_round_trip() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let p = Preamble { stream: Stream::Data(3), session: 99, volume: "vol0".into() };
-        let resync = Preamble { stream: Stream::Resync, session: 7, volume: "vol1".into() };
+        let p = Preamble { stream: Stream::Data(3), session: SessionId(99), volume: "vol0".into() };
+        let resync = Preamble { stream: Stream::Resync, session: SessionId(7), volume: "vol1".into() };
         let mut r = resync.encode();
         assert_eq!(Preamble::read(&mut r.as_slice()).await.unwrap(), resync);
         r.clear();

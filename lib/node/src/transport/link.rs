@@ -34,11 +34,12 @@ use super::framing::{read_frame, write_frame, FramingError, Preamble};
 use super::liveness::{KeepAlive, Liveness, Timing};
 use super::pace::{write_paced, Pacer};
 use super::tls::Refusals;
-use crate::volume::{LinkEvent, Outbound, Volume};
+use crate::volume::{LinkEvent, Outbound, SessionId, Volume};
 use geomirror_core::{Frame, Role, Stream};
 use quinn::{Connection, Endpoint, VarInt};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -101,19 +102,60 @@ pub struct Peer {
     pub liveness: Timing,
 }
 
-/// Where one volume's frames of one session go, and the connections to close on a
-/// `Disconnect`.
+/// Where one volume's frames of one session go: straight to the writer task of each
+/// stream, and the connections to close on a `Disconnect`.
 struct Route {
-    tx: mpsc::UnboundedSender<(Stream, Frame)>,
+    control: mpsc::UnboundedSender<Frame>,
+    /// The volume's data lanes, on the side that connected; the accepting side has none,
+    /// since data streams belong to the side that connected.
+    lanes: Option<Lanes>,
     conns: Vec<Connection>,
 }
 
+impl Route {
+    /// Hands a frame to its stream's writer. A data frame asked for on an accepted session
+    /// is dropped (the core resends).
+    fn send(&mut self, stream: Stream, frame: Frame, volume: &str) {
+        match (stream, &mut self.lanes) {
+            (Stream::Control, _) => {
+                let _ = self.control.send(frame);
+            }
+            (bulk @ (Stream::Data(_) | Stream::Resync), Some(lanes)) => {
+                let _ = lanes.writer(bulk).send(frame);
+            }
+            (Stream::Data(_) | Stream::Resync, None) => tracing::debug!(volume, "a data frame for an accepted session; dropped"),
+        }
+    }
+}
+
+/// One volume's data lanes in an outgoing session: an ordered stream per data lane (and
+/// resync), each with its writer task, which opens the stream on the lane's first frame.
+struct Lanes {
+    data: Connection,
+    session: SessionId,
+    volume: String,
+    pacer: Option<Arc<Pacer>>,
+    err: mpsc::UnboundedSender<SessionError>,
+    writers: HashMap<Stream, mpsc::UnboundedSender<Frame>>,
+}
+
+impl Lanes {
+    fn writer(&mut self, lane: Stream) -> &mpsc::UnboundedSender<Frame> {
+        self.writers.entry(lane).or_insert_with(|| {
+            let data = self.data.clone();
+            let open = async move { data.open_uni().await.map_err(|source| SessionError::Open { kind: ConnKind::Data, source }) };
+            let preamble = Preamble { stream: lane, session: self.session, volume: self.volume.clone() };
+            spawn_writer(open, Some(preamble), self.pacer.clone(), self.err.clone())
+        })
+    }
+}
+
 /// Routes by volume index and session.
-type Routes = Arc<Mutex<HashMap<(usize, u64), Route>>>;
+type Routes = Arc<Mutex<HashMap<(usize, SessionId), Route>>>;
 
 /// The accepting side's view of one volume: its current incoming session.
 struct Current {
-    session: Option<u64>,
+    session: Option<SessionId>,
 }
 
 /// The two QUIC connections of a session.
@@ -193,20 +235,21 @@ pub async fn run(
     let _ = accept.await;
 }
 
-/// Hands each frame a volume asks to send to the session it was stamped with; frames of a
-/// session that has ended are dropped (the core resends what matters).
+/// Hands each frame a volume asks to send to the writer of its stream in the session it was
+/// stamped with; frames of a session that has ended are dropped (the core resends what
+/// matters).
 async fn route_outbox(i: usize, name: String, mut outbox: mpsc::UnboundedReceiver<Outbound>, routes: Routes) {
     while let Some(o) = outbox.recv().await {
-        let routes = routes.lock().expect("not poisoned");
+        let mut routes = routes.lock().expect("not poisoned");
         match o {
             Outbound::Send { session, stream, frame } => {
-                if let Some(r) = routes.get(&(i, session)) {
-                    let _ = r.tx.send((stream, frame));
+                if let Some(r) = routes.get_mut(&(i, session)) {
+                    r.send(stream, frame, &name);
                 }
             }
             Outbound::Disconnect { session, reason } => {
                 if let Some(r) = routes.get(&(i, session)) {
-                    tracing::warn!(volume = name, session, reason, "closing the link to the peer");
+                    tracing::warn!(volume = name, session = session.0, reason, "closing the link to the peer");
                     for c in &r.conns {
                         c.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
                     }
@@ -218,9 +261,9 @@ async fn route_outbox(i: usize, name: String, mut outbox: mpsc::UnboundedReceive
 
 /// A new session id: unique across both sites' sessions in practice (the clock in
 /// nanoseconds, mixed with the process id).
-fn new_session_id() -> u64 {
+fn new_session_id() -> SessionId {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    nanos ^ ((std::process::id() as u64) << 40)
+    SessionId(nanos ^ ((std::process::id() as u64) << 40))
 }
 
 fn is_primary(volumes: &[Volume]) -> bool {
@@ -315,7 +358,7 @@ struct Session<'a> {
     volumes: &'a [Volume],
     routes: &'a Routes,
     conns: &'a LinkConns,
-    session: u64,
+    session: SessionId,
     pacer: Option<Arc<Pacer>>,
     connected: bool,
 }
@@ -336,13 +379,12 @@ impl Session<'_> {
         self.conns.set(ConnKind::Data, &data);
         let _close = CloseOnDrop(vec![control.clone(), data.clone()]);
         let (err_tx, mut err_rx) = mpsc::unbounded_channel::<SessionError>();
-        let (merged_tx, mut merged) = mpsc::unbounded_channel::<(usize, Stream, Frame)>();
         let live = Arc::new(Liveness::new(self.peer.liveness));
         let mut control_writers = Vec::new();
         for (i, v) in self.volumes.iter().enumerate() {
             let (send, recv) = control.open_bi().await.map_err(|source| SessionError::Open { kind: ConnKind::Control, source })?;
             let preamble = Preamble { stream: Stream::Control, session: self.session, volume: v.name().to_owned() };
-            let writer = spawn_writer(send, Some(preamble), None, err_tx.clone());
+            let writer = spawn_writer(async { Ok(send) }, Some(preamble), None, err_tx.clone());
             control_writers.push(writer.clone());
             let (v, err, session, live) = (v.clone(), err_tx.clone(), self.session, live.clone());
             tokio::spawn(async move {
@@ -357,25 +399,23 @@ impl Session<'_> {
                 };
                 let _ = err.send(end);
             });
-            let (tx, mut rx) = mpsc::unbounded_channel::<(Stream, Frame)>();
-            let merged_tx = merged_tx.clone();
-            tokio::spawn(async move {
-                while let Some((stream, f)) = rx.recv().await {
-                    if merged_tx.send((i, stream, f)).is_err() {
-                        return;
-                    }
-                }
-            });
-            self.routes.lock().expect("not poisoned").insert((i, self.session), Route { tx, conns: vec![control.clone(), data.clone()] });
+            let lanes = Lanes {
+                data: data.clone(),
+                session: self.session,
+                volume: self.volumes[i].name().to_owned(),
+                pacer: self.pacer.clone(),
+                err: err_tx.clone(),
+                writers: HashMap::new(),
+            };
+            let route = Route { control: control_writers[i].clone(), lanes: Some(lanes), conns: vec![control.clone(), data.clone()] };
+            self.routes.lock().expect("not poisoned").insert((i, self.session), route);
         }
         self.connected = true;
         for v in self.volumes {
             v.link(LinkEvent::Connected(self.session));
             v.link(LinkEvent::Heard { session: self.session, at: live.heard_at(), silence: live.timing().silence });
         }
-        tracing::info!(peer = %self.peer.address, peer_name = self.peer.name, session = self.session, "replication link up");
-        // One ordered stream per (volume, data lane or resync), opened on first use.
-        let mut lanes: HashMap<(usize, Stream), mpsc::UnboundedSender<Frame>> = HashMap::new();
+        tracing::info!(peer = %self.peer.address, peer_name = self.peer.name, session = self.session.0, "replication link up");
         let mut probes = probe_interval(live.timing());
         loop {
             tokio::select! {
@@ -391,24 +431,6 @@ impl Session<'_> {
                         return Err(SessionError::PeerLost(why));
                     }
                 }
-                Some((i, stream, f)) = merged.recv() => match stream {
-                    Stream::Control => {
-                        let _ = control_writers[i].send(f);
-                    }
-                    bulk @ (Stream::Data(_) | Stream::Resync) => {
-                        let tx = match lanes.get(&(i, bulk)) {
-                            Some(tx) => tx.clone(),
-                            None => {
-                                let send = data.open_uni().await.map_err(|source| SessionError::Open { kind: ConnKind::Data, source })?;
-                                let preamble = Preamble { stream: bulk, session: self.session, volume: self.volumes[i].name().to_owned() };
-                                let tx = spawn_writer(send, Some(preamble), self.pacer.clone(), err_tx.clone());
-                                lanes.insert((i, bulk), tx.clone());
-                                tx
-                            }
-                        };
-                        let _ = tx.send(f);
-                    }
-                },
                 Some(e) = err_rx.recv() => return Err(e),
                 source = control.closed() => return Err(SessionError::Connection { kind: ConnKind::Control, source }),
                 source = data.closed() => return Err(SessionError::Connection { kind: ConnKind::Data, source }),
@@ -441,7 +463,7 @@ fn probe_interval(t: Timing) -> tokio::time::Interval {
 /// A frame read from a control stream of `session`: a keep-alive is answered on the
 /// stream's `writer` (a probe) or heard (an echo, which the volume learns of); any other
 /// frame goes to the volume.
-fn received(v: &Volume, session: u64, f: Frame, live: &Liveness, writer: &mpsc::UnboundedSender<Frame>) {
+fn received(v: &Volume, session: SessionId, f: Frame, live: &Liveness, writer: &mpsc::UnboundedSender<Frame>) {
     match KeepAlive::of(&f) {
         Some(KeepAlive::Answer(echo)) => {
             let _ = writer.send(echo);
@@ -466,11 +488,12 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// A task that writes the preamble (for a stream this site opened), then every frame it is
-/// given, in order, to one stream, paced by `pacer` if given. Each stream has its own task,
-/// so a full data stream never holds a control frame back.
+/// A task that gets its stream from `open`, writes the preamble (for a stream this site
+/// opened), then every frame it is given, in order, paced by `pacer` if given. Each stream
+/// has its own task, so a full data stream never holds a control frame back, and a lane
+/// being opened holds back only its own frames.
 fn spawn_writer(
-    mut send: quinn::SendStream,
+    open: impl Future<Output = Result<quinn::SendStream, SessionError>> + Send + 'static,
     preamble: Option<Preamble>,
     pacer: Option<Arc<Pacer>>,
     err: mpsc::UnboundedSender<SessionError>,
@@ -478,6 +501,13 @@ fn spawn_writer(
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
     tokio::spawn(async move {
         let what = preamble.as_ref().map_or("reply stream".to_string(), |p| format!("{:?} stream of {}", p.stream, p.volume));
+        let mut send = match open.await {
+            Ok(send) => send,
+            Err(e) => {
+                let _ = err.send(e);
+                return;
+            }
+        };
         if let Some(p) = &preamble {
             if let Err(e) = send.write_all(&p.encode()).await {
                 let _ = err.send(SessionError::Preamble(e));
@@ -581,7 +611,7 @@ async fn attach(conn: &Connection, recv: &mut quinn::RecvStream, a: &Accepting) 
     }
 }
 
-fn is_current(a: &Accepting, i: usize, session: u64) -> bool {
+fn is_current(a: &Accepting, i: usize, session: SessionId) -> bool {
     a.current.lock().expect("not poisoned").get(&i).is_some_and(|c| c.session == Some(session))
 }
 
@@ -593,33 +623,21 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
     }
     a.conns.set(ConnKind::Control, &conn);
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<SessionError>();
-    let writer = spawn_writer(send, None, None, err_tx);
-    let keep_alive = writer.clone();
-    // The accepting side answers on the control stream only: data streams belong to the
-    // side that connected. A data frame asked for here is dropped (the core resends).
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Stream, Frame)>();
-    let volume_name = p.volume.clone();
-    tokio::spawn(async move {
-        while let Some((stream, f)) = rx.recv().await {
-            match stream {
-                Stream::Control => {
-                    let _ = writer.send(f);
-                }
-                Stream::Data(_) | Stream::Resync => tracing::debug!(volume = volume_name, "a data frame for an accepted session; dropped"),
-            }
-        }
-    });
+    let writer = spawn_writer(async { Ok(send) }, None, None, err_tx);
+    // The accepting side answers on the control stream only (see `Route::send`).
+    let route = Route { control: writer.clone(), lanes: None, conns: vec![conn.clone()] };
+    let keep_alive = writer;
     {
         // A newer session replaces one whose end was not seen yet; the volume handles that
         // when it learns of the new one.
         let mut current = a.current.lock().expect("not poisoned");
         current.insert(i, Current { session: Some(p.session) });
-        a.routes.lock().expect("not poisoned").insert((i, p.session), Route { tx, conns: vec![conn.clone()] });
+        a.routes.lock().expect("not poisoned").insert((i, p.session), route);
         volume.link(LinkEvent::Connected(p.session));
     }
     let live = Liveness::new(a.liveness);
     volume.link(LinkEvent::Heard { session: p.session, at: live.heard_at(), silence: live.timing().silence });
-    tracing::info!(volume = p.volume, session = p.session, remote = %conn.remote_address(), "replication session up");
+    tracing::info!(volume = p.volume, session = p.session.0, remote = %conn.remote_address(), "replication session up");
     // Reading a frame is not cancel-safe (a partial frame would be lost), so the reader is
     // one future, polled to its end beside the timers rather than restarted by them.
     let reading = async {
@@ -651,7 +669,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
             _ = tokio::time::sleep_until(live.deadline().into()) => {
                 if live.is_lost() {
                     let why = live.reason();
-                    tracing::warn!(volume = p.volume, session = p.session, why, "replication peer lost; closing the connection");
+                    tracing::warn!(volume = p.volume, session = p.session.0, why, "replication peer lost; closing the connection");
                     conn.close(VarInt::from_u32(CLOSE_PEER_LOST), why.as_bytes());
                     break;
                 }
@@ -663,7 +681,7 @@ async fn control_stream(conn: Connection, send: quinn::SendStream, mut recv: qui
     if current.get(&i).is_some_and(|c| c.session == Some(p.session)) {
         current.insert(i, Current { session: None });
         volume.link(LinkEvent::Disconnected(p.session));
-        tracing::info!(volume = p.volume, session = p.session, "replication session down");
+        tracing::info!(volume = p.volume, session = p.session.0, "replication session down");
     }
 }
 

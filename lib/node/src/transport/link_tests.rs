@@ -211,7 +211,8 @@ async fn a_secondary_declares_a_primary_that_answers_no_probe_lost() {
     let fake = client_endpoint("127.0.0.1:0".parse().unwrap(), &t.tls("dc1"), &t.tuning, Arc::new(Refusals::default())).unwrap();
     let conn = fake.connect(addr, "dc2").unwrap().await.unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
-    let preamble = super::framing::Preamble { stream: geomirror_core::Stream::Control, session: 7, volume: "vol0".into() };
+    let preamble =
+        super::framing::Preamble { stream: geomirror_core::Stream::Control, session: crate::volume::SessionId(7), volume: "vol0".into() };
     send.write_all(&preamble.encode()).await.unwrap();
 
     let until = tokio::time::Instant::now() + BOUND;

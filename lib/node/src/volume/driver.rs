@@ -11,7 +11,7 @@
 use super::handle::Shared;
 use super::status;
 use super::store_thread::{self, StoreJob};
-use super::{Completion, Drained, Input, LinkEvent, Outbound, PeerAlive, PromoteOutcome, Refused, Reply};
+use super::{AfterDrain, Completion, Drained, LinkEvent, OperatorReply, Outbound, PeerAlive, PromoteOutcome, Refused, SessionId, ToDriver};
 use crate::aside::Aside;
 use crate::config::VolumeConfig;
 use crate::media::Media;
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 const SPIN: Duration = Duration::from_micros(50);
 
 /// Starts the driver thread of a volume whose store holds `state`, with its sync and store
-/// threads. Returns the driver's queue and its thread, which ends after `Input::Stop`.
+/// threads. Returns the driver's queue and its thread, which ends after `ToDriver::Stop`.
 pub(super) fn start(
     cfg: &VolumeConfig,
     state: &SiteState,
@@ -43,7 +43,7 @@ pub(super) fn start(
     media: Arc<Media>,
     outbox: Option<tokio::sync::mpsc::UnboundedSender<Outbound>>,
     shared: Shared,
-) -> (mpsc::Sender<Input>, JoinHandle<()>) {
+) -> (mpsc::Sender<ToDriver>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel();
     let started = Instant::now();
     let sync_tx = spawn_sync(&cfg.name, media.clone(), tx.clone());
@@ -62,7 +62,7 @@ pub(super) fn start(
         media,
         store_tx: Some(store_tx),
         store_thread: Some(store_thread),
-        machine: 0,
+        role_changes: 0,
         pending: BTreeMap::new(),
         metrics: VolumeMetrics::new(&cfg.name),
         next_request: 1,
@@ -76,7 +76,7 @@ pub(super) fn start(
         stopping: false,
         drain_waiters: Vec::new(),
         promote_waiters: Vec::new(),
-        demotion: None,
+        drain: None,
         amnesia_seen: AmnesiaSeen::default(),
     };
     let handle = std::thread::Builder::new().name(format!("volume-{}", cfg.name)).spawn(move || driver.run(rx)).expect("spawn");
@@ -84,14 +84,14 @@ pub(super) fn start(
 }
 
 /// The sync thread: runs each `SyncMedia` it is given, in order, and answers on `back`.
-fn spawn_sync(name: &str, media: Arc<Media>, back: mpsc::Sender<Input>) -> mpsc::Sender<Token> {
+fn spawn_sync(name: &str, media: Arc<Media>, back: mpsc::Sender<ToDriver>) -> mpsc::Sender<Token> {
     let (tx, tokens) = mpsc::channel::<Token>();
     std::thread::Builder::new()
         .name(format!("sync-{name}"))
         .spawn(move || {
             for token in tokens {
                 let result = media.sync();
-                if back.send(Input::Synced { token, result }).is_err() {
+                if back.send(ToDriver::Synced { token, result }).is_err() {
                     return;
                 }
             }
@@ -103,7 +103,7 @@ fn spawn_sync(name: &str, media: Arc<Media>, back: mpsc::Sender<Input>) -> mpsc:
 struct Driver {
     core: Machine,
     /// The link session the core is connected through, if any.
-    link_session: Option<u64>,
+    link_session: Option<SessionId>,
     /// When the current session's peer was last heard from, and the silence that declares it
     /// lost (`LinkEvent::Heard`).
     link_heard: Option<(Instant, Duration)>,
@@ -120,9 +120,9 @@ struct Driver {
     /// The store thread's queue (None once the driver has ended), and the thread.
     store_tx: Option<mpsc::Sender<StoreJob>>,
     store_thread: Option<JoinHandle<()>>,
-    /// Which state machine this is since the volume started: a store completion asked for by
-    /// an earlier one (before a role change) is not given to the current one.
-    machine: u64,
+    /// How many times the role changed since the volume started, which names the current
+    /// state machine: a store completion asked for by an earlier one is not given to it.
+    role_changes: u64,
     /// Host requests awaiting their ack, with the arrival time of writes.
     pending: BTreeMap<RequestId, (Completion, Option<Instant>)>,
     metrics: VolumeMetrics,
@@ -136,10 +136,10 @@ struct Driver {
     drain_waiters: Vec<Box<dyn FnOnce() + Send>>,
     /// Promotions waiting for the new role to be durable: the report of the one that
     /// promoted, none for requests that found a promotion under way.
-    promote_waiters: Vec<(Option<geomirror_core::PromoteReport>, Reply<PromoteOutcome>)>,
-    /// A planned demotion: drains until the deadline, then demotes; answered once the role
+    promote_waiters: Vec<(Option<geomirror_core::PromoteReport>, OperatorReply<PromoteOutcome>)>,
+    /// A drain under way, until its deadline; one that demotes is answered once the role
     /// changed.
-    demotion: Option<Demotion>,
+    drain: Option<Drain>,
     /// What the log last said of store identity (see `log_amnesia`).
     amnesia_seen: AmnesiaSeen,
 }
@@ -154,11 +154,12 @@ struct AmnesiaSeen {
     full_resyncs_completed: u64,
 }
 
-struct Demotion {
+struct Drain {
     deadline: Instant,
-    demote: bool,
+    then: AfterDrain,
+    /// The core was asked to demote: past the point of return.
     demoted: bool,
-    reply: Reply<Drained>,
+    reply: OperatorReply<Drained>,
 }
 
 impl Driver {
@@ -178,7 +179,7 @@ impl Driver {
 
     /// The next input; `Ok(None)` when the core's timer is due first, `Err` once every
     /// sender is gone.
-    fn next_input(&self, rx: &mpsc::Receiver<Input>) -> Result<Option<Input>, RecvError> {
+    fn next_input(&self, rx: &mpsc::Receiver<ToDriver>) -> Result<Option<ToDriver>, RecvError> {
         // Spin briefly before sleeping: at queue depth 1 the next request usually arrives
         // within microseconds, and waking a sleeping thread costs more than that. A timer
         // due meanwhile fires at most `SPIN` late.
@@ -191,8 +192,8 @@ impl Driver {
             }
         }
         let core_due = self.core.poll_timeout().map(|at| Duration::from_micros(at.0.saturating_sub(self.now().0)));
-        let demotion_due = self.demotion.as_ref().filter(|d| !d.demoted).map(|d| d.deadline.saturating_duration_since(Instant::now()));
-        match core_due.into_iter().chain(demotion_due).min() {
+        let drain_due = self.drain.as_ref().filter(|d| !d.demoted).map(|d| d.deadline.saturating_duration_since(Instant::now()));
+        match core_due.into_iter().chain(drain_due).min() {
             Some(wait) => match rx.recv_timeout(wait) {
                 Ok(i) => Ok(Some(i)),
                 Err(RecvTimeoutError::Timeout) => Ok(None),
@@ -202,7 +203,7 @@ impl Driver {
         }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Input>) {
+    fn run(mut self, rx: mpsc::Receiver<ToDriver>) {
         self.execute();
         loop {
             let Ok(input) = self.next_input(&rx) else { break };
@@ -215,7 +216,7 @@ impl Driver {
             }
             self.execute();
             self.log_amnesia();
-            self.progress_demotion();
+            self.progress_drain();
             if !self.drain_waiters.is_empty() && self.nothing_to_drain() {
                 for f in std::mem::take(&mut self.drain_waiters) {
                     f();
@@ -241,10 +242,10 @@ impl Driver {
         tracing::info!(volume = %self.name, "volume stopped");
     }
 
-    fn input(&mut self, input: Input) {
+    fn input(&mut self, input: ToDriver) {
         let now = self.now();
         match input {
-            Input::Write { op, fua, done, at } => {
+            ToDriver::Write { op, fua, done, at } => {
                 if let Some(refusal) = self.refuse() {
                     return done(Err(refusal));
                 }
@@ -256,7 +257,7 @@ impl Driver {
                     Machine::Secondary(_) => self.answer(request, Err(HostError::NotServing)),
                 }
             }
-            Input::Flush { done } => {
+            ToDriver::Flush { done } => {
                 if let Some(refusal) = self.refuse() {
                     return done(Err(refusal));
                 }
@@ -266,18 +267,18 @@ impl Driver {
                     Machine::Secondary(_) => self.answer(request, Err(HostError::NotServing)),
                 }
             }
-            Input::Link(event) => {
+            ToDriver::Link(event) => {
                 if !self.failed.load(Ordering::Acquire) {
                     self.link_event(now, event);
                 }
             }
-            Input::Status(f) => {
+            ToDriver::Status(f) => {
                 let failed = self.failed.load(Ordering::Acquire);
                 f(status::of(&self.core, self.now(), failed, self.geo.extent_bytes(), self.cfg.record_capacity_extents))
             }
-            Input::WhenDrained(f) if self.nothing_to_drain() => f(),
-            Input::WhenDrained(f) => self.drain_waiters.push(f),
-            Input::Promote { force, reply } => match &mut self.core {
+            ToDriver::WhenDrained(f) if self.nothing_to_drain() => f(),
+            ToDriver::WhenDrained(f) => self.drain_waiters.push(f),
+            ToDriver::Promote { force, reply } => match &mut self.core {
                 Machine::Primary(p) => reply(Ok(PromoteOutcome::AlreadyPrimary { epoch: p.epoch() })),
                 Machine::Secondary(s) => match s.promote(force) {
                     Ok(report) => {
@@ -292,7 +293,7 @@ impl Driver {
                     Err(e) => reply(Err(Refused::Promote(e))),
                 },
             },
-            Input::ResolveSplitBrain { reply } => match &mut self.core {
+            ToDriver::ResolveSplitBrain { reply } => match &mut self.core {
                 Machine::Primary(p) if p.split_brain() => {
                     tracing::warn!(volume = %self.name, "split brain resolved in favour of this site: the peer saves its own data aside and is resynced from here");
                     p.resolve_split_brain(now);
@@ -301,76 +302,77 @@ impl Driver {
                 Machine::Primary(_) => reply(Err(Refused::NoSplitBrain)),
                 Machine::Secondary(_) => reply(Err(Refused::NotTheKeeper)),
             },
-            Input::Resume => {
+            ToDriver::Resume => {
                 if let Machine::Primary(p) = &mut self.core {
                     // A drain or demotion still waiting for the peer is abandoned: an operator
                     // who gave up on a switchover (the link is down, say) must not leave the
                     // host's writes waiting until its deadline. One already demoted is past
                     // the point of return and finishes.
-                    if let Some(d) = self.demotion.take_if(|d| !d.demoted) {
-                        (d.reply)(Err(Refused::EndedByResume { demote: d.demote }));
+                    if let Some(d) = self.drain.take_if(|d| !d.demoted) {
+                        (d.reply)(Err(Refused::EndedByResume { then: d.then }));
                     }
-                    if self.demotion.is_none() && p.phase() == Phase::Draining {
+                    if self.drain.is_none() && p.phase() == Phase::Draining {
                         tracing::warn!(volume = %self.name, "drain ended: taking writes again");
                         p.end_drain(now);
                     }
                 }
             }
-            Input::Drain { deadline, demote, reply } => match &mut self.core {
-                Machine::Secondary(s) if demote => reply(Ok(Drained { epoch: s.epoch(), record: Vec::new() })),
+            ToDriver::Drain { deadline, then, reply } => match &mut self.core {
+                Machine::Secondary(s) if then == AfterDrain::Demote => reply(Ok(Drained { epoch: s.epoch(), record: Vec::new() })),
                 Machine::Secondary(_) => reply(Err(Refused::NothingToDrain)),
-                Machine::Primary(_) if self.demotion.is_some() => reply(Err(Refused::DemotionUnderWay)),
+                Machine::Primary(_) if self.drain.is_some() => reply(Err(Refused::DrainUnderWay)),
                 Machine::Primary(p) => match p.begin_drain() {
                     Ok(()) => {
+                        let demote = then == AfterDrain::Demote;
                         tracing::warn!(volume = %self.name, ?deadline, demote, "draining: new writes wait until it ends");
-                        self.demotion = Some(Demotion { deadline: Instant::now() + deadline, demote, demoted: false, reply });
+                        self.drain = Some(Drain { deadline: Instant::now() + deadline, then, demoted: false, reply });
                     }
                     Err(_) if p.phase() == Phase::Starting => reply(Err(Refused::Starting)),
                     Err(_) => reply(Err(Refused::Fenced)),
                 },
             },
-            Input::Synced { token, result } => match result {
+            ToDriver::Synced { token, result } => match result {
                 Ok(()) => self.core.handle_media_synced(now, token),
                 Err(e) => self.fail(&format!("media sync failed: {e}")),
             },
-            Input::Persisted { done, result } => match result {
+            ToDriver::Persisted { done, result } => match result {
                 Ok(()) => {
-                    for (machine, token) in done {
-                        if machine == self.machine {
+                    for (role_changes, token) in done {
+                        if role_changes == self.role_changes {
                             self.core.handle_persisted(now, token);
                         }
                     }
                 }
                 Err(e) => self.fail(&format!("store write failed: {e}")),
             },
-            Input::Stop => self.stopping = true,
+            ToDriver::Stop => self.stopping = true,
         }
     }
 
-    /// Demotes once drained; gives up at the deadline.
-    fn progress_demotion(&mut self) {
+    /// Once drained, answers a drain that holds or demotes; gives up at the deadline.
+    fn progress_drain(&mut self) {
         let now = self.now();
-        let Some(d) = &mut self.demotion else { return };
+        let Some(d) = &mut self.drain else { return };
         if d.demoted {
             return;
         }
         let Machine::Primary(p) = &mut self.core else { return };
-        if p.is_drained() && !d.demote {
+        if p.is_drained() && d.then == AfterDrain::Hold {
             let record = p.record_copy().iter().map(|(e, _)| e.0).collect();
-            let d = self.demotion.take().expect("present");
+            let d = self.drain.take().expect("present");
             (d.reply)(Ok(Drained { epoch: p.epoch(), record }));
         } else if p.is_drained() {
             match p.demote() {
                 Ok(()) => d.demoted = true,
                 Err(e) => {
-                    let d = self.demotion.take().expect("present");
+                    let d = self.drain.take().expect("present");
                     (d.reply)(Err(Refused::DemotionRefused(e)));
                 }
             }
             self.execute();
         } else if Instant::now() >= d.deadline {
             p.end_drain(now);
-            let d = self.demotion.take().expect("present");
+            let d = self.drain.take().expect("present");
             tracing::warn!(volume = %self.name, "the peer did not apply everything before the deadline; demotion abandoned, serving again");
             (d.reply)(Err(Refused::DrainDeadline));
             self.execute();
@@ -538,19 +540,19 @@ impl Driver {
                     }
                 }
                 Action::Persist { token, batch } => {
-                    let job = StoreJob::Write { machine: self.machine, token, batch };
+                    let job = StoreJob::Write { role_changes: self.role_changes, token, batch };
                     if self.store_tx.as_ref().is_none_or(|tx| tx.send(job).is_err()) {
                         self.fail("the store thread has ended");
                     }
                 }
                 Action::Ack { request, result, path } => self.answer_path(request, result, path),
                 Action::Send { stream, frame } => {
-                    let session = self.link_session.unwrap_or(0);
+                    let session = self.link_session.unwrap_or(SessionId::NONE);
                     self.outbound(Outbound::Send { session, stream, frame })
                 }
                 Action::Disconnect { reason } => {
                     tracing::warn!(volume = %self.name, reason, "closing the link to the peer");
-                    let session = self.link_session.unwrap_or(0);
+                    let session = self.link_session.unwrap_or(SessionId::NONE);
                     self.outbound(Outbound::Disconnect { session, reason });
                 }
                 Action::RoleChanged { role } => {
@@ -583,7 +585,7 @@ impl Driver {
             self.fail("the store thread has ended");
             return false;
         };
-        self.machine += 1;
+        self.role_changes += 1;
         self.serving.store(state.role == Role::Primary, Ordering::Release);
         self.role.send_replace(state.role);
         self.core = Machine::new(self.cfg.clone(), self.geo, &state, now);
@@ -599,7 +601,7 @@ impl Driver {
                 (role, _) => Err(Refused::Became(role)),
             });
         }
-        if let Some(d) = self.demotion.take() {
+        if let Some(d) = self.drain.take() {
             (d.reply)(match state.role {
                 Role::Secondary => Ok(Drained { epoch: state.epoch, record: Vec::new() }),
                 Role::Primary => Err(Refused::StillPrimary),

@@ -7,7 +7,7 @@
 //! Must not: touch the core; only the driver thread does.
 
 use super::driver;
-use super::{Completion, Drained, Input, LinkEvent, Outbound, PromoteOutcome, Refused, Reply, VolumeStatus};
+use super::{AfterDrain, Completion, Drained, LinkEvent, OperatorReply, Outbound, PromoteOutcome, Refused, ToDriver, VolumeStatus};
 use crate::config::VolumeConfig;
 use crate::media::{Media, MediaError};
 use crate::store::Store;
@@ -33,7 +33,7 @@ pub struct VolumeCounters {
 /// A handle to a running volume; cheap to clone, shared by all its connections.
 #[derive(Clone)]
 pub struct Volume {
-    tx: mpsc::Sender<Input>,
+    tx: mpsc::Sender<ToDriver>,
     media: Arc<Media>,
     description: Arc<str>,
     media_path: Arc<std::path::Path>,
@@ -103,52 +103,52 @@ impl Volume {
     pub fn write(&self, op: WriteOp, fua: bool, done: Completion) {
         self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
         self.shared.counters.write_bytes.fetch_add(op.payload_bytes(), Ordering::Relaxed);
-        self.submit(Input::Write { op, fua, done, at: Instant::now() });
+        self.submit(ToDriver::Write { op, fua, done, at: Instant::now() });
     }
 
     /// Hands the volume an event of its link.
     pub fn link(&self, event: LinkEvent) {
-        let _ = self.tx.send(Input::Link(event));
+        let _ = self.tx.send(ToDriver::Link(event));
     }
 
     /// Calls `f` with a snapshot of the volume, from its driver thread.
     pub fn status(&self, f: impl FnOnce(VolumeStatus) + Send + 'static) {
-        let _ = self.tx.send(Input::Status(Box::new(f)));
+        let _ = self.tx.send(ToDriver::Status(Box::new(f)));
     }
 
     /// Calls `f` once this volume, as primary, has nothing waiting, in flight or unapplied
     /// on its peer: the two images are equal. On a secondary or a fenced primary, at once.
     pub fn when_drained(&self, f: impl FnOnce() + Send + 'static) {
-        let _ = self.tx.send(Input::WhenDrained(Box::new(f)));
+        let _ = self.tx.send(ToDriver::WhenDrained(Box::new(f)));
     }
 
     /// Promotes a secondary (see `Secondary::promote`); `reply` gets the outcome once the
     /// new role is durable and serving. Idempotent: a primary answers `AlreadyPrimary`.
-    pub fn promote(&self, force: bool, reply: Reply<PromoteOutcome>) {
-        self.submit(Input::Promote { force, reply });
+    pub fn promote(&self, force: bool, reply: OperatorReply<PromoteOutcome>) {
+        self.submit(ToDriver::Promote { force, reply });
     }
 
     /// Planned demotion of a primary: stops accepting writes, waits (up to `deadline`) until
     /// the peer has applied everything, then becomes a secondary of the same epoch. On
     /// timeout the drain ends and the volume serves again.
-    pub fn demote(&self, deadline: Duration, reply: Reply<Drained>) {
-        self.submit(Input::Drain { deadline, demote: true, reply });
+    pub fn demote(&self, deadline: Duration, reply: OperatorReply<Drained>) {
+        self.submit(ToDriver::Drain { deadline, then: AfterDrain::Demote, reply });
     }
 
     /// Stops accepting writes and waits (up to `deadline`) until the peer has applied
     /// everything; the volume stays drained until `resume` or a demotion.
-    pub fn drain(&self, deadline: Duration, reply: Reply<Drained>) {
-        self.submit(Input::Drain { deadline, demote: false, reply });
+    pub fn drain(&self, deadline: Duration, reply: OperatorReply<Drained>) {
+        self.submit(ToDriver::Drain { deadline, then: AfterDrain::Hold, reply });
     }
 
     /// After a split brain, keeps this (primary) site's data: see `Primary::resolve_split_brain`.
-    pub fn resolve_split_brain(&self, reply: Reply<()>) {
-        self.submit(Input::ResolveSplitBrain { reply });
+    pub fn resolve_split_brain(&self, reply: OperatorReply<()>) {
+        self.submit(ToDriver::ResolveSplitBrain { reply });
     }
 
     /// Ends a drain: the volume takes writes again.
     pub fn resume(&self) {
-        self.submit(Input::Resume);
+        self.submit(ToDriver::Resume);
     }
 
     /// CRC-32C of each extent's content on this site's media (blocking; off the async
@@ -173,24 +173,24 @@ impl Volume {
 
     pub fn flush(&self, done: Completion) {
         self.shared.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        self.submit(Input::Flush { done });
+        self.submit(ToDriver::Flush { done });
     }
 
-    fn submit(&self, input: Input) {
+    fn submit(&self, input: ToDriver) {
         if let Err(mpsc::SendError(input)) = self.tx.send(input) {
             // The driver has stopped: the request is answered, never dropped.
             match input {
-                Input::Write { done, .. } | Input::Flush { done } => done(Err(HostError::NotServing)),
-                Input::Promote { reply, .. } => reply(Err(Refused::Stopped)),
-                Input::Drain { reply, .. } => reply(Err(Refused::Stopped)),
-                Input::ResolveSplitBrain { reply } => reply(Err(Refused::Stopped)),
-                Input::Synced { .. }
-                | Input::Persisted { .. }
-                | Input::Stop
-                | Input::Link(_)
-                | Input::Status(_)
-                | Input::WhenDrained(_)
-                | Input::Resume => {}
+                ToDriver::Write { done, .. } | ToDriver::Flush { done } => done(Err(HostError::NotServing)),
+                ToDriver::Promote { reply, .. } => reply(Err(Refused::Stopped)),
+                ToDriver::Drain { reply, .. } => reply(Err(Refused::Stopped)),
+                ToDriver::ResolveSplitBrain { reply } => reply(Err(Refused::Stopped)),
+                ToDriver::Synced { .. }
+                | ToDriver::Persisted { .. }
+                | ToDriver::Stop
+                | ToDriver::Link(_)
+                | ToDriver::Status(_)
+                | ToDriver::WhenDrained(_)
+                | ToDriver::Resume => {}
             }
         }
     }
@@ -220,6 +220,6 @@ impl Volume {
 
     /// Asks the driver to finish accepted requests, sync the media and end.
     pub fn stop(&self) {
-        let _ = self.tx.send(Input::Stop);
+        let _ = self.tx.send(ToDriver::Stop);
     }
 }

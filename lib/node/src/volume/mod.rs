@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 pub type Completion = Box<dyn FnOnce(Result<(), HostError>) + Send>;
 
 /// Called once with the result of an operator's request.
-pub type Reply<T> = Box<dyn FnOnce(Result<T, Refused>) + Send>;
+pub type OperatorReply<T> = Box<dyn FnOnce(Result<T, Refused>) + Send>;
 
 /// A primary drained for a switchover: its peer holds every write. `record` lists the
 /// extents of the record, which a switchover compares on both sites before swapping.
@@ -63,9 +63,19 @@ pub enum PromoteOutcome {
     AlreadyPrimary { epoch: Epoch },
 }
 
+/// What a primary does once drained: a drain and a planned demotion are the same wait for
+/// the peer, and differ only in this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterDrain {
+    /// Stay drained (writes wait) until `Resume` or a demotion.
+    Hold,
+    /// Become a secondary of the same epoch.
+    Demote,
+}
+
 /// What the driver thread is handed: host requests, completions of its threads, link
 /// events and operators' requests.
-enum Input {
+enum ToDriver {
     Write {
         op: WriteOp,
         fua: bool,
@@ -80,7 +90,8 @@ enum Input {
         token: Token,
         result: io::Result<()>,
     },
-    /// Store batches made durable together, each with the machine that asked for it.
+    /// Store batches made durable together, each with the `Driver::role_changes` of the
+    /// machine that asked for it.
     Persisted {
         done: Vec<(u64, Token)>,
         result: io::Result<()>,
@@ -91,22 +102,31 @@ enum Input {
     WhenDrained(Box<dyn FnOnce() + Send>),
     Promote {
         force: bool,
-        reply: Reply<PromoteOutcome>,
+        reply: OperatorReply<PromoteOutcome>,
     },
     Drain {
         deadline: Duration,
-        /// Demote once drained; otherwise stay drained (writes wait) until `Resume`.
-        demote: bool,
-        reply: Reply<Drained>,
+        then: AfterDrain,
+        reply: OperatorReply<Drained>,
     },
     Resume,
     /// Keep this primary's data after a split brain: the peer saves its own aside and is
     /// resynced from here.
     ResolveSplitBrain {
-        reply: Reply<()>,
+        reply: OperatorReply<()>,
     },
     /// Finish what was accepted, sync, and end the thread.
     Stop,
+}
+
+/// A link session: one connection (or pair of connections) between the sites, named in
+/// every stream's preamble, every link event and every frame a volume sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl SessionId {
+    /// What a volume stamps on what it asks while it has no session: no route has it.
+    pub const NONE: SessionId = SessionId(0);
 }
 
 /// What the link tells a volume. Each event names the link session it belongs to; the
@@ -115,13 +135,13 @@ enum Input {
 #[derive(Debug)]
 pub enum LinkEvent {
     /// An authenticated connection to the peer exists (its certificate was checked).
-    Connected(u64),
-    Disconnected(u64),
-    Frame(u64, Frame),
+    Connected(SessionId),
+    Disconnected(SessionId),
+    Frame(SessionId, Frame),
     /// The peer was last heard from `at`, and is declared lost after `silence` without a
     /// word: what a refused promotion tells the operator.
     Heard {
-        session: u64,
+        session: SessionId,
         at: Instant,
         silence: Duration,
     },
@@ -132,13 +152,13 @@ pub enum LinkEvent {
 #[derive(Debug, PartialEq)]
 pub enum Outbound {
     Send {
-        session: u64,
+        session: SessionId,
         stream: Stream,
         frame: Frame,
     },
     /// Close the connection (a refusal or a protocol error); the link reconnects later.
     Disconnect {
-        session: u64,
+        session: SessionId,
         reason: String,
     },
 }

@@ -2,6 +2,7 @@
 //! request that conflicts with the volume's role or state from one the volume cannot serve
 //! now.
 
+use super::AfterDrain;
 use geomirror_core::{HostError, PromoteError, Role};
 use std::fmt;
 use std::time::Duration;
@@ -18,8 +19,9 @@ pub enum Refused {
     Promote(PromoteError),
     #[error("a secondary has nothing to drain")]
     NothingToDrain,
+    /// A drain or demotion asked while one is under way.
     #[error("a demotion is already under way")]
-    DemotionUnderWay,
+    DrainUnderWay,
     /// A drain asked of a primary that is still persisting its new incarnation.
     #[error("cannot drain now: the primary is still starting; try again")]
     Starting,
@@ -33,9 +35,9 @@ pub enum Refused {
     /// A drain or demotion ended by a resume before the peer had applied every write.
     #[error(
         "the {} was ended by a resume before the peer had applied every write; the volume serves again",
-        if *demote { "demotion" } else { "drain" }
+        match then { AfterDrain::Demote => "demotion", AfterDrain::Hold => "drain" }
     )]
-    EndedByResume { demote: bool },
+    EndedByResume { then: AfterDrain },
     /// A promotion, once the role change was durable, found the volume of another role.
     #[error("the volume became {0:?} instead")]
     Became(Role),
@@ -67,7 +69,7 @@ impl Refused {
             Refused::PeerAlive(_)
             | Refused::Promote(_)
             | Refused::NothingToDrain
-            | Refused::DemotionUnderWay
+            | Refused::DrainUnderWay
             | Refused::Fenced
             | Refused::DemotionRefused(_)
             | Refused::EndedByResume { .. }
@@ -124,7 +126,7 @@ mod tests {
         Volume::start(&cfg, Box::new(MemoryStore::new(SiteState::fresh(role, StoreId(1)))), None).unwrap()
     }
 
-    fn answer<T: Send + 'static>(ask: impl FnOnce(crate::volume::Reply<T>)) -> Result<T, Refused> {
+    fn answer<T: Send + 'static>(ask: impl FnOnce(crate::volume::OperatorReply<T>)) -> Result<T, Refused> {
         let (tx, rx) = mpsc::channel();
         ask(Box::new(move |r| tx.send(r).unwrap()));
         rx.recv().unwrap()

@@ -6,7 +6,7 @@
 //! Must not: reorder, drop or retry a batch; after a failed write it ends, and the volume
 //! fails.
 
-use super::Input;
+use super::ToDriver;
 use crate::store::Store;
 use geomirror_core::{SiteState, StoreWrite, Token};
 use std::io;
@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 /// Work for the store thread, done in the order sent.
 pub(super) enum StoreJob {
-    /// A batch of `machine` (see `Driver::machine`), answered with `Input::Persisted`.
-    Write { machine: u64, token: Token, batch: Vec<StoreWrite> },
+    /// A batch of the machine of `role_changes` (see `Driver::role_changes`), answered with
+    /// `ToDriver::Persisted`.
+    Write { role_changes: u64, token: Token, batch: Vec<StoreWrite> },
     /// The state after every earlier write.
     Load(mpsc::Sender<SiteState>),
 }
@@ -35,7 +36,7 @@ const STORE_GROUP: usize = 256;
 ///
 /// Between jobs, every `CHECKPOINT_INTERVAL`, and when the volume stops, the store takes a
 /// checkpoint (`Store::checkpoint`): what lived only in a log moves into the store's files.
-fn run(mut store: Box<dyn Store>, jobs: mpsc::Receiver<StoreJob>, back: mpsc::Sender<Input>) {
+fn run(mut store: Box<dyn Store>, jobs: mpsc::Receiver<StoreJob>, back: mpsc::Sender<ToDriver>) {
     let mut next = None;
     let mut checkpoint_at = Instant::now() + crate::store::CHECKPOINT_INTERVAL;
     loop {
@@ -47,7 +48,7 @@ fn run(mut store: Box<dyn Store>, jobs: mpsc::Receiver<StoreJob>, back: mpsc::Se
                     checkpoint_at = Instant::now() + crate::store::CHECKPOINT_INTERVAL;
                     if let Err(e) = store.checkpoint() {
                         // A store that cannot flush cannot be trusted to keep what it acknowledges.
-                        let _ = back.send(Input::Persisted {
+                        let _ = back.send(ToDriver::Persisted {
                             done: Vec::new(),
                             result: Err(io::Error::other(format!("store checkpoint failed: {e}"))),
                         });
@@ -68,13 +69,13 @@ fn run(mut store: Box<dyn Store>, jobs: mpsc::Receiver<StoreJob>, back: mpsc::Se
             StoreJob::Load(reply) => {
                 let _ = reply.send(store.load());
             }
-            StoreJob::Write { machine, token, batch } => {
-                let mut done = vec![(machine, token)];
+            StoreJob::Write { role_changes, token, batch } => {
+                let mut done = vec![(role_changes, token)];
                 let mut batches = vec![batch];
                 while batches.len() < STORE_GROUP {
                     match jobs.try_recv() {
-                        Ok(StoreJob::Write { machine, token, batch }) => {
-                            done.push((machine, token));
+                        Ok(StoreJob::Write { role_changes, token, batch }) => {
+                            done.push((role_changes, token));
                             batches.push(batch);
                         }
                         Ok(load) => {
@@ -95,7 +96,7 @@ fn run(mut store: Box<dyn Store>, jobs: mpsc::Receiver<StoreJob>, back: mpsc::Se
                     );
                 }
                 let failed = result.is_err();
-                if back.send(Input::Persisted { done, result }).is_err() || failed {
+                if back.send(ToDriver::Persisted { done, result }).is_err() || failed {
                     // After a failed write the volume fails; nothing more is written.
                     return;
                 }
@@ -106,7 +107,7 @@ fn run(mut store: Box<dyn Store>, jobs: mpsc::Receiver<StoreJob>, back: mpsc::Se
 
 /// Starts the store thread of volume `name`: it runs the jobs sent on the returned queue and
 /// answers on `back`, and ends when the queue's sender is dropped.
-pub(super) fn spawn(name: &str, store: Box<dyn Store>, back: mpsc::Sender<Input>) -> (mpsc::Sender<StoreJob>, JoinHandle<()>) {
+pub(super) fn spawn(name: &str, store: Box<dyn Store>, back: mpsc::Sender<ToDriver>) -> (mpsc::Sender<StoreJob>, JoinHandle<()>) {
     let (tx, jobs) = mpsc::channel::<StoreJob>();
     let thread =
         std::thread::Builder::new().name(format!("store-{name}")).spawn(move || run(store, jobs, back)).expect("spawn the store thread");

@@ -25,9 +25,9 @@
 //! it knew better in memory). No write may have reached the primary's media resting on a
 //! record answer that state lacks, so invariant R and O7 hold with no excuse.
 
-use super::{Core, SiteId, World, OTHER};
+use super::{SiteId, World, OTHER};
 use crate::media::Media;
-use geomirror_core::{Role, SiteState, StoreId};
+use geomirror_core::{Machine, Role, SiteState, StoreId};
 use rand::Rng;
 
 /// Durable states kept per site for rollbacks.
@@ -281,7 +281,7 @@ impl World {
         (0..2).find_map(|p| {
             let q = OTHER[p];
             match (&self.sites[p].core, &self.sites[q].core) {
-                (Some(Core::Primary(x)), Some(Core::Secondary(y))) => {
+                (Some(Machine::Primary(x)), Some(Machine::Secondary(y))) => {
                     let primary = x.is_drained()
                         && x.local_dirty().is_empty()
                         && !x.split_brain()
@@ -325,7 +325,7 @@ impl World {
         // The scenario's own promotions come first; once the promoted site serves (or the
         // drill is over), the operator steps in.
         let choreographed = self.cfg.scenario != super::Scenario::Steady && self.stage == super::Stage::Underway;
-        let both_secondaries = (0..2).all(|s| matches!(self.sites[s].core, Some(Core::Secondary(_))));
+        let both_secondaries = (0..2).all(|s| matches!(self.sites[s].core, Some(Machine::Secondary(_))));
         if choreographed || !both_secondaries {
             return;
         }

@@ -6,10 +6,10 @@
 //! the oracles judge the sites against), and its moves: to a promoted site, and past a crash.
 //! Must not: read the sites' media to decide what it was told; it knows only the answers.
 
-use super::{Core, Ev, Scenario, SiteId, World, OTHER};
+use super::{Ev, Scenario, SiteId, World, OTHER};
 use crate::media::{encode_stamps, BLOCK};
 use crate::workload::{HostOp, OpKind};
-use geomirror_core::{ExtentId, HostError, RequestId, WriteOp};
+use geomirror_core::{ExtentId, HostError, Machine, RequestId, WriteOp};
 use rand::Rng;
 use std::time::Duration;
 
@@ -61,7 +61,7 @@ impl World {
             let marks: Vec<usize> = (0..self.host.history.len()).map(|b| self.host.history[b].len() - 1).collect();
             self.outstanding.insert(request, Outstanding { site, write: None, rogue: false, flush_marks: Some(marks), calm: None });
             self.with_core(site, |c, now| {
-                if let Core::Primary(p) = c {
+                if let Machine::Primary(p) = c {
                     p.handle_host_flush(now, request)
                 }
             });
@@ -116,7 +116,7 @@ impl World {
         self.outstanding.insert(request, Outstanding { site, write: Some((first, stamps)), rogue, flush_marks: None, calm });
         let fua = self.rng.gen_range(0..50) == 0;
         self.with_core(site, |c, now| {
-            if let Core::Primary(p) = c {
+            if let Machine::Primary(p) = c {
                 p.handle_host_write(now, request, wop, fua)
             }
         });
@@ -124,7 +124,7 @@ impl World {
 
     /// The state a write's `LinkDown` failure is judged against, when the link is up now.
     fn calm(&self, s: SiteId) -> Option<Calm> {
-        let Some(Core::Primary(p)) = &self.sites[s].core else { return None };
+        let Some(Machine::Primary(p)) = &self.sites[s].core else { return None };
         (self.link_up && p.link() == geomirror_core::LinkState::Up).then(|| {
             let st = p.stats();
             Calm {

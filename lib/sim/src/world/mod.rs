@@ -34,7 +34,7 @@ pub use scenario::Scenario;
 use host::Outstanding;
 use oracles::HostView;
 use scenario::{Stage, Step};
-use shells::{brief_frame, Core, Site, SiteId};
+use shells::{brief_frame, Site, SiteId};
 
 /// One oracle failure, with enough context to replay it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -389,10 +389,7 @@ impl World {
                     }
                 };
                 self.mix(bytes.len() as u64);
-                self.with_core(to, |c, now| match c {
-                    Core::Primary(p) => p.handle_frame(now, frame),
-                    Core::Secondary(x) => x.handle_frame(now, frame),
-                });
+                self.with_core(to, |c, now| c.handle_frame(now, frame));
             }
             Ev::PersistDone { site, life, token, batch } => {
                 // The store finishes what it was given even if the state machine that asked
@@ -403,18 +400,11 @@ impl World {
                 if life != self.sites[site].life {
                     return;
                 }
-                self.with_core(site, |c, now| match c {
-                    Core::Primary(p) => p.handle_persisted(now, token),
-                    Core::Secondary(x) => x.handle_persisted(now, token),
-                });
+                self.with_core(site, |c, now| c.handle_persisted(now, token));
             }
             Ev::LocalWriteDone { site, life, token, ok } => {
                 if life == self.sites[site].life {
-                    self.with_core(site, |c, now| {
-                        if let Core::Primary(p) = c {
-                            p.handle_local_write_done(now, token, ok)
-                        }
-                    });
+                    self.with_core(site, |c, now| c.handle_local_write_done(now, token, ok));
                 }
             }
             Ev::SyncDone { site, life, token, snapshot, applied_write } => {
@@ -423,27 +413,16 @@ impl World {
                 }
                 self.sites[site].media.make_durable(snapshot);
                 self.synced_applied_write[site] = applied_write;
-                self.with_core(site, |c, now| match c {
-                    Core::Primary(p) => p.handle_media_synced(now, token),
-                    Core::Secondary(x) => x.handle_media_synced(now, token),
-                });
+                self.with_core(site, |c, now| c.handle_media_synced(now, token));
             }
             Ev::ReadDone { site, life, token, data } => {
                 if life == self.sites[site].life {
-                    self.with_core(site, |c, now| {
-                        if let Core::Primary(p) = c {
-                            p.handle_read_done(now, token, data)
-                        }
-                    });
+                    self.with_core(site, |c, now| c.handle_read_done(now, token, data));
                 }
             }
             Ev::VerifyDone { site, life, token, differing } => {
                 if life == self.sites[site].life {
-                    self.with_core(site, |c, now| {
-                        if let Core::Secondary(x) = c {
-                            x.handle_verified(now, token, differing)
-                        }
-                    });
+                    self.with_core(site, |c, now| c.handle_verified(now, token, differing));
                 }
             }
             Ev::Timer { site, life } => {
@@ -451,16 +430,9 @@ impl World {
                     self.armed[site] = None;
                 }
                 if life == self.sites[site].life {
-                    self.with_core(site, |c, now| match c {
-                        Core::Primary(p) => {
-                            if p.poll_timeout().is_some_and(|t| t <= now) {
-                                p.handle_timeout(now)
-                            }
-                        }
-                        Core::Secondary(x) => {
-                            if x.poll_timeout().is_some_and(|t| t <= now) {
-                                x.handle_timeout(now)
-                            }
+                    self.with_core(site, |c, now| {
+                        if c.poll_timeout().is_some_and(|t| t <= now) {
+                            c.handle_timeout(now)
                         }
                     });
                 }
@@ -473,10 +445,7 @@ impl World {
                 self.link_changes += 1;
                 self.mix(0xC0);
                 for s in 0..2 {
-                    self.with_core(s, |c, now| match c {
-                        Core::Primary(p) => p.handle_connected(now),
-                        Core::Secondary(x) => x.handle_connected(now),
-                    });
+                    self.with_core(s, |c, now| c.handle_connected(now));
                 }
             }
             Ev::Heal { cut_id } => {

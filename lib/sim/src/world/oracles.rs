@@ -4,13 +4,16 @@
 //! as far as flushes made it durable, and is lost at a promotion only inside the durable
 //! record), O2 (invariant R, on synced store contents), O3 (a consistent secondary is a
 //! prefix of the primary's history), save-aside, and the checks at the end of a run (O4, O6).
-//! O5 is checked where the media is written (`shells.rs`), O7 in `amnesia.rs`.
+//! O5 is checked where the media is written (`shells.rs`), O7 in `amnesia.rs`. Before them,
+//! after every event (`check_every_event`, on for every seed), each core's own
+//! `check_invariants` (through `Machine`), reported under its own name, "invariants", so
+//! that a bookkeeping bug is named at the step that made it.
 //! Must not: ask the core whether it is right; only the host's view, the media and the
-//! synced store count.
+//! synced store count for the oracles (the core's self-check is no oracle's evidence).
 
-use super::{Core, Scenario, SiteId, World, OTHER};
+use super::{Scenario, SiteId, World, OTHER};
 use crate::media::BLOCK;
-use geomirror_core::ExtentId;
+use geomirror_core::{ExtentId, Machine, Role};
 use std::collections::BTreeSet;
 
 /// The host's record of what it was told: kept outside the system under test.
@@ -63,11 +66,13 @@ impl World {
     /// in the core, named at the step that broke it, before any oracle sees its effect.
     fn check_invariants(&mut self) {
         for s in 0..2 {
-            let broken = match &self.sites[s].core {
-                Some(Core::Primary(p)) => p.check_invariants().err().map(|e| format!("primary (site {s}): {e}")),
-                Some(Core::Secondary(x)) => x.check_invariants().err().map(|e| format!("secondary (site {s}): {e}")),
-                None => None,
-            };
+            let broken = self.sites[s].core.as_ref().and_then(|c| {
+                let role = match c.role() {
+                    Role::Primary => "primary",
+                    Role::Secondary => "secondary",
+                };
+                c.check_invariants().err().map(|e| format!("{role} (site {s}): {e}"))
+            });
             if let Some(detail) = broken {
                 self.violate("invariants", detail);
                 return;
@@ -139,7 +144,7 @@ impl World {
         // handshake finds it out, and a primary's may hand out sequence numbers again (the
         // history the model replays is then ambiguous) until it steps down: see `amnesia.rs`.
         let consistent = self.sites[b].store.durable().consistent
-            && matches!(self.sites[b].core, Some(Core::Secondary(_)))
+            && matches!(self.sites[b].core, Some(Machine::Secondary(_)))
             && self.amnesia.iter().all(Option::is_none);
         if !consistent || !self.sites[b].was_consistent {
             self.sites[b].was_consistent = consistent && self.sites[b].core.is_some();
@@ -245,7 +250,7 @@ impl World {
             let Some(pre) = self.sites[s].pre_demotion.clone() else {
                 continue;
             };
-            if !consistent || !matches!(self.sites[s].core, Some(Core::Secondary(_))) {
+            if !consistent || !matches!(self.sites[s].core, Some(Machine::Secondary(_))) {
                 continue;
             }
             let per_extent = (self.geo.extent_bytes() / BLOCK) as usize;
@@ -285,7 +290,7 @@ impl World {
             return;
         }
         let (stats, drained, split, copy_len) = match &self.sites[a].core {
-            Some(Core::Primary(p)) => (p.stats().clone(), p.is_drained(), p.split_brain(), p.record_copy().len() as u64),
+            Some(Machine::Primary(p)) => (p.stats().clone(), p.is_drained(), p.split_brain(), p.record_copy().len() as u64),
             _ => {
                 self.violate("O6", "the active site is not primary at the end".into());
                 return;

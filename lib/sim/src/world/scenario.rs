@@ -6,8 +6,8 @@
 //! promotion as an operator does it, and the operator on call who resolves a held split brain.
 //! Must not: judge the outcome; the oracles do, from what the host and the media show.
 
-use super::{Core, Ev, SiteId, World, OTHER};
-use geomirror_core::{ExtentId, LinkState, RequestId};
+use super::{Ev, SiteId, World, OTHER};
+use geomirror_core::{ExtentId, LinkState, Machine, RequestId};
 use rand::Rng;
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -218,8 +218,8 @@ impl World {
                 // nothing alone) or the split brain is held for the operator (see `operator`).
                 let new = self.active;
                 let old = OTHER[new];
-                let joined = matches!(&self.sites[old].core, Some(Core::Secondary(_)))
-                    && matches!(&self.sites[new].core, Some(Core::Primary(p)) if p.link() == LinkState::Up);
+                let joined = matches!(&self.sites[old].core, Some(Machine::Secondary(_)))
+                    && matches!(&self.sites[new].core, Some(Machine::Primary(p)) if p.link() == LinkState::Up);
                 if joined || self.report.split_brains_detected > 0 {
                     self.stage = Stage::Over;
                 } else {
@@ -227,7 +227,7 @@ impl World {
                 }
             }
             (Scenario::Switchover, Step::DemoteDrained) => {
-                let drained = matches!(&self.sites[a].core, Some(Core::Primary(p)) if p.is_drained());
+                let drained = matches!(&self.sites[a].core, Some(Machine::Primary(p)) if p.is_drained());
                 if !drained {
                     if self.sites[a].core.is_none() || self.sites[b].core.is_none() || !self.is_primary(a) {
                         // A crash during the drain (or the primary stepped down: its store was
@@ -290,11 +290,11 @@ impl World {
         self.recover_primary();
         let new = self.active;
         let old = OTHER[new];
-        let held = matches!(&self.sites[new].core, Some(Core::Primary(p)) if p.split_brain());
+        let held = matches!(&self.sites[new].core, Some(Machine::Primary(p)) if p.split_brain());
         if !held {
             return;
         }
-        let evidence = matches!(&self.sites[old].core, Some(Core::Secondary(x)) if x.split_brain_evidence());
+        let evidence = matches!(&self.sites[old].core, Some(Machine::Secondary(x)) if x.split_brain_evidence());
         if !evidence {
             self.violate("split-brain", "held by the primary but not reported by its peer".into());
             return;
@@ -319,7 +319,7 @@ impl World {
         let record: BTreeSet<ExtentId> = self.sites[s].store.durable().record.keys().copied().collect();
         let dirty: BTreeSet<ExtentId> = self.sites[s].store.durable().dirty.clone();
         let res = match &mut self.sites[s].core {
-            Some(Core::Secondary(x)) => match x.promote(force) {
+            Some(Machine::Secondary(x)) => match x.promote(force) {
                 Err(geomirror_core::PromoteError::Amnesiac | geomirror_core::PromoteError::NeverPaired) => x.promote(true),
                 other => other,
             },
@@ -341,7 +341,7 @@ impl World {
         }
         self.drain_actions(s);
         // Idempotence: promoting again while it is persisted is refused, not repeated.
-        if let Some(Core::Secondary(x)) = &mut self.sites[s].core {
+        if let Some(Machine::Secondary(x)) = &mut self.sites[s].core {
             if x.promote(true).is_ok() {
                 self.violate("promote", "a second promotion was accepted".into());
             }

@@ -2,16 +2,17 @@
 //!
 //! Owns: what a real site's shell does for its core, done in memory and on virtual time: the
 //! store (`MemStore`, batches durable in order), the media (`Media`, media actions completing
-//! in order), the side store for saved-aside extents, timers, booting a core in the role its
-//! store holds, a crash (unsynced state lost), and the link: connections, per-stream FIFO
-//! delivery with delay and bandwidth, and frames lost mid-send.
+//! in order), the side store for saved-aside extents, timers, booting a core (the core's
+//! `Machine`, in the role its store holds), a crash (unsynced state lost), and the link:
+//! connections, per-stream FIFO delivery with delay and bandwidth, and frames lost mid-send.
 //! Must not: decide anything for the core; it executes the core's actions and reports back.
+//! Nor dispatch an input by role itself where `Machine` dispatches it.
 
 use super::{Ev, World, OTHER};
 use crate::media::{decode_stamps, encode_stamps, Media, BLOCK};
 use geomirror_core::frame::encode;
 use geomirror_core::{
-    Action, Epoch, ExtentId, Frame, MemStore, Primary, Role, Secondary, SiteState, StoreId, Stream, Time, WriteKind, WriteOp,
+    Action, Epoch, ExtentId, Frame, Machine, MemStore, Primary, Role, SiteState, StoreId, Stream, Time, WriteKind, WriteOp,
 };
 use rand::Rng;
 use std::collections::{BTreeMap, VecDeque};
@@ -20,19 +21,14 @@ use std::time::Duration;
 /// A site: 0 starts as the primary, 1 as the secondary.
 pub(super) type SiteId = usize;
 
-/// A site's state machine, in the role its store holds.
-pub(super) enum Core {
-    Primary(Box<Primary>),
-    Secondary(Box<Secondary>),
-}
-
 /// One site: its shell's state, and its core while it is up.
 pub(super) struct Site {
     pub(super) store: MemStore,
     pub(super) media: Media,
     /// Saved-aside extents: content before a failback overwrote it.
     pub(super) side: BTreeMap<ExtentId, Vec<u64>>,
-    pub(super) core: Option<Core>,
+    /// The core's state machine, in the role its store holds.
+    pub(super) core: Option<Machine>,
     /// Bumped at every crash and rebuild; completions of an older life are dropped.
     pub(super) life: u64,
     persist_done_at: Time,
@@ -70,20 +66,16 @@ impl World {
     pub(super) fn boot(&mut self, s: SiteId) {
         let state = self.sites[s].store.durable().clone();
         let cfg = self.cfg.core.clone();
-        let core = match state.role {
-            Role::Primary => {
-                let p = Primary::new(cfg, self.geo, &state, self.now);
-                let first = p.incarnation() << 40;
-                // What it applied as a secondary was numbered in another primary's sequence
-                // space; when it is a secondary again, O3 starts over from its next apply.
-                self.last_applied_write[s] = 0;
-                self.synced_applied_write[s] = 0;
-                self.bases[s].push((first, self.sites[s].media.current().to_vec()));
-                self.model_cache = None;
-                Core::Primary(Box::new(p))
-            }
-            Role::Secondary => Core::Secondary(Box::new(Secondary::new(cfg, self.geo, &state))),
-        };
+        let core = Machine::new(cfg, self.geo, &state, self.now);
+        if let Some(p) = core.primary() {
+            let first = p.incarnation() << 40;
+            // What it applied as a secondary was numbered in another primary's sequence
+            // space; when it is a secondary again, O3 starts over from its next apply.
+            self.last_applied_write[s] = 0;
+            self.synced_applied_write[s] = 0;
+            self.bases[s].push((first, self.sites[s].media.current().to_vec()));
+            self.model_cache = None;
+        }
         self.sites[s].life += 1;
         self.sites[s].core = Some(core);
         self.sites[s].was_consistent = state.consistent;
@@ -91,14 +83,11 @@ impl World {
     }
 
     pub(super) fn is_primary(&self, s: SiteId) -> bool {
-        matches!(self.sites[s].core, Some(Core::Primary(_)))
+        matches!(self.sites[s].core, Some(Machine::Primary(_)))
     }
 
     pub(super) fn primary(&mut self, s: SiteId) -> Option<&mut Primary> {
-        match &mut self.sites[s].core {
-            Some(Core::Primary(p)) => Some(p),
-            _ => None,
-        }
+        self.sites[s].core.as_mut().and_then(Machine::primary_mut)
     }
 
     pub(super) fn connect_later(&mut self, after: Duration) {
@@ -112,13 +101,7 @@ impl World {
             self.link_up = false;
             self.link_changes += 1;
             for s in 0..2 {
-                let now = self.now;
-                match &mut self.sites[s].core {
-                    Some(Core::Primary(p)) => p.handle_disconnected(now),
-                    Some(Core::Secondary(x)) => x.handle_disconnected(now),
-                    None => {}
-                }
-                self.drain_actions(s);
+                self.with_core(s, |c, now| c.handle_disconnected(now));
             }
         }
         self.conn += 1;
@@ -128,7 +111,7 @@ impl World {
         }
     }
 
-    pub(super) fn with_core<F: FnOnce(&mut Core, Time)>(&mut self, s: SiteId, f: F) {
+    pub(super) fn with_core<F: FnOnce(&mut Machine, Time)>(&mut self, s: SiteId, f: F) {
         let now = self.now;
         if let Some(c) = &mut self.sites[s].core {
             f(c, now);
@@ -177,11 +160,7 @@ impl World {
     /// Executes the actions core `s` has queued, then arms its next timer.
     pub(super) fn drain_actions(&mut self, s: SiteId) {
         loop {
-            let action = match &mut self.sites[s].core {
-                Some(Core::Primary(p)) => p.poll_action(),
-                Some(Core::Secondary(x)) => x.poll_action(),
-                None => None,
-            };
+            let action = self.sites[s].core.as_mut().and_then(Machine::poll_action);
             let Some(action) = action else { break };
             self.execute(s, action);
             if self.sites[s].core.is_none() {
@@ -189,11 +168,7 @@ impl World {
             }
         }
         // Timers: one pending wake-up per site is enough, it re-arms itself.
-        let t = match &self.sites[s].core {
-            Some(Core::Primary(p)) => p.poll_timeout(),
-            Some(Core::Secondary(x)) => x.poll_timeout(),
-            None => None,
-        };
+        let t = self.sites[s].core.as_ref().and_then(Machine::poll_timeout);
         if let Some(t) = t {
             let life = self.sites[s].life;
             let at = t.max(self.now + Duration::from_micros(1));
@@ -220,10 +195,7 @@ impl World {
                 self.schedule_at(at, Ev::PersistDone { site: s, life, token, batch });
             }
             Action::LocalWrite { token, seq, op } => {
-                let epoch = match &self.sites[s].core {
-                    Some(Core::Primary(p)) => p.epoch(),
-                    _ => Epoch(0),
-                };
+                let epoch = self.sites[s].core.as_ref().and_then(Machine::primary).map_or(Epoch(0), Primary::epoch);
                 if let Some(other) = self.writers.get(&epoch) {
                     if *other != s {
                         self.violate("O5", format!("sites {other} and {s} both wrote in epoch {}", epoch.0));
