@@ -13,7 +13,8 @@
 //! before its payload is read, and holds it until its reply has been written; a write gives
 //! back all but `MIN_REQUEST_COST` once the volume has applied it. A client that sends
 //! faster than it reads replies, or a site whose budget is spent, simply stops being read.
-//! The writer sends replies in completion order.
+//! Replies go out in completion order, written by the thread that completes the request;
+//! the writer sends only what the socket did not take at once (`replies`).
 //!
 //! A connection ends as soon as its client has hung up (closed or reset the socket; `HangUp`
 //! sees it without reading) or its socket no longer takes replies, whatever the reader was
@@ -23,13 +24,15 @@
 //! socket still takes them and dropped if not; the slot is given back once the last has
 //! finished, so a free slot holds nothing of the budget.
 //!
-//! Outside the budget, each connection holds fixed buffers: `INPUT_BUFFER_BYTES` of input
-//! and `WRITE_BATCH_BYTES` (plus one reply) of output. A write's payload is read into its own
-//! buffer of exactly its size, so that no payload keeps a larger input buffer alive.
+//! Outside the budget, each connection holds a fixed buffer of `INPUT_BUFFER_BYTES` of input;
+//! replies not yet written are held by the budget of their requests. A write's payload is
+//! read into its own buffer of exactly its size, so that no payload keeps a larger input
+//! buffer alive.
 
 use super::budget::{BudgetCounters, ConnectionBudget, Held, SiteBudget, GUARANTEED_BYTES_PER_CONNECTION};
 use super::handshake::{ExportInfo, Handshake, Negotiated, Step};
 use super::proto::*;
+use super::replies::{self, Encoded, Sender};
 use crate::config::NbdConfig;
 use crate::volume::Volume;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -42,7 +45,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 /// What a request without payload costs (and a write keeps once applied, while its reply
 /// waits), so that the count of requests and replies in flight is bounded too.
@@ -50,8 +53,6 @@ const MIN_REQUEST_COST: u32 = 4096;
 /// The reader's input buffer, and the most it reads ahead of the request it is parsing:
 /// enough to take many small requests in one read, small enough to stay outside the budget.
 const INPUT_BUFFER_BYTES: usize = 64 << 10;
-/// Replies are gathered up to this size before a write to the socket.
-const WRITE_BATCH_BYTES: usize = 256 << 10;
 /// Payload bytes of a refused write are read and dropped through a buffer of this size.
 const SKIP_CHUNK_BYTES: usize = 64 << 10;
 /// After closing on a protocol violation, input is still read and dropped for this long (and
@@ -211,12 +212,12 @@ struct Connection {
 }
 
 /// The reader's buffered input: requests and payloads are split off it without copying.
-struct Input {
+struct ClientInput {
     rd: OwnedReadHalf,
     buf: BytesMut,
 }
 
-impl Input {
+impl ClientInput {
     /// Makes `buf` hold at least `n` bytes (a request header), reading no more than the
     /// buffer has room for. False if the client closed before sending them.
     async fn fill(&mut self, n: usize) -> io::Result<bool> {
@@ -303,11 +304,42 @@ enum Body {
     Error { error: NbdError, message: String },
 }
 
-struct Reply {
-    cookie: u64,
-    body: Body,
-    /// Given back when the reply has been written.
-    _budget: Held,
+impl Body {
+    fn encode(self, structured: bool, cookie: u64) -> Encoded {
+        let mut head = BytesMut::with_capacity(64);
+        let data = match self {
+            Body::Done => {
+                put_reply_ok(&mut head, structured, cookie, None);
+                None
+            }
+            Body::Error { error, message } => {
+                put_reply_error(&mut head, structured, cookie, error, &message);
+                None
+            }
+            Body::Read { offset, data } => {
+                put_reply_ok(&mut head, structured, cookie, Some((offset, data.len() as u32)));
+                Some(data)
+            }
+        };
+        Encoded { head: head.freeze(), data }
+    }
+}
+
+/// Where a request's reply goes: the connection's reply path, in the framing negotiated.
+struct ReplyTo {
+    sender: Sender,
+    structured: bool,
+}
+
+impl ReplyTo {
+    /// Sends the reply, holding `budget` until it has been written.
+    fn send(self, cookie: u64, body: Body, budget: Held) {
+        self.sender.send(body.encode(self.structured, cookie), budget);
+    }
+
+    fn clone(&self) -> ReplyTo {
+        ReplyTo { sender: self.sender.clone(), structured: self.structured }
+    }
 }
 
 impl Connection {
@@ -321,7 +353,7 @@ impl Connection {
             }
         };
         let (rd, mut wr) = stream.into_split();
-        let mut input = Input { rd, buf: BytesMut::with_capacity(INPUT_BUFFER_BYTES) };
+        let mut input = ClientInput { rd, buf: BytesMut::with_capacity(INPUT_BUFFER_BYTES) };
         let mut shutdown = self.shutdown.clone();
         let negotiated = tokio::select! {
             r = tokio::time::timeout(self.cfg.handshake_timeout, self.handshake(&mut input, &mut wr)) => r,
@@ -342,14 +374,17 @@ impl Connection {
         };
         let volume = self.volumes[negotiated.export].clone();
         tracing::info!(peer = %self.peer, volume = volume.name(), structured = negotiated.structured, "client connected");
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (broken_tx, broken) = oneshot::channel();
-        let writer = tokio::spawn(write_replies(wr, rx, negotiated.structured, broken_tx));
+        let (sender, writer) = replies::open(wr);
+        let reply_to = ReplyTo { sender, structured: negotiated.structured };
+        let writing = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.run().await }
+        });
         // Reading stops as soon as the client has hung up or no reply can reach it, whatever
         // the reader waits for (the budget, most often): what it read and has not submitted
         // is dropped, and the requests still unread in the socket are never served.
         let end = tokio::select! {
-            r = self.transmission(&mut input, &volume, negotiated, tx) => match r {
+            r = self.transmission(&mut input, &volume, negotiated, reply_to) => match r {
                 Ok(end) => end,
                 Err(e) => {
                     tracing::debug!(peer = %self.peer, error = %e, "connection read ended");
@@ -360,7 +395,7 @@ impl Connection {
                 tracing::debug!(peer = %self.peer, "client hung up; the requests not yet started are dropped");
                 End::Clean
             }
-            Ok(()) = broken => {
+            () = writer.broken() => {
                 tracing::debug!(peer = %self.peer, "replies cannot be sent; the requests not yet started are dropped");
                 End::Clean
             }
@@ -368,29 +403,26 @@ impl Connection {
         // Every reply still owed is written before the connection closes (or dropped, if the
         // socket no longer takes them), and every request has ended: the connection gives
         // its slot back holding nothing.
-        let mut wr = match writer.await {
-            Ok(Ok(wr)) => Some(wr),
-            _ => None,
-        };
-        if let (End::Violation, Some(w)) = (end, wr.as_mut()) {
-            let _ = w.shutdown().await;
+        let written = matches!(writing.await, Ok(Ok(())));
+        if let (End::Violation, true) = (end, written) {
+            let _ = writer.shutdown();
             let _ = tokio::time::timeout(LINGER, input.skip(LINGER_BYTES)).await;
         }
         tracing::info!(peer = %self.peer, volume = volume.name(), "client disconnected");
         drop(slot);
-        drop(wr);
+        drop(writer);
         drop(input);
     }
 
     /// The connection slot is released before the socket closes, so a client that sees the
     /// close can connect again at once.
-    fn close(self, slot: OwnedSemaphorePermit, wr: OwnedWriteHalf, input: Input) {
+    fn close(self, slot: OwnedSemaphorePermit, wr: OwnedWriteHalf, input: ClientInput) {
         drop(slot);
         drop(wr);
         drop(input);
     }
 
-    async fn handshake(&self, input: &mut Input, wr: &mut OwnedWriteHalf) -> io::Result<Option<Negotiated>> {
+    async fn handshake(&self, input: &mut ClientInput, wr: &mut OwnedWriteHalf) -> io::Result<Option<Negotiated>> {
         let mut hs = Handshake::new(self.exports.clone());
         loop {
             let step = hs.feed(&mut input.buf);
@@ -416,10 +448,10 @@ impl Connection {
 
     async fn transmission(
         &mut self,
-        input: &mut Input,
+        input: &mut ClientInput,
         volume: &Volume,
         n: Negotiated,
-        tx: mpsc::UnboundedSender<Reply>,
+        reply_to: ReplyTo,
     ) -> io::Result<End> {
         let limits = Limits { export_bytes: volume.size_bytes(), structured: n.structured };
         let budget: ConnectionBudget = self.budget.connection(self.cfg.max_inflight_bytes_per_connection);
@@ -450,12 +482,8 @@ impl Connection {
                     self.counters.error(refusal.error);
                     tracing::debug!(peer = %self.peer, ?header, reason = refusal.reason, "request refused");
                     let permit = budget.take(MIN_REQUEST_COST).await;
-                    let reply = Reply {
-                        cookie: header.cookie,
-                        body: Body::Error { error: refusal.error, message: refusal.reason.into() },
-                        _budget: permit,
-                    };
-                    let _ = tx.send(reply);
+                    let body = Body::Error { error: refusal.error, message: refusal.reason.into() };
+                    reply_to.clone().send(header.cookie, body, permit);
                     if refusal.close {
                         self.counters.protocol_violations.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(peer = %self.peer, len = header.len, "write larger than the maximum block size; closing");
@@ -473,7 +501,7 @@ impl Connection {
                 Command::Disconnect => return Ok(End::Clean),
                 Command::Read { offset, len } => {
                     let permit = budget.take(cost(len)).await;
-                    let (volume, tx, counters) = (volume.clone(), tx.clone(), self.counters.clone());
+                    let (volume, reply_to, counters) = (volume.clone(), reply_to.clone(), self.counters.clone());
                     let cookie = header.cookie;
                     tokio::task::spawn_blocking(move || {
                         let body = match volume.read(offset, len) {
@@ -483,7 +511,7 @@ impl Connection {
                                 Body::Error { error: nbd_error(e), message: e.to_string() }
                             }
                         };
-                        let _ = tx.send(Reply { cookie, body, _budget: permit });
+                        reply_to.send(cookie, body, permit);
                     });
                 }
                 Command::Write { offset, len, fua } => {
@@ -491,19 +519,19 @@ impl Connection {
                     let Some(data) = input.take(len as usize).await? else {
                         return Ok(End::Clean);
                     };
-                    volume.write(WriteOp::data(offset, data), fua, self.completion(&tx, header.cookie, permit));
+                    volume.write(WriteOp::data(offset, data), fua, self.completion(&reply_to, header.cookie, permit));
                 }
                 Command::Trim { offset, len, fua } => {
                     let permit = budget.take(MIN_REQUEST_COST).await;
-                    volume.write(WriteOp::trim(offset, len as u64), fua, self.completion(&tx, header.cookie, permit));
+                    volume.write(WriteOp::trim(offset, len as u64), fua, self.completion(&reply_to, header.cookie, permit));
                 }
                 Command::WriteZeroes { offset, len, fua } => {
                     let permit = budget.take(MIN_REQUEST_COST).await;
-                    volume.write(WriteOp::zero(offset, len as u64), fua, self.completion(&tx, header.cookie, permit));
+                    volume.write(WriteOp::zero(offset, len as u64), fua, self.completion(&reply_to, header.cookie, permit));
                 }
                 Command::Flush => {
                     let permit = budget.take(MIN_REQUEST_COST).await;
-                    volume.flush(self.completion(&tx, header.cookie, permit));
+                    volume.flush(self.completion(&reply_to, header.cookie, permit));
                 }
             }
         }
@@ -512,8 +540,8 @@ impl Connection {
     /// Sends the reply of a write, trim, zeroing or flush. The payload is on the media by
     /// then (what replication still ships of it counts against the lag bound, not here), so
     /// only the reply's cost stays held.
-    fn completion(&self, tx: &mpsc::UnboundedSender<Reply>, cookie: u64, mut permit: Held) -> crate::volume::Completion {
-        let tx = tx.clone();
+    fn completion(&self, reply_to: &ReplyTo, cookie: u64, mut permit: Held) -> crate::volume::Completion {
+        let reply_to = reply_to.clone();
         let counters = self.counters.clone();
         Box::new(move |result| {
             permit.shrink_to(MIN_REQUEST_COST);
@@ -524,63 +552,7 @@ impl Connection {
                     Body::Error { error: nbd_error(e), message: e.to_string() }
                 }
             };
-            let _ = tx.send(Reply { cookie, body, _budget: permit });
+            reply_to.send(cookie, body, permit);
         })
     }
-}
-
-/// Writes replies as they complete, until every request of the connection has ended. If the
-/// socket fails, says so on `broken` (the reader stops) and drops the replies still to come
-/// as they complete, which gives their budget back.
-async fn write_replies(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    structured: bool,
-    broken: oneshot::Sender<()>,
-) -> io::Result<OwnedWriteHalf> {
-    match send_replies(&mut wr, &mut rx, structured).await {
-        Ok(()) => Ok(wr),
-        Err(e) => {
-            let _ = broken.send(());
-            drop(wr);
-            while rx.recv().await.is_some() {}
-            Err(e)
-        }
-    }
-}
-
-/// Sends replies as they complete, gathering those already queued into one socket write.
-async fn send_replies(wr: &mut OwnedWriteHalf, rx: &mut mpsc::UnboundedReceiver<Reply>, structured: bool) -> io::Result<()> {
-    let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES);
-    let mut sent: Vec<Reply> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(reply) = next.take() {
-            match &reply.body {
-                Body::Done => put_reply_ok(&mut out, structured, reply.cookie, None),
-                Body::Error { error, message } => put_reply_error(&mut out, structured, reply.cookie, *error, message),
-                Body::Read { offset, data } => {
-                    put_reply_ok(&mut out, structured, reply.cookie, Some((*offset, data.len() as u32)));
-                    if data.len() <= SKIP_CHUNK_BYTES {
-                        out.extend_from_slice(data);
-                    } else {
-                        wr.write_all(&out).await?;
-                        out.clear();
-                        wr.write_all(data).await?;
-                    }
-                }
-            }
-            sent.push(reply);
-            if out.len() < WRITE_BATCH_BYTES {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !out.is_empty() {
-            wr.write_all(&out).await?;
-            out.clear();
-        }
-        // The budget of these replies is given back only now that they are on the wire.
-        sent.clear();
-    }
-    wr.flush().await
 }
