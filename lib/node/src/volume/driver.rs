@@ -25,14 +25,10 @@ use geomirror_core::{
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvError, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{self, RecvError, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// How long the driver polls for the next request before it sleeps (see `next_input`).
-/// Measured on 2 cores: about 10% more 4 KiB writes at queue depth 1 than sleeping at once.
-const SPIN: Duration = Duration::from_micros(50);
 
 /// Starts the driver thread of a volume whose store holds `state`, with its sync and store
 /// threads. Returns the driver's queue and its thread, which ends after `ToDriver::Stop`.
@@ -180,17 +176,9 @@ impl Driver {
     /// The next input; `Ok(None)` when the core's timer is due first, `Err` once every
     /// sender is gone.
     fn next_input(&self, rx: &mpsc::Receiver<ToDriver>) -> Result<Option<ToDriver>, RecvError> {
-        // Spin briefly before sleeping: at queue depth 1 the next request usually arrives
-        // within microseconds, and waking a sleeping thread costs more than that. A timer
-        // due meanwhile fires at most `SPIN` late.
-        let spin_until = Instant::now() + SPIN;
-        while Instant::now() < spin_until {
-            match rx.try_recv() {
-                Ok(i) => return Ok(Some(i)),
-                Err(TryRecvError::Empty) => std::hint::spin_loop(),
-                Err(TryRecvError::Disconnected) => return Err(RecvError),
-            }
-        }
+        // No spinning before sleeping: on a CPU shared with the workloads the site serves,
+        // a spinning driver takes the time the NBD reader needs to hand it the next request
+        // (docs/benchmarks.md, "The NBD front end").
         let core_due = self.core.poll_timeout().map(|at| Duration::from_micros(at.0.saturating_sub(self.now().0)));
         let drain_due = self.drain.as_ref().filter(|d| !d.demoted).map(|d| d.deadline.saturating_duration_since(Instant::now()));
         match core_due.into_iter().chain(drain_due).min() {
