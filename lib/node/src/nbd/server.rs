@@ -446,13 +446,7 @@ impl Connection {
         }
     }
 
-    async fn transmission(
-        &mut self,
-        input: &mut ClientInput,
-        volume: &Volume,
-        n: Negotiated,
-        reply_to: ReplyTo,
-    ) -> io::Result<End> {
+    async fn transmission(&mut self, input: &mut ClientInput, volume: &Volume, n: Negotiated, reply_to: ReplyTo) -> io::Result<End> {
         let limits = Limits { export_bytes: volume.size_bytes(), structured: n.structured };
         let budget: ConnectionBudget = self.budget.connection(self.cfg.max_inflight_bytes_per_connection);
         loop {
