@@ -217,3 +217,112 @@ impl Writer {
         socket2::SockRef::from(self.0.wr.as_ref()).shutdown(std::net::Shutdown::Write)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::budget::{BudgetCounters, SiteBudget};
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Replies sent from several threads at once, many more bytes than the socket buffers
+    /// take while the client reads nothing, then read back: each arrives whole (its bytes
+    /// never interleaved with another's), exactly once; the budget of each is held until it
+    /// was written, and the writer ends once the last sender is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replies_from_many_threads_arrive_whole_and_give_their_budget_back() {
+        const THREADS: u64 = 4;
+        const PER_THREAD: u64 = 200;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (_rd, wr) = server.into_split();
+        let counters = Arc::new(BudgetCounters::default());
+        let budget = SiteBudget::new(1 << 30, 1, 1 << 20, counters.clone()).connection(1 << 30);
+        let (sender, writer) = open(wr);
+        let writing = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.run().await }
+        });
+
+        // Reply i of thread t: a 16-byte head naming it, then (t + i) % 7 * 9,000 bytes of
+        // data filled with its own byte, so that an interleaving shows.
+        let mut threads = Vec::new();
+        let mut total = 0u64;
+        for t in 0..THREADS {
+            let mut held = Vec::new();
+            for i in 0..PER_THREAD {
+                let len = (t + i) % 7 * 9_000;
+                total += 16 + len;
+                held.push((i, len, budget.take(len.max(1) as u32).await));
+            }
+            let sender = sender.clone();
+            threads.push(std::thread::spawn(move || {
+                for (i, len, h) in held {
+                    let id = t * PER_THREAD + i;
+                    let mut head = Vec::with_capacity(16);
+                    head.extend_from_slice(&id.to_be_bytes());
+                    head.extend_from_slice(&len.to_be_bytes());
+                    let data = (len > 0).then(|| Bytes::from(vec![id as u8; len as usize]));
+                    sender.clone().send(Encoded { head: Bytes::from(head), data }, h);
+                }
+            }));
+        }
+        drop(sender);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(counters.held_bytes.load(Ordering::Relaxed) > 0, "replies not yet read still hold their budget");
+
+        let mut seen = vec![false; (THREADS * PER_THREAD) as usize];
+        let mut read = 0u64;
+        while read < total {
+            let mut head = [0u8; 16];
+            client.read_exact(&mut head).await.unwrap();
+            let id = u64::from_be_bytes(head[..8].try_into().unwrap());
+            let len = u64::from_be_bytes(head[8..].try_into().unwrap());
+            assert!(!std::mem::replace(&mut seen[id as usize], true), "reply {id} arrived twice");
+            assert_eq!(len, (id / PER_THREAD + id % PER_THREAD) % 7 * 9_000, "reply {id}'s head is its own");
+            let mut data = vec![0u8; len as usize];
+            client.read_exact(&mut data).await.unwrap();
+            assert!(data.iter().all(|b| *b == id as u8), "reply {id} arrived whole, not interleaved");
+            read += 16 + len;
+        }
+        assert!(seen.iter().all(|s| *s), "every reply arrived");
+        writing.await.unwrap().expect("the writer ends cleanly once every sender is gone");
+        assert_eq!(counters.held_bytes.load(Ordering::Relaxed), 0, "every reply's budget is back");
+    }
+
+    /// A socket that fails drops the replies queued and those still to come, gives back
+    /// their budget, says so to the connection, and ends the writer with the error.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_socket_drops_the_replies_and_gives_their_budget_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (_rd, wr) = server.into_split();
+        let counters = Arc::new(BudgetCounters::default());
+        let budget = SiteBudget::new(1 << 30, 1, 1 << 20, counters.clone()).connection(1 << 30);
+        let (sender, writer) = open(wr);
+        let writing = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.run().await }
+        });
+        // Fill the socket while the client reads nothing, then reset it.
+        let later = sender.clone();
+        for _ in 0..64 {
+            sender.clone().send(
+                Encoded { head: Bytes::from_static(b"reply"), data: Some(Bytes::from(vec![0; 1 << 20])) },
+                budget.take(1 << 20).await,
+            );
+        }
+        socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(client);
+        writer.broken().await;
+        assert!(writing.await.unwrap().is_err(), "the writer ends with the socket's error");
+        later.send(Encoded { head: Bytes::from_static(b"late"), data: None }, budget.take(4096).await);
+        drop(sender);
+        assert_eq!(counters.held_bytes.load(Ordering::Relaxed), 0, "queued and later replies gave their budget back");
+    }
+}
