@@ -169,37 +169,42 @@ pub(super) fn open(wr: OwnedWriteHalf) -> (Sender, Writer) {
 }
 
 impl Writer {
-    /// Runs until every sender is gone and every reply written: `Ok`, or `Err` once the
-    /// socket failed (the replies still to come are then dropped as they complete).
+    /// Runs until every sender is gone and every reply written: `Ok`; or, once the socket
+    /// failed, until every sender is gone, dropping the replies still to come as they
+    /// complete: `Err`.
     pub async fn run(&self) -> io::Result<()> {
         let shared = &self.0;
         loop {
-            {
+            let wait_for_room = {
                 let mut q = shared.queue.lock().expect("not poisoned");
-                if q.broken {
-                    return Err(io::ErrorKind::BrokenPipe.into());
-                }
-                if q.chunks.is_empty() {
+                if q.broken || q.chunks.is_empty() {
+                    // Ends only once every request has: a connection gives its slot back
+                    // holding nothing of the budget.
                     if q.senders == 0 {
-                        return Ok(());
+                        return if q.broken { Err(io::ErrorKind::BrokenPipe.into()) } else { Ok(()) };
                     }
+                    false
                 } else {
                     match write_now(&shared.wr, &mut q) {
                         Ok(true) => continue,
-                        Ok(false) => {}
+                        Ok(false) => true,
                         Err(e) => {
+                            tracing::debug!(error = %e, "NBD reply not written; the connection's remaining replies are dropped");
                             q.fail();
                             shared.broken.notify_one();
-                            return Err(e);
+                            continue;
                         }
                     }
                 }
-            }
-            // Queued and not taken: wait for room. Nothing queued: wait for a reply that
-            // did not go out at once, or for the last sender to go.
-            let pending = !shared.queue.lock().expect("not poisoned").chunks.is_empty();
-            if pending {
-                shared.wr.writable().await?;
+            };
+            // Queued and not taken: wait for room. Otherwise wait for a reply that did not go
+            // out at once, or for the last sender to go.
+            if wait_for_room {
+                if let Err(e) = shared.wr.writable().await {
+                    tracing::debug!(error = %e, "NBD socket not writable; the connection's remaining replies are dropped");
+                    shared.queue.lock().expect("not poisoned").fail();
+                    shared.broken.notify_one();
+                }
             } else {
                 shared.more.notified().await;
             }
@@ -295,7 +300,9 @@ mod tests {
     }
 
     /// A socket that fails drops the replies queued and those still to come, gives back
-    /// their budget, says so to the connection, and ends the writer with the error.
+    /// their budget, says so to the connection, and ends the writer with the error once
+    /// every request has ended (not before: the connection's slot would be free while
+    /// requests still hold budget).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_broken_socket_drops_the_replies_and_gives_their_budget_back() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -320,9 +327,10 @@ mod tests {
         socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO)).unwrap();
         drop(client);
         writer.broken().await;
-        assert!(writing.await.unwrap().is_err(), "the writer ends with the socket's error");
+        assert!(!writing.is_finished(), "the writer waits for the requests still running");
         later.send(Encoded { head: Bytes::from_static(b"late"), data: None }, budget.take(4096).await);
         drop(sender);
+        assert!(writing.await.unwrap().is_err(), "the writer ends with the socket's error once every request has");
         assert_eq!(counters.held_bytes.load(Ordering::Relaxed), 0, "queued and later replies gave their budget back");
     }
 }

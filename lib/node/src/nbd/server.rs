@@ -16,13 +16,18 @@
 //! Replies go out in completion order, written by the thread that completes the request;
 //! the writer sends only what the socket did not take at once (`replies`).
 //!
-//! A connection ends as soon as its client has hung up (closed or reset the socket; `HangUp`
-//! sees it without reading) or its socket no longer takes replies, whatever the reader was
-//! waiting for: requests read and not yet submitted are dropped, and those still unread in
-//! the socket are never served (a client that hangs up gets no reply anyway; NBD calls this
-//! a hard disconnect). Requests already submitted finish, their replies written if the
-//! socket still takes them and dropped if not; the slot is given back once the last has
-//! finished, so a free slot holds nothing of the budget.
+//! A client that finishes sending (a half-close, as libnbd does after `NBD_CMD_DISC`) has
+//! every request it sent served and answered. A connection ends as soon as its client has
+//! reset the socket (`HangUp` sees it without reading; a client that closed its socket
+//! altogether resets it at the first reply) or its socket no longer takes replies, whatever
+//! the reader was waiting for: requests read and not yet submitted are dropped, and those
+//! still unread in the socket are never served (a client that hangs up gets no reply anyway;
+//! NBD calls this a hard disconnect). Requests already submitted finish, their replies
+//! written if the socket still takes them and dropped if not; the slot is given back once
+//! the last has finished, so a free slot holds nothing of the budget. After a disconnect or
+//! a server shutdown, the replies owed are followed by the end of output, and input still
+//! coming is read and dropped for a bounded time, so that closing never resets the
+//! connection under replies the client has not yet received.
 //!
 //! Outside the budget, each connection holds a fixed buffer of `INPUT_BUFFER_BYTES` of input;
 //! replies not yet written are held by the budget of their requests. A write's payload is
@@ -63,8 +68,11 @@ const LINGER_BYTES: usize = 1 << 20;
 
 /// How the transmission phase ended.
 enum End {
-    /// Disconnect, end of input, or server shutdown.
-    Clean,
+    /// The client's input ended (it finished sending, or the socket failed): nothing it sent
+    /// is left unread.
+    InputEnded,
+    /// Disconnect, or server shutdown: the client may have sent more, which stays unread.
+    Stopped,
     /// The client broke the protocol; the connection closes with a lingering read.
     Violation,
 }
@@ -269,11 +277,14 @@ impl ClientInput {
     }
 }
 
-/// Tells when the client has hung up (closed its side, or reset the connection) without
-/// reading from the socket: the requests it sent before are still there, and reading them
-/// to find the end would undo the backpressure. It watches a duplicate of the socket's
-/// descriptor, registered on its own, so that waiting for the hang-up never consumes a
-/// readiness the reader waits for.
+/// Tells when the client has reset the connection (it is gone, or closed its socket with
+/// replies unread), without reading from the socket: the requests it sent before are still
+/// there, and reading them to find the end would undo the backpressure. A plain end of the
+/// client's input is not a hang-up: a client may finish sending and still read its replies
+/// (libnbd half-closes after `NBD_CMD_DISC`), so what it sent is served; one that closed
+/// altogether answers the first reply with a reset, which the reply path sees. It watches a
+/// duplicate of the socket's descriptor, registered on its own, so that waiting for the
+/// reset never consumes a readiness the reader waits for.
 struct HangUp(TcpStream);
 
 impl HangUp {
@@ -285,7 +296,15 @@ impl HangUp {
     async fn wait(&self) {
         loop {
             match self.0.ready(Interest::READABLE).await {
-                Ok(ready) if ready.is_read_closed() => return,
+                Ok(ready) if ready.is_read_closed() => {
+                    // A reset leaves its error on the socket (unless the reader took it first,
+                    // which ends the connection just as well); a plain end of input does not,
+                    // and the end of input stays signalled: nothing more to wait for here.
+                    if matches!(self.0.take_error(), Ok(Some(_))) {
+                        return;
+                    }
+                    return std::future::pending().await;
+                }
                 Ok(_) => {
                     // More input, not its end: forget this readiness (of the duplicate only)
                     // and wait for the next change.
@@ -388,23 +407,27 @@ impl Connection {
                 Ok(end) => end,
                 Err(e) => {
                     tracing::debug!(peer = %self.peer, error = %e, "connection read ended");
-                    End::Clean
+                    End::InputEnded
                 }
             },
             _ = hang_up.wait() => {
                 tracing::debug!(peer = %self.peer, "client hung up; the requests not yet started are dropped");
-                End::Clean
+                End::InputEnded
             }
             () = writer.broken() => {
                 tracing::debug!(peer = %self.peer, "replies cannot be sent; the requests not yet started are dropped");
-                End::Clean
+                End::InputEnded
             }
         };
         // Every reply still owed is written before the connection closes (or dropped, if the
         // socket no longer takes them), and every request has ended: the connection gives
         // its slot back holding nothing.
+        // Input left unread in the socket would make the kernel close it with a reset, which
+        // discards the replies still on their way: the replies are followed by the end of
+        // output, and what the client still sends is read and dropped until it closes (for
+        // `LINGER` and `LINGER_BYTES` at most).
         let written = matches!(writing.await, Ok(Ok(())));
-        if let (End::Violation, true) = (end, written) {
+        if written && matches!(end, End::Stopped | End::Violation) {
             let _ = writer.shutdown();
             let _ = tokio::time::timeout(LINGER, input.skip(LINGER_BYTES)).await;
         }
@@ -454,11 +477,11 @@ impl Connection {
                 more = input.fill(REQUEST_HEADER_BYTES) => more?,
                 _ = self.shutdown.changed() => {
                     tracing::info!(peer = %self.peer, "server shutting down; closing after the replies owed");
-                    return Ok(End::Clean);
+                    return Ok(End::Stopped);
                 }
             };
             if !more {
-                return Ok(End::Clean);
+                return Ok(End::InputEnded);
             }
             let raw: [u8; REQUEST_HEADER_BYTES] = input.buf.split_to(REQUEST_HEADER_BYTES)[..].try_into().expect("28 bytes");
             let header = match parse_request_header(&raw) {
@@ -484,7 +507,7 @@ impl Connection {
                         return Ok(End::Violation);
                     }
                     if refusal.skip_payload > 0 && !input.skip(refusal.skip_payload as usize).await? {
-                        return Ok(End::Clean);
+                        return Ok(End::InputEnded);
                     }
                     continue;
                 }
@@ -492,7 +515,7 @@ impl Connection {
             tracing::trace!(peer = %self.peer, cookie = header.cookie, ?command, "request");
             let cost = |len: u32| len.max(MIN_REQUEST_COST);
             match command {
-                Command::Disconnect => return Ok(End::Clean),
+                Command::Disconnect => return Ok(End::Stopped),
                 Command::Read { offset, len } => {
                     let permit = budget.take(cost(len)).await;
                     let (volume, reply_to, counters) = (volume.clone(), reply_to.clone(), self.counters.clone());
@@ -511,7 +534,7 @@ impl Connection {
                 Command::Write { offset, len, fua } => {
                     let permit = budget.take(cost(len)).await;
                     let Some(data) = input.take(len as usize).await? else {
-                        return Ok(End::Clean);
+                        return Ok(End::InputEnded);
                     };
                     volume.write(WriteOp::data(offset, data), fua, self.completion(&reply_to, header.cookie, permit));
                 }

@@ -56,9 +56,13 @@ async fn client(addr: SocketAddr) -> TcpStream {
 }
 
 fn read_request(out: &mut BytesMut, cookie: u64, offset: u64, len: u32) {
+    request(out, CMD_READ, cookie, offset, len);
+}
+
+fn request(out: &mut BytesMut, command: u16, cookie: u64, offset: u64, len: u32) {
     out.put_u32(REQUEST_MAGIC);
     out.put_u16(0);
-    out.put_u16(CMD_READ);
+    out.put_u16(command);
     out.put_u64(cookie);
     out.put_u64(offset);
     out.put_u32(len);
@@ -132,6 +136,116 @@ async fn clients_that_go_away_without_reading_give_back_their_slots_and_budget()
     assert_eq!(reply[..16], [&SIMPLE_REPLY_MAGIC.to_be_bytes()[..], &[0; 4], &7u64.to_be_bytes()].concat());
 
     stop.send(true).unwrap();
+    tokio::time::timeout(HANG_GUARD, serving).await.expect("the server stops").unwrap();
+    vol.stop();
+    tokio::task::spawn_blocking(move || driver.join().unwrap()).await.unwrap();
+}
+
+/// A server of `vol0` with the test's slots and budget; stopped by the returned sender.
+async fn serve() -> (
+    SocketAddr,
+    std::sync::Arc<super::server::NbdCounters>,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+    Volume,
+    std::thread::JoinHandle<()>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (vol, driver) = volume(dir.path());
+    let cfg = NbdConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_connections: SLOTS,
+        handshake_timeout: HANG_GUARD,
+        max_inflight_bytes_per_connection: 64 << 20,
+        max_inflight_bytes: BUDGET_BYTES,
+    };
+    let server = NbdServer::bind(cfg).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let counters = server.counters();
+    let (stop, stopped) = watch::channel(false);
+    let serving = tokio::spawn(server.serve(vec![vol.clone()], stopped));
+    (addr, counters, stop, serving, vol, driver, dir)
+}
+
+/// Reads `n` simple replies to reads of `len` bytes, cookies 0..n in any order, then the end
+/// of the server's output.
+async fn read_replies_then_end(c: &mut TcpStream, n: u64, len: u32) {
+    let mut seen = vec![false; n as usize];
+    let mut reply = vec![0u8; 16 + len as usize];
+    for _ in 0..n {
+        tokio::time::timeout(HANG_GUARD, c.read_exact(&mut reply)).await.expect("replies keep coming").expect("every reply arrives");
+        assert_eq!(reply[..8], [&SIMPLE_REPLY_MAGIC.to_be_bytes()[..], &[0; 4]].concat(), "a reply without error");
+        let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap());
+        assert!(!std::mem::replace(&mut seen[cookie as usize], true), "reply {cookie} came twice");
+    }
+    let mut rest = [0u8; 1];
+    let end = tokio::time::timeout(HANG_GUARD, c.read(&mut rest)).await.expect("the server closes");
+    assert_eq!(end.expect("a plain end of output, not a reset"), 0, "nothing after the replies");
+}
+
+/// A client that sends its requests and a disconnect and then finishes sending (a
+/// half-close, as libnbd does) gets every reply, although its requests hold far more than
+/// the budget, so that most are read only after the half-close: the end of its input is not
+/// a hang-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_finishes_sending_gets_every_reply() {
+    let (addr, _counters, stop, serving, vol, driver, _dir) = serve().await;
+    const READS: u64 = 64;
+    let mut c = client(addr).await;
+    let mut requests = BytesMut::new();
+    for i in 0..READS {
+        read_request(&mut requests, i, (i % 16) * (4 << 20), 4 * MIB);
+    }
+    request(&mut requests, CMD_DISC, READS, 0, 0);
+    let (mut rd, mut wr) = c.split();
+    let reading = async {
+        // Reads while sending: the requests do not all fit the sockets' buffers.
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.map(|_| got)
+    };
+    let sending = async {
+        wr.write_all(&requests).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let (got, ()) = tokio::join!(reading, sending);
+    let got = got.expect("a plain end of output, not a reset");
+    assert_eq!(got.len() as u64, READS * (16 + 4 * MIB as u64), "every read is answered, then the end of output");
+    drop(c);
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(HANG_GUARD, serving).await.expect("the server stops").unwrap();
+    vol.stop();
+    tokio::task::spawn_blocking(move || driver.join().unwrap()).await.unwrap();
+}
+
+/// A server that stops with requests it will not read in a client's socket still delivers
+/// every reply it owes: it closes with the end of output after them, never with a reset that
+/// would discard replies on their way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_server_delivers_every_reply_it_owes() {
+    let (addr, counters, stop, serving, vol, driver, _dir) = serve().await;
+    const READS: u64 = 16;
+    let mut c = client(addr).await;
+    let mut requests = BytesMut::new();
+    for i in 0..READS {
+        read_request(&mut requests, i, i * MIB as u64, MIB);
+    }
+    c.write_all(&requests).await.unwrap();
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    while counters.requests.load(Ordering::Relaxed) < READS {
+        assert!(tokio::time::Instant::now() < deadline, "the server reads the requests");
+        tokio::task::yield_now().await;
+    }
+    stop.send(true).unwrap();
+    // Requests the stopping server does not read.
+    let mut unread = BytesMut::new();
+    for i in 0..10 {
+        request(&mut unread, CMD_FLUSH, READS + i, 0, 0);
+    }
+    c.write_all(&unread).await.unwrap();
+    read_replies_then_end(&mut c, READS, MIB).await;
+
     tokio::time::timeout(HANG_GUARD, serving).await.expect("the server stops").unwrap();
     vol.stop();
     tokio::task::spawn_blocking(move || driver.join().unwrap()).await.unwrap();
