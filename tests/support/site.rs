@@ -66,29 +66,22 @@ impl Site {
         text.push_str(config);
         let path = dir.path().join("site.toml");
         std::fs::write(&path, text).expect("write config");
-        let mut site = Site {
-            child: None,
-            dir: dir.path().to_owned(),
-            _tmp: Some(dir),
-            urls: BTreeMap::new(),
-            addr: String::new(),
-            replication: None,
-            admin: None,
-            stderr: mpsc::channel().1,
-            bin: bin.to_owned(),
-            config: path,
-        };
-        site.spawn();
-        site
+        Site::spawned(bin, &path, Some(dir))
     }
 
     /// Starts a site from a complete config file that already exists (with its certificates
     /// and media paths); `dir` is the directory `path` resolves against.
     pub fn from_config(bin: &Path, config: &Path) -> Site {
+        Site::spawned(bin, config, None)
+    }
+
+    /// Starts the site of `config`, whose directory is the site's (and, with `tmp`, is
+    /// removed with it).
+    fn spawned(bin: &Path, config: &Path, tmp: Option<tempfile::TempDir>) -> Site {
         let mut site = Site {
             child: None,
             dir: config.parent().expect("config in a directory").to_owned(),
-            _tmp: None,
+            _tmp: tmp,
             urls: BTreeMap::new(),
             addr: String::new(),
             replication: None,

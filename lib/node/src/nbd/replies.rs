@@ -229,7 +229,36 @@ mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
     use tokio::io::AsyncReadExt;
+    use tokio::net::tcp::OwnedReadHalf;
     use tokio::net::{TcpListener, TcpStream};
+
+    /// A reply path over a real socket, its client end, and a budget to send with.
+    struct Path {
+        client: TcpStream,
+        _input: OwnedReadHalf,
+        counters: Arc<BudgetCounters>,
+        budget: super::super::budget::ConnectionBudget,
+        sender: Sender,
+        writer: Writer,
+        writing: tokio::task::JoinHandle<io::Result<()>>,
+    }
+
+    impl Path {
+        async fn open() -> Path {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let (input, wr) = server.into_split();
+            let counters = Arc::new(BudgetCounters::default());
+            let budget = SiteBudget::new(1 << 30, 1, 1 << 20, counters.clone()).connection(1 << 30);
+            let (sender, writer) = open(wr);
+            let writing = tokio::spawn({
+                let writer = writer.clone();
+                async move { writer.run().await }
+            });
+            Path { client, _input: input, counters, budget, sender, writer, writing }
+        }
+    }
 
     /// Replies sent from several threads at once, many more bytes than the socket buffers
     /// take while the client reads nothing, then read back: each arrives whole (its bytes
@@ -239,17 +268,7 @@ mod tests {
     async fn replies_from_many_threads_arrive_whole_and_give_their_budget_back() {
         const THREADS: u64 = 4;
         const PER_THREAD: u64 = 200;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let (_rd, wr) = server.into_split();
-        let counters = Arc::new(BudgetCounters::default());
-        let budget = SiteBudget::new(1 << 30, 1, 1 << 20, counters.clone()).connection(1 << 30);
-        let (sender, writer) = open(wr);
-        let writing = tokio::spawn({
-            let writer = writer.clone();
-            async move { writer.run().await }
-        });
+        let Path { mut client, _input, counters, budget, sender, writer: _, writing } = Path::open().await;
 
         // Reply i of thread t: a 16-byte head naming it, then (t + i) % 7 * 9,000 bytes of
         // data filled with its own byte, so that an interleaving shows.
@@ -305,17 +324,7 @@ mod tests {
     /// requests still hold budget).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_broken_socket_drops_the_replies_and_gives_their_budget_back() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let (_rd, wr) = server.into_split();
-        let counters = Arc::new(BudgetCounters::default());
-        let budget = SiteBudget::new(1 << 30, 1, 1 << 20, counters.clone()).connection(1 << 30);
-        let (sender, writer) = open(wr);
-        let writing = tokio::spawn({
-            let writer = writer.clone();
-            async move { writer.run().await }
-        });
+        let Path { client, _input, counters, budget, sender, writer, writing } = Path::open().await;
         // Fill the socket while the client reads nothing, then reset it.
         let later = sender.clone();
         for _ in 0..64 {

@@ -85,6 +85,46 @@ fn pipeline_until_full(s: &TcpStream) -> usize {
     }
 }
 
+/// A server of `vol0` with the test's slots and budget.
+struct Served {
+    addr: SocketAddr,
+    counters: std::sync::Arc<super::server::NbdCounters>,
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    stop: watch::Sender<bool>,
+    serving: tokio::task::JoinHandle<()>,
+    vol: Volume,
+    driver: std::thread::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    async fn start() -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let (vol, driver) = volume(dir.path());
+        let cfg = NbdConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_connections: SLOTS,
+            handshake_timeout: HANG_GUARD,
+            max_inflight_bytes_per_connection: 64 << 20,
+            max_inflight_bytes: BUDGET_BYTES,
+        };
+        let server = NbdServer::bind(cfg).await.unwrap();
+        let (addr, counters, slots) = (server.local_addr().unwrap(), server.counters(), server.slots());
+        let (stop, stopped) = watch::channel(false);
+        let serving = tokio::spawn(server.serve(vec![vol.clone()], stopped));
+        Served { addr, counters, slots, stop, serving, vol, driver, _dir: dir }
+    }
+
+    /// Stops the server (if not yet told to) and its volume, and waits for both.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(HANG_GUARD, self.serving).await.expect("the server stops").unwrap();
+        self.vol.stop();
+        let driver = self.driver;
+        tokio::task::spawn_blocking(move || driver.join().unwrap()).await.unwrap();
+    }
+}
+
 /// Clients pipeline far more large reads than the site's budget holds, read no reply, and
 /// go away: some with replies queued for them (their sockets are reset), some that never
 /// got one (their sockets see a plain close), all with thousands of requests still unread in
@@ -92,21 +132,8 @@ fn pipeline_until_full(s: &TcpStream) -> usize {
 /// those requests, and the site then serves a new client's large read at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_go_away_without_reading_give_back_their_slots_and_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let (vol, driver) = volume(dir.path());
-    let cfg = NbdConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        max_connections: SLOTS,
-        handshake_timeout: HANG_GUARD,
-        max_inflight_bytes_per_connection: 64 << 20,
-        max_inflight_bytes: BUDGET_BYTES,
-    };
-    let server = NbdServer::bind(cfg).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let counters = server.counters();
-    let slots = server.slots();
-    let (stop, stopped) = watch::channel(false);
-    let serving = tokio::spawn(server.serve(vec![vol.clone()], stopped));
+    let served = Served::start().await;
+    let (addr, counters, slots) = (served.addr, served.counters.clone(), served.slots.clone());
 
     let mut gone = Vec::new();
     for _ in 0..SLOTS {
@@ -135,37 +162,7 @@ async fn clients_that_go_away_without_reading_give_back_their_slots_and_budget()
     tokio::time::timeout(HANG_GUARD, c.read_exact(&mut reply)).await.expect("the read is answered").unwrap();
     assert_eq!(reply[..16], [&SIMPLE_REPLY_MAGIC.to_be_bytes()[..], &[0; 4], &7u64.to_be_bytes()].concat());
 
-    stop.send(true).unwrap();
-    tokio::time::timeout(HANG_GUARD, serving).await.expect("the server stops").unwrap();
-    vol.stop();
-    tokio::task::spawn_blocking(move || driver.join().unwrap()).await.unwrap();
-}
-
-/// A server of `vol0` with the test's slots and budget; stopped by the returned sender.
-async fn serve() -> (
-    SocketAddr,
-    std::sync::Arc<super::server::NbdCounters>,
-    watch::Sender<bool>,
-    tokio::task::JoinHandle<()>,
-    Volume,
-    std::thread::JoinHandle<()>,
-    tempfile::TempDir,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let (vol, driver) = volume(dir.path());
-    let cfg = NbdConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        max_connections: SLOTS,
-        handshake_timeout: HANG_GUARD,
-        max_inflight_bytes_per_connection: 64 << 20,
-        max_inflight_bytes: BUDGET_BYTES,
-    };
-    let server = NbdServer::bind(cfg).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let counters = server.counters();
-    let (stop, stopped) = watch::channel(false);
-    let serving = tokio::spawn(server.serve(vec![vol.clone()], stopped));
-    (addr, counters, stop, serving, vol, driver, dir)
+    served.stop().await;
 }
 
 /// Reads `n` simple replies to reads of `len` bytes, cookies 0..n in any order, then the end
@@ -190,7 +187,8 @@ async fn read_replies_then_end(c: &mut TcpStream, n: u64, len: u32) {
 /// a hang-up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_finishes_sending_gets_every_reply() {
-    let (addr, _counters, stop, serving, vol, driver, _dir) = serve().await;
+    let served = Served::start().await;
+    let addr = served.addr;
     const READS: u64 = 64;
     let mut c = client(addr).await;
     let mut requests = BytesMut::new();
@@ -213,10 +211,7 @@ async fn a_client_that_finishes_sending_gets_every_reply() {
     assert_eq!(got.len() as u64, READS * (16 + 4 * MIB as u64), "every read is answered, then the end of output");
     drop(c);
 
-    stop.send(true).unwrap();
-    tokio::time::timeout(HANG_GUARD, serving).await.expect("the server stops").unwrap();
-    vol.stop();
-    tokio::task::spawn_blocking(move || driver.join().unwrap()).await.unwrap();
+    served.stop().await;
 }
 
 /// A server that stops with requests it will not read in a client's socket still delivers
@@ -224,7 +219,8 @@ async fn a_client_that_finishes_sending_gets_every_reply() {
 /// would discard replies on their way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_server_delivers_every_reply_it_owes() {
-    let (addr, counters, stop, serving, vol, driver, _dir) = serve().await;
+    let served = Served::start().await;
+    let (addr, counters) = (served.addr, served.counters.clone());
     const READS: u64 = 16;
     let mut c = client(addr).await;
     let mut requests = BytesMut::new();
@@ -237,7 +233,7 @@ async fn a_stopping_server_delivers_every_reply_it_owes() {
         assert!(tokio::time::Instant::now() < deadline, "the server reads the requests");
         tokio::task::yield_now().await;
     }
-    stop.send(true).unwrap();
+    served.stop.send(true).unwrap();
     // Requests the stopping server does not read.
     let mut unread = BytesMut::new();
     for i in 0..10 {
@@ -245,8 +241,5 @@ async fn a_stopping_server_delivers_every_reply_it_owes() {
     }
     c.write_all(&unread).await.unwrap();
     read_replies_then_end(&mut c, READS, MIB).await;
-
-    tokio::time::timeout(HANG_GUARD, serving).await.expect("the server stops").unwrap();
-    vol.stop();
-    tokio::task::spawn_blocking(move || driver.join().unwrap()).await.unwrap();
+    served.stop().await;
 }
