@@ -38,7 +38,18 @@ fn volume(dir: &std::path::Path) -> (Volume, std::thread::JoinHandle<()>) {
 
 /// A client in the transmission phase of `vol0`.
 async fn client(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    handshake(TcpStream::connect(addr).await.unwrap()).await
+}
+
+/// A client in the transmission phase of `vol0` whose socket takes little at a time, so that
+/// the server's replies wait in the server's socket while it reads.
+async fn slow_client(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    handshake(socket.connect(addr).await.unwrap()).await
+}
+
+async fn handshake(mut s: TcpStream) -> TcpStream {
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).await.unwrap();
     assert_eq!(&greeting[..8], NBDMAGIC.to_be_bytes());
@@ -165,20 +176,28 @@ async fn clients_that_go_away_without_reading_give_back_their_slots_and_budget()
     served.stop().await;
 }
 
-/// Reads `n` simple replies to reads of `len` bytes, cookies 0..n in any order, then the end
-/// of the server's output.
-async fn read_replies_then_end(c: &mut TcpStream, n: u64, len: u32) {
-    let mut seen = vec![false; n as usize];
-    let mut reply = vec![0u8; 16 + len as usize];
-    for _ in 0..n {
-        tokio::time::timeout(HANG_GUARD, c.read_exact(&mut reply)).await.expect("replies keep coming").expect("every reply arrives");
-        assert_eq!(reply[..8], [&SIMPLE_REPLY_MAGIC.to_be_bytes()[..], &[0; 4]].concat(), "a reply without error");
-        let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap());
-        assert!(!std::mem::replace(&mut seen[cookie as usize], true), "reply {cookie} came twice");
+/// Reads simple replies until the server's output ends: every read's (cookies 0..reads, of
+/// `len` bytes) must be among them, in any order; replies to requests with cookies from
+/// `reads` on (no data) may be too. The output must end plainly, not with a reset.
+async fn read_replies_then_end(c: &mut TcpStream, reads: u64, len: u32) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut data = vec![0u8; len as usize];
+    loop {
+        let mut head = [0u8; 16];
+        match tokio::time::timeout(HANG_GUARD, c.read(&mut head[..1])).await.expect("replies keep coming") {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => panic!("a plain end of output, not a reset: {e} after {} replies", seen.len()),
+        }
+        c.read_exact(&mut head[1..]).await.expect("a whole reply");
+        assert_eq!(head[..8], [&SIMPLE_REPLY_MAGIC.to_be_bytes()[..], &[0; 4]].concat(), "a reply without error");
+        let cookie = u64::from_be_bytes(head[8..16].try_into().unwrap());
+        assert!(seen.insert(cookie), "reply {cookie} came twice");
+        if cookie < reads {
+            c.read_exact(&mut data).await.expect("a read's data follows its reply");
+        }
     }
-    let mut rest = [0u8; 1];
-    let end = tokio::time::timeout(HANG_GUARD, c.read(&mut rest)).await.expect("the server closes");
-    assert_eq!(end.expect("a plain end of output, not a reset"), 0, "nothing after the replies");
+    assert!((0..reads).all(|r| seen.contains(&r)), "every read owed was answered; answered: {seen:?}");
 }
 
 /// A client that sends its requests and a disconnect and then finishes sending (a
@@ -214,32 +233,32 @@ async fn a_client_that_finishes_sending_gets_every_reply() {
     served.stop().await;
 }
 
-/// A server that stops with requests it will not read in a client's socket still delivers
-/// every reply it owes: it closes with the end of output after them, never with a reset that
-/// would discard replies on their way.
+/// A connection that ends (here at a disconnect request) with input it will not read in its
+/// socket still delivers every reply it owes: the server closes with the end of output after
+/// them, never with a reset that would discard replies on their way. The same end follows a
+/// server's stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopping_server_delivers_every_reply_it_owes() {
+async fn a_connection_that_ends_with_input_unread_delivers_every_reply() {
     let served = Served::start().await;
-    let (addr, counters) = (served.addr, served.counters.clone());
     const READS: u64 = 16;
-    let mut c = client(addr).await;
+    let mut c = slow_client(served.addr).await;
     let mut requests = BytesMut::new();
     for i in 0..READS {
         read_request(&mut requests, i, i * MIB as u64, MIB);
     }
-    c.write_all(&requests).await.unwrap();
-    let deadline = tokio::time::Instant::now() + HANG_GUARD;
-    while counters.requests.load(Ordering::Relaxed) < READS {
-        assert!(tokio::time::Instant::now() < deadline, "the server reads the requests");
-        tokio::task::yield_now().await;
-    }
-    served.stop.send(true).unwrap();
-    // Requests the stopping server does not read.
-    let mut unread = BytesMut::new();
-    for i in 0..10 {
-        request(&mut unread, CMD_FLUSH, READS + i, 0, 0);
-    }
-    c.write_all(&unread).await.unwrap();
+    request(&mut requests, CMD_DISC, READS, 0, 0);
+    // More than the server reads ahead: most of it stays in the server's socket, unread.
+    requests.put_bytes(0, 512 << 10);
+    let (sent, ()) = tokio::join!(c.write_all(&requests), async {
+        // Reads nothing until the connection has stopped reading, so that its replies are
+        // still on their way when it closes.
+        let deadline = tokio::time::Instant::now() + HANG_GUARD;
+        while served.counters.requests.load(Ordering::Relaxed) < READS + 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the server reads the requests");
+            tokio::task::yield_now().await;
+        }
+    });
+    sent.unwrap();
     read_replies_then_end(&mut c, READS, MIB).await;
     served.stop().await;
 }
