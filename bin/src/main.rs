@@ -123,7 +123,7 @@ enum Command {
     ///
     /// Each seed draws a configuration (mode, link-loss policy, record capacity, workload,
     /// faults, and a scenario: steady, failover, split brain or switchover) and checks the
-    /// oracles O1-O6 of TESTING.md after every event. A failing seed prints the command that
+    /// oracles O1-O7 (docs/architecture.md, "The oracles") after every event. A failing seed prints the command that
     /// replays it; `--seed N --trace` prints every event of one seed to stderr.
     Simulate(SimulateArgs),
     /// Show a site's role, epoch, link, hit and miss counts, record, lag and failback debt.
@@ -201,6 +201,8 @@ enum Command {
     Failback {
         #[command(flatten)]
         admin: admin_cmd::AdminArgs,
+        /// Only print how many bytes a failback would copy now and how long that takes at
+        /// the paced link rate; change nothing.
         #[arg(long)]
         dry_run: bool,
     },

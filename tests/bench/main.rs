@@ -1,4 +1,4 @@
-//! geomirror-bench: side-by-side measurements with real clients, as BENCHMARKS.md asks.
+//! geomirror-bench: side-by-side measurements with real clients, as docs/benchmarks.md describes.
 //!
 //! `geomirror-bench nbd` runs the same fio jobs (ioengine=nbd) against qemu-nbd serving a
 //! file and against `geomirror run` with no peer serving an identical file, interleaved
@@ -79,7 +79,7 @@ enum Bench {
     /// 4 KiB at queue depth 1 to a new extent each time, far from the last (every probe is a
     /// miss, so its latency is a record-update round trip plus the local write), first alone,
     /// then while fio writes 1 MiB sequentially at queue depth 8 at the link's full rate, so
-    /// bulk data waits to cross the whole time. Rounds alternate the two phases. BENCHMARKS.md's target: p99 under load at most 1.3x
+    /// bulk data waits to cross the whole time. Rounds alternate the two phases. The target: p99 under load at most 1.3x
     /// the idle round trip (the idle probes' median).
     RecordRtt {
         /// The emulated round-trip time.
@@ -106,6 +106,7 @@ enum Bench {
         /// The geomirror binary (default: next to this one).
         #[arg(long)]
         geomirror: Option<PathBuf>,
+        /// Print the table as Markdown (for docs/benchmarks.md).
         #[arg(long)]
         markdown: bool,
     },
@@ -160,7 +161,7 @@ enum Bench {
     /// Each replicated row gets a fresh pair of sites, runs the workload, reads the primary's
     /// status (hits, record, failback debt), then forces a failover (kill -9, promote --force)
     /// and follows the failback to the end; the images must then compare equal. Prints the
-    /// table and BENCHMARKS.md's targets, met or not, and (unless --quick) writes them with
+    /// table and the targets docs/benchmarks.md states, met or not, and (unless --quick) writes them with
     /// the machine's description and a plot of p99 latency against RTT into
     /// docs/benchmarks.md and docs/benchmarks-modes.svg (--warm: the page's warm section).
     ///
@@ -208,7 +209,7 @@ enum Bench {
         replication: Vec<String>,
         /// The sites' `[replication] max_lag_bytes`: how far shipping may fall behind before
         /// the host is throttled. A failback copies at least what was unapplied, so the
-        /// default is 1/32 of the volume, under BENCHMARKS.md's 5% failback target.
+        /// default is 1/32 of the volume, under the 5% failback target.
         #[arg(long)]
         max_lag: Option<String>,
         /// A quick look in under five minutes: RTT 50 ms; async and predictive; sequential

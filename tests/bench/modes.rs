@@ -5,7 +5,7 @@
 //! filesystem image, and block traces replayed by fio from an iolog. One fresh pair of sites
 //! per row, so that no row inherits another's record.
 //!
-//! Each replicated row reports what BENCHMARKS.md asks: p50 and p99 write latency,
+//! Each replicated row reports what the targets in docs/benchmarks.md ask: p50 and p99 write latency,
 //! throughput (the host's, and what the emulated link carried towards the secondary
 //! meanwhile), the hit ratio (writes acknowledged without a round trip), the record's size and
 //! the failback debt when the job ended, and, after a forced failover (`kill -9` of the
@@ -79,7 +79,7 @@ pub enum Work {
 
 pub struct Job {
     pub name: String,
-    /// Sequential or Zipf: the workloads BENCHMARKS.md's latency and throughput targets name.
+    /// Sequential or Zipf: the workloads the latency and throughput targets (docs/benchmarks.md) name.
     pub targeted: bool,
     pub sequential: bool,
     /// The host's rate as a share of the link's, or None for as fast as it can.
@@ -110,7 +110,7 @@ const FIO_JOBS: &[FioJob] = &[
     ),
 ];
 
-/// The jobs BENCHMARKS.md's latency and throughput targets name.
+/// The jobs the latency and throughput targets (docs/benchmarks.md) name.
 pub fn targeted_jobs() -> Vec<String> {
     FIO_JOBS.iter().filter(|j| j.1).map(|j| j.0.to_string()).collect()
 }
@@ -614,7 +614,7 @@ pub fn markdown(rows: &[Row], jobs: &[Job], o: &Options) -> String {
     t
 }
 
-/// BENCHMARKS.md's targets, each marked met or not met from these rows.
+/// The targets of docs/benchmarks.md, each marked met or not met from these rows.
 pub fn targets(rows: &[Row], jobs: &[Job], o: &Options) -> String {
     let mut out = String::new();
     let mut line = |what: String, met: bool| out += &format!("- {} **{}**\n", what, if met { "met" } else { "NOT met" });

@@ -447,7 +447,7 @@ fn crc32fast_ieee(data: &[u8]) -> u32 {
     !crc
 }
 
-/// The failover drill of TESTING.md: a host writes stamped blocks while an outside history
+/// The failover drill: a host writes stamped blocks while an outside history
 /// records each write before it is sent and after it is acknowledged; `kill -9` hits the
 /// primary after a random number of acknowledged writes; the secondary is promoted. Then:
 /// the promoted image is the history applied up to some write k (prefix consistency, O3),

@@ -1,5 +1,5 @@
 //! Scenarios of the write path, driven by hand, step by step, so each ordering rule of
-//! PRODUCT.md is visible in a few lines. The simulation explores the same rules at random;
+//! the write path (docs/protocol.md) is visible in a few lines. The simulation explores the same rules at random;
 //! these pin them down one at a time.
 
 use bytes::Bytes;

@@ -1,5 +1,5 @@
 //! Deterministic simulation of both sites under faults: at least 1,000 seeds, every oracle
-//! of TESTING.md checked after every event.
+//! (docs/architecture.md, "The oracles") checked after every event.
 //!
 //! `GEOMIRROR_SEEDS=N` runs more; `GEOMIRROR_SEED=S` replays one seed and prints its report.
 

@@ -115,7 +115,7 @@ pub struct CoreConfig {
     pub flush_policy: FlushPolicy,
     /// A clean generation older than this is evicted even when the record is not full, so
     /// the record (and the failback set) shrinks back to the working set. None, the default,
-    /// keeps clean generations until capacity pressure, as PRODUCT.md's bounding says (and
+    /// keeps clean generations until capacity pressure, as the record's bound asks (and
     /// as DRBD's activity log does): a workload that returns to an extent after a quiet spell
     /// hits instead of paying a round trip. The failback checks the set by block digests, so
     /// a larger record costs reads on both sites, not WAN bytes; the capacity bounds those.

@@ -1,4 +1,4 @@
-//! The primary site's state machine: the write path of PRODUCT.md.
+//! The primary site's state machine: the write path (docs/protocol.md).
 //!
 //! Owns: sequence numbers, hit/miss classification against the record copy, batching of
 //! record updates, the gate that holds a write until its extents are covered, shipping by

@@ -1,6 +1,6 @@
 //! Store faults and what the oracles hold the sites to while one is unhealed.
 //!
-//! Owns: the faults of TESTING.md that take a site's store (lost whole, with or without its
+//! Owns: the faults that take a site's store (lost whole, with or without its
 //! media, or gone back to an earlier durable state), the operator who promotes a site when
 //! no site is primary any more, and oracle O7: no pair of sites reports clean (linked,
 //! drained, authoritative, consistent, no debt, no flag) while their images differ.

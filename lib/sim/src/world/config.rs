@@ -67,7 +67,7 @@ pub struct SimConfig {
 
 impl SimConfig {
     /// A configuration drawn from the seed: mode, policies, capacity, workload, lanes, faults
-    /// and scenario all vary, so that 1,000 seeds cover every fault of TESTING.md.
+    /// and scenario all vary, so that 1,000 seeds cover every fault the oracles are judged under.
     ///
     /// Append-only: new draws go after the existing ones (see `media_error_ppm`), so that a
     /// seed keeps naming the same scenario and a failing seed stays a regression case.

@@ -5,7 +5,7 @@
 //! checks) and the report. The parts: `config.rs` (what a seed draws), `shells.rs` (the
 //! shells around each site's core and the link between them), `host.rs` (the host's writes,
 //! flushes and what it was acknowledged), `scenario.rs` (random faults and the operator's
-//! drills), `oracles.rs` (the TESTING.md oracles, checked after every event against state
+//! drills), `oracles.rs` (the oracles of docs/architecture.md, checked after every event against state
 //! kept outside the core) and `amnesia.rs` (store faults and oracle O7).
 //! Must not: peek into the core to decide whether the core is right. The core's accessors are
 //! used only to drive operator actions (is it drained, is it split-brained), never as oracles.

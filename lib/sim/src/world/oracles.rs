@@ -1,4 +1,4 @@
-//! The oracles of TESTING.md, and the host's record of what it was told that they judge by.
+//! The oracles (docs/architecture.md, "The oracles"), and the host's record of what it was told that they judge by.
 //!
 //! Owns: `HostView`; O1 (what the host was acknowledged is on the primary, survives a crash
 //! as far as flushes made it durable, and is lost at a promotion only inside the durable
