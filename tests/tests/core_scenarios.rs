@@ -551,3 +551,73 @@ fn a_waiting_write_keeps_the_coverage_it_already_has() {
     p.persist_primary();
     assert_eq!(p.local_writes().len(), 1, "once extent 2 is covered the write goes to media");
 }
+
+/// A fresh secondary store (on a blank disk, say) that pairs with a primary owing a full
+/// verified resync (promoted by force, remembering no peer store) claims nothing about its
+/// image from the handshake on: it is marked durably before its welcome, so that if the link
+/// is lost before the resync's first item reaches it, a promotion without force is refused
+/// rather than reported consistent over media that may differ everywhere.
+#[test]
+fn a_store_owed_a_full_resync_claims_nothing_from_the_handshake_on() {
+    let geo = Geometry::new(64 * MIB, MIB).unwrap();
+    let cfg = CoreConfig::default();
+    let mut owing = SiteState::fresh(Role::Primary, StoreId(1));
+    owing.full_resync_owed = true;
+    owing.epoch = geomirror_core::Epoch(1001);
+    let mut p = Primary::new(cfg.clone(), geo, &owing, Time(1));
+    let mut s_store = MemStore::new(SiteState::fresh(Role::Secondary, StoreId(2)));
+    let mut s = Secondary::new(cfg.clone(), geo, s_store.durable());
+    let mut p_store = MemStore::new(owing);
+    // Delivers control frames both ways and completes every store write; the primary's data
+    // items (the resync's first among them) never arrive: the link is lost before they do.
+    let mut run = |p: &mut Primary, s: &mut Secondary, now: Time| {
+        let mut welcomed = false;
+        for _ in 0..100 {
+            let mut progressed = false;
+            while let Some(a) = p.poll_action() {
+                progressed = true;
+                match a {
+                    Action::Persist { token, batch } => {
+                        let n = p_store.stage(batch);
+                        p_store.sync_through(n);
+                        p.handle_persisted(now, token);
+                    }
+                    Action::Send { frame, .. } if !matches!(frame, Frame::Data { .. }) => s.handle_frame(now, frame),
+                    _ => {}
+                }
+            }
+            while let Some(a) = s.poll_action() {
+                progressed = true;
+                match a {
+                    Action::Persist { token, batch } => {
+                        let n = s_store.stage(batch);
+                        s_store.sync_through(n);
+                        s.handle_persisted(now, token);
+                    }
+                    Action::Send { frame, .. } => {
+                        if matches!(frame, Frame::Welcome { .. }) {
+                            assert!(s_store.durable().amnesiac, "marked durably before the welcome leaves");
+                            welcomed = true;
+                        }
+                        p.handle_frame(now, frame)
+                    }
+                    _ => {}
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        welcomed
+    };
+    run(&mut p, &mut s, Time(1));
+    s.handle_connected(Time(1000));
+    p.handle_connected(Time(1000));
+    assert!(run(&mut p, &mut s, Time(1000)), "the handshake completes");
+    assert_eq!(s.peer_store(), Some(StoreId(1)), "paired");
+    s.handle_disconnected(Time(2000));
+    assert_eq!(s.promote(false).map(|r| r.consistent), Err(geomirror_core::PromoteError::Amnesiac));
+    // So does the same store after a restart.
+    let mut again = Secondary::new(cfg, geo, s_store.durable());
+    assert_eq!(again.promote(false).map(|r| r.consistent), Err(geomirror_core::PromoteError::Amnesiac));
+}

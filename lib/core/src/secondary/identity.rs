@@ -56,6 +56,15 @@ impl Secondary {
                 self.last_amnesia = Some(why);
                 self.mark_amnesiac(batch);
             }
+        } else if owes_full_resync && !self.amnesiac {
+            // The primary checks all of this site's image against its own before trusting it
+            // (it was promoted by force, or found this store untrustworthy): until that full
+            // resync ends, durably, this site claims nothing about its image. Marked before
+            // the welcome, not when the resync's first item applies: a link lost in between
+            // would otherwise leave a site that a promotion without force calls consistent,
+            // whatever its media holds (a fresh store on a blank disk, say).
+            self.last_amnesia = Some("the primary owes this site a full verified resync".to_owned());
+            self.mark_amnesiac(batch);
         }
         if self.peer.store != Some(primary) {
             self.peer.store = Some(primary);
