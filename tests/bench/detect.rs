@@ -14,6 +14,7 @@
 
 use anyhow::{bail, Context, Result};
 use geomirror_tests::demo::{free_ports, Demo};
+use geomirror_tests::wait;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -141,16 +142,22 @@ fn one_kill(bin: &Path, o: &Options, scenario: Scenario, dir: &Path) -> Result<K
         }
     }
     let mut load = (scenario != Scenario::Idle).then(|| fio(&demo.nbd_url(0), dir)).transpose()?;
-    // The load runs this long before the kill, so the lag and the path's queue build up.
+    // The load runs this long before the kill, so the lag and the path's queue build up: a
+    // phase of the measurement (`--load-s`), not a wait for a state.
     if load.is_some() {
         std::thread::sleep(Duration::from_secs(o.load_s));
     }
-    let until = Instant::now() + LINK_UP_DEADLINE;
-    while status("dc2")?["link_up"] != true {
-        if Instant::now() > until {
-            bail!("dc2 did not report the link up within {LINK_UP_DEADLINE:?}");
-        }
-        std::thread::sleep(POLL);
+    // Polls dc2's link until `up` (an error of the status query ends the wait at once).
+    let link_is = |up: bool, limit: Duration| {
+        wait::within(limit, POLL, || match status("dc2") {
+            Ok(v) if v["link_up"] == up => Ok(Ok(())),
+            Ok(_) => Err(()),
+            Err(e) => Ok(Err(e)),
+        })
+    };
+    match link_is(true, LINK_UP_DEADLINE) {
+        Ok(r) => r?,
+        Err(()) => bail!("dc2 did not report the link up within {LINK_UP_DEADLINE:?}"),
     }
     let lag_bytes = status("dc1")?["lag_bytes"].as_u64().unwrap_or(0);
     let log = demo.dir.join("dc2.log");
@@ -158,14 +165,11 @@ fn one_kill(bin: &Path, o: &Options, scenario: Scenario, dir: &Path) -> Result<K
     let killed_at = SystemTime::now();
     let start = Instant::now();
     rustix::process::kill_process(rustix::process::Pid::from_raw(demo.pid("dc1")).context("dc1's pid")?, rustix::process::Signal::KILL)?;
-    let mut poll = None;
-    while start.elapsed() < GIVE_UP {
-        if status("dc2")?["link_up"] == false {
-            poll = Some(start.elapsed());
-            break;
-        }
-        std::thread::sleep(POLL);
-    }
+    // The detection time as the status shows it, to within `POLL`; None if never seen.
+    let poll = match link_is(false, GIVE_UP) {
+        Ok(r) => r.map(|()| Some(start.elapsed()))?,
+        Err(()) => None,
+    };
     if let Some(l) = &mut load {
         let _ = l.kill();
         let _ = l.wait();
