@@ -32,6 +32,13 @@ pub enum Mutation {
     /// The primary counts each item it ships one byte short in its data window: caught by
     /// `check_invariants` at once, long before the window's drift could show.
     MiscountWindow,
+    /// A secondary told at the hello that its primary owes it a full verified resync does not
+    /// mark itself an amnesiac then, only when the resync's first item applies: until then a
+    /// promotion without force calls its image consistent.
+    UnmarkedAtHello,
+    /// A full verified resync's sweep skips the volume's last extent and ends as if it had
+    /// checked it.
+    SweepSkipsLast,
 }
 
 thread_local! {
@@ -83,4 +90,12 @@ pub(crate) fn miscount_window() -> bool {
 
 pub(crate) fn trust_amnesiac() -> bool {
     ACTIVE.with(|a| a.get() == Some(Mutation::TrustAmnesiac))
+}
+
+pub(crate) fn unmarked_at_hello() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::UnmarkedAtHello))
+}
+
+pub(crate) fn sweep_skips_last() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::SweepSkipsLast))
 }

@@ -168,6 +168,18 @@ impl SiteState {
         SiteState { consistent: false, amnesiac: true, ..SiteState::fresh(Role::Secondary, store_id) }
     }
 
+    /// A store an operator created over media that already holds the volume's data, to put
+    /// that data under protection (`geomirror adopt`): a primary that owes its peer, whoever
+    /// it turns out to be, a full verified resync. Nothing on the peer's media is trusted:
+    /// the peer marks itself an amnesiac at the first hello, every extent is compared by
+    /// digest and the differing blocks copied, and only the durable end of that sync makes
+    /// the peer consistent and its record authoritative. Epoch 1, as a new pair: a peer that
+    /// is itself a primary of that epoch refuses it, so an adoption never outranks a live
+    /// primary.
+    pub fn adopted(store_id: StoreId) -> SiteState {
+        SiteState { full_resync_owed: true, ..SiteState::fresh(Role::Primary, store_id) }
+    }
+
     /// Applies one batch of writes, in order.
     pub fn apply(&mut self, batch: &[StoreWrite]) {
         for w in batch {

@@ -6,7 +6,7 @@
 //! a count, so the same input always gives the same table.
 
 use crate::workload::{HostOp, Workload};
-use crate::world::{run, Faults, Scenario, SimConfig, SimReport};
+use crate::world::{run, Faults, Initial, Scenario, SimConfig, SimReport};
 use geomirror_core::{CoreConfig, LinkLossPolicy, Mode, PredictorConfig, PredictorKind};
 use std::time::Duration;
 
@@ -140,6 +140,7 @@ pub fn replay_one(
         ops,
         trace: std::env::var_os("GEOMIRROR_TRACE").is_some(),
         link_bytes_per_sec: settings.link_bytes_per_sec,
+        initial: Initial::Blank,
     };
     summarise(source.name(), kind, extent_bytes, capacity_extents, run(cfg))
 }

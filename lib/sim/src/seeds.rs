@@ -93,6 +93,10 @@ pub struct SeedTotals {
     pub recoveries: u64,
     /// Store rollbacks hidden from a primary that crashed with them (invariant R held).
     pub hidden_rollbacks: u64,
+    /// Runs that started from an adopted volume (data on the primary only), and the O8
+    /// probes made while a full verified resync was owed.
+    pub adopted: u64,
+    pub o8_probes: u64,
 }
 
 impl SeedTotals {
@@ -120,6 +124,8 @@ impl SeedTotals {
             t.amnesias_healed += r.amnesias_healed;
             t.recoveries += r.recoveries;
             t.hidden_rollbacks += r.hidden_rollbacks;
+            t.adopted += u64::from(r.adopted);
+            t.o8_probes += r.o8_probes;
         }
         t
     }
@@ -129,7 +135,7 @@ impl std::fmt::Display for SeedTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary, {} rollbacks hidden from a primary that crashed with them)",
+            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary, {} rollbacks hidden from a primary that crashed with them), {} volumes adopted with data on the primary, {} promotions probed while a full verified resync was owed (O8)",
             self.seeds,
             self.writes_acked,
             self.crashes,
@@ -150,7 +156,9 @@ impl std::fmt::Display for SeedTotals {
             self.store_faults,
             self.amnesias_healed,
             self.recoveries,
-            self.hidden_rollbacks
+            self.hidden_rollbacks,
+            self.adopted,
+            self.o8_probes
         )
     }
 }

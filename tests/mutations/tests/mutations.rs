@@ -106,3 +106,13 @@ fn a_data_window_counted_short_is_caught_by_the_cores_own_invariants() {
 fn trusting_a_store_that_lost_state_makes_sites_differ_while_both_report_clean() {
     caught_by(Mutation::TrustAmnesiac, &["O7"]);
 }
+
+#[test]
+fn a_secondary_owed_a_full_resync_that_does_not_mark_itself_at_the_hello_promotes_as_consistent() {
+    caught_by(Mutation::UnmarkedAtHello, &["O8"]);
+}
+
+#[test]
+fn a_full_resync_that_skips_an_extent_leaves_sites_that_differ() {
+    caught_by(Mutation::SweepSkipsLast, &["O2", "O4", "O7"]);
+}

@@ -228,6 +228,10 @@ impl Primary {
             if self.buffer_bytes > 0 && self.buffer_bytes + pending > self.cfg.max_lag_bytes {
                 break;
             }
+            #[cfg(feature = "mutations")]
+            if crate::mutations::sweep_skips_last() && self.resync.sweep == Some(self.geo.extent_count() - 1) {
+                self.resync.sweep = Some(self.geo.extent_count());
+            }
             let next = self.resync.needs_copy.iter().copied().find(|e| !self.local_busy.contains_key(e));
             let e = match (next, self.resync.sweep) {
                 (Some(e), _) => {

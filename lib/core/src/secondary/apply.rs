@@ -18,7 +18,7 @@ use crate::time::Time;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The reorder buffer and what holds applying back.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct OrderedApply {
     pub(super) reorder: BTreeMap<Seq, Apply>,
     /// The sum of the buffered items' `buffered_bytes`, at most `reorder_buffer_bytes`.

@@ -15,7 +15,7 @@ use crate::store::{Meta, StoreWrite};
 use crate::time::Time;
 
 /// The connection to the primary, as the handshake left it.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct Conn {
     pub(super) connected: bool,
     /// Peer's hello processed and welcome sent.

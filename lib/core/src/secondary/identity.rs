@@ -56,7 +56,7 @@ impl Secondary {
                 self.last_amnesia = Some(why);
                 self.mark_amnesiac(batch);
             }
-        } else if owes_full_resync && !self.amnesiac {
+        } else if owes_full_resync && !self.amnesiac && !unmarked_at_hello() {
             // The primary checks all of this site's image against its own before trusting it
             // (it was promoted by force, or found this store untrustworthy): until that full
             // resync ends, durably, this site claims nothing about its image. Marked before
@@ -119,4 +119,13 @@ impl Secondary {
     pub fn amnesia_reason(&self) -> Option<&str> {
         self.last_amnesia.as_deref()
     }
+}
+
+/// The `UnmarkedAtHello` mutation (always false outside the mutation tests).
+fn unmarked_at_hello() -> bool {
+    #[cfg(feature = "mutations")]
+    if crate::mutations::unmarked_at_hello() {
+        return true;
+    }
+    false
 }

@@ -73,6 +73,7 @@ enum PersistKind {
     },
 }
 
+#[derive(Clone)]
 pub struct Secondary {
     cfg: CoreConfig,
     geo: Geometry,

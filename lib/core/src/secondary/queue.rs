@@ -39,7 +39,7 @@ pub(super) enum Queued {
 }
 
 /// The queue, with what it names counted as frames arrive.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct RecordQueue {
     frames: VecDeque<Queued>,
     /// Extents named by the queued frames (misses and evictions, repeats counted).

@@ -19,7 +19,7 @@ use crate::store::{Meta, StoreWrite};
 use std::collections::BTreeSet;
 
 /// Record frames waiting for the next batch, and the batch being persisted.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct RecordBatches {
     /// Record updates and evictions waiting for the next record batch.
     pub(super) queue: RecordQueue,

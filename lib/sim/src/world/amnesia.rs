@@ -47,7 +47,7 @@ pub(super) struct AmnesiaWatch {
 }
 
 impl AmnesiaWatch {
-    fn new(blanked: bool, primary_rollback: bool) -> AmnesiaWatch {
+    pub(super) fn new(blanked: bool, primary_rollback: bool) -> AmnesiaWatch {
         AmnesiaWatch { flagged: false, blanked, primary_rollback }
     }
 }
@@ -129,6 +129,7 @@ impl World {
         site.store = geomirror_core::MemStore::new(state);
         site.history.clear();
         self.amnesia[s] = Some(AmnesiaWatch::new(blank, false));
+        self.forget_sync_owed(s);
         self.ensure_restart(s);
     }
 

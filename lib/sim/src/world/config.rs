@@ -39,6 +39,19 @@ pub struct Faults {
     pub hidden_rollback_ppm: u32,
 }
 
+/// What the sites hold when the run starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Initial {
+    /// Both media blank and both stores new: the pair starts equal.
+    Blank,
+    /// The primary's media holds data (about `filled_permille` of its blocks, in runs, the
+    /// rest holes) and an operator put it under protection (`geomirror adopt`): its store
+    /// owes its peer a full verified resync. The secondary's store is new; its media is blank
+    /// or, `seeded`, a copy of the primary's in which about `seed_diff_permille` of the
+    /// blocks differ (an older copy, a restored backup, a disk shipped by hand).
+    Adopted { filled_permille: u32, seeded: bool, seed_diff_permille: u32 },
+}
+
 #[derive(Clone, Debug)]
 pub struct SimConfig {
     pub seed: u64,
@@ -63,6 +76,8 @@ pub struct SimConfig {
     pub trace: bool,
     /// Bandwidth of the link for bulk data, bytes per second; None for unlimited.
     pub link_bytes_per_sec: Option<u64>,
+    /// What the sites hold at the start (`initial.rs`).
+    pub initial: Initial,
 }
 
 impl SimConfig {
@@ -145,6 +160,7 @@ impl SimConfig {
             ops: None,
             trace: std::env::var_os("GEOMIRROR_TRACE").is_some(),
             link_bytes_per_sec: if r.gen_bool(0.5) { Some(r.gen_range(20..200) << 20) } else { None },
+            initial: Initial::Blank,
         };
         // Draws added later go last, so that earlier seeds keep their scenarios.
         cfg.faults.media_error_ppm = if r.gen_bool(0.3) { r.gen_range(0..5000) } else { 0 };
@@ -152,6 +168,13 @@ impl SimConfig {
         cfg.faults.store_rollback_ppm = if r.gen_bool(0.2) { r.gen_range(0..6000) } else { 0 };
         cfg.core.peer_memory_persist_interval = Duration::from_millis(r.gen_range(1..40));
         cfg.faults.hidden_rollback_ppm = if r.gen_bool(0.3) { r.gen_range(0..20000) } else { 0 };
+        if r.gen_bool(0.25) {
+            cfg.initial = Initial::Adopted {
+                filled_permille: r.gen_range(50..=1000),
+                seeded: r.gen_bool(0.5),
+                seed_diff_permille: r.gen_range(0..=100),
+            };
+        }
         cfg
     }
 }

@@ -24,11 +24,12 @@ use std::time::Duration;
 mod amnesia;
 mod config;
 mod host;
+mod initial;
 mod oracles;
 mod scenario;
 mod shells;
 
-pub use config::{Faults, SimConfig};
+pub use config::{Faults, Initial, SimConfig};
 pub use scenario::Scenario;
 
 use host::Outstanding;
@@ -85,6 +86,10 @@ pub struct SimReport {
     pub hidden_rollbacks: u64,
     /// Promotions an operator made because no site was primary (a primary's store was lost).
     pub recoveries: u64,
+    /// The run started from an adopted volume (`Initial::Adopted`), and how many times O8
+    /// probed a secondary owed a full verified resync.
+    pub adopted: bool,
+    pub o8_probes: u64,
     pub max_record_len: u64,
     /// (time in µs, record length) sampled after every host ack.
     pub record_samples: Vec<(u64, u64)>,
@@ -241,6 +246,8 @@ pub struct World {
     /// An operator's promotion of this site because no site was primary; the host moves to
     /// it once it serves.
     recovery: Option<SiteId>,
+    /// Per site: where oracle O8 stands (`initial.rs`).
+    sync_watch: [initial::SyncWatch; 2],
 }
 
 const OTHER: [SiteId; 2] = [1, 0];
@@ -296,8 +303,12 @@ impl World {
             id_rng,
             amnesia: [None, None],
             recovery: None,
+            sync_watch: Default::default(),
             cfg,
         };
+        if let config::Initial::Adopted { filled_permille, seeded, seed_diff_permille } = w.cfg.initial {
+            w.adopt_start(filled_permille, seeded, seed_diff_permille);
+        }
         w.boot(0);
         w.boot(1);
         w.connect_later(Duration::from_micros(10));
@@ -389,6 +400,7 @@ impl World {
                     }
                 };
                 self.mix(bytes.len() as u64);
+                self.note_sync_frame(to, &frame);
                 self.with_core(to, |c, now| c.handle_frame(now, frame));
             }
             Ev::PersistDone { site, life, token, batch } => {

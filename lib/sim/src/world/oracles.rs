@@ -57,6 +57,7 @@ impl World {
             self.check_r();
         }
         self.check_o7();
+        self.check_o8();
         self.check_o1();
         self.check_o3();
         self.check_save_aside();

@@ -328,6 +328,7 @@ impl World {
         match res {
             Ok(report) => {
                 self.report.promotions += 1;
+                self.forget_sync_owed(s);
                 if !report.authoritative || !report.consistent || report.amnesiac {
                     self.report.loud_promotions += 1;
                     self.promoted_record = None;
