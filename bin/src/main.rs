@@ -86,6 +86,32 @@ enum Command {
     ///   size = "8G"
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// Put a volume whose media already holds data under protection: this site becomes its
+    /// primary, and its peer gets a full verified copy of it.
+    ///
+    /// Run it once, on the site whose data is to be kept, while that site is stopped. It checks
+    /// first, and creates nothing unless every check passes: the site has a [peer]; the volume
+    /// is in its config; its media file exists at the configured size, holds data and is not
+    /// in use; and the volume has no replication state yet. Then it creates the volume's store
+    /// as a primary that owes its peer a full verified resync, and prints what happens next.
+    ///
+    /// Then start this site and its peer. The peer needs a new, empty state directory; its
+    /// media may be blank, or a copy made earlier (a restored backup, a disk shipped by hand).
+    /// At the first handshake the peer marks itself inconsistent. The primary compares every
+    /// extent by digest and copies only the blocks that differ, while it serves its hosts;
+    /// host writes during the copy follow the normal write path and are never overwritten by
+    /// it. Until the copy ends the peer refuses promotion without --force. Progress is in
+    /// `geomirror status` on the primary ("full verified resync").
+    ///
+    /// Never adopt on a site whose peer may hold newer data: adoption makes this media the
+    /// truth. A site that lost its state over its media starts as an amnesiac secondary on its
+    /// own; see docs/operations.md, "Protecting a volume that holds data" and "Amnesia".
+    ///
+    /// Example:
+    ///
+    ///   geomirror adopt --config /etc/geomirror/dc1.toml --volume vol0
+    #[command(verbatim_doc_comment)]
+    Adopt(AdoptArgs),
     /// Make the deployment's certificates: a CA, one per site, and admin client certificates.
     ///
     /// Writes PEM files into --dir: ca.pem and ca.key (made once; when they exist they are
@@ -123,7 +149,7 @@ enum Command {
     ///
     /// Each seed draws a configuration (mode, link-loss policy, record capacity, workload,
     /// faults, and a scenario: steady, failover, split brain or switchover) and checks the
-    /// oracles O1-O7 (docs/architecture.md, "The oracles") after every event. A failing seed prints the command that
+    /// oracles O1-O8 (docs/architecture.md, "The oracles") after every event. A failing seed prints the command that
     /// replays it; `--seed N --trace` prints every event of one seed to stderr.
     Simulate(SimulateArgs),
     /// Show a site's role, epoch, link, hit and miss counts, record, lag and failback debt.
@@ -324,6 +350,16 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct AdoptArgs {
+    /// The site's config file (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The volume to adopt (by its name in the config); every volume of the site when omitted.
+    #[arg(long)]
+    volume: Option<String>,
+}
+
+#[derive(Args)]
 struct CertsArgs {
     /// Directory to write into (created if missing).
     #[arg(long)]
@@ -400,6 +436,7 @@ struct SimulateArgs {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(a) => run_site(a),
+        Command::Adopt(a) => adopt(a),
         Command::Demo(a) => demo::demo(a),
         Command::Certs(a) => certs(a),
         Command::WanEmu(a) => wan_emu(a),
@@ -413,6 +450,36 @@ fn main() -> Result<()> {
         Command::ResolveSplitBrain { admin, reason } => admin_cmd::resolve_split_brain(admin, reason),
         Command::Switchover { admin, peer, reason, drain_timeout } => admin_cmd::switchover(admin, peer, reason, drain_timeout),
     }
+}
+
+fn adopt(a: AdoptArgs) -> Result<()> {
+    init_logging();
+    let cfg = geomirror_node::config::SiteConfig::load(&a.config)?;
+    let adopted = geomirror_node::adopt::adopt(&cfg, a.volume.as_deref())?;
+    let peer = cfg.peer.as_ref().map_or("its peer", |p| p.name.as_str());
+    let mut out = std::io::stdout().lock();
+    for v in &adopted {
+        writeln!(
+            out,
+            "{}/{}: adopted {} ({}, {} allocated) as the primary copy; store {} in {}",
+            cfg.name,
+            v.volume,
+            v.media.display(),
+            format_bytes(v.size_bytes),
+            format_bytes(v.allocated_bytes),
+            v.store,
+            v.state_dir.display()
+        )?;
+    }
+    writeln!(
+        out,
+        "Next: start this site (geomirror run --config {}) and {peer} with a new, empty state directory. {peer} marks itself \
+         inconsistent at the first handshake; this site compares every extent by digest and copies the blocks that differ (at \
+         most the allocated bytes above) while it serves. Until that ends {peer} refuses promotion without --force. Follow it \
+         with geomirror status (\"full verified resync\").",
+        a.config.display()
+    )?;
+    Ok(())
 }
 
 fn run_site(a: RunArgs) -> Result<()> {
@@ -628,7 +695,13 @@ fn simulate(a: SimulateArgs) -> Result<()> {
     if let Some(seed) = a.seed {
         let mut cfg = SimConfig::for_seed(seed);
         cfg.trace = a.trace;
-        eprintln!("seed {seed}: {:?} scenario, {:?} mode, workload {}", cfg.scenario, cfg.core.mode, cfg.workload.name());
+        eprintln!(
+            "seed {seed}: {:?} scenario, {:?} mode, workload {}, start {:?}",
+            cfg.scenario,
+            cfg.core.mode,
+            cfg.workload.name(),
+            cfg.initial
+        );
         let r = run(cfg);
         println!("{r:#?}");
         if !r.violations.is_empty() {

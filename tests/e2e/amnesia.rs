@@ -7,9 +7,10 @@
 //! build, which ended with the images differing in 5 MiB while both sites reported linked,
 //! drained, authoritative, no debt, no flag.
 
+use geomirror_tests::admin::{clean_primary, clean_secondary, Operator};
 use geomirror_tests::pair::{remember_admin, stop_both_and_compare, two_sites_with_admin, PairOptions};
 use geomirror_tests::qemu::{qemu_io, qemu_io_command};
-use geomirror_tests::site::{output_within, run_ok, tool, wait_for_volume, Site};
+use geomirror_tests::site::{output_within, run_ok, tool, Site};
 use geomirror_tests::wait;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -35,30 +36,17 @@ fn remember(dir: &Path, name: &str, site: &Site) {
 
 /// `geomirror <command> --config <site>.toml` with the site's token, plus `extra`.
 fn cli(dir: &Path, command: &str, site: &str, extra: &[&str]) -> Output {
-    let address = std::fs::read_to_string(dir.join(format!("{site}.admin"))).unwrap();
-    Command::new(BIN)
-        .arg(command)
-        .arg("--config")
-        .arg(dir.join(format!("{site}.toml")))
-        .args(["--address", address.trim()])
-        .arg("--token-file")
-        .arg(dir.join("token"))
-        .args(extra)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
+    Operator::new(Path::new(BIN), dir).cli(command, site, extra)
 }
 
 fn status(dir: &Path, site: &str) -> serde_json::Value {
-    let out = cli(dir, "status", site, &["--json"]);
-    assert!(out.status.success(), "status of {site}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    Operator::new(Path::new(BIN), dir).status(site)
 }
 
 /// Polls `site`'s status until `done` holds for its volume, for at most two minutes;
 /// returns the volume's status.
 fn wait_for(dir: &Path, site: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    wait_for_volume(Duration::from_secs(120), &format!("{site} {what}"), || status(dir, site), done)["volumes"][0].clone()
+    Operator::new(Path::new(BIN), dir).wait_for(Duration::from_secs(120), site, what, done)
 }
 
 /// The files of a RocksDB directory ending with `suffix`.
@@ -77,21 +65,6 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), target).unwrap();
         }
     }
-}
-
-/// A clean site: linked, drained (primary) or authoritative and consistent (secondary), no
-/// amnesia. What both sites must report once the pair has healed.
-fn clean_primary(v: &serde_json::Value) -> bool {
-    v["role"] == "primary" && v["drained"] == true && linked_and_trusted(v)
-}
-
-fn clean_secondary(v: &serde_json::Value) -> bool {
-    v["role"] == "secondary" && v["consistent"] == true && linked_and_trusted(v)
-}
-
-/// What both roles must report to be clean: linked, authoritative, no amnesia, no split brain.
-fn linked_and_trusted(v: &serde_json::Value) -> bool {
-    v["link_up"] == true && v["authoritative"] == true && v["amnesiac"] == false && v["split_brain"] == false
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! Must not: enable geomirror-core's `mutations` feature (bin dev-depends on this package, so
 //! it would reach the binary the e2e tests run), or measure time for a verdict.
 
+pub mod admin;
 pub mod demo;
 pub mod pair;
 pub mod qemu;

@@ -162,7 +162,15 @@ pub fn two_sites(bin: &Path, dir: &Path, o: &PairOptions) -> (Site, Site, WanEmu
 /// they bound, so restarts come back where the emulators expect them; dc2 is restarted once
 /// at set-up to learn dc1's address. Returns (dc1, dc2, towards dc2, towards dc1).
 pub fn two_sites_both_ways(bin: &Path, dir: &Path, o: &PairOptions) -> (Site, Site, WanEmu, WanEmu) {
+    two_sites_both_ways_prepared(bin, dir, o, |_| {})
+}
+
+/// `two_sites_both_ways`, with `prepare` run in `dir` once the certificates exist and before
+/// either site first starts (to lay out media, or adopt a volume: `site_config` writes a
+/// config to adopt with, which is rewritten with the real ports afterwards).
+pub fn two_sites_both_ways_prepared(bin: &Path, dir: &Path, o: &PairOptions, prepare: impl FnOnce(&Path)) -> (Site, Site, WanEmu, WanEmu) {
     run_ok(Command::new(bin).args(["certs", "--dir"]).arg(dir.join("certs")).args(["--site", "dc1", "--site", "dc2", "--admin", "ops"]));
+    prepare(dir);
     let mut dc2 = start_secondary(bin, dir, o);
     let to_dc2 = WanEmu::start(bin, replication_port(&dc2), &o.wan);
     let dc1 = Site::from_config(bin, &site_config(dir, "dc1", "dc2", "primary", 0, to_dc2.port, o));
@@ -191,11 +199,23 @@ pub fn stop_both_and_compare(dir: &Path, mut first: Site, mut second: Site) -> (
 /// taking the token `token` from `<dir>/token`; notes each admin address in `<dir>/<site>.admin` (see
 /// `remember_admin`). Other options come from `o`.
 pub fn two_sites_with_admin(bin: &Path, dir: &Path, token: &str, o: PairOptions) -> (Site, Site, WanEmu, WanEmu) {
+    two_sites_with_admin_prepared(bin, dir, token, o, |_| {})
+}
+
+/// `two_sites_with_admin`, with `prepare` run in `dir` before either site first starts (see
+/// `two_sites_both_ways_prepared`).
+pub fn two_sites_with_admin_prepared(
+    bin: &Path,
+    dir: &Path,
+    token: &str,
+    o: PairOptions,
+    prepare: impl FnOnce(&Path),
+) -> (Site, Site, WanEmu, WanEmu) {
     crate::site::write_secret(&dir.join("token"), &format!("{token}\n"));
     // The options' [admin] section (port 0 by default), plus the token unless it names one.
     let admin = if o.admin.contains("token_file") { o.admin.clone() } else { format!("{}token_file = \"token\"\n", o.admin) };
     let o = PairOptions { admin, ..o };
-    let (dc1, dc2, a, b) = two_sites_both_ways(bin, dir, &o);
+    let (dc1, dc2, a, b) = two_sites_both_ways_prepared(bin, dir, &o, prepare);
     remember_admin(dir, "dc1", &dc1);
     remember_admin(dir, "dc2", &dc2);
     (dc1, dc2, a, b)

@@ -173,9 +173,9 @@ impl SiteState {
     /// it turns out to be, a full verified resync. Nothing on the peer's media is trusted:
     /// the peer marks itself an amnesiac at the first hello, every extent is compared by
     /// digest and the differing blocks copied, and only the durable end of that sync makes
-    /// the peer consistent and its record authoritative. Epoch 1, as a new pair: a peer that
-    /// is itself a primary of that epoch refuses it, so an adoption never outranks a live
-    /// primary.
+    /// the peer consistent and its record authoritative. Epoch 1, as a new pair, so that an
+    /// adoption never outranks a live primary: one of epoch 1 refuses it (two primaries in
+    /// one epoch), and one of a newer epoch fences it.
     pub fn adopted(store_id: StoreId) -> SiteState {
         SiteState { full_resync_owed: true, ..SiteState::fresh(Role::Primary, store_id) }
     }

@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod adopt;
 pub mod aside;
 pub mod certs;
 pub mod config;
