@@ -149,7 +149,8 @@ pub fn status(a: AdminArgs) -> Result<()> {
                 );
                 match (v.full_resync_checked_extents, v.full_resync_total_extents) {
                     (Some(c), Some(t)) => {
-                        println!("  full verified resync: {c} of {t} extents checked; its record is not trusted until it ends")
+                        let resumed = v.sync_cursor_extent.map_or(String::new(), |r| format!(" (resumed at extent {r})"));
+                        println!("  full verified resync: {c} of {t} extents checked{resumed}; its record is not trusted until it ends")
                     }
                     _ => println!("  a full verified resync is owed to it and starts once the link is up"),
                 }
@@ -175,6 +176,9 @@ pub fn status(a: AdminArgs) -> Result<()> {
                         .as_deref()
                         .unwrap_or("this store lost state it had acknowledged, or was created over media that held data")
                 );
+                if let Some(c) = v.sync_cursor_extent {
+                    println!("  sync cursor: extents below {c} are synced (durable: a resync resumed after a restart or a link loss starts there)");
+                }
             } else if !v.authoritative {
                 println!(
                     "  THE RECORD IS NOT AUTHORITATIVE: it may not name every extent that differs from the primary (a failback or \

@@ -1,6 +1,7 @@
 //! Putting a volume that already holds data under protection (`geomirror adopt`), on real
 //! processes over `geomirror wan-emu`: an ext4 image on the primary and a new secondary, host
-//! writes verified by fio during the copy, `kill -9` of each site in the middle of it; a
+//! writes verified by fio during the copy, `kill -9` of each site in the middle of it (each
+//! time the copy resumes at the secondary's durable sync cursor); a
 //! seeded secondary (a copy that differs in a few blocks) that receives only those blocks;
 //! and every refusal of `adopt` on bad input, each leaving nothing behind.
 
@@ -105,8 +106,12 @@ fn an_ext4_image_is_adopted_and_copied_whole_through_host_writes_and_kill_9_of_e
     // Host writes during the copy, verified as fio reads them back from the primary.
     run_ok(&mut fio_job(dc1.url("vol0")));
 
-    // kill -9 of the primary mid-copy: the secondary is not promoted without --force. The
-    // link slows to a crawl first, so that the copy is surely still under way at the kill.
+    // kill -9 of the primary mid-copy, once the secondary holds a durable sync cursor: the
+    // secondary is not promoted without --force. The link slows to a crawl first, so that
+    // the copy is surely still under way at the kill.
+    let cursor = |v: &serde_json::Value| v["sync_cursor_extent"].as_u64().unwrap_or(0);
+    let v2 = op.wait_for(LIMIT, "dc2", "a durable sync cursor", |v| cursor(v) >= 64);
+    let durable = cursor(&v2);
     assert!(to_dc2.command("rate-mbps 1").starts_with("ok"));
     op.wait_for(LIMIT, "dc1", "still syncing", syncing);
     dc1.kill();
@@ -117,11 +122,16 @@ fn an_ext4_image_is_adopted_and_copied_whole_through_host_writes_and_kill_9_of_e
     dc1.start_again();
     remember_admin(dir, "dc1", &dc1);
 
-    // kill -9 of the secondary mid-copy (the copy started over: the cursor is not durable).
-    op.wait_for(LIMIT, "dc1", "syncing again", syncing);
+    // The restarted primary resumes at the secondary's durable cursor, not at extent 0.
+    let v1 = op.wait_for(LIMIT, "dc1", "syncing again", syncing);
+    assert!(cursor(&v1) >= durable, "the copy resumed at extent {} though the secondary's cursor was at {durable}: {v1:#}", cursor(&v1));
+
+    // kill -9 of the secondary mid-copy: it resumes too.
     dc2.kill();
     dc2.start_again();
     remember_admin(dir, "dc2", &dc2);
+    let v1 = op.wait_for(LIMIT, "dc1", "syncing after the secondary's restart", |v| syncing(v) && cursor(v) > 0);
+    assert!(cursor(&v1) >= durable, "{v1:#}");
     assert!(to_dc2.command("rate-mbps 30").starts_with("ok"));
 
     let v1 = op.wait_for(LIMIT, "dc1", "clean once the copy ended", clean_primary);
@@ -152,8 +162,10 @@ fn a_seeded_copy_receives_only_the_blocks_that_differ() {
     let dir = tmp.path();
     // Five scattered 4 KiB blocks where the copy differs: in three extents (1 MiB each).
     let differ = [3 * MIB + 8192, 3 * MIB + 65536, 17 * MIB, 40 * MIB + 4096, 40 * MIB + 20480];
-    let o = PairOptions::default();
-    let (dc1, dc2, _to_dc2, _to_dc1) = two_sites_with_admin_prepared(Path::new(BIN), dir, TOKEN, o.clone(), |dir| {
+    // The link starts cut: the copy starts once the pair is set up (dc2's restart included),
+    // so that no interrupted pass copies a block twice.
+    let o = PairOptions { start_cut: true, ..PairOptions::default() };
+    let (dc1, dc2, to_dc2, _to_dc1) = two_sites_with_admin_prepared(Path::new(BIN), dir, TOKEN, o.clone(), |dir| {
         // 48 MiB of data on the primary's 64 MiB volume, adopted; the secondary's media a
         // copy of it (a disk shipped by hand) that has since drifted in those five blocks.
         let data = noise(7, 48 * MIB as usize);
@@ -168,6 +180,7 @@ fn a_seeded_copy_receives_only_the_blocks_that_differ() {
         }
         adopt(&site_config(dir, "dc1", "dc2", "primary", 0, 9, &o), &[]).expect("adopt");
     });
+    to_dc2.set_cut(false);
     let op = Operator::new(Path::new(BIN), dir);
 
     let v1 = op.wait_for(LIMIT, "dc1", "clean once the copy ended", clean_primary);

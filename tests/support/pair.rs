@@ -83,6 +83,9 @@ pub struct PairOptions {
     pub admin: String,
     /// Settings of the `[nbd]` section besides `listen`.
     pub nbd: String,
+    /// The link towards dc2 starts cut (restored by the test): nothing crosses until the
+    /// pair is set up, dc2's restart included.
+    pub start_cut: bool,
 }
 
 impl Default for PairOptions {
@@ -94,6 +97,7 @@ impl Default for PairOptions {
             wan: vec!["--rtt-ms".into(), "10".into()],
             admin: "listen = \"127.0.0.1:0\"\n".into(),
             nbd: String::new(),
+            start_cut: false,
         }
     }
 }
@@ -173,6 +177,9 @@ pub fn two_sites_both_ways_prepared(bin: &Path, dir: &Path, o: &PairOptions, pre
     prepare(dir);
     let mut dc2 = start_secondary(bin, dir, o);
     let to_dc2 = WanEmu::start(bin, replication_port(&dc2), &o.wan);
+    if o.start_cut {
+        to_dc2.set_cut(true);
+    }
     let dc1 = Site::from_config(bin, &site_config(dir, "dc1", "dc2", "primary", 0, to_dc2.port, o));
     site_config(dir, "dc1", "dc2", "primary", replication_port(&dc1), to_dc2.port, o);
     let to_dc1 = WanEmu::start(bin, replication_port(&dc1), &o.wan);

@@ -128,6 +128,10 @@ pub struct CoreConfig {
     pub reorder_buffer_bytes: u64,
     /// Most extents a resync reads at once.
     pub resync_reads_in_flight: usize,
+    /// How far, in extents, a full verified resync's sync cursor moves between two durable
+    /// sync marks on the peer. With the extents swept but not yet answered when a site or the
+    /// link fails, it bounds what a resumed sweep checks again (the sync replay window).
+    pub sync_mark_every_extents: u64,
     /// A failback checks each extent of the failback set by block digests and copies only
     /// the blocks that differ; off, it copies the whole failback set.
     pub verify_failback: bool,
@@ -161,6 +165,7 @@ impl Default for CoreConfig {
             local_sync_interval: Duration::from_millis(200),
             reorder_buffer_bytes: 128 << 20,
             resync_reads_in_flight: 8,
+            sync_mark_every_extents: 64,
             verify_failback: true,
             peer_memory_persist_interval: Duration::from_secs(1),
         }
@@ -206,6 +211,7 @@ impl CoreConfig {
         min("max_inflight_bytes", 1 << 20, self.max_inflight_bytes)?;
         min("max_lag_bytes", self.max_inflight_bytes, self.max_lag_bytes)?;
         min("resync_reads_in_flight", 1, self.resync_reads_in_flight as u64)?;
+        min("sync_mark_every_extents", 1, self.sync_mark_every_extents)?;
         if self.mode == Mode::Standalone && self.flush_policy == FlushPolicy::Remote {
             return Err(ConfigError::RemoteFlushWithoutPeer);
         }

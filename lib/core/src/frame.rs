@@ -20,7 +20,7 @@ use thiserror::Error;
 pub const MAGIC: [u8; 2] = *b"GM";
 /// Bumped on any incompatible change of `Frame`. A peer speaking another version is refused.
 /// 2: store identities in `Hello` and `Welcome`, full resyncs.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 pub const HEADER_BYTES: usize = 7;
 /// Largest payload accepted: a 32 MiB write (the NBD maximum we advertise) plus slack for
 /// the frame's own fields.
@@ -111,8 +111,9 @@ pub enum Apply {
     /// have not arrived never will, and the resync that follows covers their extents.
     /// `full` says the resync checks every extent of the volume (the receiver is an amnesiac,
     /// or was rebuilt): its end, durably applied, is what makes the receiver's store trusted
-    /// again.
-    ResyncBegin { save_aside: bool, skip: bool, full: bool },
+    /// again. `from` is the extent a full resync's sweep starts at: 0, or the sync cursor the
+    /// receiver's welcome named (the resync resumes where its last durable mark left it).
+    ResyncBegin { save_aside: bool, skip: bool, full: bool, from: u64 },
     /// The image is a prefix of the history again once everything up to here is durable.
     ResyncEnd,
     /// A failback's check of one extent instead of its copy: `digests` are `block_digests`
@@ -121,6 +122,11 @@ pub enum Apply {
     /// the extent as divergent (durably) and reports the blocks with `Differs` before any
     /// `Applied` that covers this item, and the primary then copies those blocks.
     Verify { extent: ExtentId, digests: Vec<BlockDigest> },
+    /// A full resync's sync cursor: every extent below `next` equals the primary's image as
+    /// of this point of the order (its check found it equal, or the copies it needed come
+    /// before this item). The receiver makes it durable with the position that covers it, and
+    /// names it in its next welcome, so that the resync resumes there.
+    SyncMark { next: u64 },
 }
 
 impl Apply {
@@ -132,7 +138,7 @@ impl Apply {
         match self {
             Apply::Write(op) => op.payload_bytes().max(64),
             Apply::Verify { digests, .. } => (digests.len() as u64 * std::mem::size_of::<BlockDigest>() as u64).max(64),
-            Apply::ResyncBegin { .. } | Apply::ResyncEnd => 64,
+            Apply::ResyncBegin { .. } | Apply::ResyncEnd | Apply::SyncMark { .. } => 64,
         }
     }
 }
@@ -198,6 +204,9 @@ pub enum Frame {
         store: StoreId,
         next_generation: Generation,
         amnesiac: bool,
+        /// The full resync's durable cursor, when this store holds one from the primary that
+        /// sent the hello, in its epoch: the extent the resync may resume at.
+        sync_cursor: Option<u64>,
     },
     /// Part of the secondary's durable record, sent after `Welcome`.
     RecordChunk { epoch: Epoch, entries: Vec<RecordEntries> },
@@ -354,6 +363,10 @@ impl Frame {
             Frame::Data { apply: Apply::Write(op), .. } => geo.check_range(op.offset, op.len).err().map(|_| "a write outside the volume"),
             Frame::Data { apply: Apply::Verify { extent, digests }, .. } => (extent_blocks(*extent) != Some(digests.len()))
                 .then_some("a failback check of an extent outside the volume, or with another number of digests than it has blocks"),
+            Frame::Data { apply: Apply::SyncMark { next }, .. } | Frame::Data { apply: Apply::ResyncBegin { from: next, .. }, .. } => {
+                (*next > count).then_some("a sync cursor past the end of the volume")
+            }
+            Frame::Welcome { sync_cursor: Some(next), .. } => (*next > count).then_some("a sync cursor past the end of the volume"),
             Frame::Differs { extent, blocks, .. } => (extent_blocks(*extent).map(|n| n.div_ceil(8)) != Some(blocks.len()))
                 .then_some("a failback difference of an extent outside the volume, or with another bitmap size than it has blocks"),
             _ => None,
@@ -487,6 +500,7 @@ mod tests {
                 store: StoreId(7),
                 next_generation: Generation(9),
                 amnesiac: true,
+                sync_cursor: Some(5),
             },
             Frame::RecordChunk {
                 epoch: e,
@@ -506,7 +520,8 @@ mod tests {
             Frame::Evict { epoch: e, evictions: vec![] },
             Frame::Data { epoch: e, seq: Seq(3), apply: Apply::Write(WriteOp::data(4096, Bytes::from_static(b"hello"))) },
             Frame::Data { epoch: e, seq: Seq(4), apply: Apply::Write(WriteOp::zero(0, 1 << 20)) },
-            Frame::Data { epoch: e, seq: Seq(5), apply: Apply::ResyncBegin { save_aside: true, skip: true, full: true } },
+            Frame::Data { epoch: e, seq: Seq(5), apply: Apply::ResyncBegin { save_aside: true, skip: true, full: true, from: 3 } },
+            Frame::Data { epoch: e, seq: Seq(7), apply: Apply::SyncMark { next: 4 } },
             Frame::Data { epoch: e, seq: Seq(6), apply: Apply::ResyncEnd },
             Frame::Data { epoch: e, seq: Seq(7), apply: Apply::Verify { extent: ExtentId(9), digests: vec![[7; 16], [8; 16]] } },
             Frame::Differs { epoch: e, seq: Seq(7), extent: ExtentId(9), blocks: vec![2] },

@@ -44,5 +44,5 @@ pub use op::{WriteKind, WriteOp};
 pub use primary::{FailbackPlan, LinkState, Phase, Primary};
 pub use record::Record;
 pub use secondary::{PromoteError, PromoteReport, Secondary};
-pub use store::{MemStore, Meta, PeerMemory, SiteState, StoreWrite};
+pub use store::{MemStore, Meta, PeerMemory, SiteState, StoreWrite, SyncCursor};
 pub use time::Time;

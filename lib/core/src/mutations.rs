@@ -39,6 +39,9 @@ pub enum Mutation {
     /// A full verified resync's sweep skips the volume's last extent and ends as if it had
     /// checked it.
     SweepSkipsLast,
+    /// A full resync's sync mark follows the sweep alone, ahead of extents whose checks are
+    /// unanswered or whose differing blocks are not yet copied: a resumed sweep skips them.
+    MarkAheadOfChecks,
 }
 
 thread_local! {
@@ -98,4 +101,8 @@ pub(crate) fn unmarked_at_hello() -> bool {
 
 pub(crate) fn sweep_skips_last() -> bool {
     ACTIVE.with(|a| a.get() == Some(Mutation::SweepSkipsLast))
+}
+
+pub(crate) fn mark_ahead_of_checks() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::MarkAheadOfChecks))
 }

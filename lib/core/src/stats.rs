@@ -42,6 +42,12 @@ pub struct PrimaryStats {
     /// Extents a full resync has checked so far (the sweep's position), and the volume's
     /// extent count: the full resync's progress.
     pub full_resync_swept_extents: u64,
+    /// Sync marks dispatched (`Apply::SyncMark`), full resyncs resumed from a peer's sync
+    /// cursor rather than the first extent, and the extent the last full resync started at
+    /// (0 when it did not resume).
+    pub sync_marks: u64,
+    pub full_resyncs_resumed: u64,
+    pub full_resync_resumed_at: u64,
     /// Times this site stepped down because the peer showed its own store went back.
     pub stepped_down_amnesiac: u64,
     pub degraded_writes: u64,

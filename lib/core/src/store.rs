@@ -75,6 +75,20 @@ pub enum Meta {
     FullResyncOwed(bool),
     /// Primary: where this store stood when it was promoted (see `Frame::Hello`).
     PromotedFrom(crate::frame::Position),
+    /// Secondary (an amnesiac): how far the full verified resync of the named primary, in the
+    /// named epoch, has durably synced this image (`Apply::SyncMark`); None when no sweep has
+    /// marked one, or a new sweep from the first extent began.
+    SyncCursor(Option<SyncCursor>),
+}
+
+/// A full verified resync's durable position on the receiving store: every extent below
+/// `next` equals the image of primary store `primary` as of a point the store has durably
+/// applied, and every later write of that primary in `epoch` reaches it in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncCursor {
+    pub primary: StoreId,
+    pub epoch: Epoch,
+    pub next: u64,
 }
 
 /// What a site remembers of its peer's store: DRBD's generation identifiers, reduced to
@@ -125,6 +139,7 @@ pub struct SiteState {
     pub amnesiac: bool,
     pub full_resync_owed: bool,
     pub promoted_from: Option<crate::frame::Position>,
+    pub sync_cursor: Option<SyncCursor>,
     pub record: BTreeMap<ExtentId, Generation>,
     pub dirty: BTreeSet<ExtentId>,
 }
@@ -153,6 +168,7 @@ impl SiteState {
             amnesiac: false,
             full_resync_owed: false,
             promoted_from: None,
+            sync_cursor: None,
             record: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
@@ -215,6 +231,7 @@ impl SiteState {
                     Meta::Amnesiac(v) => self.amnesiac = v,
                     Meta::FullResyncOwed(v) => self.full_resync_owed = v,
                     Meta::PromotedFrom(v) => self.promoted_from = Some(v),
+                    Meta::SyncCursor(v) => self.sync_cursor = v,
                 },
             }
         }

@@ -199,7 +199,11 @@ fn stream_hints_past_the_queue_bound_are_dropped_not_followed() {
 #[test]
 fn a_data_item_at_the_last_sequence_number_is_refused() {
     let mut s = SecondarySite::new();
-    s.deliver(Frame::Data { epoch: E, seq: Seq(u64::MAX), apply: Apply::ResyncBegin { save_aside: false, skip: true, full: false } });
+    s.deliver(Frame::Data {
+        epoch: E,
+        seq: Seq(u64::MAX),
+        apply: Apply::ResyncBegin { save_aside: false, skip: true, full: false, from: 0 },
+    });
     refused(&s.disconnects, "data frame fails validation");
     assert_eq!(s.site.applied(), Seq(0));
 }

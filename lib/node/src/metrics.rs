@@ -54,6 +54,7 @@ pub const SPLIT_BRAIN: &str = "geomirror_split_brain";
 pub const AMNESIAC: &str = "geomirror_amnesiac";
 pub const FULL_RESYNC_CHECKED_EXTENTS: &str = "geomirror_full_resync_checked_extents";
 pub const FULL_RESYNC_TOTAL_EXTENTS: &str = "geomirror_full_resync_total_extents";
+pub const SYNC_CURSOR_EXTENT: &str = "geomirror_sync_cursor_extent";
 pub const AMNESIAC_PEERS_DETECTED_TOTAL: &str = "geomirror_amnesiac_peers_detected_total";
 pub const AMNESIA_DETECTED_TOTAL: &str = "geomirror_amnesia_detected_total";
 pub const FULL_RESYNCS_COMPLETED_TOTAL: &str = "geomirror_full_resyncs_completed_total";
@@ -213,6 +214,12 @@ const CATALOGUE: &[(Kind, &str, Unit, &str)] = &[
     ),
     (Kind::Gauge, FULL_RESYNC_CHECKED_EXTENTS, Unit::Count, "Extents the full verified resync under way has checked"),
     (Kind::Gauge, FULL_RESYNC_TOTAL_EXTENTS, Unit::Count, "Extents the full verified resync under way checks in all: the volume's"),
+    (
+        Kind::Gauge,
+        SYNC_CURSOR_EXTENT,
+        Unit::Count,
+        "Secondary: the full verified resync's durable sync cursor (extents below it are synced). Primary: the extent the resync under way resumed at",
+    ),
     (Kind::Counter, AMNESIAC_PEERS_DETECTED_TOTAL, Unit::Count, "Handshakes at which the peer's store turned out to be an amnesiac"),
     (Kind::Counter, AMNESIA_DETECTED_TOTAL, Unit::Count, "Handshakes at which this site's own store turned out to be an amnesiac"),
     (Kind::Counter, FULL_RESYNCS_COMPLETED_TOTAL, Unit::Count, "Full verified resyncs completed (each makes an amnesiac trusted again)"),

@@ -127,6 +127,9 @@ fn volume(v: &Volume, st: &VolumeStatus, bulk_bytes_per_sec: Option<u64>) {
         g(FULL_RESYNC_CHECKED_EXTENTS, checked as f64);
         g(FULL_RESYNC_TOTAL_EXTENTS, total as f64);
     }
+    if let Some(c) = st.sync_cursor {
+        g(SYNC_CURSOR_EXTENT, c as f64);
+    }
     g(APPLIED_SEQUENCE, st.durable_applied.0 as f64);
     g(REPLICATION_LAG_BYTES, st.lag_bytes as f64);
     g(REPLICATION_LAG_SECONDS, st.lag_ms as f64 / 1000.0);

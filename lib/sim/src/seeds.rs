@@ -97,6 +97,7 @@ pub struct SeedTotals {
     /// probes made while a full verified resync was owed.
     pub adopted: u64,
     pub o8_probes: u64,
+    pub sync_resumes: u64,
 }
 
 impl SeedTotals {
@@ -126,6 +127,7 @@ impl SeedTotals {
             t.hidden_rollbacks += r.hidden_rollbacks;
             t.adopted += u64::from(r.adopted);
             t.o8_probes += r.o8_probes;
+            t.sync_resumes += r.sync_resumes;
         }
         t
     }
@@ -135,7 +137,7 @@ impl std::fmt::Display for SeedTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary, {} rollbacks hidden from a primary that crashed with them), {} volumes adopted with data on the primary, {} promotions probed while a full verified resync was owed (O8)",
+            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary, {} rollbacks hidden from a primary that crashed with them), {} volumes adopted with data on the primary, {} promotions probed while a full verified resync was owed (O8), {} full verified resyncs resumed from a durable sync cursor",
             self.seeds,
             self.writes_acked,
             self.crashes,
@@ -158,7 +160,8 @@ impl std::fmt::Display for SeedTotals {
             self.recoveries,
             self.hidden_rollbacks,
             self.adopted,
-            self.o8_probes
+            self.o8_probes,
+            self.sync_resumes
         )
     }
 }

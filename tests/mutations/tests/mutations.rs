@@ -116,3 +116,8 @@ fn a_secondary_owed_a_full_resync_that_does_not_mark_itself_at_the_hello_promote
 fn a_full_resync_that_skips_an_extent_leaves_sites_that_differ() {
     caught_by(Mutation::SweepSkipsLast, &["O2", "O4", "O7"]);
 }
+
+#[test]
+fn a_sync_mark_ahead_of_unanswered_checks_makes_a_resumed_sync_skip_extents() {
+    caught_by(Mutation::MarkAheadOfChecks, &["O2", "O4", "O7"]);
+}

@@ -92,6 +92,7 @@ pub(super) struct Welcome {
     pub(super) store: StoreId,
     pub(super) next_generation: Generation,
     pub(super) amnesiac: bool,
+    pub(super) sync_cursor: Option<u64>,
 }
 
 impl Primary {
@@ -200,6 +201,14 @@ impl Primary {
                 "the peer answered generation {} and its next is {}: it lost acknowledged record entries",
                 self.ident.peer.generation.0, w.next_generation.0
             )),
+            // The amnesiac this site already owes a full resync, back on a new connection: the
+            // same debt, resumed where the peer's durable sync cursor says (from the first
+            // extent without one).
+            Some(_) if w.amnesiac && self.ident.full_resync_owed && !self.ident.settling => {
+                self.resync.resume = w.sync_cursor.filter(|c| *c <= self.geo.extent_count());
+                self.resync.full = false;
+                None
+            }
             Some(_) if w.amnesiac => Some("the peer says its store is an amnesiac".to_string()),
             Some(_) => None,
         };

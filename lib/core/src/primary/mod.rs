@@ -458,7 +458,7 @@ impl Primary {
             return;
         }
         match frame {
-            Frame::Welcome { applied, authoritative, consistent, store, next_generation, amnesiac, .. }
+            Frame::Welcome { applied, authoritative, consistent, store, next_generation, amnesiac, sync_cursor, .. }
                 if self.conn.link == LinkState::Handshake =>
             {
                 if std::mem::replace(&mut self.conn.welcomed, true) {
@@ -467,7 +467,7 @@ impl Primary {
                     self.refuse("a second welcome on one connection");
                     return;
                 }
-                let welcome = identity::Welcome { applied, store, next_generation, amnesiac };
+                let welcome = identity::Welcome { applied, store, next_generation, amnesiac, sync_cursor };
                 if self.check_welcome(welcome).is_err() {
                     return;
                 }

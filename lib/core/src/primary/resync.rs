@@ -29,6 +29,15 @@ pub(super) struct Resync {
     /// the next extent its sweep reads.
     pub(super) full: bool,
     pub(super) sweep: Option<u64>,
+    /// Where the next full resync's sweep starts: the sync cursor the peer's welcome named,
+    /// when it resumes this site's own debt (see `check_welcome`).
+    pub(super) resume: Option<u64>,
+    /// The full resync's checks not yet answered, by sequence number: until the peer has
+    /// applied one (or reported its difference, whose copy then follows), its extent is not
+    /// synced, and no sync mark may pass it.
+    pub(super) checks: BTreeMap<Seq, ExtentId>,
+    /// The last sync mark dispatched in this resync.
+    pub(super) marked: u64,
     /// Promoted, failback not yet complete (see `writes_alone_on_link_loss`).
     pub(super) failback_pending: bool,
 }
@@ -47,6 +56,9 @@ impl Resync {
             reading: BTreeMap::new(),
             full: false,
             sweep: None,
+            resume: None,
+            checks: BTreeMap::new(),
+            marked: 0,
             failback_pending: state.failback_pending,
         }
     }
@@ -94,6 +106,9 @@ impl Primary {
             let seq = self.dispatch_resync_item(Apply::Verify { extent: e, digests });
             self.mark_dirty(e, seq);
             self.resync.last_verify = Some(seq);
+            if self.resync.full {
+                self.resync.checks.insert(seq, e);
+            }
             self.stats.resync_extents_verified += 1;
             self.stats.resync_bytes_verified += range.end - range.start;
             self.progress(now);
@@ -197,14 +212,60 @@ impl Primary {
         self.resync.running = true;
         self.resync.end = None;
         self.resync.full = full;
-        self.resync.sweep = full.then_some(0);
-        self.stats.full_resync_swept_extents = 0;
+        let from = if full { self.resync.resume.take().unwrap_or(0).min(self.geo.extent_count()) } else { 0 };
+        self.resync.resume = None;
+        self.resync.sweep = full.then_some(from);
+        self.resync.checks.clear();
+        self.resync.marked = from;
+        if full {
+            self.stats.full_resyncs_resumed += u64::from(from > 0);
+            self.stats.full_resync_resumed_at = from;
+        }
+        self.stats.full_resync_swept_extents = from;
         self.begin_checks();
         self.stats.resyncs_started += 1;
         // A promoted site's peer is the old primary, which may hold acknowledged writes of
         // its own anywhere when the full resync is owed (this site was an amnesiac).
         let save_aside = self.conn.peer_save_aside || (full && self.resync.failback_pending);
-        self.dispatch_resync_item(Apply::ResyncBegin { save_aside, skip, full });
+        self.dispatch_resync_item(Apply::ResyncBegin { save_aside, skip, full, from });
+    }
+
+    /// The full resync's sync cursor now: the lowest extent not yet known synced on the peer
+    /// as of the next sequence number. Below it every extent was swept, its check answered
+    /// equal, or the copy of its differing blocks dispatched (so ahead of the mark in order).
+    fn sync_low_water(&self) -> Option<u64> {
+        let sweep = self.resync.sweep?;
+        let pending = self
+            .resync
+            .reading
+            .values()
+            .chain(self.resync.needs_copy.iter())
+            .chain(self.resync.checks.values())
+            .chain(self.resync.copy_blocks.keys())
+            .map(|e| e.0)
+            .min();
+        #[cfg(feature = "mutations")]
+        if crate::mutations::mark_ahead_of_checks() {
+            return Some(sweep);
+        }
+        Some(pending.map_or(sweep, |p| p.min(sweep)))
+    }
+
+    /// Dispatches a sync mark once the cursor has moved `sync_mark_every_extents` past the
+    /// last one: with the extents swept and not yet answered when a site or the link fails,
+    /// that bounds what a resumed sweep checks again (the sync replay window).
+    fn maybe_sync_mark(&mut self) {
+        if !self.resync.full || !self.resync.running {
+            return;
+        }
+        let applied = self.applied_ack;
+        self.resync.checks = self.resync.checks.split_off(&applied.next());
+        let Some(next) = self.sync_low_water() else { return };
+        if next >= self.resync.marked + self.cfg.sync_mark_every_extents && next < self.geo.extent_count() {
+            self.resync.marked = next;
+            self.stats.sync_marks += 1;
+            self.dispatch_resync_item(Apply::SyncMark { next });
+        }
     }
 
     pub(super) fn drive_resync(&mut self) {
@@ -251,6 +312,7 @@ impl Primary {
             self.resync.reading.insert(token, e);
             self.actions.push_back(Action::ReadExtent { token, extent: e });
         }
+        self.maybe_sync_mark();
         let checks_answered = self.resync.last_verify.is_none_or(|v| self.applied_ack >= v);
         let swept = self.resync.sweep.is_none_or(|c| c >= self.geo.extent_count());
         if self.resync.needs_copy.is_empty() && self.resync.reading.is_empty() && self.resync.end.is_none() && checks_answered && swept {

@@ -13,7 +13,7 @@ use super::{PersistKind, Secondary};
 use crate::action::Action;
 use crate::frame::{Apply, Frame};
 use crate::ids::{ExtentId, Seq, Token};
-use crate::store::{Meta, StoreWrite};
+use crate::store::{Meta, StoreWrite, SyncCursor};
 use crate::time::Time;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -119,6 +119,10 @@ impl Secondary {
                     self.resync_end = None;
                     self.resyncing = true;
                     self.resync_full = full;
+                    self.pending_mark = None;
+                    // The sync cursor stays: a sweep that starts again below it (or a resync begun
+                    // on an earlier connection, sent again) leaves what it vouches for synced.
+                    // Only a new amnesia clears it (`forget_sync_cursor`).
                     let mut batch = Vec::new();
                     if self.consistent {
                         self.consistent = false;
@@ -135,6 +139,14 @@ impl Secondary {
                     }
                 }
                 Apply::ResyncEnd => self.resync_end = Some(seq),
+                Apply::SyncMark { next } => {
+                    // Meaningful only inside a full resync of an amnesiac: elsewhere the image is
+                    // vouched for by other means, and a mark is ignored.
+                    if self.resync_full && self.amnesiac {
+                        debug_assert!(self.pending_mark.is_none_or(|(s, n)| s < seq && n <= next), "sync marks advance in order");
+                        self.pending_mark = Some((seq, next));
+                    }
+                }
                 Apply::Verify { .. } => unreachable!("handled above"),
             }
         }
@@ -229,8 +241,20 @@ impl Secondary {
                 }
                 if full_resynced {
                     batch.push(StoreWrite::Meta(Meta::Amnesiac(false)));
+                    batch.push(StoreWrite::Meta(Meta::SyncCursor(None)));
+                    self.pending_mark = None;
                 }
-                let token = self.persist(PersistKind::Applied { through, consistent, resynced, full_resynced }, batch);
+                // A sync mark the media now holds everything before: durable with this position.
+                let mut cursor = None;
+                if let (Some((seq, next)), Some(primary)) = (self.pending_mark, self.peer.store) {
+                    if seq <= through && self.resync_full && self.amnesiac && !full_resynced {
+                        let c = SyncCursor { primary, epoch: self.epoch, next };
+                        batch.push(StoreWrite::Meta(Meta::SyncCursor(Some(c))));
+                        cursor = Some(c);
+                        self.pending_mark = None;
+                    }
+                }
+                let token = self.persist(PersistKind::Applied { through, consistent, resynced, full_resynced, cursor }, batch);
                 self.applied_persist = Some(token);
             }
         }
@@ -239,9 +263,21 @@ impl Secondary {
 
     /// The applied position is durable: the primary may learn it, and a resync that ended
     /// clears what this site protected of its own.
-    pub(super) fn applied_persisted(&mut self, through: Seq, consistent: bool, resynced: bool, full_resynced: bool) {
+    pub(super) fn applied_persisted(
+        &mut self,
+        through: Seq,
+        consistent: bool,
+        resynced: bool,
+        full_resynced: bool,
+        cursor: Option<SyncCursor>,
+    ) {
         self.applied_persist = None;
         self.durable_applied = self.durable_applied.max(through);
+        if full_resynced {
+            self.sync_cursor = None;
+        } else if cursor.is_some() {
+            self.sync_cursor = cursor;
+        }
         if consistent {
             self.consistent = true;
         }
@@ -262,5 +298,18 @@ impl Secondary {
         if self.conn.connected && self.conn.welcomed {
             self.send(Frame::Applied { epoch: self.epoch, through: self.durable_applied });
         }
+    }
+}
+
+impl Secondary {
+    /// The durable sync cursor this store may name to the primary it is paired with now: one
+    /// of that primary's store, in this epoch, while this store is an amnesiac.
+    pub(super) fn sync_cursor_for_welcome(&self) -> Option<u64> {
+        self.sync_cursor.filter(|c| self.amnesiac && Some(c.primary) == self.peer.store && c.epoch == self.epoch).map(|c| c.next)
+    }
+
+    /// The durable sync cursor, for status: (primary store, extent).
+    pub fn sync_cursor(&self) -> Option<SyncCursor> {
+        self.sync_cursor
     }
 }

@@ -183,6 +183,7 @@ impl Secondary {
             store: self.store_id,
             next_generation: self.next_generation,
             amnesiac: self.amnesiac,
+            sync_cursor: self.sync_cursor_for_welcome(),
         });
         let mut entries: Vec<RecordEntries> = Vec::new();
         for (e, g) in self.record.iter() {

@@ -51,6 +51,9 @@ impl Secondary {
         }
         let was_lost = lost.is_some();
         if let Some(why) = lost {
+            // Whatever this store lost, its sync cursor may vouch for it: a new full resync
+            // starts from the first extent.
+            self.forget_sync_cursor(batch);
             if !self.amnesiac {
                 self.stats.amnesia_detected += 1;
                 self.last_amnesia = Some(why);
@@ -102,6 +105,7 @@ impl Secondary {
     /// is not authoritative and its image not consistent until a full resync ends, durably.
     pub(super) fn mark_amnesiac(&mut self, batch: &mut Vec<StoreWrite>) {
         assert!(!self.promoting, "a site being promoted is not marked an amnesiac");
+        self.forget_sync_cursor(batch);
         self.amnesiac = true;
         self.resyncing = true;
         batch.push(StoreWrite::Meta(Meta::Amnesiac(true)));
@@ -112,6 +116,14 @@ impl Secondary {
         if self.authoritative {
             self.authoritative = false;
             batch.push(StoreWrite::Meta(Meta::Authoritative(false)));
+        }
+    }
+
+    /// A new amnesia: the sync cursor of an earlier full resync vouches for nothing now.
+    fn forget_sync_cursor(&mut self, batch: &mut Vec<StoreWrite>) {
+        self.pending_mark = None;
+        if self.sync_cursor.take().is_some() {
+            batch.push(StoreWrite::Meta(Meta::SyncCursor(None)));
         }
     }
 

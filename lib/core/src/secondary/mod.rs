@@ -25,7 +25,7 @@ use crate::ids::{Epoch, ExtentId, Generation, Seq, StoreId, Token};
 use crate::predict::Predictor;
 use crate::record::Record;
 use crate::stats::SecondaryStats;
-use crate::store::{Meta, PeerMemory, SiteState, StoreWrite};
+use crate::store::{Meta, PeerMemory, SiteState, StoreWrite, SyncCursor};
 use crate::time::Time;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -59,6 +59,8 @@ enum PersistKind {
         consistent: bool,
         resynced: bool,
         full_resynced: bool,
+        /// A full resync's sync cursor made durable with this position.
+        cursor: Option<SyncCursor>,
     },
     Authoritative(bool),
     /// What this site remembers of its primary's store.
@@ -105,6 +107,11 @@ pub struct Secondary {
     /// The resync under way began as a full one (`ResyncBegin { full }`): its durable end is
     /// what clears `amnesiac`.
     resync_full: bool,
+    /// Durable: how far the full resync of which primary has synced this image (see
+    /// `Meta::SyncCursor`), and the last sync mark applied and not yet durable (its
+    /// sequence number and cursor).
+    sync_cursor: Option<SyncCursor>,
+    pending_mark: Option<(Seq, u64)>,
     /// Why this store was last found an amnesiac at a handshake (for status and logs).
     last_amnesia: Option<String>,
     /// The connection to the primary, as the handshake left it (`handshake.rs`).
@@ -155,6 +162,8 @@ impl Secondary {
             peer: state.peer,
             amnesiac: state.amnesiac,
             resync_full: false,
+            sync_cursor: state.sync_cursor,
+            pending_mark: None,
             last_amnesia: None,
             conn: handshake::Conn::default(),
             peer_may_degrade: state.peer_may_degrade,
@@ -341,8 +350,8 @@ impl Secondary {
                     self.ordered.blocked = None;
                 }
             }
-            PersistKind::Applied { through, consistent, resynced, full_resynced } => {
-                self.applied_persisted(through, consistent, resynced, full_resynced)
+            PersistKind::Applied { through, consistent, resynced, full_resynced, cursor } => {
+                self.applied_persisted(through, consistent, resynced, full_resynced, cursor)
             }
             PersistKind::Mismatch { seq, extent, blocks } => {
                 self.applied = self.applied.max(seq);

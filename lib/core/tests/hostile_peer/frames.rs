@@ -179,6 +179,7 @@ fn any_frame(input: &mut Input, epoch: Epoch, seq_around: u64, ids: &[u64]) -> F
             store: StoreId(input.below(4) as u128),
             next_generation: Generation(input.below(64)),
             amnesiac: input.below(4) == 0,
+            sync_cursor: (input.below(4) == 0).then(|| input.below(1 << 12)),
         },
         2 => Frame::RecordChunk {
             epoch,
@@ -204,8 +205,9 @@ fn any_frame(input: &mut Input, epoch: Epoch, seq_around: u64, ids: &[u64]) -> F
         9..=11 => {
             let seq = seq_near(input, seq_around);
             let apply = match input.below(8) {
-                0 => Apply::ResyncBegin { save_aside: input.bool(), skip: input.bool(), full: input.bool() },
+                0 => Apply::ResyncBegin { save_aside: input.bool(), skip: input.bool(), full: input.bool(), from: input.below(1 << 12) },
                 1 => Apply::ResyncEnd,
+                3 => Apply::SyncMark { next: input.below(1 << 12) },
                 2 => {
                     let extent = extent_id(input);
                     let n = blocks_of(input, extent);

@@ -96,6 +96,7 @@ impl PrimarySite {
                 store: SECONDARY_STORE,
                 next_generation: Generation(1 << 20),
                 amnesiac: false,
+                sync_cursor: None,
             },
             Frame::SnapshotEnd { epoch, record_len: 0 },
         ];

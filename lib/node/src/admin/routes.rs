@@ -100,6 +100,11 @@ pub struct VolumeReport {
     pub full_resync_checked_extents: Option<u64>,
     #[serde(default)]
     pub full_resync_total_extents: Option<u64>,
+    /// Secondary: the full verified resync's durable sync cursor (every extent below it is
+    /// synced; a resync resumed after a restart or a link loss starts there). Primary: the
+    /// extent the full resync under way resumed at, when it resumed.
+    #[serde(default)]
+    pub sync_cursor_extent: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -147,6 +152,7 @@ impl VolumeReport {
             amnesia_reason: s.amnesia_reason.clone(),
             full_resync_checked_extents: s.full_resync.map(|(c, _)| c),
             full_resync_total_extents: s.full_resync.map(|(_, t)| t),
+            sync_cursor_extent: s.sync_cursor,
         }
     }
 }

@@ -129,6 +129,13 @@ fn encode_meta(m: Meta) -> (Vec<u8>, Vec<u8>) {
         Meta::Amnesiac(b) => ("amnesiac", vec![b as u8]),
         Meta::FullResyncOwed(b) => ("full_resync_owed", vec![b as u8]),
         Meta::PromotedFrom(p) => ("promoted_from", [p.applied.0.to_be_bytes(), p.next_generation.0.to_be_bytes()].concat()),
+        // Empty when there is none; else the primary's store (16 bytes), epoch and next (8 each).
+        Meta::SyncCursor(c) => (
+            "sync_cursor",
+            c.map_or(Vec::new(), |c| {
+                [c.primary.0.to_be_bytes().to_vec(), c.epoch.0.to_be_bytes().to_vec(), c.next.to_be_bytes().to_vec()].concat()
+            }),
+        ),
     };
     (keys::meta_key(name), value)
 }
@@ -185,6 +192,7 @@ fn all_meta(s: &SiteState) -> Vec<StoreWrite> {
     ]
     .into_iter()
     .chain(s.promoted_from.map(Meta::PromotedFrom))
+    .chain(s.sync_cursor.map(|c| Meta::SyncCursor(Some(c))))
     .map(StoreWrite::Meta)
     .collect()
 }
@@ -398,6 +406,18 @@ impl RocksStore {
                         applied: Seq(u64_of(name, a)?),
                         next_generation: Generation(u64_of(name, g)?),
                     });
+                }
+                // Absent in stores made before it existed: none.
+                "sync_cursor" => {
+                    s.sync_cursor = match v.len() {
+                        0 => None,
+                        32 => Some(geomirror_core::SyncCursor {
+                            primary: StoreId(u128::from_be_bytes(v[..16].try_into().expect("16 bytes"))),
+                            epoch: geomirror_core::Epoch(u64_of(name, &v[16..24])?),
+                            next: u64_of(name, &v[24..])?,
+                        }),
+                        _ => return Err(self.corrupt("sync_cursor is neither empty nor 32 bytes")),
+                    }
                 }
                 "checkpoint" => {}
                 other => return Err(self.corrupt(format!("unknown meta key {other:?}"))),

@@ -27,7 +27,7 @@ fn batch(seed: u64, i: u64) -> Vec<StoreWrite> {
                 45..=64 => StoreWrite::DelRecord(e),
                 65..=66 => StoreWrite::ClearRecord,
                 67..=76 => StoreWrite::PutDirty(e),
-                77..=84 => StoreWrite::DelDirty(e),
+                77..=83 => StoreWrite::DelDirty(e),
                 85 => StoreWrite::Meta(Meta::Epoch(Epoch(rng.gen_range(1..9)))),
                 86 => StoreWrite::Meta(Meta::Role(if rng.gen() { Role::Primary } else { Role::Secondary })),
                 87 => StoreWrite::Meta(Meta::Applied(Seq(i))),
@@ -41,6 +41,11 @@ fn batch(seed: u64, i: u64) -> Vec<StoreWrite> {
                 95 => StoreWrite::Meta(Meta::SaveAsideOnResync(rng.gen())),
                 96 => StoreWrite::Meta(Meta::Amnesiac(rng.gen())),
                 97 => StoreWrite::Meta(Meta::FullResyncOwed(rng.gen())),
+                84 => StoreWrite::Meta(Meta::SyncCursor(rng.gen::<bool>().then(|| geomirror_core::SyncCursor {
+                    primary: geomirror_core::StoreId(rng.gen()),
+                    epoch: Epoch(rng.gen_range(1..9)),
+                    next: rng.gen_range(0..1000),
+                }))),
                 99 if rng.gen() => StoreWrite::Meta(Meta::PromotedFrom(geomirror_core::frame::Position {
                     applied: Seq(rng.gen()),
                     next_generation: Generation(rng.gen()),

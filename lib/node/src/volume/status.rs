@@ -101,6 +101,10 @@ pub struct VolumeStatus {
     pub amnesia_reason: Option<String>,
     /// Primary: the full resync under way, as extents checked of the volume's.
     pub full_resync: Option<(u64, u64)>,
+    /// Secondary: the full resync's durable sync cursor (extents below it are synced; a
+    /// resumed resync starts there). Primary: the extent the full resync under way resumed
+    /// at, when it did.
+    pub sync_cursor: Option<u64>,
     /// The state machine's own counters, whole, for metrics.
     pub primary_stats: Option<geomirror_core::stats::PrimaryStats>,
     pub secondary_stats: Option<geomirror_core::stats::SecondaryStats>,
@@ -145,6 +149,7 @@ pub(super) fn of(machine: &Machine, now: Time, failed: bool, extent_bytes: u64, 
                 amnesiac: p.full_resync_owed(),
                 amnesia_reason: p.peer_amnesia().map(str::to_owned),
                 full_resync: p.full_resync_progress(),
+                sync_cursor: (p.full_resync_progress().is_some() && st.full_resync_resumed_at > 0).then_some(st.full_resync_resumed_at),
                 primary_stats: Some(st.clone()),
                 secondary_stats: None,
             }
@@ -185,6 +190,7 @@ pub(super) fn of(machine: &Machine, now: Time, failed: bool, extent_bytes: u64, 
                 amnesiac: s.is_amnesiac(),
                 amnesia_reason: s.amnesia_reason().map(str::to_owned),
                 full_resync: None,
+                sync_cursor: s.sync_cursor().map(|c| c.next),
                 primary_stats: None,
                 secondary_stats: Some(st.clone()),
             }

@@ -128,6 +128,8 @@ impl SimConfig {
             local_sync_interval: Duration::from_millis(r.gen_range(1..20)),
             reorder_buffer_bytes: (1 << 20) + geomirror_core::frame::MAX_FRAME_BYTES as u64,
             resync_reads_in_flight: r.gen_range(1..8),
+            // Drawn below, after the draws that name the scenario.
+            sync_mark_every_extents: 64,
             // From the seed, not the generator, so that every other draw stays as it was.
             verify_failback: !seed.is_multiple_of(5),
             // Drawn below, after the draws that name the scenario.
@@ -168,6 +170,7 @@ impl SimConfig {
         cfg.faults.store_rollback_ppm = if r.gen_bool(0.2) { r.gen_range(0..6000) } else { 0 };
         cfg.core.peer_memory_persist_interval = Duration::from_millis(r.gen_range(1..40));
         cfg.faults.hidden_rollback_ppm = if r.gen_bool(0.3) { r.gen_range(0..20000) } else { 0 };
+        cfg.core.sync_mark_every_extents = r.gen_range(1..=16);
         if r.gen_bool(0.25) {
             cfg.initial = Initial::Adopted {
                 filled_permille: r.gen_range(50..=1000),

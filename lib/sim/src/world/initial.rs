@@ -92,7 +92,12 @@ impl World {
             Frame::Hello { owes_full_resync: true, .. } if matches!(self.sites[to].core, Some(Machine::Secondary(_))) => {
                 w.owed = true;
             }
-            Frame::Data { apply: Apply::ResyncBegin { full, .. }, .. } => w.full_begun = *full,
+            Frame::Data { apply: Apply::ResyncBegin { full, from, .. }, .. } => {
+                w.full_begun = *full;
+                if *full && *from > 0 {
+                    self.report.sync_resumes += 1;
+                }
+            }
             Frame::Data { apply: Apply::ResyncEnd, .. } if w.full_begun => {
                 w.owed = false;
                 w.full_begun = false;
