@@ -142,14 +142,20 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     // The roles the sites hold now, not the configs': a demo run again after the
     // walkthrough's failover finds dc2 primary and dc1 its secondary.
     let roles: Vec<String> = sites.iter().map(|s| current_role(&rt, &dir, s).unwrap_or_else(|| s.role.to_owned())).collect();
+    // The handlers before the summary: whoever waits for it may press Ctrl-C at once, and a
+    // signal that comes before its listener exists is lost (the demo would run on).
+    let (mut int, mut term) = {
+        let _in_runtime = rt.enter();
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+    };
     print_summary(&dir, &a, &sites, &roles, &procs)?;
 
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                r = tokio::signal::ctrl_c() => { r?; break; }
+                _ = int.recv() => break,
                 _ = term.recv() => break,
                 _ = tick.tick() => report_exits(&mut procs),
             }

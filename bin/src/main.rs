@@ -573,19 +573,25 @@ fn wan_emu(a: WanEmuArgs) -> Result<()> {
     runtime.block_on(async {
         let emu =
             WanEmu::start(a.listen, a.forward, link, a.control, a.seed).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        // Every listener before the addresses are printed, and each kept for the whole run: a
+        // signal sent as soon as they appear, or between two turns of the loop, is not lost.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut cut, mut restore, mut term, mut int) = (
+            signal(SignalKind::user_defined1())?,
+            signal(SignalKind::user_defined2())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        );
         println!("wan-emu: udp {} -> {}; {}", emu.listen, a.forward, emu.status());
         if let Some(c) = emu.control {
             println!("wan-emu: control at tcp {c} (cut, restore, status, rtt-ms N, loss-percent P, rate-mbps R)");
         }
-        use tokio::signal::unix::{signal, SignalKind};
-        let (mut cut, mut restore, mut term) =
-            (signal(SignalKind::user_defined1())?, signal(SignalKind::user_defined2())?, signal(SignalKind::terminate())?);
         loop {
             tokio::select! {
                 _ = cut.recv() => { emu.set_cut(true); tracing::info!("link cut (SIGUSR1)"); }
                 _ = restore.recv() => { emu.set_cut(false); tracing::info!("link restored (SIGUSR2)"); }
                 _ = term.recv() => break,
-                r = tokio::signal::ctrl_c() => { r?; break; }
+                _ = int.recv() => break,
             }
         }
         println!("wan-emu: {}", emu.status());

@@ -147,8 +147,9 @@ impl Demo {
         let child = self.child.take().expect("running");
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
         rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
-        let status = crate::site::wait_within(child, Duration::from_secs(120)).expect("the demo stops within 120 s of Ctrl-C");
+        let status = crate::site::wait_within(child, Duration::from_secs(120));
         let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let status = status.unwrap_or_else(|s| panic!("the demo did not stop within 120 s of Ctrl-C ({s}); it printed:\n{err}"));
         assert!(status.success(), "the demo exited with {status} on Ctrl-C:\n{err}");
         err
     }
