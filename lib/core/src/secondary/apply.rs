@@ -308,8 +308,10 @@ impl Secondary {
         self.sync_cursor.filter(|c| self.amnesiac && Some(c.primary) == self.peer.store && c.epoch == self.epoch).map(|c| c.next)
     }
 
-    /// The durable sync cursor, for status: (primary store, extent).
+    /// The durable sync cursor, for status: only while it vouches for something (this store
+    /// is an amnesiac, and the cursor is of the primary it is paired with, in this epoch).
+    /// A cursor of an earlier primary or epoch is kept until overwritten, but says nothing.
     pub fn sync_cursor(&self) -> Option<SyncCursor> {
-        self.sync_cursor
+        self.sync_cursor.filter(|c| self.sync_cursor_for_welcome() == Some(c.next))
     }
 }
