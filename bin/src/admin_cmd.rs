@@ -145,7 +145,9 @@ pub fn status(a: AdminArgs) -> Result<()> {
             if v.amnesiac {
                 println!(
                     "  THE PEER IS AN AMNESIAC: {}",
-                    v.amnesia_reason.as_deref().unwrap_or("its store lost state it had acknowledged")
+                    v.amnesia_reason
+                        .as_deref()
+                        .unwrap_or("this site owes it a full verified resync (an adopted volume, or its store is not trusted)")
                 );
                 match (v.full_resync_checked_extents, v.full_resync_total_extents) {
                     (Some(c), Some(t)) => {
@@ -168,6 +170,15 @@ pub fn status(a: AdminArgs) -> Result<()> {
         } else {
             println!("  link: {}", if v.link_up { "a primary is connected" } else { "no primary connected" });
             println!("  record: {} extents ({}), applied through {}", v.record_extents, format_bytes(v.record_bytes), v.applied);
+            println!(
+                "  image: {}",
+                match (v.consistent && !v.amnesiac, v.authoritative && !v.amnesiac) {
+                    (true, true) => "consistent, record authoritative: in sync with its primary up to what it applied",
+                    (true, false) => "consistent, record NOT authoritative",
+                    (false, _) if v.amnesiac => "inconsistent (syncing): not trusted until its primary's full verified resync ends",
+                    (false, _) => "inconsistent (a resync is under way)",
+                }
+            );
             if v.amnesiac {
                 println!(
                     "  AMNESIAC: {}. Nothing it says about its image is trusted until its primary's full verified resync ends; \

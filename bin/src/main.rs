@@ -100,8 +100,11 @@ enum Command {
     /// At the first handshake the peer marks itself inconsistent. The primary compares every
     /// extent by digest and copies only the blocks that differ, while it serves its hosts;
     /// host writes during the copy follow the normal write path and are never overwritten by
-    /// it. Until the copy ends the peer refuses promotion without --force. Progress is in
-    /// `geomirror status` on the primary ("full verified resync").
+    /// it. Until the copy ends the peer refuses promotion without --force, and its
+    /// `geomirror status` says "inconsistent (syncing)"; then "consistent, record
+    /// authoritative". The primary's status shows the copy's progress. A peer that kept the
+    /// state of an earlier pairing stops both sites until one is promoted with --force: give
+    /// it an empty state directory.
     ///
     /// Never adopt on a site whose peer may hold newer data: adoption makes this media the
     /// truth. A site that lost its state over its media starts as an amnesiac secondary on its
@@ -476,7 +479,8 @@ fn adopt(a: AdoptArgs) -> Result<()> {
         "Next: start this site (geomirror run --config {}) and {peer} with a new, empty state directory. {peer} marks itself \
          inconsistent at the first handshake; this site compares every extent by digest and copies the blocks that differ (at \
          most the allocated bytes above) while it serves. Until that ends {peer} refuses promotion without --force. Follow it \
-         with geomirror status (\"full verified resync\").",
+         with geomirror status on {peer}: \"inconsistent (syncing)\" until the copy ends, then \"consistent, record \
+         authoritative\".",
         a.config.display()
     )?;
     Ok(())

@@ -184,6 +184,9 @@ fn the_readme_adopts_an_image_that_holds_data_and_copies_it_whole() {
     let clean = |v: &serde_json::Value| v["link_up"] == true && v["authoritative"] == true && v["amnesiac"] == false;
     wait_for_volume(Duration::from_secs(120), "dc1 clean after the copy", || status(&dc1), |v| clean(v) && v["drained"] == true);
     wait_for_volume(Duration::from_secs(60), "dc2 clean after the copy", || status(&dc2), |v| clean(v) && v["consistent"] == true);
+    // What the README says dc2's status shows once the copy ended.
+    let text = geomirror(&["status"], &dc2);
+    assert!(text.contains("image: consistent, record authoritative"), "{text}");
     qemu_io(demo.nbd_url(0), &["read -P 0x5a 0 64M"]);
     let err = demo.interrupt();
     assert!(err.contains("dc1 stopped (exit code 0)") && err.contains("dc2 stopped (exit code 0)"), "{err}");
