@@ -30,6 +30,10 @@ const PREFILLED: u64 = 1 << 62;
 const SEEDED: u64 = 1 << 61;
 /// Blocks per allocation run of the prefilled image: allocated or a hole, as a whole.
 const RUN_BLOCKS: usize = 8;
+/// Link cuts an adopted run makes while a full resync is owed, and their chance per host
+/// request meanwhile.
+const MID_SYNC_CUTS: u64 = 3;
+const MID_SYNC_CUT_PPM: u32 = 40_000;
 
 /// Per site: where O8 stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,6 +87,33 @@ impl World {
         self.host.rebase(&image);
         self.amnesia[1] = Some(super::amnesia::AmnesiaWatch::new(false, false));
         self.report.adopted = true;
+    }
+
+    /// An adopted run cuts the link now and then while its secondary is owed a full resync
+    /// (at most `MID_SYNC_CUTS` times): so that resyncs resume from their sync cursor often
+    /// enough for the oracles to judge the resume (draws only in adopted runs, so that every
+    /// other seed keeps its run).
+    pub(super) fn maybe_cut_mid_sync(&mut self) {
+        if !matches!(self.cfg.initial, super::Initial::Adopted { .. })
+            || self.cut
+            || self.report.sync_cuts >= MID_SYNC_CUTS
+            || !self.sync_watch.iter().any(|w| w.owed)
+        {
+            return;
+        }
+        if self.rng.gen_range(0..1_000_000) < MID_SYNC_CUT_PPM {
+            if self.cfg.trace {
+                eprintln!("{:>9}    link cut mid-sync", self.now.0);
+            }
+            self.report.sync_cuts += 1;
+            self.report.link_cuts += 1;
+            self.cut = true;
+            self.cut_id += 1;
+            self.disconnect(false);
+            let d = self.us(1_000, 20_000);
+            let cut_id = self.cut_id;
+            self.schedule(d, super::Ev::Heal { cut_id });
+        }
     }
 
     /// Follows what O8 needs from a frame delivered to site `to`.

@@ -90,8 +90,10 @@ pub struct SimReport {
     /// probed a secondary owed a full verified resync.
     pub adopted: bool,
     pub o8_probes: u64,
-    /// Full verified resyncs that resumed from the peer's durable sync cursor.
+    /// Full verified resyncs that resumed from the peer's durable sync cursor, and the link
+    /// cuts an adopted run made while one was owed.
     pub sync_resumes: u64,
+    pub sync_cuts: u64,
     pub max_record_len: u64,
     /// (time in µs, record length) sampled after every host ack.
     pub record_samples: Vec<(u64, u64)>,

@@ -108,6 +108,7 @@ impl World {
             self.schedule(d, Ev::Crash { site: b });
         }
         self.maybe_store_fault();
+        self.maybe_cut_mid_sync();
     }
 
     // ----- the scenario, as an operator would run it -----
