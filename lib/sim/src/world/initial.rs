@@ -102,17 +102,8 @@ impl World {
             return;
         }
         if self.rng.gen_range(0..1_000_000) < MID_SYNC_CUT_PPM {
-            if self.cfg.trace {
-                eprintln!("{:>9}    link cut mid-sync", self.now.0);
-            }
             self.report.sync_cuts += 1;
-            self.report.link_cuts += 1;
-            self.cut = true;
-            self.cut_id += 1;
-            self.disconnect(false);
-            let d = self.us(1_000, 20_000);
-            let cut_id = self.cut_id;
-            self.schedule(d, super::Ev::Heal { cut_id });
+            self.cut_link("link cut mid-sync", 20_000);
         }
     }
 

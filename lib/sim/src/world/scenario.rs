@@ -86,16 +86,7 @@ impl World {
             return; // the scenario is choreographed; random faults resume after it
         }
         if self.rng.gen_range(0..1_000_000) < f.link_cut_ppm && !self.cut {
-            if self.cfg.trace {
-                eprintln!("{:>9}    link cut", self.now.0);
-            }
-            self.report.link_cuts += 1;
-            self.cut = true;
-            self.cut_id += 1;
-            self.disconnect(false);
-            let d = self.us(1_000, 150_000);
-            let cut_id = self.cut_id;
-            self.schedule(d, Ev::Heal { cut_id });
+            self.cut_link("link cut", 150_000);
         }
         if self.rng.gen_range(0..1_000_000) < f.crash_primary_ppm {
             let a = self.active;
@@ -109,6 +100,20 @@ impl World {
         }
         self.maybe_store_fault();
         self.maybe_cut_mid_sync();
+    }
+
+    /// Cuts the link; it heals by itself after 1 ms to `heal_within_us`.
+    pub(super) fn cut_link(&mut self, what: &str, heal_within_us: u64) {
+        if self.cfg.trace {
+            eprintln!("{:>9}    {what}", self.now.0);
+        }
+        self.report.link_cuts += 1;
+        self.cut = true;
+        self.cut_id += 1;
+        self.disconnect(false);
+        let d = self.us(1_000, heal_within_us);
+        let cut_id = self.cut_id;
+        self.schedule(d, Ev::Heal { cut_id });
     }
 
     // ----- the scenario, as an operator would run it -----
