@@ -512,17 +512,22 @@ fn unpace(emus: &[&WanEmu]) -> Result<()> {
 /// Follows the failback on the promoted site until it has drained onto the old primary, and
 /// returns the bytes it copied. A poll of another process's status, with a deadline.
 fn wait_failback(bin: &Path, dir: &Path, promoted: &Site) -> Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let s = status(bin, dir, "dc2", promoted)?;
+    // A failed status query ends the wait at once (Ok(Err)); an unfinished failback polls on.
+    let done = geomirror_tests::wait::within(Duration::from_secs(600), Duration::from_millis(200), || {
+        let s = match status(bin, dir, "dc2", promoted) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
         let v = &s["volumes"][0];
         if v["link_up"] == true && v["drained"] == true && v["resync_in_progress"] == false {
-            return v["resync_bytes_copied"].as_u64().context("resync_bytes_copied");
+            Ok(v["resync_bytes_copied"].as_u64().context("resync_bytes_copied"))
+        } else {
+            Err(s)
         }
-        if Instant::now() > deadline {
-            bail!("the failback did not finish within ten minutes: {s}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    });
+    match done {
+        Ok(copied) => copied,
+        Err(s) => bail!("the failback did not finish within ten minutes: {s}"),
     }
 }
 

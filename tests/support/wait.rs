@@ -35,3 +35,20 @@ pub fn within<T, E>(limit: Duration, every: Duration, mut probe: impl FnMut() ->
         }
     }
 }
+
+/// [`within`] for a test that runs on a tokio runtime: `probe` is awaited, and the rest
+/// between two looks does not block the runtime's thread.
+pub async fn within_async<T, E, F: std::future::Future<Output = Result<T, E>>>(
+    limit: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> F,
+) -> Result<T, E> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match probe().await {
+            Ok(found) => return Ok(found),
+            Err(seen) if Instant::now() >= deadline => return Err(seen),
+            Err(_) => tokio::time::sleep(every).await,
+        }
+    }
+}

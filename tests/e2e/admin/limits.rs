@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const METRICS_TOKEN: &str = "fedcba9876543210fedcba9876543210";
@@ -288,18 +288,20 @@ async fn slots(admin: &AdminClient) -> Slots {
 
 /// Polls the slots through `admin` until `done` holds, checking `never` on every sample.
 async fn wait_for_slots(admin: &AdminClient, what: &str, done: impl Fn(&Slots) -> bool, never: impl Fn(&Slots) -> Option<String>) -> Slots {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    let (done, never) = (&done, &never);
+    let found = geomirror_tests::wait::within_async(DEADLINE, geomirror_tests::wait::POLL, || async move {
         let s = slots(admin).await;
         if let Some(broken) = never(&s) {
             panic!("{broken}");
         }
         if done(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(s)
         }
-        assert!(Instant::now() < deadline, "the slots never showed {what}: general {} admin {}", s.general, s.admin);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    found.unwrap_or_else(|s| panic!("the slots never showed {what}: general {} admin {}", s.general, s.admin))
 }
 
 /// Waits for a slow connection's end that `matches`.
