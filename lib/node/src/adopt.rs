@@ -4,7 +4,8 @@
 //! that exists at the configured size, holds data and is not in use, and no replication
 //! state for the volume yet), creating the volume's store as an adopted primary
 //! (`SiteState::adopted`: it owes its peer a full verified resync), and what the operator
-//! is told. It runs while the site is stopped and changes nothing when a check fails.
+//! is told. It runs while the site is stopped and changes nothing when a check fails. The
+//! allocation scan is `media`'s (`allocated_bytes`), beside `holds_data`.
 //!
 //! Must not: touch the media (it is only opened, for its lock and size, and scanned for
 //! allocated ranges), or replace a store that exists: a site whose state was lost starts as
@@ -113,7 +114,8 @@ fn check(v: &VolumeConfig, dir: &Path) -> Result<u64> {
     // Opening takes the media's lock (a running site holds it) and checks its size; the
     // file exists and is not empty, so nothing is created or resized.
     let media = Media::open(&v.media, size).with_context(|| format!("volume {}", v.name))?;
-    let allocated = allocated_bytes(&v.media).with_context(|| format!("volume {}: scan media {} for data", v.name, v.media.display()))?;
+    let allocated =
+        crate::media::allocated_bytes(&v.media).with_context(|| format!("volume {}: scan media {} for data", v.name, v.media.display()))?;
     drop(media);
     if allocated == 0 {
         bail!(
@@ -139,47 +141,4 @@ fn existing_store(dir: &Path) -> Result<Option<String>> {
         Ok(Some(id)) => format!(" (store {})", id.store),
         _ => String::new(),
     }))
-}
-
-/// Bytes in allocated ranges of the file (`SEEK_DATA`/`SEEK_HOLE`); a file system without
-/// them reports the whole file as data.
-pub fn allocated_bytes(path: &Path) -> std::io::Result<u64> {
-    let file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    let mut total = 0;
-    let mut at = 0;
-    while at < len {
-        let start = match rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(at)) {
-            Ok(s) => s,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let end = match rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(start)) {
-            Ok(e) => e.min(len),
-            Err(e) => return Err(e.into()),
-        };
-        total += end.saturating_sub(start);
-        at = end.max(start + 1);
-    }
-    Ok(total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::FileExt;
-
-    #[test]
-    fn allocated_bytes_counts_data_not_holes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.img");
-        let f = std::fs::File::create(&path).unwrap();
-        f.set_len(64 << 20).unwrap();
-        assert_eq!(allocated_bytes(&path).unwrap(), 0);
-        f.write_all_at(&vec![7u8; 1 << 20], 8 << 20).unwrap();
-        f.write_all_at(&vec![7u8; 1 << 20], 40 << 20).unwrap();
-        f.sync_all().unwrap();
-        // File systems allocate in their own blocks; tmpfs and ext4 in 4 KiB, so exactly.
-        assert_eq!(allocated_bytes(&path).unwrap(), 2 << 20);
-    }
 }

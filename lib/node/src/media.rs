@@ -3,7 +3,8 @@
 //! Owns: opening (or creating, sparse, at the configured size) the media file, holding an
 //! exclusive lock on it so that two processes never serve one volume, and applying a
 //! `WriteOp` to it: data with `pwrite`, zeroing (`ZERO_RANGE`) and trimming (`PUNCH_HOLE`)
-//! with `fallocate` where the file system supports it and plain zeros where it does not.
+//! with `fallocate` where the file system supports it and plain zeros where it does not; and
+//! the scans of a media file for allocated ranges (`holds_data`, `allocated_bytes`).
 //!
 //! Must not: decide anything, or create directories: the media's directory is the
 //! operator's, and a typo in its path must fail rather than grow a tree somewhere.
@@ -122,10 +123,46 @@ pub fn holds_data(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// Bytes in allocated ranges of the file (`SEEK_DATA`/`SEEK_HOLE`); a file system without
+/// them reports the whole file as data.
+pub fn allocated_bytes(path: &Path) -> std::io::Result<u64> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut total = 0;
+    let mut at = 0;
+    while at < len {
+        let start = match rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(at)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = match rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(start)) {
+            Ok(e) => e.min(len),
+            Err(e) => return Err(e.into()),
+        };
+        total += end.saturating_sub(start);
+        at = end.max(start + 1);
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
+    #[test]
+    fn allocated_bytes_counts_data_not_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.img");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(64 << 20).unwrap();
+        assert_eq!(allocated_bytes(&path).unwrap(), 0);
+        f.write_all_at(&vec![7u8; 1 << 20], 8 << 20).unwrap();
+        f.write_all_at(&vec![7u8; 1 << 20], 40 << 20).unwrap();
+        f.sync_all().unwrap();
+        // File systems allocate in their own blocks; tmpfs and ext4 in 4 KiB, so exactly.
+        assert_eq!(allocated_bytes(&path).unwrap(), 2 << 20);
+    }
 
     #[test]
     fn writes_zeroes_and_trims_read_back() {
