@@ -42,6 +42,14 @@ pub enum Mutation {
     /// A full resync's sync mark follows the sweep alone, ahead of extents whose checks are
     /// unanswered or whose differing blocks are not yet copied: a resumed sweep skips them.
     MarkAheadOfChecks,
+    /// An online verify's reads do not hold host writes to their extent (nor wait for local
+    /// writes busy on it): a check can compare a write the peer has not yet applied.
+    VerifyUnordered,
+    /// A secondary whose check finds an extent different outside any resync keeps calling
+    /// its image consistent.
+    VerifyLeavesConsistent,
+    /// `verify --repair` finds differences but never copies them.
+    VerifyRepairSkipped,
 }
 
 thread_local! {
@@ -105,4 +113,16 @@ pub(crate) fn sweep_skips_last() -> bool {
 
 pub(crate) fn mark_ahead_of_checks() -> bool {
     ACTIVE.with(|a| a.get() == Some(Mutation::MarkAheadOfChecks))
+}
+
+pub(crate) fn verify_unordered() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::VerifyUnordered))
+}
+
+pub(crate) fn verify_leaves_consistent() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::VerifyLeavesConsistent))
+}
+
+pub(crate) fn verify_repair_skipped() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::VerifyRepairSkipped))
 }

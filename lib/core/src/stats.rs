@@ -48,6 +48,13 @@ pub struct PrimaryStats {
     pub sync_marks: u64,
     pub full_resyncs_resumed: u64,
     pub full_resync_resumed_at: u64,
+    /// Online verifies started and run to their end; bytes read and sent as checks; extents
+    /// and 4 KiB blocks the peer found different.
+    pub verifies_started: u64,
+    pub verifies_completed: u64,
+    pub verify_bytes_checked: u64,
+    pub verify_extents_found: u64,
+    pub verify_blocks_found: u64,
     /// Times this site stepped down because the peer showed its own store went back.
     pub stepped_down_amnesiac: u64,
     pub degraded_writes: u64,

@@ -54,6 +54,12 @@ impl Media {
         self.durable = snapshot;
     }
 
+    /// The disk changes a block by itself (bit rot, a misdirected write): durably.
+    pub fn rot(&mut self, block: usize, stamp: u64) {
+        self.current[block] = stamp;
+        self.durable[block] = stamp;
+    }
+
     /// Power loss: unsynced writes vanish.
     pub fn crash(&mut self) {
         self.current = self.durable.clone();

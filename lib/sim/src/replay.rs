@@ -133,6 +133,8 @@ pub fn replay_one(
             store_loss_ppm: 0,
             store_rollback_ppm: 0,
             hidden_rollback_ppm: 0,
+            verify_ppm: 0,
+            bit_rot_ppm: 0,
         },
         scenario: Scenario::Steady,
         max_events: 200_000_000,

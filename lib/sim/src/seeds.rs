@@ -98,6 +98,9 @@ pub struct SeedTotals {
     pub adopted: u64,
     pub o8_probes: u64,
     pub sync_resumes: u64,
+    pub verifies: u64,
+    pub rotted_blocks: u64,
+    pub verify_found: u64,
 }
 
 impl SeedTotals {
@@ -128,6 +131,9 @@ impl SeedTotals {
             t.adopted += u64::from(r.adopted);
             t.o8_probes += r.o8_probes;
             t.sync_resumes += r.sync_resumes;
+            t.verifies += r.verifies;
+            t.rotted_blocks += r.rotted_blocks;
+            t.verify_found += r.verify_found;
         }
         t
     }
@@ -137,7 +143,7 @@ impl std::fmt::Display for SeedTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary, {} rollbacks hidden from a primary that crashed with them), {} volumes adopted with data on the primary, {} promotions probed while a full verified resync was owed (O8), {} full verified resyncs resumed from a durable sync cursor",
+            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary, {} rollbacks hidden from a primary that crashed with them), {} volumes adopted with data on the primary, {} promotions probed while a full verified resync was owed (O8), {} full verified resyncs resumed from a durable sync cursor, {} online verifies (O9) over {} rotted blocks ({} extents found different)",
             self.seeds,
             self.writes_acked,
             self.crashes,
@@ -161,7 +167,10 @@ impl std::fmt::Display for SeedTotals {
             self.hidden_rollbacks,
             self.adopted,
             self.o8_probes,
-            self.sync_resumes
+            self.sync_resumes,
+            self.verifies,
+            self.rotted_blocks,
+            self.verify_found
         )
     }
 }

@@ -121,3 +121,18 @@ fn a_full_resync_that_skips_an_extent_leaves_sites_that_differ() {
 fn a_sync_mark_ahead_of_unanswered_checks_makes_a_resumed_sync_skip_extents() {
     caught_by(Mutation::MarkAheadOfChecks, &["O2", "O4", "O7"]);
 }
+
+#[test]
+fn a_verify_that_does_not_hold_host_writes_reports_false_differences() {
+    caught_by(Mutation::VerifyUnordered, &["O9"]);
+}
+
+#[test]
+fn a_secondary_that_keeps_calling_its_image_consistent_after_a_verify_difference_is_caught() {
+    caught_by(Mutation::VerifyLeavesConsistent, &["O9"]);
+}
+
+#[test]
+fn a_verify_repair_that_copies_nothing_leaves_sites_that_differ() {
+    caught_by(Mutation::VerifyRepairSkipped, &["O4"]);
+}

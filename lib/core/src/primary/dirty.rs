@@ -73,7 +73,8 @@ impl Primary {
     pub(super) fn is_clean(&self, e: ExtentId) -> bool {
         !self.dirty.by_extent.contains_key(&e)
             && !self.resync.needs_copy.contains(&e)
-            && !self.resync.reading.values().any(|r| *r == e)
+            && !self.being_read(e.0)
+            && !self.verify.unrepaired.contains(&e)
             && !self.local_busy.contains_key(&e)
     }
 

@@ -9,6 +9,7 @@ use super::*;
 impl Primary {
     /// Checks every invariant; the first broken one, described.
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.verify_invariants()?;
         // The record copy's entries are all of generations the memory of the peer holds
         // (answers and snapshot entries raise it): what `remembered_durably` relies on to
         // make progress.

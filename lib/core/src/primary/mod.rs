@@ -39,6 +39,9 @@ mod misses;
 mod resync;
 mod shipping;
 mod timers;
+mod verify;
+
+pub use verify::{VerifyRefused, VerifyRequest, VerifyStatus, VerifyWait};
 
 use shipping::{item_bytes, UnappliedGroup};
 
@@ -148,6 +151,8 @@ pub struct Primary {
     dirty: dirty::DirtyMap,
     /// Resyncs and failback (`resync.rs`).
     resync: resync::Resync,
+    /// Online verify (`verify.rs`).
+    verify: verify::Verify,
     /// The connection to the peer as the handshake left it (`handshake.rs`).
     conn: handshake::Conn,
     /// Local writes not yet reported done, per extent (resync reads wait for them).
@@ -203,6 +208,7 @@ impl Primary {
             rec: misses::RecordCopy::new(&cfg, &geo),
             dirty: dirty::DirtyMap::new(state, now),
             resync: resync::Resync::new(state),
+            verify: verify::Verify::default(),
             conn: handshake::Conn::new(now),
             cfg,
             geo,
@@ -286,6 +292,7 @@ impl Primary {
             && self.buffer.is_empty()
             && self.resync.needs_copy.is_empty()
             && self.resync.reading.is_empty()
+            && self.verify.run.as_ref().is_none_or(|r| r.reading.is_empty())
             && !self.ident.full_resync_owed
             && self.conn.link == LinkState::Up
     }
@@ -498,6 +505,10 @@ impl Primary {
             // the blocks named when the check belongs to the running resync, else whole.
             // (`validate_for` checked that the extent is in the volume and the bitmap its size.)
             Frame::Differs { seq, extent, blocks, .. } if matches!(self.conn.link, LinkState::Handshake | LinkState::Up) => {
+                if self.verify_differs(seq, extent, &blocks) {
+                    self.progress(now);
+                    return;
+                }
                 self.stats.resync_extents_mismatched += 1;
                 // An amnesiac's stale extent is copied, not saved aside (the full resync's
                 // `save_aside` says whether the peer may hold writes of its own).
@@ -562,6 +573,7 @@ impl Primary {
         self.evict(now);
         self.send_record_update(now);
         self.drive_resync();
+        self.drive_verify();
         self.ship();
         self.finish_writes(now);
         self.finish_flushes();
@@ -601,7 +613,7 @@ impl Primary {
             if !self.covered(&w.extents) {
                 continue;
             }
-            if w.extents.clone().any(|e| self.resync.reading.values().any(|r| r.0 == e)) {
+            if w.extents.clone().any(|e| self.being_read(e)) {
                 continue;
             }
             if !self.remembered_durably(&w.extents) {

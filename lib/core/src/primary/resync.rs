@@ -94,6 +94,9 @@ impl Primary {
     }
 
     pub fn handle_read_done(&mut self, now: Time, token: Token, data: Bytes) {
+        if self.verify_read_done(now, token, &data) {
+            return;
+        }
         let Some(e) = self.resync.reading.remove(&token) else {
             return;
         };
@@ -170,6 +173,7 @@ impl Primary {
     pub(super) fn abandon_buffer(&mut self) {
         let unsent = self.buffer.split_off(&self.ship_next);
         self.resync_seqs.split_off(&self.ship_next);
+        self.verify_forget_from(self.ship_next);
         for item in unsent.values() {
             self.buffer_bytes -= item_bytes(item);
         }
@@ -224,6 +228,7 @@ impl Primary {
         self.stats.full_resync_swept_extents = from;
         self.begin_checks();
         self.stats.resyncs_started += 1;
+        self.verify_resync_started();
         // A promoted site's peer is the old primary, which may hold acknowledged writes of
         // its own anywhere when the full resync is owed (this site was an amnesiac).
         let save_aside = self.conn.peer_save_aside || (full && self.resync.failback_pending);
@@ -313,7 +318,7 @@ impl Primary {
             self.actions.push_back(Action::ReadExtent { token, extent: e });
         }
         self.maybe_sync_mark();
-        let checks_answered = self.resync.last_verify.is_none_or(|v| self.applied_ack >= v);
+        let checks_answered = self.resync.last_verify.is_none_or(|v| self.applied_ack >= v) && self.verify_checks_answered();
         let swept = self.resync.sweep.is_none_or(|c| c >= self.geo.extent_count());
         if self.resync.needs_copy.is_empty() && self.resync.reading.is_empty() && self.resync.end.is_none() && checks_answered && swept {
             let end = self.dispatch_resync_item(Apply::ResyncEnd);

@@ -173,7 +173,8 @@ impl Secondary {
         self.ordered.save_aside || self.wrote_alone || self.save_aside_on_resync || (!self.divergent.is_empty() && !self.amnesiac)
     }
 
-    /// This site's content of the extent of a failback check, compared with the primary's
+    /// This site's content of the extent of a check (a failback's, a full resync's, or an
+    /// online verify's), compared with the primary's
     /// digests: `differing` is the `differing_blocks` bitmap. All equal: the check is
     /// applied. Otherwise the extent becomes divergent (durably, so that it also reaches the
     /// primary, whole, in the next snapshot), the primary is told the blocks, and it copies
@@ -201,7 +202,19 @@ impl Secondary {
             #[cfg(feature = "mutations")]
             let differing = crate::mutations::differs_drops_block(differing);
             self.divergent.insert(extent);
-            let p = self.persist(PersistKind::Mismatch { seq, extent, blocks: differing }, vec![StoreWrite::PutDirty(extent)]);
+            let mut batch = vec![StoreWrite::PutDirty(extent)];
+            #[cfg(feature = "mutations")]
+            let leave = crate::mutations::verify_leaves_consistent();
+            #[cfg(not(feature = "mutations"))]
+            let leave = false;
+            self.mismatch_open = !leave;
+            // A difference no resync is under way to fix (an online verify found it): this
+            // image is not the primary's any more until a resync copies the extent.
+            if self.consistent && !leave {
+                self.consistent = false;
+                batch.push(StoreWrite::Meta(Meta::Consistent(false)));
+            }
+            let p = self.persist(PersistKind::Mismatch { seq, extent, blocks: differing }, batch);
             self.ordered.blocked = Some(p);
         }
         self.progress();
@@ -226,7 +239,9 @@ impl Secondary {
                 if self.catch_up_to.is_some_and(|hw| through >= hw) {
                     self.catch_up_to = None;
                 }
-                let consistent = !self.consistent && (resynced || !self.resyncing) && self.catch_up_to.is_none();
+                // Extents found different stay inconsistent until a resync's end copied them.
+                let consistent =
+                    !self.consistent && (resynced || (!self.resyncing && !self.mismatch_open)) && self.catch_up_to.is_none();
                 let mut batch = vec![StoreWrite::Meta(Meta::Applied(through))];
                 if consistent {
                     batch.push(StoreWrite::Meta(Meta::Consistent(true)));
@@ -291,6 +306,7 @@ impl Secondary {
             // The failback is complete: nothing of this site's own remains to protect.
             self.wrote_alone = false;
             self.divergent.clear();
+            self.mismatch_open = false;
             self.ordered.save_aside = false;
             self.save_aside_on_resync = false;
             self.ordered.saved.clear();

@@ -24,6 +24,10 @@ impl Secondary {
         if self.durable_applied > self.applied {
             return Err(format!("durably applied {} past applied {}", self.durable_applied.0, self.applied.0));
         }
+        // An image with extents found different from the primary's never claims consistency.
+        if self.consistent && self.mismatch_open {
+            return Err(format!("consistent while a check found extents different ({} divergent)", self.divergent.len()));
+        }
         // Generations are handed out in order: the record holds none not yet handed out.
         if let Some((e, g)) = self.record.iter().find(|(_, g)| *g >= self.next_generation) {
             return Err(format!("extent {} is recorded in generation {}, not below the next {}", e.0, g.0, self.next_generation.0));

@@ -97,6 +97,9 @@ pub struct Secondary {
     /// This site's own persisted dirty map, from a time it was primary: extents it may hold
     /// that a new primary lacks.
     divergent: BTreeSet<ExtentId>,
+    /// A check found an extent different here and no resync has ended since: the image is
+    /// not the primary's (checked by `check_invariants` against `consistent`).
+    mismatch_open: bool,
     /// Durable: save aside everything the next resync overwrites (see `Meta`).
     save_aside_on_resync: bool,
     /// This store's identity, and what it remembers of its primary's (see `identity.rs`).
@@ -157,6 +160,7 @@ impl Secondary {
             authoritative: state.authoritative,
             wrote_alone: state.wrote_alone,
             divergent: state.dirty.clone(),
+            mismatch_open: false,
             save_aside_on_resync: state.save_aside_on_resync,
             store_id: state.store_id,
             peer: state.peer,

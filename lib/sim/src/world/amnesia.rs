@@ -301,7 +301,7 @@ impl World {
     pub(super) fn check_o7(&mut self) {
         let Some((p, q)) = self.clean_pair() else { return };
         let (a, b) = (self.sites[p].media.current(), self.sites[q].media.current());
-        if let Some(i) = (0..a.len()).find(|i| a[*i] != b[*i]) {
+        if let Some(i) = (0..a.len()).find(|i| a[*i] != b[*i] && !self.rotted(*i)) {
             let detail = format!(
                 "both sites report clean (linked, drained, authoritative, consistent, no flag) but block {i} differs: primary {} holds {}, secondary {} holds {}",
                 p, a[i], q, b[i]

@@ -37,6 +37,10 @@ pub struct Faults {
     /// Per host request: the secondary's store goes back to a state its primary's durable
     /// memory cannot tell from the present, and the primary crashes with it (`amnesia.rs`).
     pub hidden_rollback_ppm: u32,
+    /// Per host request: an operator starts an online verify of a random range (half of
+    /// them with repair), and a block of the secondary's disk rots (`verify.rs`).
+    pub verify_ppm: u32,
+    pub bit_rot_ppm: u32,
 }
 
 /// What the sites hold when the run starts.
@@ -155,6 +159,8 @@ impl SimConfig {
                 store_loss_ppm: 0,
                 store_rollback_ppm: 0,
                 hidden_rollback_ppm: 0,
+                verify_ppm: 0,
+                bit_rot_ppm: 0,
             },
             scenario,
             max_events: 2_000_000,
@@ -177,6 +183,15 @@ impl SimConfig {
                 seeded: r.gen_bool(0.5),
                 seed_diff_permille: r.gen_range(0..=100),
             };
+        }
+        cfg.faults.verify_ppm = if r.gen_bool(0.3) { r.gen_range(0..6000) } else { 0 };
+        // Rot only where no promotion puts a rotted image before the host (`verify.rs`).
+        let no_store_faults = cfg.faults.store_loss_ppm == 0 && cfg.faults.store_rollback_ppm == 0 && cfg.faults.hidden_rollback_ppm == 0;
+        if scenario == Scenario::Steady && no_store_faults && r.gen_bool(0.5) {
+            cfg.faults.bit_rot_ppm = r.gen_range(2000..20000);
+            if cfg.faults.verify_ppm == 0 {
+                cfg.faults.verify_ppm = r.gen_range(1000..6000);
+            }
         }
         cfg
     }

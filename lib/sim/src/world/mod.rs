@@ -28,6 +28,7 @@ mod initial;
 mod oracles;
 mod scenario;
 mod shells;
+mod verify;
 
 pub use config::{Faults, Initial, SimConfig};
 pub use scenario::Scenario;
@@ -94,6 +95,12 @@ pub struct SimReport {
     /// cuts an adopted run made while one was owed.
     pub sync_resumes: u64,
     pub sync_cuts: u64,
+    /// Online verifies an operator started (the final one included), and blocks rot
+    /// changed on the secondary's disk (`verify.rs`).
+    pub verifies: u64,
+    pub rotted_blocks: u64,
+    /// Extents the final primary's verifies found different.
+    pub verify_found: u64,
     pub max_record_len: u64,
     /// (time in µs, record length) sampled after every host ack.
     pub record_samples: Vec<(u64, u64)>,
@@ -252,6 +259,10 @@ pub struct World {
     recovery: Option<SiteId>,
     /// Per site: where oracle O8 stands (`initial.rs`).
     sync_watch: [initial::SyncWatch; 2],
+    /// Blocks rot changed (`verify.rs`), how many rotted, and how many final verifies ran.
+    rotted: BTreeSet<usize>,
+    rot_count: u64,
+    final_verifies: u8,
 }
 
 const OTHER: [SiteId; 2] = [1, 0];
@@ -308,6 +319,9 @@ impl World {
             amnesia: [None, None],
             recovery: None,
             sync_watch: Default::default(),
+            rotted: BTreeSet::new(),
+            rot_count: 0,
+            final_verifies: 0,
             cfg,
         };
         if let config::Initial::Adopted { filled_permille, seeded, seed_diff_permille } = w.cfg.initial {
@@ -324,6 +338,22 @@ impl World {
 
     /// Runs to the end and returns the report. Stops at the first violation.
     pub fn run(mut self) -> SimReport {
+        loop {
+            self.run_queue();
+            // Once everything has settled: the final verify (if any), then the end checks.
+            if !self.final_verify() {
+                break;
+            }
+        }
+        if self.report.violations.is_empty() {
+            self.final_checks();
+        }
+        self.report.events = self.event_count;
+        self.report.trace_hash = self.hash;
+        self.report
+    }
+
+    fn run_queue(&mut self) {
         while let Some(Reverse((t, _, idx))) = self.queue.pop() {
             let Some(ev) = self.events[idx].take() else {
                 continue;
@@ -353,12 +383,6 @@ impl World {
                 self.begin_quiesce();
             }
         }
-        if self.report.violations.is_empty() {
-            self.final_checks();
-        }
-        self.report.events = self.event_count;
-        self.report.trace_hash = self.hash;
-        self.report
     }
 
     // ----- plumbing -----

@@ -58,6 +58,7 @@ impl World {
         }
         self.check_o7();
         self.check_o8();
+        self.check_o9();
         self.check_o1();
         self.check_o3();
         self.check_save_aside();
@@ -104,7 +105,7 @@ impl World {
                 continue;
             }
             for (i, (p, q)) in x.iter().zip(y.iter()).enumerate() {
-                if p != q && !covered.contains(&((i / per_extent) as u64)) {
+                if p != q && !covered.contains(&((i / per_extent) as u64)) && !self.rotted(i) {
                     let e = i / per_extent;
                     bad = Some(format!(
                         "block {i} (extent {e}) differs between the sites ({p} vs {q}) but no durable record or dirty map holds extent {e}"
@@ -157,7 +158,7 @@ impl World {
         }
         let model = self.model_at(a, k);
         let img = self.sites[b].media.current();
-        if let Some(i) = (0..img.len()).find(|i| img[*i] != model[*i]) {
+        if let Some(i) = (0..img.len()).find(|i| img[*i] != model[*i] && !self.rotted(*i)) {
             self.violate(
                 "O3",
                 format!(
@@ -307,6 +308,7 @@ impl World {
         self.report.evicted_generations = stats.evicted_generations;
         self.report.degraded_writes = stats.degraded_writes;
         self.report.failback_bytes = stats.resync_bytes_copied;
+        self.report.verify_found = stats.verify_extents_found;
         self.report.final_record_len = copy_len;
         self.report.scenario_done = self.cfg.scenario == Scenario::Steady || self.stage.finished();
         if !drained {

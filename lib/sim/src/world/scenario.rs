@@ -100,6 +100,7 @@ impl World {
         }
         self.maybe_store_fault();
         self.maybe_cut_mid_sync();
+        self.maybe_verify_or_rot();
     }
 
     /// Cuts the link; it heals by itself after 1 ms to `heal_within_us`.
