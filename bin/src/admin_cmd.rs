@@ -40,11 +40,11 @@ pub struct AdminArgs {
     token_file: Option<PathBuf>,
     /// Print the API's JSON answer instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 impl AdminArgs {
-    fn client(&self) -> Result<AdminClient> {
+    pub(crate) fn client(&self) -> Result<AdminClient> {
         let cfg = match &self.config {
             Some(path) => Some(geomirror_node::config::SiteConfig::load(path)?),
             None => None,
@@ -80,12 +80,12 @@ impl AdminArgs {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
 }
 
 /// Makes one call with `client`; an error answer becomes an error with the API's sentence.
-fn request(
+pub(crate) fn request(
     rt: &tokio::runtime::Runtime,
     client: &AdminClient,
     method: &str,
@@ -157,6 +157,22 @@ pub fn status(a: AdminArgs) -> Result<()> {
                     _ => println!("  a full verified resync is owed to it and starts once the link is up"),
                 }
             }
+            if let Some(r) = &v.verify {
+                let what = if r.done { "last verify" } else { "verify" };
+                let waiting = r.waiting.as_deref().map_or(String::new(), |w| format!(" (waiting: {w})"));
+                println!(
+                    "  {what}: {} of {} extents compared{}, {} differ ({} blocks of 4 KiB){waiting}",
+                    r.checked_extents,
+                    r.total_extents,
+                    if r.repair { " with repair" } else { "" },
+                    r.out_of_sync_extents,
+                    r.out_of_sync_blocks
+                );
+            }
+            if v.verify.as_ref().is_some_and(|r| r.unrepaired_extents > 0) {
+                let n = v.verify.as_ref().map_or(0, |r| r.unrepaired_extents);
+                println!("  OUT OF SYNC: {n} extents a verify found different wait for a resync (geomirror verify --repair copies them now)");
+            }
             if v.resync_in_progress {
                 println!(
                     "  resync: {} copied, {} checked by digest ({} of {} extents found different), {} to go",
@@ -176,7 +192,7 @@ pub fn status(a: AdminArgs) -> Result<()> {
                     (true, true) => "consistent, record authoritative: in sync with its primary up to what it applied",
                     (true, false) => "consistent, record NOT authoritative",
                     (false, _) if v.amnesiac => "inconsistent (syncing): not trusted until its primary's full verified resync ends",
-                    (false, _) => "inconsistent (a resync is under way)",
+                    (false, _) => "inconsistent: a resync is under way, or a verify found extents that differ (the next resync copies them)",
                 }
             );
             if v.amnesiac {
@@ -198,7 +214,7 @@ pub fn status(a: AdminArgs) -> Result<()> {
                 );
             }
             if !v.consistent {
-                println!("  the image is mid-resync: not a prefix of the primary's history");
+                println!("  the image is not a prefix of the primary's history until that resync ends; a promotion now says so loudly");
             }
             if v.extents_saved_aside > 0 {
                 println!("  {} extent(s) saved aside before a resync overwrote them", v.extents_saved_aside);

@@ -55,6 +55,15 @@ pub const AMNESIAC: &str = "geomirror_amnesiac";
 pub const FULL_RESYNC_CHECKED_EXTENTS: &str = "geomirror_full_resync_checked_extents";
 pub const FULL_RESYNC_TOTAL_EXTENTS: &str = "geomirror_full_resync_total_extents";
 pub const SYNC_CURSOR_EXTENT: &str = "geomirror_sync_cursor_extent";
+pub const VERIFY_RUNNING: &str = "geomirror_verify_running";
+pub const VERIFY_CHECKED_EXTENTS: &str = "geomirror_verify_checked_extents";
+pub const VERIFY_TOTAL_EXTENTS: &str = "geomirror_verify_total_extents";
+pub const VERIFY_OUT_OF_SYNC_EXTENTS: &str = "geomirror_verify_out_of_sync_extents";
+pub const VERIFY_OUT_OF_SYNC_BLOCKS: &str = "geomirror_verify_out_of_sync_blocks";
+pub const VERIFY_UNREPAIRED_EXTENTS: &str = "geomirror_verify_unrepaired_extents";
+pub const VERIFIES_STARTED_TOTAL: &str = "geomirror_verifies_started_total";
+pub const VERIFIES_COMPLETED_TOTAL: &str = "geomirror_verifies_completed_total";
+pub const VERIFY_CHECKED_BYTES_TOTAL: &str = "geomirror_verify_checked_bytes_total";
 pub const AMNESIAC_PEERS_DETECTED_TOTAL: &str = "geomirror_amnesiac_peers_detected_total";
 pub const AMNESIA_DETECTED_TOTAL: &str = "geomirror_amnesia_detected_total";
 pub const FULL_RESYNCS_COMPLETED_TOTAL: &str = "geomirror_full_resyncs_completed_total";
@@ -220,6 +229,25 @@ const CATALOGUE: &[(Kind, &str, Unit, &str)] = &[
         Unit::Count,
         "Secondary: the full verified resync's durable sync cursor (extents below it are synced). Primary: the extent the resync under way resumed at",
     ),
+    (Kind::Gauge, VERIFY_RUNNING, Unit::Count, "Primary: 1 while an online verify runs (geomirror verify)"),
+    (Kind::Gauge, VERIFY_CHECKED_EXTENTS, Unit::Count, "Primary: extents the running (or last) online verify has compared with the peer"),
+    (Kind::Gauge, VERIFY_TOTAL_EXTENTS, Unit::Count, "Primary: extents the running (or last) online verify compares in all"),
+    (
+        Kind::Gauge,
+        VERIFY_OUT_OF_SYNC_EXTENTS,
+        Unit::Count,
+        "Primary: extents the running (or last) online verify found different on the peer; anything above 0 is a fault to investigate (disk, memory, or a bug)",
+    ),
+    (Kind::Gauge, VERIFY_OUT_OF_SYNC_BLOCKS, Unit::Count, "Primary: 4 KiB blocks of those extents that differ"),
+    (
+        Kind::Gauge,
+        VERIFY_UNREPAIRED_EXTENTS,
+        Unit::Count,
+        "Primary: extents a verify found different that no resync has copied yet (verify --repair, a reconnect or a restart copies them)",
+    ),
+    (Kind::Counter, VERIFIES_STARTED_TOTAL, Unit::Count, "Online verifies started"),
+    (Kind::Counter, VERIFIES_COMPLETED_TOTAL, Unit::Count, "Online verifies run to their end (not cancelled, not lost to a restart)"),
+    (Kind::Counter, VERIFY_CHECKED_BYTES_TOTAL, Unit::Bytes, "Bytes read and sent to the peer as digests by online verifies"),
     (Kind::Counter, AMNESIAC_PEERS_DETECTED_TOTAL, Unit::Count, "Handshakes at which the peer's store turned out to be an amnesiac"),
     (Kind::Counter, AMNESIA_DETECTED_TOTAL, Unit::Count, "Handshakes at which this site's own store turned out to be an amnesiac"),
     (Kind::Counter, FULL_RESYNCS_COMPLETED_TOTAL, Unit::Count, "Full verified resyncs completed (each makes an amnesiac trusted again)"),

@@ -130,6 +130,19 @@ fn volume(v: &Volume, st: &VolumeStatus, bulk_bytes_per_sec: Option<u64>) {
     if let Some(c) = st.sync_cursor {
         g(SYNC_CURSOR_EXTENT, c as f64);
     }
+    if let Some(vs) = &st.verify {
+        g(VERIFY_RUNNING, flag(!vs.done));
+        g(VERIFY_CHECKED_EXTENTS, vs.checked as f64);
+        g(VERIFY_TOTAL_EXTENTS, (vs.extents.end - vs.extents.start) as f64);
+        g(VERIFY_OUT_OF_SYNC_EXTENTS, vs.found.len() as f64);
+        g(VERIFY_OUT_OF_SYNC_BLOCKS, vs.found.values().map(|n| f64::from(*n)).sum());
+    }
+    if let Some(ps) = &st.primary_stats {
+        g(VERIFY_UNREPAIRED_EXTENTS, st.verify_unrepaired as f64);
+        c(VERIFIES_STARTED_TOTAL, ps.verifies_started);
+        c(VERIFIES_COMPLETED_TOTAL, ps.verifies_completed);
+        c(VERIFY_CHECKED_BYTES_TOTAL, ps.verify_bytes_checked);
+    }
     g(APPLIED_SEQUENCE, st.durable_applied.0 as f64);
     g(REPLICATION_LAG_BYTES, st.lag_bytes as f64);
     g(REPLICATION_LAG_SECONDS, st.lag_ms as f64 / 1000.0);

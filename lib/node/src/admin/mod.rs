@@ -11,7 +11,7 @@
 //! The rooms: `server` (listener, TLS, each connection's deadlines and its slot), `limits`
 //! (every bound, and who gets a slot: admin certificates have a reserve), `auth` (who the
 //! caller is, decided in front of every route before its body is read) and `routes` (what
-//! each operation does and answers).
+//! each operation does and answers; `verify` has online verify's).
 //!
 //! Must not: decide anything a core decides. Promotion and demotion are requests to the
 //! volumes' state machines, which refuse what is unsafe (two writers, an undrained demote).
@@ -20,12 +20,14 @@ mod auth;
 pub mod limits;
 mod routes;
 mod server;
+mod verify;
 
 pub use auth::Caller;
 pub use routes::{
     AsideFile, ChecksumRequest, DrainReport, DrainedVolume, StatusReport, TransitionReport, TransitionRequest, VolumeReport,
     VolumeTransition,
 };
+pub use verify::{VerifyCancel, VerifyReport, VerifyRequest, VerifyStarted, MAX_LISTED_RANGES};
 
 use crate::transport::tls::SiteTls;
 use crate::volume::Volume;

@@ -1,5 +1,5 @@
 //! The admin API's routes and their JSON: status, promote, demote, drain, resume, checksums,
-//! split-brain resolution and `/metrics`.
+//! split-brain resolution and `/metrics` (online verify's are in `verify.rs`).
 //!
 //! Owns: what each operation asks of the volumes and what it answers, and the checks of the
 //! inputs that name a place in a volume (`checked_extents`: every extent is checked against
@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// How long a promotion or status request waits for the volumes' answers.
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every transition handler starts with: an authorized caller and what it asks, the
 /// body being optional.
@@ -105,6 +105,9 @@ pub struct VolumeReport {
     /// extent the full resync under way resumed at, when it resumed.
     #[serde(default)]
     pub sync_cursor_extent: Option<u64>,
+    /// Primary: the online verify under way, or the last one (`geomirror verify`).
+    #[serde(default)]
+    pub verify: Option<super::verify::VerifyReport>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -114,7 +117,7 @@ pub struct AsideFile {
 }
 
 impl VolumeReport {
-    fn new(name: &str, s: &VolumeStatus, bulk_bytes_per_sec: Option<u64>) -> VolumeReport {
+    fn new(name: &str, s: &VolumeStatus, volume_bytes: u64, bulk_bytes_per_sec: Option<u64>) -> VolumeReport {
         VolumeReport {
             name: name.to_owned(),
             role: role_name(s.role).into(),
@@ -153,6 +156,7 @@ impl VolumeReport {
             full_resync_checked_extents: s.full_resync.map(|(c, _)| c),
             full_resync_total_extents: s.full_resync.map(|(_, t)| t),
             sync_cursor_extent: s.sync_cursor,
+            verify: super::verify::VerifyReport::of(s, volume_bytes),
         }
     }
 }
@@ -186,7 +190,7 @@ async fn volume_status(v: &Volume) -> Result<VolumeStatus, ApiError> {
 /// Asks a volume's driver for an operator's request and waits (up to `wait`) for its reply:
 /// a refusal becomes 409 (it conflicts with the volume's role or state) or 503 (the volume
 /// cannot serve it now), with the volume's reason; silence becomes 503.
-async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&Volume, OperatorReply<T>)) -> Result<T, ApiError> {
+pub(super) async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&Volume, OperatorReply<T>)) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
     send(
         v,
@@ -211,7 +215,7 @@ fn refusal_status(kind: RefusalKind) -> StatusCode {
 async fn status(State(st): State<Arc<AppState>>, _: Operator) -> Result<Json<StatusReport>, ApiError> {
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
-        let mut report = VolumeReport::new(v.name(), &volume_status(v).await?, st.site.bulk_bytes_per_sec);
+        let mut report = VolumeReport::new(v.name(), &volume_status(v).await?, v.size_bytes(), st.site.bulk_bytes_per_sec);
         report.aside_files = v.aside_files().into_iter().map(|(p, extents)| AsideFile { path: p.display().to_string(), extents }).collect();
         volumes.push(report);
     }
@@ -454,12 +458,12 @@ async fn checksums(
 
 /// A body that is not the JSON a route takes, answered like every other error (`{"error": ...}`)
 /// with the status axum chose (400, 413, 415 or 422).
-fn bad_json(e: JsonRejection) -> ApiError {
+pub(super) fn bad_json(e: JsonRejection) -> ApiError {
     ApiError(e.status(), e.body_text())
 }
 
 /// A volume's geometry: its size and the extent size its driver reports.
-async fn volume_geometry(v: &Volume) -> Result<Geometry, ApiError> {
+pub(super) async fn volume_geometry(v: &Volume) -> Result<Geometry, ApiError> {
     let extent_bytes = volume_status(v).await?.extent_bytes;
     Geometry::new(v.size_bytes(), extent_bytes)
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("volume {}: its geometry is invalid: {e}", v.name())))
@@ -507,6 +511,8 @@ pub(super) fn router() -> axum::Router<Arc<AppState>> {
         .route("/v1/resume", post(resume))
         .route("/v1/checksums", post(checksums))
         .route("/v1/resolve-split-brain", post(resolve_split_brain))
+        .route("/v1/verify", post(super::verify::verify))
+        .route("/v1/verify/cancel", post(super::verify::cancel))
 }
 
 #[cfg(test)]

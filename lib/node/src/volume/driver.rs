@@ -319,6 +319,29 @@ impl Driver {
                     Err(_) => reply(Err(Refused::Fenced)),
                 },
             },
+            ToDriver::Verify { extents, repair, reply } => match &mut self.core {
+                Machine::Primary(p) => {
+                    let (from, to) = (extents.start, extents.end);
+                    match p.start_verify(now, geomirror_core::VerifyRequest { extents, repair }) {
+                        Ok(()) => {
+                            tracing::warn!(volume = %self.name, from, to, repair, "VERIFY started: extents {from}..{to} are compared with the peer by digest");
+                            reply(Ok(()));
+                        }
+                        Err(e) => reply(Err(Refused::Verify(e))),
+                    }
+                }
+                Machine::Secondary(_) => reply(Err(Refused::VerifyOnSecondary)),
+            },
+            ToDriver::CancelVerify { reply } => match &mut self.core {
+                Machine::Primary(p) => {
+                    let cancelled = p.cancel_verify(now);
+                    if cancelled {
+                        tracing::warn!(volume = %self.name, "verify cancelled by an operator");
+                    }
+                    reply(Ok(cancelled));
+                }
+                Machine::Secondary(_) => reply(Err(Refused::VerifyOnSecondary)),
+            },
             ToDriver::Synced { token, result } => match result {
                 Ok(()) => self.core.handle_media_synced(now, token),
                 Err(e) => self.fail(&format!("media sync failed: {e}")),

@@ -146,6 +146,18 @@ impl Volume {
         self.submit(ToDriver::ResolveSplitBrain { reply });
     }
 
+    /// Starts an online verify of extents `extents` (see `Primary::start_verify`): the peer
+    /// compares each extent's digests at its place in the write order. Progress and what it
+    /// found are in the status.
+    pub fn verify(&self, extents: std::ops::Range<u64>, repair: bool, reply: OperatorReply<()>) {
+        self.submit(ToDriver::Verify { extents, repair, reply });
+    }
+
+    /// Stops a running verify; its findings stay.
+    pub fn cancel_verify(&self, reply: OperatorReply<bool>) {
+        self.submit(ToDriver::CancelVerify { reply });
+    }
+
     /// Ends a drain: the volume takes writes again.
     pub fn resume(&self) {
         self.submit(ToDriver::Resume);
@@ -183,7 +195,8 @@ impl Volume {
                 ToDriver::Write { done, .. } | ToDriver::Flush { done } => done(Err(HostError::NotServing)),
                 ToDriver::Promote { reply, .. } => reply(Err(Refused::Stopped)),
                 ToDriver::Drain { reply, .. } => reply(Err(Refused::Stopped)),
-                ToDriver::ResolveSplitBrain { reply } => reply(Err(Refused::Stopped)),
+                ToDriver::ResolveSplitBrain { reply } | ToDriver::Verify { reply, .. } => reply(Err(Refused::Stopped)),
+                ToDriver::CancelVerify { reply } => reply(Err(Refused::Stopped)),
                 ToDriver::Synced { .. }
                 | ToDriver::Persisted { .. }
                 | ToDriver::Stop

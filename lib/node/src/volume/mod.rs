@@ -115,6 +115,16 @@ enum ToDriver {
     ResolveSplitBrain {
         reply: OperatorReply<()>,
     },
+    /// Start an online verify of extents `[start, end)` (the primary only).
+    Verify {
+        extents: std::ops::Range<u64>,
+        repair: bool,
+        reply: OperatorReply<()>,
+    },
+    /// Stop the running verify where it is; true if one was running.
+    CancelVerify {
+        reply: OperatorReply<bool>,
+    },
     /// Finish what was accepted, sync, and end the thread.
     Stop,
 }

@@ -50,6 +50,12 @@ pub enum Refused {
     NotTheKeeper,
     #[error("the volume has stopped")]
     Stopped,
+    /// A verify asked of a secondary: the primary drives it (its reads are ordered against
+    /// the host's writes).
+    #[error("run verify on the primary: it reads its own image and the secondary compares in order")]
+    VerifyOnSecondary,
+    #[error("{0}")]
+    Verify(geomirror_core::VerifyRefused),
 }
 
 /// Which kind of refusal: what the admin API answers with.
@@ -76,7 +82,9 @@ impl Refused {
             | Refused::Became(_)
             | Refused::StillPrimary
             | Refused::NoSplitBrain
-            | Refused::NotTheKeeper => RefusalKind::Conflict,
+            | Refused::NotTheKeeper
+            | Refused::VerifyOnSecondary
+            | Refused::Verify(_) => RefusalKind::Conflict,
         }
     }
 }

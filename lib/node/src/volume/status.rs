@@ -105,6 +105,10 @@ pub struct VolumeStatus {
     /// resumed resync starts there). Primary: the extent the full resync under way resumed
     /// at, when it did.
     pub sync_cursor: Option<u64>,
+    /// Primary: the last online verify (running or done), and extents found different by a
+    /// verify that no resync has copied yet.
+    pub verify: Option<geomirror_core::VerifyStatus>,
+    pub verify_unrepaired: u64,
     /// The state machine's own counters, whole, for metrics.
     pub primary_stats: Option<geomirror_core::stats::PrimaryStats>,
     pub secondary_stats: Option<geomirror_core::stats::SecondaryStats>,
@@ -150,6 +154,8 @@ pub(super) fn of(machine: &Machine, now: Time, failed: bool, extent_bytes: u64, 
                 amnesia_reason: p.peer_amnesia().map(str::to_owned),
                 full_resync: p.full_resync_progress(),
                 sync_cursor: (p.full_resync_progress().is_some() && st.full_resync_resumed_at > 0).then_some(st.full_resync_resumed_at),
+                verify: p.verify_status(),
+                verify_unrepaired: p.verify_unrepaired().len() as u64,
                 primary_stats: Some(st.clone()),
                 secondary_stats: None,
             }
@@ -191,6 +197,8 @@ pub(super) fn of(machine: &Machine, now: Time, failed: bool, extent_bytes: u64, 
                 amnesia_reason: s.amnesia_reason().map(str::to_owned),
                 full_resync: None,
                 sync_cursor: s.sync_cursor().map(|c| c.next),
+                verify: None,
+                verify_unrepaired: 0,
                 primary_stats: None,
                 secondary_stats: Some(st.clone()),
             }
