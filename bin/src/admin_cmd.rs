@@ -171,7 +171,9 @@ pub fn status(a: AdminArgs) -> Result<()> {
             }
             if v.verify.as_ref().is_some_and(|r| r.unrepaired_extents > 0) {
                 let n = v.verify.as_ref().map_or(0, |r| r.unrepaired_extents);
-                println!("  OUT OF SYNC: {n} extents a verify found different wait for a resync (geomirror verify --repair copies them now)");
+                println!(
+                    "  OUT OF SYNC: {n} extents a verify found different wait for a resync (geomirror verify --repair copies them now)"
+                );
             }
             if v.resync_in_progress {
                 println!(
@@ -192,7 +194,8 @@ pub fn status(a: AdminArgs) -> Result<()> {
                     (true, true) => "consistent, record authoritative: in sync with its primary up to what it applied",
                     (true, false) => "consistent, record NOT authoritative",
                     (false, _) if v.amnesiac => "inconsistent (syncing): not trusted until its primary's full verified resync ends",
-                    (false, _) => "inconsistent: a resync is under way, or a verify found extents that differ (the next resync copies them)",
+                    (false, _) =>
+                        "inconsistent: a resync is under way, or a verify found extents that differ (the next resync copies them)",
                 }
             );
             if v.amnesiac {

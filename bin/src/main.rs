@@ -153,7 +153,7 @@ enum Command {
     ///
     /// Each seed draws a configuration (mode, link-loss policy, record capacity, workload,
     /// faults, and a scenario: steady, failover, split brain or switchover) and checks the
-    /// oracles O1-O8 (docs/architecture.md, "The oracles") after every event. A failing seed prints the command that
+    /// oracles O1-O9 (docs/architecture.md, "The oracles") after every event. A failing seed prints the command that
     /// replays it; `--seed N --trace` prints every event of one seed to stderr.
     Simulate(SimulateArgs),
     /// Show a site's role, epoch, link, hit and miss counts, record, lag and failback debt.
@@ -227,7 +227,7 @@ enum Command {
     /// show as differences. Whatever differs makes the secondary call its image inconsistent
     /// (a promotion then says so loudly) and is copied from the primary with --repair, or by
     /// the next resync otherwise. Prints the ranges that differ. Exit code: 0 when
-    /// equal, 2 when something differs, 1 on error. Checks share the link with the host's
+    /// equal, 3 when something differs, 1 on error (2 on a usage error). Checks share the link with the host's
     /// writes; a verify does not survive a restart of the primary.
     ///
     ///   geomirror verify --config dc1.toml                  # the whole volume

@@ -2,7 +2,7 @@
 //!
 //! Owns: starting a verify through the admin API, following it with a progress bar, and
 //! telling the operator what differs (and the exit code scripts read: 0 when the range is
-//! equal on both sites, 2 when differences were found, 1 on any error).
+//! equal on both sites, 3 when differences were found, 1 on any error (2: a usage error, from clap)).
 //! Must not: compare anything itself; the primary's core does, ordered against host writes.
 
 use crate::admin_cmd::{request, runtime, AdminArgs};
@@ -23,7 +23,7 @@ pub struct VerifyArgs {
 }
 
 /// The exit code when a verify found differences.
-pub const EXIT_DIFFERENT: i32 = 2;
+pub const EXIT_DIFFERENT: i32 = 3;
 
 pub fn verify(a: AdminArgs, v: VerifyArgs) -> Result<i32> {
     let client = a.client()?;
@@ -39,6 +39,13 @@ pub fn verify(a: AdminArgs, v: VerifyArgs) -> Result<i32> {
         }
         return Ok(0);
     }
+    let before: StatusReport = serde_json::from_value(request(&rt, &client, "GET", "/v1/status", None)?)?;
+    let unrepaired = before
+        .volumes
+        .iter()
+        .find(|x| v.volume.as_ref().is_none_or(|n| *n == x.name))
+        .and_then(|x| x.verify.as_ref())
+        .map_or(0, |r| r.unrepaired_extents);
     let body = serde_json::json!({
         "volume": v.volume, "offset": v.offset, "length": v.length, "repair": v.repair, "reason": v.reason,
     });
@@ -53,6 +60,9 @@ pub fn verify(a: AdminArgs, v: VerifyArgs) -> Result<i32> {
             started.end_extent,
             if started.repair { ", repairing what differs from this (the primary's) image" } else { "" }
         );
+        if started.repair && unrepaired > 0 {
+            println!("copying the {unrepaired} extents an earlier verify found different first (a resync), then comparing");
+        }
     }
     if v.no_wait {
         if a.json {
@@ -70,7 +80,9 @@ pub fn verify(a: AdminArgs, v: VerifyArgs) -> Result<i32> {
     };
     let bar = indicatif::ProgressBar::new(started.length.max(1));
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})").expect("a valid template").progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
     );
     let r = loop {
         let s: StatusReport = serde_json::from_value(request(&rt, &client, "GET", "/v1/status", None)?)?;
@@ -97,10 +109,7 @@ pub fn verify(a: AdminArgs, v: VerifyArgs) -> Result<i32> {
 
 fn print_result(volume: &str, r: &VerifyReport) {
     if r.checked_extents < r.total_extents {
-        println!(
-            "volume {volume}: the verify stopped after {} of {} extents (cancelled)",
-            r.checked_extents, r.total_extents
-        );
+        println!("volume {volume}: the verify stopped after {} of {} extents (cancelled)", r.checked_extents, r.total_extents);
     }
     if r.out_of_sync_extents == 0 {
         println!("volume {volume}: {} compared, identical on both sites", format_bytes(r.checked_bytes));

@@ -3,7 +3,7 @@
 //! Owns: the simulated shells (in-memory store and media that lose unsynced state on a
 //! crash, a network with per-stream ordering, delay, cuts and mid-frame loss), the host and
 //! its workloads, operator scenarios (promotion, failback, split brain, switchover) and the
-//! oracles O1-O8 (docs/architecture.md), checked after every event. A seed fixes everything: the same
+//! oracles O1-O9 (docs/architecture.md), checked after every event. A seed fixes everything: the same
 //! seed gives the same trace hash.
 //! Must not: use wall-clock time, threads or unseeded randomness.
 

@@ -240,8 +240,7 @@ impl Secondary {
                     self.catch_up_to = None;
                 }
                 // Extents found different stay inconsistent until a resync's end copied them.
-                let consistent =
-                    !self.consistent && (resynced || (!self.resyncing && !self.mismatch_open)) && self.catch_up_to.is_none();
+                let consistent = !self.consistent && (resynced || (!self.resyncing && !self.mismatch_open)) && self.catch_up_to.is_none();
                 let mut batch = vec![StoreWrite::Meta(Meta::Applied(through))];
                 if consistent {
                     batch.push(StoreWrite::Meta(Meta::Consistent(true)));

@@ -190,7 +190,11 @@ async fn volume_status(v: &Volume) -> Result<VolumeStatus, ApiError> {
 /// Asks a volume's driver for an operator's request and waits (up to `wait`) for its reply:
 /// a refusal becomes 409 (it conflicts with the volume's role or state) or 503 (the volume
 /// cannot serve it now), with the volume's reason; silence becomes 503.
-pub(super) async fn ask<T: Send + 'static>(v: &Volume, wait: Duration, send: impl FnOnce(&Volume, OperatorReply<T>)) -> Result<T, ApiError> {
+pub(super) async fn ask<T: Send + 'static>(
+    v: &Volume,
+    wait: Duration,
+    send: impl FnOnce(&Volume, OperatorReply<T>),
+) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
     send(
         v,

@@ -151,10 +151,13 @@ fn the_volume(st: &AppState, name: Option<&str>) -> Result<Volume, ApiError> {
 pub(super) fn verify_extents(volume: &str, geo: &Geometry, offset: Option<u64>, length: Option<u64>) -> Result<(u64, u64), ApiError> {
     let size = geo.volume_bytes();
     let offset = offset.unwrap_or(0);
-    let length = length.unwrap_or(size.saturating_sub(offset));
     let bad = |why: String| Err(ApiError(StatusCode::BAD_REQUEST, why));
+    if offset >= size {
+        return bad(format!("offset {offset} is at or past the end of volume {volume} ({size} bytes): nothing was started"));
+    }
+    let length = length.unwrap_or(size - offset);
     if length == 0 {
-        return bad(format!("the range to verify is empty (length 0, or offset {offset} at the end of volume {volume})"));
+        return bad("the range to verify is empty (length 0): nothing was started".into());
     }
     let Some(end) = offset.checked_add(length).filter(|end| *end <= size) else {
         return bad(format!(
@@ -213,7 +216,9 @@ mod tests {
         assert_eq!(verify_extents("v", &g, Some(4096), Some(4096)).ok(), Some((0, 1)));
         assert_eq!(verify_extents("v", &g, Some((1 << 20) - 1), Some(2)).ok(), Some((0, 2)));
         assert_eq!(verify_extents("v", &g, Some(63 << 20), None).ok(), Some((63, 64)));
-        for (o, l) in [(Some(64 << 20), None), (Some(0), Some(0)), (Some(1), Some(64 << 20)), (Some(u64::MAX), Some(2)), (Some(2), Some(u64::MAX))] {
+        for (o, l) in
+            [(Some(64 << 20), None), (Some(0), Some(0)), (Some(1), Some(64 << 20)), (Some(u64::MAX), Some(2)), (Some(2), Some(u64::MAX))]
+        {
             let e = verify_extents("v", &g, o, l).expect_err("refused");
             assert_eq!(e.0, StatusCode::BAD_REQUEST, "{o:?} {l:?}: {}", e.1);
         }
