@@ -21,6 +21,7 @@ mod detect;
 mod modes;
 mod plot;
 mod record_rtt;
+mod sync;
 mod report;
 
 use anyhow::{bail, Context, Result};
@@ -109,6 +110,33 @@ enum Bench {
         /// Print the table as Markdown (for docs/benchmarks.md).
         #[arg(long)]
         markdown: bool,
+    },
+    /// The initial sync of an adopted volume that holds data, onto a blank or a seeded
+    /// secondary, over wan-emu: wire bytes against what must cross, time against the link's
+    /// floor, link use. With --docs, the table goes into docs/benchmarks.md's `sync` section.
+    Sync {
+        /// The volume's size (a multiple of 4 MiB).
+        #[arg(long, default_value = "4G", value_parser = geomirror_node::config::parse_size)]
+        size: u64,
+        /// Share of the volume allocated (runs of random data; the rest are holes).
+        #[arg(long, default_value_t = 25)]
+        allocated_percent: u64,
+        /// Seeded case: per mille of the allocated 4 KiB blocks that differ on the copy.
+        #[arg(long, default_value_t = 10)]
+        seeded_diff_permille: u64,
+        #[arg(long, default_value_t = 50)]
+        rtt_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        rate_mbps: u64,
+        /// Cases to run.
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [sync::Case::Blank, sync::Case::Seeded])]
+        case: Vec<sync::Case>,
+        /// Write the table into this file's `sync` section (docs/benchmarks.md).
+        #[arg(long)]
+        docs: Option<PathBuf>,
+        /// The geomirror binary (default: the release build beside this one).
+        #[arg(long)]
+        geomirror: Option<PathBuf>,
     },
     /// Failure detection: from a `kill -9` of the primary to the secondary reporting the link
     /// down, over fresh `geomirror demo` pairs.
@@ -277,6 +305,32 @@ fn main() -> Result<()> {
             let bin = geomirror_bin(geomirror)?;
             let o = record_rtt::Options { rtt_ms, rate_mbps, probes, probe_iops: probe_iops.max(1), rounds: rounds.max(1), pace_percent };
             record_rtt::run(&bin, &o, &layout, markdown)
+        }
+        Bench::Sync { size, allocated_percent, seeded_diff_permille, rtt_ms, rate_mbps, case, docs, geomirror } => {
+            let bin = geomirror_bin(geomirror)?;
+            if let Some(d) = &docs {
+                report::check_docs(d, "sync")?;
+            }
+            let scratch = tempfile::tempdir()?;
+            let machine = report::machine(scratch.path());
+            let o = sync::Options { size_bytes: size, allocated_percent, seeded_diff_permille, rtt_ms, rate_mbps };
+            let started = std::time::Instant::now();
+            let rows = sync::run(&bin, &o, &case)?;
+            let table = sync::markdown(&rows, &o);
+            println!("{table}");
+            if let Some(doc) = docs {
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                let when = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
+                let body = format!(
+                    "Run of {} (`tests/bench/run {}`, {:.0} min):\n\n{machine}\n{table}",
+                    String::from_utf8_lossy(&when.stdout).trim(),
+                    args.join(" "),
+                    started.elapsed().as_secs_f64() / 60.0,
+                );
+                report::write_docs(&doc, "sync", &body)?;
+                eprintln!("wrote {}", doc.display());
+            }
+            Ok(())
         }
         Bench::Detect { kills, scenario, rtt_ms, rate_mbps, load_s, dir, port_base, docs, geomirror } => {
             let bin = geomirror_bin(geomirror)?;
