@@ -21,8 +21,8 @@ mod detect;
 mod modes;
 mod plot;
 mod record_rtt;
-mod sync;
 mod report;
+mod sync;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

@@ -178,7 +178,15 @@ pub fn markdown(rows: &[Row], o: &Options) -> String {
             mib(r.copied),
             r.seconds,
             used * 100.0,
-            if r.case == Case::Blank { if used >= 0.9 { " (≥ 90 %: met)" } else { " (≥ 90 %: **not met**)" } } else { "" },
+            if r.case == Case::Blank {
+                if used >= 0.9 {
+                    " (≥ 90 %: met)"
+                } else {
+                    " (≥ 90 %: **not met**)"
+                }
+            } else {
+                ""
+            },
         ));
     }
     t.push_str(&format!(

@@ -135,6 +135,9 @@ pub struct CoreConfig {
     /// A failback checks each extent of the failback set by block digests and copies only
     /// the blocks that differ; off, it copies the whole failback set.
     pub verify_failback: bool,
+    /// A full sync onto a store that replaced the peer's (a rebuilt site) starts by itself;
+    /// false (the default) waits for an operator's approval (`Primary::approve_rebuild`).
+    pub rebuild_auto: bool,
     /// The primary persists what it remembers of its peer's acknowledgements (for amnesia
     /// detection after its own restart) at most this often, and sooner when a write rests on
     /// a record answer the persisted memory lacks. In memory the memory is exact; a longer
@@ -167,6 +170,7 @@ impl Default for CoreConfig {
             resync_reads_in_flight: 8,
             sync_mark_every_extents: 64,
             verify_failback: true,
+            rebuild_auto: false,
             peer_memory_persist_interval: Duration::from_secs(1),
         }
     }

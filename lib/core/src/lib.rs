@@ -41,7 +41,7 @@ pub use geometry::Geometry;
 pub use ids::{Epoch, ExtentId, Generation, RequestId, Seq, StoreId, Token};
 pub use machine::Machine;
 pub use op::{WriteKind, WriteOp};
-pub use primary::{FailbackPlan, LinkState, Phase, Primary, VerifyRefused, VerifyRequest, VerifyStatus, VerifyWait};
+pub use primary::{ApproveRefused, FailbackPlan, LinkState, Phase, Primary, VerifyRefused, VerifyRequest, VerifyStatus, VerifyWait};
 pub use record::Record;
 pub use secondary::{PromoteError, PromoteReport, Secondary};
 pub use store::{MemStore, Meta, PeerMemory, SiteState, StoreWrite, SyncCursor};

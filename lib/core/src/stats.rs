@@ -51,6 +51,8 @@ pub struct PrimaryStats {
     /// Online verifies started and run to their end; bytes read and sent as checks; extents
     /// and 4 KiB blocks the peer found different.
     pub verifies_started: u64,
+    /// Full syncs onto a replaced peer store that an operator approved.
+    pub rebuilds_approved: u64,
     pub verifies_completed: u64,
     pub verify_bytes_checked: u64,
     pub verify_extents_found: u64,

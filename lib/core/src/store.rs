@@ -73,6 +73,10 @@ pub enum Meta {
     /// Primary: the peer's store is an amnesiac (or this site's own was), so the peer needs
     /// a full verified resync of the whole volume before its record is trusted again.
     FullResyncOwed(bool),
+    /// Primary: the full resync owed is onto a store that replaced the one this site paired
+    /// with (a rebuilt site), and waits for an operator's approval (`approve_rebuild`) unless
+    /// the config allows it (`CoreConfig::rebuild_auto`).
+    RebuildPending(bool),
     /// Primary: where this store stood when it was promoted (see `Frame::Hello`).
     PromotedFrom(crate::frame::Position),
     /// Secondary (an amnesiac): how far the full verified resync of the named primary, in the
@@ -138,6 +142,7 @@ pub struct SiteState {
     pub peer: PeerMemory,
     pub amnesiac: bool,
     pub full_resync_owed: bool,
+    pub rebuild_pending: bool,
     pub promoted_from: Option<crate::frame::Position>,
     pub sync_cursor: Option<SyncCursor>,
     pub record: BTreeMap<ExtentId, Generation>,
@@ -167,6 +172,7 @@ impl SiteState {
             peer: PeerMemory::default(),
             amnesiac: false,
             full_resync_owed: false,
+            rebuild_pending: false,
             promoted_from: None,
             sync_cursor: None,
             record: BTreeMap::new(),
@@ -230,6 +236,7 @@ impl SiteState {
                     Meta::Peer(v) => self.peer = v,
                     Meta::Amnesiac(v) => self.amnesiac = v,
                     Meta::FullResyncOwed(v) => self.full_resync_owed = v,
+                    Meta::RebuildPending(v) => self.rebuild_pending = v,
                     Meta::PromotedFrom(v) => self.promoted_from = Some(v),
                     Meta::SyncCursor(v) => self.sync_cursor = v,
                 },

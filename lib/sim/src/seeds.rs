@@ -101,6 +101,7 @@ pub struct SeedTotals {
     pub verifies: u64,
     pub rotted_blocks: u64,
     pub verify_found: u64,
+    pub rebuilds_approved: u64,
 }
 
 impl SeedTotals {
@@ -134,6 +135,7 @@ impl SeedTotals {
             t.verifies += r.verifies;
             t.rotted_blocks += r.rotted_blocks;
             t.verify_found += r.verify_found;
+            t.rebuilds_approved += r.rebuilds_approved;
         }
         t
     }
@@ -143,7 +145,7 @@ impl std::fmt::Display for SeedTotals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary, {} rollbacks hidden from a primary that crashed with them), {} volumes adopted with data on the primary, {} promotions probed while a full verified resync was owed (O8), {} full verified resyncs resumed from a durable sync cursor, {} online verifies (O9) over {} rotted blocks ({} extents found different)",
+            "{} seeds: {} writes acknowledged, {} crashes, {} media errors, {} link cuts, {} promotions ({} loud), {} split brains, {} switchovers, {} resyncs, {} generations evicted, {} writes degraded, {} writes failed, {} extents saved aside, {} failback extents checked by digest ({} equal, not copied), {} acknowledged blocks lost after promotion (inside recorded extents, or reported by a loud promotion), {} stores lost or rolled back ({} amnesias healed by a full verified resync, {} recoveries promoting a site when none was primary, {} rollbacks hidden from a primary that crashed with them), {} volumes adopted with data on the primary, {} promotions probed while a full verified resync was owed (O8), {} full verified resyncs resumed from a durable sync cursor, {} online verifies (O9) over {} rotted blocks ({} extents found different), {} rebuilds onto a replaced store approved by an operator",
             self.seeds,
             self.writes_acked,
             self.crashes,
@@ -170,7 +172,8 @@ impl std::fmt::Display for SeedTotals {
             self.sync_resumes,
             self.verifies,
             self.rotted_blocks,
-            self.verify_found
+            self.verify_found,
+            self.rebuilds_approved
         )
     }
 }

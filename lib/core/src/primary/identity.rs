@@ -17,6 +17,15 @@ use crate::stats::PrimaryStats;
 use crate::store::{Meta, PeerMemory, SiteState, StoreWrite};
 use crate::time::Time;
 
+/// Why an approval of a rebuild was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApproveRefused {
+    #[error("no full sync waits for approval on this site")]
+    NothingPending,
+    #[error("the peer's store is {pending}, not {given}: nothing was approved (check the store id in the peer's status)")]
+    WrongStore { pending: StoreId, given: StoreId },
+}
+
 /// Identity state of a primary.
 pub(super) struct Identity {
     pub(super) store_id: StoreId,
@@ -33,6 +42,9 @@ pub(super) struct Identity {
     pub(super) hello_store: Option<StoreId>,
     /// Durable: the peer needs a full verified resync before its record is trusted.
     pub(super) full_resync_owed: bool,
+    /// Durable: the full resync owed is onto a store that replaced the paired one (a rebuilt
+    /// site) and waits for an operator's approval.
+    pub(super) rebuild_pending: bool,
     /// Where this store stood when it was promoted, for the old primary's check.
     pub(super) promoted_from: Option<crate::frame::Position>,
     /// Counts full resyncs owed, so that the end of one does not clear a newer debt.
@@ -54,6 +66,7 @@ impl Identity {
             durable_generation: state.peer.generation,
             hello_store: None,
             full_resync_owed: state.full_resync_owed,
+            rebuild_pending: state.rebuild_pending && state.full_resync_owed,
             promoted_from: state.promoted_from,
             owed_count: 0,
             settling: false,
@@ -109,6 +122,28 @@ impl Primary {
     pub fn full_resync_owed(&self) -> bool {
         self.ident.full_resync_owed
     }
+    /// The peer store a full sync waits for an operator's approval onto: a store that
+    /// replaced the one this site paired with (a rebuilt site). Meanwhile the peer is
+    /// untrusted, host writes still reach it, and nothing else is copied to it.
+    pub fn rebuild_pending(&self) -> Option<StoreId> {
+        self.ident.rebuild_pending.then_some(self.ident.peer.store).flatten()
+    }
+
+    /// An operator approves the full sync onto `store`, which must be the peer store that
+    /// waits (its identity shows in status): a full sync is never started onto a store the
+    /// operator did not name.
+    pub fn approve_rebuild(&mut self, now: Time, store: StoreId) -> Result<(), ApproveRefused> {
+        let Some(pending) = self.rebuild_pending() else { return Err(ApproveRefused::NothingPending) };
+        if pending != store {
+            return Err(ApproveRefused::WrongStore { pending, given: store });
+        }
+        self.ident.rebuild_pending = false;
+        self.stats.rebuilds_approved += 1;
+        self.persist(PersistKind::RebuildApproved, Vec::new(), vec![StoreWrite::Meta(Meta::RebuildPending(false))]);
+        self.progress(now);
+        Ok(())
+    }
+
     /// Why the peer was last found an amnesiac.
     pub fn peer_amnesia(&self) -> Option<&str> {
         self.ident.peer_amnesia.as_deref()
@@ -187,6 +222,7 @@ impl Primary {
             self.refuse("the peer's welcome names another store than its hello");
             return Err(());
         }
+        let replaced = self.ident.peer.store.is_some_and(|known| known != w.store);
         let reason = match self.ident.peer.store {
             None => None,
             Some(known) if known != w.store => Some(format!(
@@ -215,7 +251,7 @@ impl Primary {
         #[cfg(feature = "mutations")]
         let reason = if crate::mutations::trust_amnesiac() { None } else { reason };
         match reason {
-            Some(why) => self.peer_is_amnesiac(why, &w),
+            Some(why) => self.peer_is_amnesiac(why, &w, replaced),
             None if self.ident.peer.store.is_none() => {
                 // The first handshake of a new pair: remember the peer from now on. A site
                 // created over media that already held data owes it a full resync.
@@ -253,7 +289,9 @@ impl Primary {
     /// The peer's store lost acknowledged state: its record and flags are not trusted, it is
     /// owed a full verified resync (durable before anything is shipped to it), and from now on
     /// it is remembered as it is.
-    fn peer_is_amnesiac(&mut self, why: String, w: &Welcome) {
+    /// `replaced`: the peer is another store than the one paired with (a rebuilt site); the
+    /// full sync onto it then waits for an operator unless the config allows it.
+    fn peer_is_amnesiac(&mut self, why: String, w: &Welcome, replaced: bool) {
         assert_eq!(self.conn.link, super::LinkState::Handshake, "amnesia is found at a welcome, before anything is shipped");
         self.stats.amnesiac_peers_detected += 1;
         self.ident.peer_amnesia = Some(why);
@@ -264,7 +302,15 @@ impl Primary {
         self.ident.peer = PeerMemory { store: Some(w.store), applied: Seq(0), generation: Generation(0) };
         self.ident.persisted = self.ident.peer;
         self.ident.persisting = true;
-        let batch = vec![StoreWrite::Meta(Meta::Peer(self.ident.peer)), StoreWrite::Meta(Meta::FullResyncOwed(true))];
+        // A new debt onto the same store (it lost state) runs at once, as before; onto another
+        // store it is a rebuild, which waits for an operator unless allowed. A pending
+        // approval stays pending until given.
+        self.ident.rebuild_pending |= replaced && !self.cfg.rebuild_auto;
+        let batch = vec![
+            StoreWrite::Meta(Meta::Peer(self.ident.peer)),
+            StoreWrite::Meta(Meta::FullResyncOwed(true)),
+            StoreWrite::Meta(Meta::RebuildPending(self.ident.rebuild_pending)),
+        ];
         self.persist(PersistKind::FullResyncOwed, Vec::new(), batch);
         // Whatever resync was under way covered only what was known to differ: the full one
         // replaces it (`drive_resync`).
@@ -277,7 +323,11 @@ impl Primary {
         assert!(self.resync.sweep.is_none() && !self.resync.running, "the full resync's sweep is over before its end is settled");
         let n = self.ident.owed_count;
         self.ident.settling = true;
-        self.persist(PersistKind::FullResyncDone(n), Vec::new(), vec![StoreWrite::Meta(Meta::FullResyncOwed(false))]);
+        self.persist(
+            PersistKind::FullResyncDone(n),
+            Vec::new(),
+            vec![StoreWrite::Meta(Meta::FullResyncOwed(false)), StoreWrite::Meta(Meta::RebuildPending(false))],
+        );
     }
 
     /// This site's store lost state (the peer shows it): it stops serving and becomes an

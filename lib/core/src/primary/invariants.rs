@@ -10,6 +10,10 @@ impl Primary {
     /// Checks every invariant; the first broken one, described.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.verify_invariants()?;
+        // A full sync onto a replaced store never runs before an operator approved it.
+        if self.ident.rebuild_pending && (!self.ident.full_resync_owed || self.resync.full) {
+            return Err("a rebuild awaits approval, yet no full resync is owed or one runs".into());
+        }
         // The record copy's entries are all of generations the memory of the peer holds
         // (answers and snapshot entries raise it): what `remembered_durably` relies on to
         // make progress.

@@ -41,6 +41,7 @@ mod shipping;
 mod timers;
 mod verify;
 
+pub use identity::ApproveRefused;
 pub use verify::{VerifyRefused, VerifyRequest, VerifyStatus, VerifyWait};
 
 use shipping::{item_bytes, UnappliedGroup};
@@ -128,6 +129,8 @@ enum PersistKind {
     FullResyncOwed,
     /// The full resync numbered so (`full_resyncs_owed`) ended on the peer, durably.
     FullResyncDone(u64),
+    /// An operator approved the full sync onto a replaced peer store.
+    RebuildApproved,
 }
 
 /// What a failback (or any resync) would copy, for dry runs and status.
@@ -421,6 +424,7 @@ impl Primary {
             }
             PersistKind::FullResyncOwed => self.ident.memory_persisted(Generation(0)),
             PersistKind::FullResyncDone(n) => self.ident.full_resync_done(n, &mut self.stats),
+            PersistKind::RebuildApproved => {}
             PersistKind::Demote => {
                 self.actions.push_back(Action::RoleChanged { role: Role::Secondary });
                 return;

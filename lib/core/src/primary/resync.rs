@@ -212,7 +212,7 @@ impl Primary {
     pub(super) fn start_resync(&mut self, skip: bool) {
         assert!(self.conn.link == LinkState::Up || skip, "a resync starts on a live link, or bridges an abandoned buffer");
         // (One whose end is being settled is done: what follows is an ordinary resync.)
-        let full = self.ident.full_resync_owed && !self.ident.settling;
+        let full = self.ident.full_resync_owed && !self.ident.settling && !self.ident.rebuild_pending;
         self.resync.running = true;
         self.resync.end = None;
         self.resync.full = full;
@@ -279,7 +279,7 @@ impl Primary {
         }
         // A full resync owed replaces a partial one under way: its marker tells the peer that
         // this resync's end vouches for the whole image.
-        let full_due = self.ident.full_resync_owed && !self.resync.full && !self.ident.settling;
+        let full_due = self.ident.full_resync_owed && !self.resync.full && !self.ident.settling && !self.ident.rebuild_pending;
         if (!self.resync.running && (!self.resync.needs_copy.is_empty() || self.resync.forced)) || full_due {
             self.resync.forced = false;
             self.start_resync(false);

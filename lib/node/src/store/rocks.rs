@@ -128,6 +128,7 @@ fn encode_meta(m: Meta) -> (Vec<u8>, Vec<u8>) {
         Meta::Peer(p) => ("peer", encode_peer(p)),
         Meta::Amnesiac(b) => ("amnesiac", vec![b as u8]),
         Meta::FullResyncOwed(b) => ("full_resync_owed", vec![b as u8]),
+        Meta::RebuildPending(b) => ("rebuild_pending", vec![b as u8]),
         Meta::PromotedFrom(p) => ("promoted_from", [p.applied.0.to_be_bytes(), p.next_generation.0.to_be_bytes()].concat()),
         // Empty when there is none; else the primary's store (16 bytes), epoch and next (8 each).
         Meta::SyncCursor(c) => (
@@ -189,6 +190,7 @@ fn all_meta(s: &SiteState) -> Vec<StoreWrite> {
         Meta::Peer(s.peer),
         Meta::Amnesiac(s.amnesiac),
         Meta::FullResyncOwed(s.full_resync_owed),
+        Meta::RebuildPending(s.rebuild_pending),
     ]
     .into_iter()
     .chain(s.promoted_from.map(Meta::PromotedFrom))
@@ -399,6 +401,7 @@ impl RocksStore {
                 "peer" => s.peer = decode_peer(&v).ok_or_else(|| self.corrupt("meta peer is malformed"))?,
                 "amnesiac" => s.amnesiac = bool_of(name, &v)?,
                 "full_resync_owed" => s.full_resync_owed = bool_of(name, &v)?,
+                "rebuild_pending" => s.rebuild_pending = bool_of(name, &v)?,
                 "promoted_from" => {
                     let (a, g) =
                         v.split_at_checked(8).filter(|(_, g)| g.len() == 8).ok_or_else(|| self.corrupt("promoted_from is not 16 bytes"))?;

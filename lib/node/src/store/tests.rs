@@ -41,6 +41,7 @@ fn batch(seed: u64, i: u64) -> Vec<StoreWrite> {
                 95 => StoreWrite::Meta(Meta::SaveAsideOnResync(rng.gen())),
                 96 => StoreWrite::Meta(Meta::Amnesiac(rng.gen())),
                 97 => StoreWrite::Meta(Meta::FullResyncOwed(rng.gen())),
+                98 if rng.gen() => StoreWrite::Meta(Meta::RebuildPending(rng.gen())),
                 84 => StoreWrite::Meta(Meta::SyncCursor(rng.gen::<bool>().then(|| geomirror_core::SyncCursor {
                     primary: geomirror_core::StoreId(rng.gen()),
                     epoch: Epoch(rng.gen_range(1..9)),

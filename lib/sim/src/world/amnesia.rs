@@ -314,6 +314,7 @@ impl World {
     /// and it stepped down): promote the site whose store is trusted, or, when neither is,
     /// one of them by force; then point the host at it.
     pub(super) fn recover_primary(&mut self) {
+        self.maybe_schedule_approval();
         if let Some(r) = self.recovery {
             if self.is_primary(r) {
                 self.recovery = None;
@@ -339,5 +340,40 @@ impl World {
             self.report.recoveries += 1;
             self.recovery = Some(s);
         }
+    }
+
+    /// A primary waits for an operator to approve a full sync onto a replaced peer store
+    /// (`CoreConfig::rebuild_auto` off): the operator looks at it a while later.
+    fn maybe_schedule_approval(&mut self) {
+        let a = self.active;
+        let pending = matches!(&self.sites[a].core, Some(Machine::Primary(p)) if p.rebuild_pending().is_some());
+        if pending && !self.approval_scheduled {
+            self.approval_scheduled = true;
+            let d = self.us(1_000, 60_000);
+            self.schedule(d, super::Ev::ApproveRebuild { site: a });
+        }
+    }
+
+    /// The operator approves the rebuild, naming the peer's store as its status shows it;
+    /// first with a wrong one, which must change nothing.
+    pub(super) fn approve_rebuild(&mut self, s: SiteId) {
+        self.approval_scheduled = false;
+        let now = self.now;
+        let Some(Machine::Primary(p)) = self.sites[s].core.as_mut() else { return };
+        let Some(store) = p.rebuild_pending() else { return };
+        let wrong = geomirror_core::StoreId(store.0 ^ 1);
+        if p.approve_rebuild(now, wrong).is_ok() || p.rebuild_pending() != Some(store) {
+            self.violate("rebuild", format!("an approval naming store {wrong} was taken for the pending {store}"));
+            return;
+        }
+        if let Err(e) = p.approve_rebuild(now, store) {
+            self.violate("rebuild", format!("the approval of the pending store was refused: {e}"));
+            return;
+        }
+        if self.cfg.trace {
+            eprintln!("{:>9}    operator: approved the rebuild onto store {store}", self.now.0);
+        }
+        self.report.rebuilds_approved += 1;
+        self.drain_actions(s);
     }
 }

@@ -107,6 +107,7 @@ impl SimConfig {
         let workload = Workload::ALL[r.gen_range(0..5)];
         let extent_bytes = [64u64 << 10, 128 << 10, 256 << 10][r.gen_range(0..3)];
         let core = CoreConfig {
+            rebuild_auto: false,
             mode,
             record_capacity_extents: [8u64, 16, 32, 128][r.gen_range(0..4)],
             predictor: PredictorConfig {
@@ -184,6 +185,7 @@ impl SimConfig {
                 seed_diff_permille: r.gen_range(0..=100),
             };
         }
+        cfg.core.rebuild_auto = r.gen_bool(0.5);
         cfg.faults.verify_ppm = if r.gen_bool(0.3) { r.gen_range(0..6000) } else { 0 };
         // Rot only where no promotion puts a rotted image before the host (`verify.rs`).
         let no_store_faults = cfg.faults.store_loss_ppm == 0 && cfg.faults.store_rollback_ppm == 0 && cfg.faults.hidden_rollback_ppm == 0;

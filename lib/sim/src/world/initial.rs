@@ -120,10 +120,10 @@ impl World {
                     self.report.sync_resumes += 1;
                 }
             }
-            Frame::Data { apply: Apply::ResyncEnd, .. } if w.full_begun => {
-                w.owed = false;
-                w.full_begun = false;
-            }
+            // The end of the full resync last begun; it may come again on a later connection
+            // (retransmitted, not yet applied), after a hello that told the site again that
+            // the resync is owed, and it ends the same full resync then.
+            Frame::Data { apply: Apply::ResyncEnd, .. } if w.full_begun => w.owed = false,
             _ => {}
         }
     }

@@ -101,6 +101,8 @@ pub struct SimReport {
     pub rotted_blocks: u64,
     /// Extents the final primary's verifies found different.
     pub verify_found: u64,
+    /// Full syncs onto a replaced store an operator approved (after a refused wrong store).
+    pub rebuilds_approved: u64,
     pub max_record_len: u64,
     /// (time in µs, record length) sampled after every host ack.
     pub record_samples: Vec<(u64, u64)>,
@@ -177,6 +179,11 @@ enum Ev {
         site: SiteId,
     },
     /// A crash that also loses the site's store (and with `blank`, its media).
+    /// The operator approves the full sync onto the replaced peer store the primary of site
+    /// `site` waits for (`amnesia.rs`).
+    ApproveRebuild {
+        site: SiteId,
+    },
     StoreLoss {
         site: SiteId,
         blank: bool,
@@ -259,6 +266,8 @@ pub struct World {
     recovery: Option<SiteId>,
     /// Per site: where oracle O8 stands (`initial.rs`).
     sync_watch: [initial::SyncWatch; 2],
+    /// An approval of a rebuild is scheduled (`amnesia.rs`).
+    approval_scheduled: bool,
     /// Blocks rot changed (`verify.rs`), how many rotted, and how many final verifies ran.
     rotted: BTreeSet<usize>,
     rot_count: u64,
@@ -319,6 +328,7 @@ impl World {
             amnesia: [None, None],
             recovery: None,
             sync_watch: Default::default(),
+            approval_scheduled: false,
             rotted: BTreeSet::new(),
             rot_count: 0,
             final_verifies: 0,
@@ -501,6 +511,7 @@ impl World {
             // before the peer could find it out.
             Ev::Crash { site } if self.amnesia[site].is_some_and(|w| w.primary_rollback && !w.flagged) => {}
             Ev::Crash { site } => self.crash(site),
+            Ev::ApproveRebuild { site } => self.approve_rebuild(site),
             Ev::StoreLoss { site, blank } => self.store_loss(site, blank),
             Ev::StoreRollback { site } => self.store_rollback(site),
             Ev::HiddenRollback { site } => self.hidden_rollback(site),
