@@ -157,8 +157,18 @@ pub fn status(a: AdminArgs) -> Result<()> {
                     _ => println!("  a full verified resync is owed to it and starts once the link is up"),
                 }
             }
+            if let Some(store) = &v.rebuild_pending_store {
+                println!(
+                    "  REBUILD WAITS FOR APPROVAL: the peer came back with a new store {store}; its full sync starts once approved                      (geomirror rebuild --config <this site> --approve {store})"
+                );
+            }
             if let Some(r) = &v.verify {
-                let what = if r.done { "last verify" } else { "verify" };
+                let what = match (r.done, r.cancelled) {
+                    (true, true) => "last verify (cancelled)",
+                    (true, false) => "last verify",
+                    (false, true) => "verify (cancelling: answering the checks already sent)",
+                    (false, false) => "verify",
+                };
                 let waiting = r.waiting.as_deref().map_or(String::new(), |w| format!(" (waiting: {w})"));
                 println!(
                     "  {what}: {} of {} extents compared{}, {} differ ({} blocks of 4 KiB){waiting}",

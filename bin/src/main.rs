@@ -227,7 +227,8 @@ enum Command {
     /// show as differences. Whatever differs makes the secondary call its image inconsistent
     /// (a promotion then says so loudly) and is copied from the primary with --repair, or by
     /// the next resync otherwise. Prints the ranges that differ. Exit code: 0 when
-    /// equal, 3 when something differs, 1 on error (2 on a usage error). Checks share the link with the host's
+    /// equal, 3 when something differs, 4 when cancelled (--cancel) before the whole range was
+    /// compared, 1 on error (2 on a usage error). Checks share the link with the host's
     /// writes; a verify does not survive a restart of the primary.
     ///
     ///   geomirror verify --config dc1.toml                  # the whole volume
@@ -256,6 +257,26 @@ enum Command {
         /// Stop the running verify where it is.
         #[arg(long, conflicts_with_all = ["repair", "offset", "length"])]
         cancel: bool,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Show, or approve, the full sync a rebuilt peer waits for.
+    ///
+    /// When the peer comes back with a new store (a new disk or machine, or its state
+    /// directory lost), the primary owes it a full sync of the whole volume. With `[replication]
+    /// rebuild = "approve"` (the default) that sync waits for an operator: without --approve
+    /// this prints the peer's new store id, the bytes the sync reads and how long it takes at
+    /// the paced link rate; --approve STORE_ID starts it, and only if STORE_ID is the peer's
+    /// store (a wrong id changes nothing). Until then the peer applies new writes but is not
+    /// trusted: promoting it needs --force.
+    Rebuild {
+        #[command(flatten)]
+        admin: admin_cmd::AdminArgs,
+        #[arg(long)]
+        volume: Option<String>,
+        /// The peer's new store id, as this command (or `geomirror status`) shows it.
+        #[arg(long, value_name = "STORE_ID")]
+        approve: Option<String>,
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -489,6 +510,7 @@ fn main() -> Result<()> {
         Command::Promote { admin, force, reason } => admin_cmd::promote(admin, force, reason),
         Command::Demote { admin, reason, drain_timeout } => admin_cmd::demote(admin, reason, drain_timeout),
         Command::Failback { admin, dry_run } => admin_cmd::failback(admin, dry_run),
+        Command::Rebuild { admin, volume, approve, reason } => verify_cmd::rebuild(admin, volume, approve, reason),
         Command::Verify { admin, volume, offset, length, repair, no_wait, cancel, reason } => {
             let code = verify_cmd::verify(admin, verify_cmd::VerifyArgs { volume, offset, length, repair, no_wait, cancel, reason })?;
             if code != 0 {

@@ -1,4 +1,5 @@
-//! `geomirror verify`: an online comparison of the two sites' images, from the command line.
+//! `geomirror verify` (an online comparison of the two sites' images) and `geomirror rebuild`
+//! (the full sync a rebuilt peer waits for), from the command line.
 //!
 //! Owns: starting a verify through the admin API, following it with a progress bar, and
 //! telling the operator what differs (and the exit code scripts read: 0 when the range is
@@ -22,8 +23,10 @@ pub struct VerifyArgs {
     pub reason: String,
 }
 
-/// The exit code when a verify found differences.
+/// The exit code when a verify found differences, and when it was cancelled before it
+/// compared the whole range (and found none in what it did).
 pub const EXIT_DIFFERENT: i32 = 3;
+pub const EXIT_INCOMPLETE: i32 = 4;
 
 pub fn verify(a: AdminArgs, v: VerifyArgs) -> Result<i32> {
     let client = a.client()?;
@@ -104,15 +107,25 @@ pub fn verify(a: AdminArgs, v: VerifyArgs) -> Result<i32> {
     } else {
         print_result(&started.volume, &r);
     }
-    Ok(if r.out_of_sync_extents > 0 { EXIT_DIFFERENT } else { 0 })
+    Ok(if r.out_of_sync_extents > 0 {
+        EXIT_DIFFERENT
+    } else if r.cancelled {
+        EXIT_INCOMPLETE
+    } else {
+        0
+    })
 }
 
 fn print_result(volume: &str, r: &VerifyReport) {
-    if r.checked_extents < r.total_extents {
-        println!("volume {volume}: the verify stopped after {} of {} extents (cancelled)", r.checked_extents, r.total_extents);
+    if r.cancelled {
+        println!(
+            "volume {volume}: CANCELLED after {} of {} extents: the rest of the range was not compared",
+            r.checked_extents, r.total_extents
+        );
     }
     if r.out_of_sync_extents == 0 {
-        println!("volume {volume}: {} compared, identical on both sites", format_bytes(r.checked_bytes));
+        let what = if r.cancelled { "no difference in the part compared" } else { "identical on both sites" };
+        println!("volume {volume}: {} compared, {what}", format_bytes(r.checked_bytes));
         return;
     }
     println!(
@@ -134,4 +147,56 @@ fn print_result(volume: &str, r: &VerifyReport) {
             "the peer now calls its image inconsistent; run `geomirror verify --repair` to copy these extents from the primary (a reconnect or restart copies them too)"
         );
     }
+}
+
+/// `geomirror rebuild`: shows the full sync a rebuilt peer waits for, or approves it.
+pub fn rebuild(a: AdminArgs, volume: Option<String>, approve: Option<String>, reason: String) -> Result<()> {
+    let client = a.client()?;
+    let rt = runtime()?;
+    if let Some(store) = approve {
+        let body = serde_json::json!({ "volume": volume, "peer_store": store, "reason": reason });
+        let json = request(&rt, &client, "POST", "/v1/rebuild/approve", Some(body))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        } else {
+            println!(
+                "volume {}: approved; the full sync onto the peer's store {} starts (follow it with `geomirror status`)",
+                json["volume"].as_str().unwrap_or("?"),
+                json["approved"].as_str().unwrap_or("?")
+            );
+        }
+        return Ok(());
+    }
+    let s: StatusReport = serde_json::from_value(request(&rt, &client, "GET", "/v1/status", None)?)?;
+    if a.json {
+        let plan: Vec<_> = s
+            .volumes
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "volume": v.name, "pending_store": v.rebuild_pending_store,
+                    "bytes": v.rebuild_estimate_bytes, "estimated_seconds": v.rebuild_estimated_seconds,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "site": s.site, "rebuild": plan }))?);
+        return Ok(());
+    }
+    for v in s.volumes.iter().filter(|v| volume.as_ref().is_none_or(|n| *n == v.name)) {
+        match &v.rebuild_pending_store {
+            None if v.role != "primary" => println!("volume {}: this site is {}; run rebuild against the primary", v.name, v.role),
+            None => println!("volume {}: no rebuild waits for approval", v.name),
+            Some(store) => {
+                let eta = v.rebuild_estimated_seconds.map_or(String::new(), |t| format!(", about {t:.1} s at the paced link rate"));
+                println!(
+                    "volume {}: the peer came back with a new store {store} (a rebuilt site). A full sync of the whole volume waits: \
+                     it reads {} here and copies what differs{eta}. Meanwhile the peer is not trusted (promoting it needs --force).",
+                    v.name,
+                    v.rebuild_estimate_bytes.map_or("the volume".to_owned(), format_bytes)
+                );
+                println!("approve it with: geomirror rebuild --config <this site's config> --volume {} --approve {store}", v.name);
+            }
+        }
+    }
+    Ok(())
 }

@@ -141,7 +141,7 @@ fn one(bin: &Path, o: &Options, case: Case) -> Result<Row> {
 }
 
 pub fn run(bin: &Path, o: &Options, cases: &[Case]) -> Result<Vec<Row>> {
-    if o.size_bytes < RUN || o.size_bytes % RUN != 0 {
+    if o.size_bytes < RUN || !o.size_bytes.is_multiple_of(RUN) {
         bail!("--size must be a multiple of 4 MiB");
     }
     let mut rows = Vec::new();

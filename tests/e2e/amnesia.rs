@@ -125,12 +125,28 @@ fn a_secondary_whose_log_was_deleted_is_refused_flagged_and_not_promoted_until_i
     assert!(err.contains("amnesiac") && err.contains("--force"), "{err}");
     assert_eq!(status(dir, "dc2")["volumes"][0]["role"], "secondary");
 
-    // 5. The way back: the old primary returns, finds a store it never paired with, and
-    // resyncs the whole volume by digest; only the differing blocks cross.
+    // 5. The way back: the old primary returns and finds a store it never paired with (a
+    // rebuilt site). The full sync waits for an operator, who sees its size, names the
+    // store (a wrong id approves nothing), and approves it; the whole volume is then
+    // resynced by digest, and only the differing blocks cross.
     dc1.start_again();
     remember(dir, "dc1", &dc1);
     assert!(to_dc2.command("rate-mbps 0").starts_with("ok"));
     to_dc2.set_cut(false);
+    let new_store = status(dir, "dc2")["volumes"][0]["store_id"].as_str().unwrap().to_owned();
+    let v1 = wait_for(dir, "dc1", "waiting to rebuild the new store", |v| v["rebuild_pending_store"].as_str() == Some(&new_store));
+    assert_eq!(v1["full_resync_total_extents"], serde_json::Value::Null, "nothing is swept before the approval: {v1:#}");
+    let shown = String::from_utf8_lossy(&cli(dir, "rebuild", "dc1", &[]).stdout).to_string();
+    assert!(shown.contains(&new_store) && shown.contains("reads 8.0 MiB here") && shown.contains("--approve"), "{shown}");
+    let wrong = "00000000-0000-0000-0000-000000000001";
+    let out = cli(dir, "rebuild", "dc1", &["--approve", wrong]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("(409)") && err.contains("nothing was approved"), "{err}");
+    let out = cli(dir, "rebuild", "dc1", &["--approve", "not-a-store"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(400)"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status(dir, "dc1")["volumes"][0]["rebuild_pending_store"].as_str(), Some(new_store.as_str()), "still waiting");
+    let out = cli(dir, "rebuild", "dc1", &["--approve", &new_store, "--reason", "dc2 rebuilt"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v1 = wait_for(dir, "dc1", "clean after a full resync", clean_primary);
     wait_for(dir, "dc2", "clean after a full resync", clean_secondary);
     assert!(v1["amnesia_reason"].as_str().is_some_and(|r| r.contains("not the store")), "{v1:#}");

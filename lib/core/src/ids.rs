@@ -54,6 +54,18 @@ pub struct Token(pub u64);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct StoreId(pub u128);
 
+impl std::str::FromStr for StoreId {
+    type Err = String;
+    /// The UUID layout as `Display` writes it (hyphens optional, hex in either case).
+    fn from_str(s: &str) -> Result<StoreId, String> {
+        let hex: String = s.trim().chars().filter(|c| *c != '-').collect();
+        if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("{s:?} is not a store id (32 hex digits, as status shows it: 8-4-4-4-12)"));
+        }
+        u128::from_str_radix(&hex, 16).map(StoreId).map_err(|e| format!("{s:?}: {e}"))
+    }
+}
+
 impl std::fmt::Display for StoreId {
     /// The UUID layout (8-4-4-4-12 hex digits), as operators see it in status and logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

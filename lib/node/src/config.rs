@@ -229,6 +229,18 @@ pub struct ReplicationSection {
     /// blocks, reading it on both sites, and copies over the WAN only the blocks that
     /// differ. false copies the whole set.
     pub verify_failback: bool,
+    /// A full sync onto a peer whose store replaced the one this site paired with (a rebuilt
+    /// site): "approve" (an operator approves it, naming that store: `geomirror rebuild`)
+    /// or "auto" (it starts by itself).
+    pub rebuild: RebuildPolicy,
+}
+
+/// Whether a rebuild of the peer waits for an operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RebuildPolicy {
+    Approve,
+    Auto,
 }
 
 impl Default for ReplicationSection {
@@ -247,6 +259,7 @@ impl Default for ReplicationSection {
             data_lanes: c.data_lanes,
             clean_generation_max_age_ms: c.clean_generation_max_age.map_or(0, |d| d.as_millis() as u64),
             verify_failback: c.verify_failback,
+            rebuild: if c.rebuild_auto { RebuildPolicy::Auto } else { RebuildPolicy::Approve },
         }
     }
 }
@@ -615,6 +628,7 @@ fn replication_core(r: &ReplicationSection) -> CoreConfig {
         data_lanes: r.data_lanes,
         clean_generation_max_age: (r.clean_generation_max_age_ms > 0).then(|| Duration::from_millis(r.clean_generation_max_age_ms)),
         verify_failback: r.verify_failback,
+        rebuild_auto: r.rebuild == RebuildPolicy::Auto,
         ..d
     }
 }

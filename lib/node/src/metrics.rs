@@ -55,6 +55,7 @@ pub const AMNESIAC: &str = "geomirror_amnesiac";
 pub const FULL_RESYNC_CHECKED_EXTENTS: &str = "geomirror_full_resync_checked_extents";
 pub const FULL_RESYNC_TOTAL_EXTENTS: &str = "geomirror_full_resync_total_extents";
 pub const SYNC_CURSOR_EXTENT: &str = "geomirror_sync_cursor_extent";
+pub const REBUILD_PENDING: &str = "geomirror_rebuild_pending";
 pub const VERIFY_RUNNING: &str = "geomirror_verify_running";
 pub const VERIFY_CHECKED_EXTENTS: &str = "geomirror_verify_checked_extents";
 pub const VERIFY_TOTAL_EXTENTS: &str = "geomirror_verify_total_extents";
@@ -228,6 +229,12 @@ const CATALOGUE: &[(Kind, &str, Unit, &str)] = &[
         SYNC_CURSOR_EXTENT,
         Unit::Count,
         "Secondary: the full verified resync's durable sync cursor (extents below it are synced). Primary: the extent the resync under way resumed at",
+    ),
+    (
+        Kind::Gauge,
+        REBUILD_PENDING,
+        Unit::Count,
+        "Primary: 1 while a full sync onto a peer whose store was replaced (a rebuilt site) waits for an operator's approval (geomirror rebuild)",
     ),
     (Kind::Gauge, VERIFY_RUNNING, Unit::Count, "Primary: 1 while an online verify runs (geomirror verify)"),
     (Kind::Gauge, VERIFY_CHECKED_EXTENTS, Unit::Count, "Primary: extents the running (or last) online verify has compared with the peer"),

@@ -135,9 +135,11 @@ fn volume(v: &Volume, st: &VolumeStatus, bulk_bytes_per_sec: Option<u64>) {
         g(VERIFY_CHECKED_EXTENTS, vs.checked as f64);
         g(VERIFY_TOTAL_EXTENTS, (vs.extents.end - vs.extents.start) as f64);
         g(VERIFY_OUT_OF_SYNC_EXTENTS, vs.found.len() as f64);
-        g(VERIFY_OUT_OF_SYNC_BLOCKS, vs.found.values().map(|n| f64::from(*n)).sum());
+        // Summed as integers: a float sum of nothing is -0, which Prometheus prints so.
+        g(VERIFY_OUT_OF_SYNC_BLOCKS, vs.found.values().map(|n| u64::from(*n)).sum::<u64>() as f64);
     }
     if let Some(ps) = &st.primary_stats {
+        g(REBUILD_PENDING, flag(st.rebuild_pending.is_some()));
         g(VERIFY_UNREPAIRED_EXTENTS, st.verify_unrepaired as f64);
         c(VERIFIES_STARTED_TOTAL, ps.verifies_started);
         c(VERIFIES_COMPLETED_TOTAL, ps.verifies_completed);

@@ -60,6 +60,9 @@ pub struct VerifyStatus {
     /// Extents found different, and how many 4 KiB blocks of each.
     pub found: BTreeMap<ExtentId, u32>,
     pub done: bool,
+    /// An operator stopped it: extents from `next` on were not compared (checks already on
+    /// their way were, and their findings count).
+    pub cancelled: bool,
     pub waiting: Option<VerifyWait>,
 }
 
@@ -81,6 +84,7 @@ pub(super) struct Run {
     checked: u64,
     found: BTreeMap<ExtentId, u32>,
     done: bool,
+    cancelled: bool,
 }
 
 impl Run {
@@ -118,6 +122,7 @@ impl Primary {
             checked: 0,
             found: BTreeMap::new(),
             done: false,
+            cancelled: false,
         });
         if repair {
             // What an earlier verify found and left: copied now.
@@ -128,13 +133,16 @@ impl Primary {
         Ok(())
     }
 
-    /// Stops a running verify where it is; its findings stay.
+    /// Stops a running verify: no extent is read from now on. The checks already on their way
+    /// are answered (they are in the peer's apply order), and the verify is done once they
+    /// are, their findings counted; reads in flight are dropped.
     pub fn cancel_verify(&mut self, now: Time) -> bool {
-        let Some(r) = self.verify.run.as_mut().filter(|r| !r.done) else { return false };
-        r.done = true;
+        let Some(r) = self.verify.run.as_mut().filter(|r| !r.done && !r.cancelled) else { return false };
+        r.cancelled = true;
+        if let Some(e) = r.reading.values().min() {
+            r.next = r.next.min(e.0);
+        }
         r.reading.clear();
-        // Unanswered checks still hold resync ends back (`verify_checks_answered`) until the
-        // peer applies them; their answers are kept as findings.
         self.progress(now);
         true
     }
@@ -148,6 +156,7 @@ impl Primary {
             checked: r.checked,
             found: r.found.clone(),
             done: r.done,
+            cancelled: r.cancelled,
             waiting: if r.done { None } else { self.verify_wait() },
         })
     }
@@ -180,8 +189,8 @@ impl Primary {
             if let Some(s) = r.checks.keys().find(|s| !self.buffer.contains_key(s)) {
                 return Err(format!("verify check {} is not buffered", s.0));
             }
-            if r.done && !r.reading.is_empty() {
-                return Err("a finished verify still reads".into());
+            if (r.done || r.cancelled) && !r.reading.is_empty() {
+                return Err("a finished or cancelled verify still reads".into());
             }
             if r.found.keys().any(|e| !r.extents.contains(&e.0)) || r.next > r.extents.end {
                 return Err("a verify found or reads outside its range".into());
@@ -279,8 +288,11 @@ impl Primary {
         let answered = r.checks.len();
         r.checks = r.checks.split_off(&applied.next());
         r.checked += (answered - r.checks.len()) as u64;
+        if r.cancelled && !r.done && r.checks.is_empty() {
+            r.done = true;
+        }
         // A draining site issues nothing new: the drain waits for reads in flight.
-        if r.done || wait.is_some() || self.phase != Phase::Serving {
+        if r.done || r.cancelled || wait.is_some() || self.phase != Phase::Serving {
             return;
         }
         let extent_bytes = self.geo.extent_bytes();

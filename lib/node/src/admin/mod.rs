@@ -24,8 +24,8 @@ mod verify;
 
 pub use auth::Caller;
 pub use routes::{
-    AsideFile, ChecksumRequest, DrainReport, DrainedVolume, StatusReport, TransitionReport, TransitionRequest, VolumeReport,
-    VolumeTransition,
+    ApproveRequest, AsideFile, ChecksumRequest, DrainReport, DrainedVolume, StatusReport, TransitionReport, TransitionRequest,
+    VolumeReport, VolumeTransition,
 };
 pub use verify::{VerifyCancel, VerifyReport, VerifyRequest, VerifyStarted, MAX_LISTED_RANGES};
 

@@ -105,6 +105,15 @@ pub struct VolumeReport {
     /// extent the full resync under way resumed at, when it resumed.
     #[serde(default)]
     pub sync_cursor_extent: Option<u64>,
+    /// Primary: the peer's store, new (a rebuilt site), that a full sync waits for an
+    /// operator's approval onto (`geomirror rebuild --approve`), with the bytes this site's
+    /// image holds (at most what the sync copies) and the time that takes at the paced rate.
+    #[serde(default)]
+    pub rebuild_pending_store: Option<String>,
+    #[serde(default)]
+    pub rebuild_estimate_bytes: Option<u64>,
+    #[serde(default)]
+    pub rebuild_estimated_seconds: Option<f64>,
     /// Primary: the online verify under way, or the last one (`geomirror verify`).
     #[serde(default)]
     pub verify: Option<super::verify::VerifyReport>,
@@ -157,6 +166,9 @@ impl VolumeReport {
             full_resync_total_extents: s.full_resync.map(|(_, t)| t),
             sync_cursor_extent: s.sync_cursor,
             verify: super::verify::VerifyReport::of(s, volume_bytes),
+            rebuild_pending_store: s.rebuild_pending.map(|p| p.to_string()),
+            rebuild_estimate_bytes: None,
+            rebuild_estimated_seconds: None,
         }
     }
 }
@@ -220,6 +232,14 @@ async fn status(State(st): State<Arc<AppState>>, _: Operator) -> Result<Json<Sta
     let mut volumes = Vec::new();
     for v in &st.site.volumes {
         let mut report = VolumeReport::new(v.name(), &volume_status(v).await?, v.size_bytes(), st.site.bulk_bytes_per_sec);
+        if report.rebuild_pending_store.is_some() {
+            // What the sync reads and compares: the allocated part of this site's image (a
+            // scan of its holes, off the async threads).
+            let v2 = v.clone();
+            let bytes = tokio::task::spawn_blocking(move || v2.allocated_bytes()).await.ok().and_then(Result::ok);
+            report.rebuild_estimate_bytes = bytes;
+            report.rebuild_estimated_seconds = bytes.zip(st.site.bulk_bytes_per_sec).map(|(b, r)| b as f64 / r.max(1) as f64);
+        }
         report.aside_files = v.aside_files().into_iter().map(|(p, extents)| AsideFile { path: p.display().to_string(), extents }).collect();
         volumes.push(report);
     }
@@ -466,6 +486,47 @@ pub(super) fn bad_json(e: JsonRejection) -> ApiError {
     ApiError(e.status(), e.body_text())
 }
 
+/// The longest `reason` a request may give: it goes into both sites' logs.
+pub const MAX_REASON_CHARS: usize = 1024;
+
+pub(super) fn checked_reason(reason: &str) -> Result<(), ApiError> {
+    if reason.chars().count() > MAX_REASON_CHARS {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("the reason is longer than {MAX_REASON_CHARS} characters: shorten it")));
+    }
+    Ok(())
+}
+
+/// A JSON body that must be an object of the route's fields (serde would also take a
+/// positional array for a struct, which no operator means).
+pub(super) fn object_body<T: serde::de::DeserializeOwned>(req: Result<Json<serde_json::Value>, JsonRejection>) -> Result<T, ApiError> {
+    let Json(v) = req.map_err(bad_json)?;
+    if !v.is_object() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "the body must be a JSON object of the request's fields".into()));
+    }
+    serde_json::from_value(v).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+/// The volume a request names, or the site's only one when it names none.
+pub(super) fn the_volume(st: &AppState, name: Option<&str>) -> Result<Volume, ApiError> {
+    let vols = &st.site.volumes;
+    match name {
+        Some(n) => vols
+            .iter()
+            .find(|v| v.name() == n)
+            .cloned()
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no volume {n:?} on this site"))),
+        None if vols.len() == 1 => Ok(vols[0].clone()),
+        None => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "this site has {} volumes: name one with \"volume\" (--volume): {}",
+                vols.len(),
+                vols.iter().map(|v| v.name()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
 /// A volume's geometry: its size and the extent size its driver reports.
 pub(super) async fn volume_geometry(v: &Volume) -> Result<Geometry, ApiError> {
     let extent_bytes = volume_status(v).await?.extent_bytes;
@@ -501,6 +562,35 @@ async fn resolve_split_brain(State(st): State<Arc<AppState>>, Asked { caller, re
     Ok(Json(serde_json::json!({ "site": st.site.site, "kept": true })))
 }
 
+/// The body of `POST /v1/rebuild/approve`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveRequest {
+    #[serde(default)]
+    pub volume: Option<String>,
+    /// The peer's new store, as this site's status shows it (`rebuild_pending_store`): an
+    /// approval names exactly the store it lets the full sync run onto.
+    pub peer_store: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Approves the full sync onto a rebuilt peer: 400 for a store id that is not one, 409
+/// when none waits or another store does (nothing changes then).
+async fn approve_rebuild(
+    State(st): State<Arc<AppState>>,
+    Operator(caller): Operator,
+    req: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: ApproveRequest = object_body(req)?;
+    checked_reason(&req.reason)?;
+    let v = the_volume(&st, req.volume.as_deref())?;
+    let store: geomirror_core::StoreId = req.peer_store.parse().map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, why = req.reason, peer_store = %store, "rebuild approval requested");
+    ask(&v, OPERATION_TIMEOUT, |v, reply| v.approve_rebuild(store, reply)).await?;
+    Ok(Json(serde_json::json!({ "volume": v.name(), "approved": store.to_string() })))
+}
+
 /// Every route. `super::start` puts `auth::authenticate` in front of all of them (and of
 /// the fallback, so an unknown path or method is refused like any other before it is told
 /// apart).
@@ -516,6 +606,7 @@ pub(super) fn router() -> axum::Router<Arc<AppState>> {
         .route("/v1/checksums", post(checksums))
         .route("/v1/resolve-split-brain", post(resolve_split_brain))
         .route("/v1/verify", post(super::verify::verify))
+        .route("/v1/rebuild/approve", post(approve_rebuild))
         .route("/v1/verify/cancel", post(super::verify::cancel))
 }
 

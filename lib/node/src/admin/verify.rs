@@ -7,7 +7,7 @@
 //! writes (see `geomirror_core::primary::verify`).
 
 use super::auth::Operator;
-use super::routes::{ask, bad_json, volume_geometry, OPERATION_TIMEOUT};
+use super::routes::{ask, checked_reason, object_body, the_volume, volume_geometry, OPERATION_TIMEOUT};
 use super::{ApiError, AppState};
 use crate::volume::{Volume, VolumeStatus};
 use axum::extract::rejection::JsonRejection;
@@ -69,6 +69,9 @@ pub struct VerifyReport {
     pub end_extent: u64,
     pub repair: bool,
     pub done: bool,
+    /// An operator cancelled it: the extents not checked were not compared.
+    #[serde(default)]
+    pub cancelled: bool,
     pub checked_extents: u64,
     pub total_extents: u64,
     pub checked_bytes: u64,
@@ -106,6 +109,7 @@ impl VerifyReport {
             end_extent: v.extents.end,
             repair: v.repair,
             done: v.done,
+            cancelled: v.cancelled,
             checked_extents: v.checked,
             total_extents: v.extents.end - v.extents.start,
             checked_bytes: bytes_of(v.extents.start, checked_to),
@@ -123,26 +127,6 @@ impl VerifyReport {
             out_of_sync_ranges: ranges,
             unrepaired_extents: s.verify_unrepaired,
         })
-    }
-}
-
-fn the_volume(st: &AppState, name: Option<&str>) -> Result<Volume, ApiError> {
-    let vols = &st.site.volumes;
-    match name {
-        Some(n) => vols
-            .iter()
-            .find(|v| v.name() == n)
-            .cloned()
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no volume {n:?} on this site"))),
-        None if vols.len() == 1 => Ok(vols[0].clone()),
-        None => Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "this site has {} volumes: name one with \"volume\" (--volume): {}",
-                vols.len(),
-                vols.iter().map(|v| v.name()).collect::<Vec<_>>().join(", ")
-            ),
-        )),
     }
 }
 
@@ -171,9 +155,10 @@ pub(super) fn verify_extents(volume: &str, geo: &Geometry, offset: Option<u64>, 
 pub(super) async fn verify(
     State(st): State<Arc<AppState>>,
     Operator(caller): Operator,
-    req: Result<Json<VerifyRequest>, JsonRejection>,
+    req: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Json<VerifyStarted>, ApiError> {
-    let Json(req) = req.map_err(bad_json)?;
+    let req: VerifyRequest = object_body(req)?;
+    checked_reason(&req.reason)?;
     let v = the_volume(&st, req.volume.as_deref())?;
     let geo = volume_geometry(&v).await?;
     let (first, end) = verify_extents(v.name(), &geo, req.offset, req.length)?;
@@ -196,9 +181,9 @@ pub(super) async fn verify(
 pub(super) async fn cancel(
     State(st): State<Arc<AppState>>,
     Operator(caller): Operator,
-    req: Result<Json<VerifyCancel>, JsonRejection>,
+    req: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(req) = req.map_err(bad_json)?;
+    let req: VerifyCancel = object_body(req)?;
     let v = the_volume(&st, req.volume.as_deref())?;
     tracing::warn!(site = st.site.site, volume = v.name(), who = %caller, "verify cancel requested");
     let cancelled = ask(&v, OPERATION_TIMEOUT, Volume::cancel_verify).await?;

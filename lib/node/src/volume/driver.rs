@@ -332,6 +332,16 @@ impl Driver {
                 }
                 Machine::Secondary(_) => reply(Err(Refused::VerifyOnSecondary)),
             },
+            ToDriver::ApproveRebuild { store, reply } => match &mut self.core {
+                Machine::Primary(p) => match p.approve_rebuild(now, store) {
+                    Ok(()) => {
+                        tracing::warn!(volume = %self.name, peer_store = %store, "REBUILD approved: the full sync of the whole volume onto the peer's new store starts");
+                        reply(Ok(()));
+                    }
+                    Err(e) => reply(Err(Refused::Approve(e))),
+                },
+                Machine::Secondary(_) => reply(Err(Refused::ApproveOnSecondary)),
+            },
             ToDriver::CancelVerify { reply } => match &mut self.core {
                 Machine::Primary(p) => {
                     let cancelled = p.cancel_verify(now);

@@ -89,6 +89,15 @@ impl Volume {
         &self.shared.counters
     }
 
+    /// Bytes of the media that hold data (`SEEK_DATA`; a block device counts whole). Blocking.
+    pub fn allocated_bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::FileTypeExt;
+        if std::fs::metadata(&self.media_path)?.file_type().is_block_device() {
+            return Ok(self.size_bytes());
+        }
+        crate::media::allocated_bytes(&self.media_path)
+    }
+
     /// The side files of past failbacks (`<media>.aside.e<epoch>`) and their extent counts.
     pub fn aside_files(&self) -> Vec<(std::path::PathBuf, u64)> {
         crate::aside::Aside::list(&self.media_path)
@@ -153,6 +162,12 @@ impl Volume {
         self.submit(ToDriver::Verify { extents, repair, reply });
     }
 
+    /// Approves the full sync onto the peer store `store`, which must be the one waiting
+    /// (see `Primary::approve_rebuild`).
+    pub fn approve_rebuild(&self, store: geomirror_core::StoreId, reply: OperatorReply<()>) {
+        self.submit(ToDriver::ApproveRebuild { store, reply });
+    }
+
     /// Stops a running verify; its findings stay.
     pub fn cancel_verify(&self, reply: OperatorReply<bool>) {
         self.submit(ToDriver::CancelVerify { reply });
@@ -195,7 +210,9 @@ impl Volume {
                 ToDriver::Write { done, .. } | ToDriver::Flush { done } => done(Err(HostError::NotServing)),
                 ToDriver::Promote { reply, .. } => reply(Err(Refused::Stopped)),
                 ToDriver::Drain { reply, .. } => reply(Err(Refused::Stopped)),
-                ToDriver::ResolveSplitBrain { reply } | ToDriver::Verify { reply, .. } => reply(Err(Refused::Stopped)),
+                ToDriver::ResolveSplitBrain { reply } | ToDriver::Verify { reply, .. } | ToDriver::ApproveRebuild { reply, .. } => {
+                    reply(Err(Refused::Stopped))
+                }
                 ToDriver::CancelVerify { reply } => reply(Err(Refused::Stopped)),
                 ToDriver::Synced { .. }
                 | ToDriver::Persisted { .. }

@@ -125,6 +125,11 @@ enum ToDriver {
     CancelVerify {
         reply: OperatorReply<bool>,
     },
+    /// An operator approves the full sync onto the peer store `store` (a rebuilt site).
+    ApproveRebuild {
+        store: geomirror_core::StoreId,
+        reply: OperatorReply<()>,
+    },
     /// Finish what was accepted, sync, and end the thread.
     Stop,
 }

@@ -56,6 +56,10 @@ pub enum Refused {
     VerifyOnSecondary,
     #[error("{0}")]
     Verify(geomirror_core::VerifyRefused),
+    #[error("run this on the primary: it owes its peer the full sync")]
+    ApproveOnSecondary,
+    #[error("{0}")]
+    Approve(geomirror_core::ApproveRefused),
 }
 
 /// Which kind of refusal: what the admin API answers with.
@@ -84,7 +88,9 @@ impl Refused {
             | Refused::NoSplitBrain
             | Refused::NotTheKeeper
             | Refused::VerifyOnSecondary
-            | Refused::Verify(_) => RefusalKind::Conflict,
+            | Refused::Verify(_)
+            | Refused::ApproveOnSecondary
+            | Refused::Approve(_) => RefusalKind::Conflict,
         }
     }
 }

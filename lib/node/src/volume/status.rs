@@ -109,6 +109,8 @@ pub struct VolumeStatus {
     /// verify that no resync has copied yet.
     pub verify: Option<geomirror_core::VerifyStatus>,
     pub verify_unrepaired: u64,
+    /// Primary: the peer store a full sync waits for an operator's approval onto.
+    pub rebuild_pending: Option<geomirror_core::StoreId>,
     /// The state machine's own counters, whole, for metrics.
     pub primary_stats: Option<geomirror_core::stats::PrimaryStats>,
     pub secondary_stats: Option<geomirror_core::stats::SecondaryStats>,
@@ -156,6 +158,7 @@ pub(super) fn of(machine: &Machine, now: Time, failed: bool, extent_bytes: u64, 
                 sync_cursor: (p.full_resync_progress().is_some() && st.full_resync_resumed_at > 0).then_some(st.full_resync_resumed_at),
                 verify: p.verify_status(),
                 verify_unrepaired: p.verify_unrepaired().len() as u64,
+                rebuild_pending: p.rebuild_pending(),
                 primary_stats: Some(st.clone()),
                 secondary_stats: None,
             }
@@ -199,6 +202,7 @@ pub(super) fn of(machine: &Machine, now: Time, failed: bool, extent_bytes: u64, 
                 sync_cursor: s.sync_cursor().map(|c| c.next),
                 verify: None,
                 verify_unrepaired: 0,
+                rebuild_pending: None,
                 primary_stats: None,
                 secondary_stats: Some(st.clone()),
             }

@@ -186,7 +186,7 @@ impl SimConfig {
             };
         }
         cfg.core.rebuild_auto = r.gen_bool(0.5);
-        cfg.faults.verify_ppm = if r.gen_bool(0.3) { r.gen_range(0..6000) } else { 0 };
+        cfg.faults.verify_ppm = if r.gen_bool(0.4) { r.gen_range(2000..30000) } else { 0 };
         // Rot only where no promotion puts a rotted image before the host (`verify.rs`).
         let no_store_faults = cfg.faults.store_loss_ppm == 0 && cfg.faults.store_rollback_ppm == 0 && cfg.faults.hidden_rollback_ppm == 0;
         if scenario == Scenario::Steady && no_store_faults && r.gen_bool(0.5) {

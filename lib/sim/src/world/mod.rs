@@ -98,6 +98,7 @@ pub struct SimReport {
     /// Online verifies an operator started (the final one included), and blocks rot
     /// changed on the secondary's disk (`verify.rs`).
     pub verifies: u64,
+    pub verifies_cancelled: u64,
     pub rotted_blocks: u64,
     /// Extents the final primary's verifies found different.
     pub verify_found: u64,

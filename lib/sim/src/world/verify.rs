@@ -32,7 +32,14 @@ impl World {
             let first = self.rng.gen_range(0..n);
             let end = self.rng.gen_range(first + 1..=n);
             let repair = self.rng.gen_bool(0.5);
-            self.start_verify(first..end, repair);
+            if !self.start_verify(first..end, repair) && self.rng.gen_bool(0.3) {
+                // One runs: the operator cancels it instead.
+                let (a, now) = (self.active, self.now);
+                if self.primary(a).is_some_and(|p| p.cancel_verify(now)) {
+                    self.report.verifies_cancelled += 1;
+                    self.drain_actions(a);
+                }
+            }
         }
         if f.bit_rot_ppm > 0 && self.rng.gen_range(0..1_000_000) < f.bit_rot_ppm {
             let b = OTHER[self.active];
