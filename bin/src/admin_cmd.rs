@@ -125,6 +125,7 @@ pub fn status(a: AdminArgs) -> Result<()> {
     println!("site {}{}", s.site, s.peer.map_or(String::new(), |p| format!(" (peer {p})")));
     for v in &s.volumes {
         println!("volume {}: {} of epoch {}, {}", v.name, v.role, v.epoch, v.phase);
+        println!("  store: {}{}", v.store_id, v.peer_store.as_deref().map_or(String::new(), |p| format!(" (its peer's: {p})")));
         if v.role == "primary" {
             println!("  link: {}", if v.link_up { "up" } else { "DOWN" });
             let sync = if v.writes > 0 { 100.0 * v.misses as f64 / v.writes as f64 } else { 0.0 };
@@ -152,14 +153,22 @@ pub fn status(a: AdminArgs) -> Result<()> {
                 match (v.full_resync_checked_extents, v.full_resync_total_extents) {
                     (Some(c), Some(t)) => {
                         let resumed = v.sync_cursor_extent.map_or(String::new(), |r| format!(" (resumed at extent {r})"));
-                        println!("  full verified resync: {c} of {t} extents checked{resumed}; its record is not trusted until it ends")
+                        let left = v.full_resync_remaining_bytes.map_or(String::new(), |b| {
+                            let eta = v.full_resync_eta_seconds.map_or(String::new(), |s| format!(", about {s:.0} s at its rate so far"));
+                            format!("; {} left to check or copy{eta}", format_bytes(b))
+                        });
+                        println!(
+                            "  full verified resync: {c} of {t} extents checked{resumed}{left}; its record is not trusted until it ends"
+                        )
                     }
+                    _ if v.rebuild_pending_store.is_some() => {}
+                    _ if v.link_up => println!("  a full verified resync is owed to it and starts at once"),
                     _ => println!("  a full verified resync is owed to it and starts once the link is up"),
                 }
             }
             if let Some(store) = &v.rebuild_pending_store {
                 println!(
-                    "  REBUILD WAITS FOR APPROVAL: the peer came back with a new store {store}; its full sync starts once approved                      (geomirror rebuild --config <this site> --approve {store})"
+                    "  REBUILD WAITS FOR APPROVAL: the peer came back with a new store {store}; its full sync starts once approved (geomirror rebuild --config <this site's config> --approve {store})"
                 );
             }
             if let Some(r) = &v.verify {
@@ -203,7 +212,7 @@ pub fn status(a: AdminArgs) -> Result<()> {
                 match (v.consistent && !v.amnesiac, v.authoritative && !v.amnesiac) {
                     (true, true) => "consistent, record authoritative: in sync with its primary up to what it applied",
                     (true, false) => "consistent, record NOT authoritative",
-                    (false, _) if v.amnesiac => "inconsistent (syncing): not trusted until its primary's full verified resync ends",
+                    (false, _) if v.amnesiac => "inconsistent (syncing): not trusted until its primary's full verified resync ends (a rebuild may first wait for an operator's approval on the primary)",
                     (false, _) =>
                         "inconsistent: a resync is under way, or a verify found extents that differ (the next resync copies them)",
                 }

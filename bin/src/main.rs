@@ -35,7 +35,8 @@ acknowledged at local-disk speed and shipped asynchronously; a write to an unrec
 the record synchronously. So the secondary always knows a superset of what may differ between the sites, \
 and failback copies only that.\n\n\
 Commands: `demo` starts two sites on this machine, for a first look; `run` starts a site from its config file and serves its volumes over NBD, mirrored to its peer; \
-`certs` makes the deployment's certificates; `status`, `promote`, `demote`, `failback`, `switchover`, `resume` \
+`adopt` puts a volume that already holds data under protection; \
+`certs` makes the deployment's certificates; `status`, `promote`, `demote`, `failback`, `switchover`, `resume`, `verify`, `rebuild` \
 and `resolve-split-brain` talk to a running site's admin API (docs/operations.md is the runbook); `wan-emu` \
 puts an emulated WAN between two sites on one machine; `replay` measures prediction on a workload or a block \
 trace; `simulate` runs the deterministic two-site fault simulation.",

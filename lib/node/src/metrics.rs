@@ -54,6 +54,8 @@ pub const SPLIT_BRAIN: &str = "geomirror_split_brain";
 pub const AMNESIAC: &str = "geomirror_amnesiac";
 pub const FULL_RESYNC_CHECKED_EXTENTS: &str = "geomirror_full_resync_checked_extents";
 pub const FULL_RESYNC_TOTAL_EXTENTS: &str = "geomirror_full_resync_total_extents";
+pub const FULL_RESYNC_REMAINING_BYTES: &str = "geomirror_full_resync_remaining_bytes";
+pub const FULL_RESYNC_REMAINING_SECONDS: &str = "geomirror_full_resync_remaining_seconds";
 pub const SYNC_CURSOR_EXTENT: &str = "geomirror_sync_cursor_extent";
 pub const REBUILD_PENDING: &str = "geomirror_rebuild_pending";
 pub const VERIFY_RUNNING: &str = "geomirror_verify_running";
@@ -224,6 +226,18 @@ const CATALOGUE: &[(Kind, &str, Unit, &str)] = &[
     ),
     (Kind::Gauge, FULL_RESYNC_CHECKED_EXTENTS, Unit::Count, "Extents the full verified resync under way has checked"),
     (Kind::Gauge, FULL_RESYNC_TOTAL_EXTENTS, Unit::Count, "Extents the full verified resync under way checks in all: the volume's"),
+    (
+        Kind::Gauge,
+        FULL_RESYNC_REMAINING_BYTES,
+        Unit::Bytes,
+        "Primary: bytes of extents the full verified resync under way has still to check or copy",
+    ),
+    (
+        Kind::Gauge,
+        FULL_RESYNC_REMAINING_SECONDS,
+        Unit::Seconds,
+        "Primary: the time the full verified resync under way needs for what is left, at its rate so far",
+    ),
     (
         Kind::Gauge,
         SYNC_CURSOR_EXTENT,

@@ -127,6 +127,12 @@ fn volume(v: &Volume, st: &VolumeStatus, bulk_bytes_per_sec: Option<u64>) {
         g(FULL_RESYNC_CHECKED_EXTENTS, checked as f64);
         g(FULL_RESYNC_TOTAL_EXTENTS, total as f64);
     }
+    if let Some((bytes, eta)) = st.full_resync_left {
+        g(FULL_RESYNC_REMAINING_BYTES, bytes as f64);
+        if let Some(eta) = eta {
+            g(FULL_RESYNC_REMAINING_SECONDS, eta.as_secs_f64());
+        }
+    }
     if let Some(c) = st.sync_cursor {
         g(SYNC_CURSOR_EXTENT, c as f64);
     }

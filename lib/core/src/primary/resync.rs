@@ -38,6 +38,8 @@ pub(super) struct Resync {
     pub(super) checks: BTreeMap<Seq, ExtentId>,
     /// The last sync mark dispatched in this resync.
     pub(super) marked: u64,
+    /// When the running full resync's sweep started, and at which extent: its rate so far.
+    pub(super) full_started: Option<(Time, u64)>,
     /// Promoted, failback not yet complete (see `writes_alone_on_link_loss`).
     pub(super) failback_pending: bool,
 }
@@ -59,6 +61,7 @@ impl Resync {
             resume: None,
             checks: BTreeMap::new(),
             marked: 0,
+            full_started: None,
             failback_pending: state.failback_pending,
         }
     }
@@ -221,6 +224,7 @@ impl Primary {
         self.resync.sweep = full.then_some(from);
         self.resync.checks.clear();
         self.resync.marked = from;
+        self.resync.full_started = full.then_some((self.last_now, from));
         if full {
             self.stats.full_resyncs_resumed += u64::from(from > 0);
             self.stats.full_resync_resumed_at = from;
@@ -233,6 +237,33 @@ impl Primary {
         // its own anywhere when the full resync is owed (this site was an amnesiac).
         let save_aside = self.conn.peer_save_aside || (full && self.resync.failback_pending);
         self.dispatch_resync_item(Apply::ResyncBegin { save_aside, skip, full, from });
+    }
+
+    /// What the full resync under way has left: bytes of extents its sweep has not reached,
+    /// plus those swept whose check is unanswered or whose differing blocks are still to be
+    /// copied; and the time that takes at the sweep's rate so far (None before it moved).
+    pub fn full_resync_left(&self, now: Time) -> Option<(u64, Option<std::time::Duration>)> {
+        let sweep = self.resync.sweep.filter(|_| self.resync.full)?;
+        let count = self.geo.extent_count();
+        let unswept = count.saturating_sub(sweep);
+        let pending: BTreeSet<ExtentId> = self
+            .resync
+            .reading
+            .values()
+            .chain(self.resync.needs_copy.iter())
+            .chain(self.resync.checks.values())
+            .chain(self.resync.copy_blocks.keys())
+            .copied()
+            .filter(|e| e.0 < sweep)
+            .collect();
+        let bytes = (unswept + pending.len() as u64) * self.geo.extent_bytes();
+        let eta = self.resync.full_started.and_then(|(t0, from)| {
+            let done = sweep.saturating_sub(from);
+            let secs = now.since(t0).as_secs_f64();
+            (done > 0 && secs > 0.0)
+                .then(|| std::time::Duration::from_secs_f64((unswept + pending.len() as u64) as f64 * secs / done as f64))
+        });
+        Some((bytes, eta))
     }
 
     /// The full resync's sync cursor now: the lowest extent not yet known synced on the peer

@@ -100,6 +100,12 @@ pub struct VolumeReport {
     pub full_resync_checked_extents: Option<u64>,
     #[serde(default)]
     pub full_resync_total_extents: Option<u64>,
+    /// Primary: what the full verified resync under way has left to check or copy, in bytes
+    /// of extents, and the time that takes at its rate so far (None until it has moved).
+    #[serde(default)]
+    pub full_resync_remaining_bytes: Option<u64>,
+    #[serde(default)]
+    pub full_resync_eta_seconds: Option<f64>,
     /// Secondary: the full verified resync's durable sync cursor (every extent below it is
     /// synced; a resync resumed after a restart or a link loss starts there). Primary: the
     /// extent the full resync under way resumed at, when it resumed.
@@ -164,6 +170,8 @@ impl VolumeReport {
             amnesia_reason: s.amnesia_reason.clone(),
             full_resync_checked_extents: s.full_resync.map(|(c, _)| c),
             full_resync_total_extents: s.full_resync.map(|(_, t)| t),
+            full_resync_remaining_bytes: s.full_resync_left.map(|(b, _)| b),
+            full_resync_eta_seconds: s.full_resync_left.and_then(|(_, eta)| eta).map(|d| d.as_secs_f64()),
             sync_cursor_extent: s.sync_cursor,
             verify: super::verify::VerifyReport::of(s, volume_bytes),
             rebuild_pending_store: s.rebuild_pending.map(|p| p.to_string()),

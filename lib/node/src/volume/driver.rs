@@ -148,6 +148,9 @@ struct AmnesiaSeen {
     stepped_down: u64,
     full_resync_running: bool,
     full_resyncs_completed: u64,
+    /// Online verify: extents found different, and verifies ended.
+    verify_found: u64,
+    verifies_completed: u64,
 }
 
 struct Drain {
@@ -338,7 +341,10 @@ impl Driver {
                         tracing::warn!(volume = %self.name, peer_store = %store, "REBUILD approved: the full sync of the whole volume onto the peer's new store starts");
                         reply(Ok(()));
                     }
-                    Err(e) => reply(Err(Refused::Approve(e))),
+                    Err(e) => {
+                        tracing::warn!(volume = %self.name, peer_store = %store, error = %e, "rebuild approval refused");
+                        reply(Err(Refused::Approve(e)))
+                    }
                 },
                 Machine::Secondary(_) => reply(Err(Refused::ApproveOnSecondary)),
             },
@@ -474,6 +480,8 @@ impl Driver {
                     stepped_down: s.stepped_down_amnesiac,
                     full_resync_running: p.full_resync_progress().is_some(),
                     full_resyncs_completed: s.full_resyncs_completed,
+                    verify_found: s.verify_extents_found,
+                    verifies_completed: s.verifies_completed,
                 }
             }
             Machine::Secondary(s) => AmnesiaSeen {
@@ -488,7 +496,14 @@ impl Driver {
         }
         if now.peers_detected > was.peers_detected {
             let why = self.core.primary().and_then(|p| p.peer_amnesia()).unwrap_or("").to_owned();
-            tracing::error!(volume = %name, why, "THE PEER IS AN AMNESIAC: its record is not trusted; a full verified resync of the whole volume follows (docs/operations.md, \"Amnesia\")");
+            match self.core.primary().and_then(|p| p.rebuild_pending()) {
+                Some(store) => {
+                    tracing::error!(volume = %name, why, peer_store = %store, "THE PEER IS AN AMNESIAC with a new store (a rebuilt site): its record is not trusted; the full verified resync of the whole volume WAITS FOR APPROVAL: geomirror rebuild --approve {store} (docs/operations.md, \"Rebuilding a lost site\")")
+                }
+                None => {
+                    tracing::error!(volume = %name, why, "THE PEER IS AN AMNESIAC: its record is not trusted; a full verified resync of the whole volume follows (docs/operations.md, \"Amnesia\")")
+                }
+            }
         }
         if now.self_detected > was.self_detected {
             let why = self.core.secondary().and_then(|s| s.amnesia_reason()).unwrap_or("").to_owned();
@@ -502,6 +517,17 @@ impl Driver {
         }
         if now.full_resyncs_completed > was.full_resyncs_completed {
             tracing::warn!(volume = %name, "full verified resync ended: the peer's record is trusted again");
+        }
+        if now.verify_found > was.verify_found || now.verifies_completed > was.verifies_completed {
+            if let Some(v) = self.core.primary().and_then(|p| p.verify_status()) {
+                let ranges: Vec<String> = v.found.keys().take(16).map(|e| format!("extent {}", e.0)).collect();
+                if now.verify_found > was.verify_found {
+                    tracing::error!(volume = %name, found = v.found.len(), first = ranges.join(", "), "VERIFY found extents that differ between the sites: the secondary's image is inconsistent until a resync copies them (docs/operations.md, \"Verifying the two images\")");
+                }
+                if now.verifies_completed > was.verifies_completed {
+                    tracing::warn!(volume = %name, checked = v.checked, differ = v.found.len(), "VERIFY ended: {} extents compared, {} differ", v.checked, v.found.len());
+                }
+            }
         }
         self.amnesia_seen = now;
     }

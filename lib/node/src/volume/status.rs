@@ -101,6 +101,9 @@ pub struct VolumeStatus {
     pub amnesia_reason: Option<String>,
     /// Primary: the full resync under way, as extents checked of the volume's.
     pub full_resync: Option<(u64, u64)>,
+    /// Primary: the full resync's bytes left to check or copy, and the time left at its rate
+    /// so far.
+    pub full_resync_left: Option<(u64, Option<std::time::Duration>)>,
     /// Secondary: the full resync's durable sync cursor (extents below it are synced; a
     /// resumed resync starts there). Primary: the extent the full resync under way resumed
     /// at, when it did.
@@ -155,6 +158,7 @@ pub(super) fn of(machine: &Machine, now: Time, failed: bool, extent_bytes: u64, 
                 amnesiac: p.full_resync_owed(),
                 amnesia_reason: p.peer_amnesia().map(str::to_owned),
                 full_resync: p.full_resync_progress(),
+                full_resync_left: p.full_resync_left(now),
                 sync_cursor: (p.full_resync_progress().is_some() && st.full_resync_resumed_at > 0).then_some(st.full_resync_resumed_at),
                 verify: p.verify_status(),
                 verify_unrepaired: p.verify_unrepaired().len() as u64,
@@ -199,6 +203,7 @@ pub(super) fn of(machine: &Machine, now: Time, failed: bool, extent_bytes: u64, 
                 amnesiac: s.is_amnesiac(),
                 amnesia_reason: s.amnesia_reason().map(str::to_owned),
                 full_resync: None,
+                full_resync_left: None,
                 sync_cursor: s.sync_cursor().map(|c| c.next),
                 verify: None,
                 verify_unrepaired: 0,
