@@ -124,7 +124,19 @@ fn an_ext4_image_is_adopted_and_copied_whole_through_host_writes_and_kill_9_of_e
 
     // The restarted primary resumes at the secondary's durable cursor, not at extent 0.
     let v1 = op.wait_for(LIMIT, "dc1", "syncing again", syncing);
-    assert!(cursor(&v1) >= durable, "the copy resumed at extent {} though the secondary's cursor was at {durable}: {v1:#}", cursor(&v1));
+    if cursor(&v1) < durable {
+        // Both sites' logs, for the diagnosis (seen once in CI, never here).
+        let v2 = op.status("dc2");
+        let tail = |log: String| log.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let (_, l1) = dc1.stop();
+        let (_, l2) = dc2.stop();
+        panic!(
+            "the copy resumed at extent {} though the secondary's cursor was at {durable}: {v1:#}\ndc2: {v2:#}\ndc1's log:\n{}\ndc2's log:\n{}",
+            cursor(&v1),
+            tail(l1),
+            tail(l2)
+        );
+    }
 
     // kill -9 of the secondary mid-copy: it resumes too.
     dc2.kill();
