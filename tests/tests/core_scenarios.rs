@@ -621,3 +621,27 @@ fn a_store_owed_a_full_resync_claims_nothing_from_the_handshake_on() {
     let mut again = Secondary::new(cfg, geo, s_store.durable());
     assert_eq!(again.promote(false).map(|r| r.consistent), Err(geomirror_core::PromoteError::Amnesiac));
 }
+
+/// A forced promotion of an amnesiac mid-sync names where the unsynced part of its image
+/// starts: its durable sync cursor (of its primary, in its epoch), or the first extent.
+#[test]
+fn a_forced_promotion_mid_sync_names_the_unsynced_range_from_the_sync_cursor() {
+    let geo = Geometry::new(64 << 20, 1 << 20).unwrap();
+    let primary = geomirror_core::StoreId(7);
+    let mut state = SiteState::amnesiac(geomirror_core::StoreId(9));
+    state.peer = geomirror_core::PeerMemory { store: Some(primary), ..Default::default() };
+    state.sync_cursor = Some(geomirror_core::SyncCursor { primary, epoch: state.epoch, next: 40 });
+    let mut s = Secondary::new(CoreConfig::default(), geo.clone(), &state);
+    assert_eq!(s.promote(false).unwrap_err(), geomirror_core::PromoteError::Amnesiac);
+    let r = s.promote(true).expect("forced");
+    assert_eq!((r.amnesiac, r.unsynced_from), (true, Some(40)));
+    // A cursor of another primary vouches for nothing: everything is unsynced.
+    state.sync_cursor = Some(geomirror_core::SyncCursor { primary: geomirror_core::StoreId(8), epoch: state.epoch, next: 40 });
+    let r = Secondary::new(CoreConfig::default(), geo.clone(), &state).promote(true).expect("forced");
+    assert_eq!(r.unsynced_from, Some(0));
+    // A trusted secondary has no unsynced range.
+    let mut fine = SiteState::fresh(Role::Secondary, geomirror_core::StoreId(9));
+    fine.peer = geomirror_core::PeerMemory { store: Some(primary), ..Default::default() };
+    let r = Secondary::new(CoreConfig::default(), geo, &fine).promote(true).expect("forced");
+    assert_eq!((r.amnesiac, r.unsynced_from), (false, None));
+}

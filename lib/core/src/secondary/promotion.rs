@@ -32,6 +32,10 @@ pub struct PromoteReport {
     /// anywhere, and its failback onto the old primary checks the whole volume.
     pub amnesiac: bool,
     pub applied: Seq,
+    /// An amnesiac promoted mid-sync: the first extent its full verified resync had not
+    /// synced durably (its sync cursor; 0 without one). Every extent from there to the end
+    /// of the volume may hold anything; the failback checks the whole volume either way.
+    pub unsynced_from: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -99,6 +103,7 @@ impl Secondary {
             consistent: self.consistent,
             amnesiac: untrusted,
             applied: self.applied,
+            unsynced_from: untrusted.then(|| self.sync_cursor().map_or(0, |c| c.next)),
         };
         self.persist(PersistKind::Promote, batch);
         if self.conn.connected {

@@ -327,8 +327,19 @@ async fn promote(State(st): State<Arc<AppState>>, Asked { caller, req }: Asked) 
             .inspect_err(|e| tracing::warn!(site = st.site.site, who = %caller, error = e.1, "promote refused"))?;
         volumes.push(match outcome {
             PromoteOutcome::Promoted(r) => {
+                let extent_bytes = volume_status(v).await.map(|s| s.extent_bytes).unwrap_or(0);
+                let unsynced = r.unsynced_from.map(|e| {
+                    let from = e.saturating_mul(extent_bytes).min(v.size_bytes());
+                    format!(
+                        "UNSYNCED RANGE: bytes {from} to {} (extents {e} to the end) had not been synced from the old primary: they may hold anything (older data, or none)",
+                        v.size_bytes()
+                    )
+                });
                 let warning = (!r.authoritative || !r.consistent || r.amnesiac).then(|| {
                     let mut w = Vec::new();
+                    if let Some(u) = &unsynced {
+                        w.push(u.as_str());
+                    }
                     if r.amnesiac {
                         w.push("THIS SITE WAS AN AMNESIAC (promoted with --force): its store had lost state it acknowledged, so acknowledged writes may be missing anywhere on its image; its peer gets a full verified resync from it, saving aside whatever differs there");
                     }
