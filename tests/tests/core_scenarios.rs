@@ -631,13 +631,13 @@ fn a_forced_promotion_mid_sync_names_the_unsynced_range_from_the_sync_cursor() {
     let mut state = SiteState::amnesiac(geomirror_core::StoreId(9));
     state.peer = geomirror_core::PeerMemory { store: Some(primary), ..Default::default() };
     state.sync_cursor = Some(geomirror_core::SyncCursor { primary, epoch: state.epoch, next: 40 });
-    let mut s = Secondary::new(CoreConfig::default(), geo.clone(), &state);
+    let mut s = Secondary::new(CoreConfig::default(), geo, &state);
     assert_eq!(s.promote(false).unwrap_err(), geomirror_core::PromoteError::Amnesiac);
     let r = s.promote(true).expect("forced");
     assert_eq!((r.amnesiac, r.unsynced_from), (true, Some(40)));
     // A cursor of another primary vouches for nothing: everything is unsynced.
     state.sync_cursor = Some(geomirror_core::SyncCursor { primary: geomirror_core::StoreId(8), epoch: state.epoch, next: 40 });
-    let r = Secondary::new(CoreConfig::default(), geo.clone(), &state).promote(true).expect("forced");
+    let r = Secondary::new(CoreConfig::default(), geo, &state).promote(true).expect("forced");
     assert_eq!(r.unsynced_from, Some(0));
     // A trusted secondary has no unsynced range.
     let mut fine = SiteState::fresh(Role::Secondary, geomirror_core::StoreId(9));
