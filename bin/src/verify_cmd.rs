@@ -129,9 +129,11 @@ fn print_result(volume: &str, r: &VerifyReport) {
         return;
     }
     println!(
-        "volume {volume}: OUT OF SYNC: {} extents ({} blocks of 4 KiB) differ on the peer, in {} compared:",
+        "volume {volume}: OUT OF SYNC: {} extent{} ({} block{} of 4 KiB) differ on the peer, in {} compared:",
         r.out_of_sync_extents,
+        if r.out_of_sync_extents == 1 { "" } else { "s" },
         r.out_of_sync_blocks,
+        if r.out_of_sync_blocks == 1 { "" } else { "s" },
         format_bytes(r.checked_bytes)
     );
     for [offset, len] in &r.out_of_sync_ranges {

@@ -47,6 +47,9 @@ pub enum VerifyWait {
     LinkDown,
     FullResyncOwed,
     Resyncing,
+    /// Host writes fill the lag budget (`max_lag_bytes`): checks wait until the peer has
+    /// applied enough of them (a catch-up after a reconnect, or writes faster than the link).
+    Paced,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,7 +160,18 @@ impl Primary {
             found: r.found.clone(),
             done: r.done,
             cancelled: r.cancelled,
-            waiting: if r.done { None } else { self.verify_wait() },
+            waiting: if r.done {
+                None
+            } else {
+                self.verify_wait().or_else(|| {
+                    let paced = r.reading.is_empty()
+                        && !r.cancelled
+                        && r.next < r.extents.end
+                        && self.buffer_bytes > 0
+                        && self.buffer_bytes + self.geo.extent_bytes() > self.cfg.max_lag_bytes;
+                    paced.then_some(VerifyWait::Paced)
+                })
+            },
         })
     }
 

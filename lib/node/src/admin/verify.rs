@@ -119,6 +119,7 @@ impl VerifyReport {
                     VerifyWait::LinkDown => "the link to the peer is down",
                     VerifyWait::FullResyncOwed => "the peer is owed a full verified resync first",
                     VerifyWait::Resyncing => "a resync is under way; the comparison goes on once it ends",
+                    VerifyWait::Paced => "host writes fill the lag budget; checks go as the peer catches up",
                 }
                 .to_owned()
             }),
