@@ -50,6 +50,9 @@ pub enum Mutation {
     VerifyLeavesConsistent,
     /// `verify --repair` finds differences but never copies them.
     VerifyRepairSkipped,
+    /// A primary resuming the full resync it owes ignores the peer's sync cursor and sweeps
+    /// from the first extent again (correct, but unbounded: not the sync replay window).
+    ResumeFromStart,
 }
 
 thread_local! {
@@ -125,4 +128,8 @@ pub(crate) fn verify_leaves_consistent() -> bool {
 
 pub(crate) fn verify_repair_skipped() -> bool {
     ACTIVE.with(|a| a.get() == Some(Mutation::VerifyRepairSkipped))
+}
+
+pub(crate) fn resume_from_start() -> bool {
+    ACTIVE.with(|a| a.get() == Some(Mutation::ResumeFromStart))
 }

@@ -136,3 +136,8 @@ fn a_secondary_that_keeps_calling_its_image_consistent_after_a_verify_difference
 fn a_verify_repair_that_copies_nothing_leaves_sites_that_differ() {
     caught_by(Mutation::VerifyRepairSkipped, &["O4"]);
 }
+
+#[test]
+fn a_resumed_full_resync_that_ignores_the_sync_cursor_is_caught() {
+    caught_by(Mutation::ResumeFromStart, &["resume"]);
+}

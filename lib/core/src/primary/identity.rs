@@ -242,6 +242,10 @@ impl Primary {
             // extent without one).
             Some(_) if w.amnesiac && self.ident.full_resync_owed && !self.ident.settling => {
                 self.resync.resume = w.sync_cursor.filter(|c| *c <= self.geo.extent_count());
+                #[cfg(feature = "mutations")]
+                if crate::mutations::resume_from_start() {
+                    self.resync.resume = None;
+                }
                 self.resync.full = false;
                 None
             }

@@ -43,6 +43,14 @@ pub(super) struct SyncWatch {
     pub(super) owed: bool,
     /// The last resync begun on this site (as delivered) is a full one.
     full_begun: bool,
+    /// On a primary: the connection on which a welcome named the peer's durable sync cursor,
+    /// that cursor, and how many amnesias this primary had found before reading it. The
+    /// first full resync begun on that connection resumes at or past the cursor unless the
+    /// welcome showed a new amnesia: a restart or a link cut re-checks at most the sync
+    /// replay window, never from the first extent.
+    /// (And the last sequence number the primary had dispatched then: a begin retransmitted
+    /// from before the welcome does not count.)
+    welcome_cursor: Option<(u64, u64, u64, u64)>,
 }
 
 impl World {
@@ -109,6 +117,31 @@ impl World {
 
     /// Follows what O8 needs from a frame delivered to site `to`.
     pub(super) fn note_sync_frame(&mut self, to: SiteId, frame: &Frame) {
+        let conn = self.conn;
+        match frame {
+            Frame::Welcome { amnesiac: true, sync_cursor: Some(c), .. } => {
+                if let Some(Machine::Primary(p)) = &self.sites[to].core {
+                    self.sync_watch[to].welcome_cursor = Some((conn, *c, p.stats().amnesiac_peers_detected, p.last_dispatched().0));
+                }
+            }
+            Frame::Data { seq, apply: Apply::ResyncBegin { full: true, from, .. }, .. }
+                if self.sync_watch[OTHER[to]].welcome_cursor.is_some_and(|w| seq.0 > w.3) =>
+            {
+                let primary = OTHER[to];
+                if let Some((wconn, c, detected, _)) = self.sync_watch[primary].welcome_cursor.take() {
+                    let same_debt =
+                        matches!(&self.sites[primary].core, Some(Machine::Primary(p)) if p.stats().amnesiac_peers_detected == detected);
+                    if wconn == conn && same_debt && *from < c {
+                        self.violate(
+                            "resume",
+                            format!("the full resync resumed at extent {from} though the welcome named the peer's durable cursor {c}"),
+                        );
+                        return;
+                    }
+                }
+            }
+            _ => {}
+        }
         let w = &mut self.sync_watch[to];
         match frame {
             Frame::Hello { owes_full_resync: true, .. } if matches!(self.sites[to].core, Some(Machine::Secondary(_))) => {
