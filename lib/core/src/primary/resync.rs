@@ -246,16 +246,7 @@ impl Primary {
         let sweep = self.resync.sweep.filter(|_| self.resync.full)?;
         let count = self.geo.extent_count();
         let unswept = count.saturating_sub(sweep);
-        let pending: BTreeSet<ExtentId> = self
-            .resync
-            .reading
-            .values()
-            .chain(self.resync.needs_copy.iter())
-            .chain(self.resync.checks.values())
-            .chain(self.resync.copy_blocks.keys())
-            .copied()
-            .filter(|e| e.0 < sweep)
-            .collect();
+        let pending: BTreeSet<ExtentId> = self.resync_unsynced().filter(|e| e.0 < sweep).collect();
         let bytes = (unswept + pending.len() as u64) * self.geo.extent_bytes();
         let eta = self.resync.full_started.and_then(|(t0, from)| {
             let done = sweep.saturating_sub(from);
@@ -266,20 +257,19 @@ impl Primary {
         Some((bytes, eta))
     }
 
+    /// Extents the running resync has not synced on the peer yet, whatever the sweep says:
+    /// being read, owed a copy, checked without an answer, or with differing blocks to copy.
+    fn resync_unsynced(&self) -> impl Iterator<Item = ExtentId> + '_ {
+        let r = &self.resync;
+        r.reading.values().chain(r.needs_copy.iter()).chain(r.checks.values()).chain(r.copy_blocks.keys()).copied()
+    }
+
     /// The full resync's sync cursor now: the lowest extent not yet known synced on the peer
     /// as of the next sequence number. Below it every extent was swept, its check answered
     /// equal, or the copy of its differing blocks dispatched (so ahead of the mark in order).
     fn sync_low_water(&self) -> Option<u64> {
         let sweep = self.resync.sweep?;
-        let pending = self
-            .resync
-            .reading
-            .values()
-            .chain(self.resync.needs_copy.iter())
-            .chain(self.resync.checks.values())
-            .chain(self.resync.copy_blocks.keys())
-            .map(|e| e.0)
-            .min();
+        let pending = self.resync_unsynced().map(|e| e.0).min();
         #[cfg(feature = "mutations")]
         if crate::mutations::mark_ahead_of_checks() {
             return Some(sweep);
