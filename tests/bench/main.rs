@@ -319,16 +319,7 @@ fn main() -> Result<()> {
             let table = sync::markdown(&rows, &o);
             println!("{table}");
             if let Some(doc) = docs {
-                let args: Vec<String> = std::env::args().skip(1).collect();
-                let when = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
-                let body = format!(
-                    "Run of {} (`tests/bench/run {}`, {:.0} min):\n\n{machine}\n{table}",
-                    String::from_utf8_lossy(&when.stdout).trim(),
-                    args.join(" "),
-                    started.elapsed().as_secs_f64() / 60.0,
-                );
-                report::write_docs(&doc, "sync", &body)?;
-                eprintln!("wrote {}", doc.display());
+                report::publish(&doc, "sync", started, "", &machine, &table)?;
             }
             Ok(())
         }
@@ -345,16 +336,10 @@ fn main() -> Result<()> {
             let table = detect::markdown(&rows);
             println!("{table}");
             if let Some(doc) = docs {
-                let args: Vec<String> = std::env::args().skip(1).collect();
-                let when = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
-                let body = format!(
-                    "Run of {} (`tests/bench/run {}`, {:.0} min), `geomirror demo` at {rtt_ms} ms RTT, {rate_mbps} Mbit/s, `idle_timeout_ms` 3000, `keep_alive_ms` 500, {load_s} s of writes before each kill:\n\n{machine}\n{table}",
-                    String::from_utf8_lossy(&when.stdout).trim(),
-                    args.join(" "),
-                    started.elapsed().as_secs_f64() / 60.0,
+                let setup = format!(
+                    ", `geomirror demo` at {rtt_ms} ms RTT, {rate_mbps} Mbit/s, `idle_timeout_ms` 3000, `keep_alive_ms` 500, {load_s} s of writes before each kill"
                 );
-                report::write_docs(&doc, "detect", &body)?;
-                eprintln!("wrote {}", doc.display());
+                report::publish(&doc, "detect", started, &setup, &machine, &table)?;
             }
             Ok(())
         }

@@ -73,6 +73,22 @@ pub fn write_docs(doc: &Path, section: &str, body: &str) -> Result<()> {
     Ok(())
 }
 
+/// Writes a run's table into `section` of `doc`, headed by when it ran, the command, how
+/// long it took, `setup` (what the run measured under; may be empty) and the machine.
+pub fn publish(doc: &Path, section: &str, started: std::time::Instant, setup: &str, machine: &str, table: &str) -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let when = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
+    let body = format!(
+        "Run of {} (`tests/bench/run {}`, {:.0} min){setup}:\n\n{machine}\n{table}",
+        String::from_utf8_lossy(&when.stdout).trim(),
+        args.join(" "),
+        started.elapsed().as_secs_f64() / 60.0,
+    );
+    write_docs(doc, section, &body)?;
+    eprintln!("wrote {}", doc.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

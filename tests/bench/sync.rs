@@ -18,6 +18,7 @@
 use anyhow::{bail, Context, Result};
 use geomirror_tests::admin::{clean_primary, clean_secondary, Operator};
 use geomirror_tests::pair::{site_config, two_sites_with_admin_prepared, PairOptions, WanEmu};
+use geomirror_tests::site::noise;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,20 +51,6 @@ pub struct Row {
     seconds: f64,
     copied: u64,
     rate_bytes_s: f64,
-}
-
-/// Bytes that compress to nothing like zeros (xorshift), `len` of them from `seed`.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Writes the primary's image (and, seeded, the secondary's copy); returns the allocated

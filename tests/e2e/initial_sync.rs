@@ -7,7 +7,7 @@
 
 use geomirror_tests::admin::{clean_primary, clean_secondary, Operator};
 use geomirror_tests::pair::{remember_admin, site_config, two_sites_with_admin_prepared, PairOptions};
-use geomirror_tests::site::{run_ok, tool};
+use geomirror_tests::site::{noise, run_ok, tool};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -18,20 +18,6 @@ const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 const MIB: u64 = 1 << 20;
 /// Longest wait for a state the pair reaches on its own (a bound on failure only).
 const LIMIT: Duration = Duration::from_secs(300);
-
-/// Bytes that compress to nothing like zeros (xorshift), `len` of them from `seed`.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// `geomirror adopt` on `config`; its output, or its error when it fails.
 fn adopt(config: &Path, extra: &[&str]) -> Result<String, String> {

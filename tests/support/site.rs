@@ -245,3 +245,18 @@ pub fn wait_for_volume(
         }
     })
 }
+
+/// Bytes that compress to nothing like zeros (xorshift), `len` of them from `seed`: data for
+/// an image that must cross the link byte for byte.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
